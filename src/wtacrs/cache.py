@@ -1,0 +1,183 @@
+"""Gradient-norm cache: ‖dY_i‖ from an example's previous visit, for the scores ‖X_i‖·‖dY_i‖.
+
+The optimal CRS distribution needs the output-gradient norms, which forward does not know.
+Liu et al. (2023, Sec. 4) reuse the norms recorded when the same training example last passed
+through the layer. Stale or missing norms only change the sampling distribution, and every
+estimator stays unbiased for any positive distribution (see `estimators.column_row_scores`).
+
+Storage, per example: one byte per real (unpadded) token per sampled layer slot, as a log-scale
+code (4 codes per octave, 2^-40 … 2^23.5; relative error <= 9%, which moves the sampling
+probabilities but not the mean), plus 12 bytes of index. The reference code keeps bf16 for every
+padded position of every layer. Positions are keyed by the ordinal of the real token in its
+example, so left and right padding and dynamic padding find the same entry.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_LOG2_MIN = -40.0
+_CODES_PER_OCTAVE = 4.0
+_MISSING = 0
+_INDEX_BYTES_PER_EXAMPLE = 12  # int64 offset + int32 length
+
+
+def encode_norms(norms: Tensor) -> Tensor:
+    """(…) float norms → (…) uint8 codes, 0 for non-finite (treated as missing)."""
+    g = norms.float()
+    code = torch.round((torch.log2(g.clamp(min=2.0**_LOG2_MIN)) - _LOG2_MIN) * _CODES_PER_OCTAVE) + 1
+    return torch.where(torch.isfinite(g), code.clamp(1, 255), _MISSING).to(torch.uint8)
+
+
+def decode_norms(codes: Tensor) -> Tensor:
+    """(…) uint8 codes → (…) float32 norms, NaN where missing."""
+    g = torch.exp2((codes.float() - 1) / _CODES_PER_OCTAVE + _LOG2_MIN)
+    return torch.where(codes == _MISSING, torch.nan, g)
+
+
+def _grown(t: Tensor, size: int, fill: int) -> Tensor:
+    if size <= t.numel():
+        return t
+    out = torch.full((max(size, 2 * t.numel()),), fill, dtype=t.dtype)
+    out[: t.numel()] = t
+    return out
+
+
+class GradNormCache:
+    """Host-memory store of per-token output-gradient norms, keyed by (example id, token, slot).
+
+    Args:
+        num_slots: number of sampled layers that record norms (each gets a slot index).
+
+    Reads (`lookup`) see the state as of the last `commit`; `record` buffers until `commit`,
+    so a recomputed forward inside gradient checkpointing reads the same norms as the
+    original forward did.
+    """
+
+    def __init__(self, num_slots: int):
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.num_slots = num_slots
+        self._data = torch.zeros(0, dtype=torch.uint8)
+        self._used = 0
+        self._offset = torch.zeros(0, dtype=torch.int64)  # by example id, -1 = no entry
+        self._length = torch.zeros(0, dtype=torch.int32)  # real tokens of the stored entry
+        self._pending: list[tuple[int, Tensor, Tensor, Tensor]] = []
+
+    # -- queries -------------------------------------------------------------------------------
+    @property
+    def num_examples(self) -> int:
+        return int((self._offset >= 0).sum())
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held, including spare capacity of the growable buffers."""
+        return sum(t.numel() * t.element_size() for t in (self._data, self._offset, self._length))
+
+    def bytes_per_example(self, real_tokens: int) -> int:
+        """Bytes one example of `real_tokens` tokens costs: num_slots · tokens + index."""
+        return self.num_slots * real_tokens + _INDEX_BYTES_PER_EXAMPLE
+
+    def lookup(self, slot: int, example_ids: Tensor, row_mask: Tensor) -> Tensor:
+        """Norms recorded for `slot` at the last visit of these examples.
+
+        Args:
+            example_ids: (B,) int64 non-negative ids.
+            row_mask: (B, T) bool, True at real tokens.
+        Returns:
+            (B, T) float32 on the CPU, NaN where unknown (padding, first visit, length changed).
+        """
+        ids, mask = self._check(slot, example_ids, row_mask)
+        offset, length = self._entries(ids)
+        known = (offset >= 0) & (length == mask.sum(1))
+        index = offset.unsqueeze(1) + slot * length.unsqueeze(1) + mask.cumsum(1) - 1
+        use = mask & known.unsqueeze(1)
+        codes = torch.zeros(mask.shape, dtype=torch.uint8)
+        codes[use] = self._data[index[use]]
+        return decode_norms(codes)
+
+    # -- updates -------------------------------------------------------------------------------
+    def record(self, slot: int, example_ids: Tensor, row_mask: Tensor, norms: Tensor) -> None:
+        """Buffer (B, T) norms of one layer's output gradient; written at the next `commit`."""
+        ids, mask = self._check(slot, example_ids, row_mask)
+        if norms.shape != mask.shape:
+            raise ValueError(f"norms shape {tuple(norms.shape)} does not match row_mask {tuple(mask.shape)}")
+        self._pending.append((slot, ids, mask, encode_norms(norms.detach().cpu())))
+
+    def discard_pending(self) -> None:
+        """Drop buffered records (e.g. a step skipped for non-finite gradients)."""
+        self._pending.clear()
+
+    def commit(self) -> None:
+        """Write all buffered records."""
+        for slot, ids, mask, codes in self._pending:
+            length = mask.sum(1).to(torch.int32)
+            offset = self._allocate(ids, length)
+            index = offset.unsqueeze(1) + slot * length.unsqueeze(1) + mask.cumsum(1) - 1
+            self._data[index[mask]] = codes[mask]
+        self._pending.clear()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Compact tensors (no spare capacity); pending records are not included."""
+        return {
+            "num_slots": torch.tensor(self.num_slots),
+            "data": self._data[: self._used].clone(),
+            "offset": self._offset.clone(),
+            "length": self._length.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if int(state["num_slots"]) != self.num_slots:
+            raise ValueError(f"cache has {int(state['num_slots'])} slots, this model samples {self.num_slots} layers")
+        self._data = state["data"].to(torch.uint8).clone()
+        self._used = self._data.numel()
+        self._offset = state["offset"].to(torch.int64).clone()
+        self._length = state["length"].to(torch.int32).clone()
+        self._pending.clear()
+
+    # -- internals -----------------------------------------------------------------------------
+    def _check(self, slot: int, example_ids: Tensor, row_mask: Tensor) -> tuple[Tensor, Tensor]:
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+        if example_ids.dim() != 1 or example_ids.dtype.is_floating_point or example_ids.dtype == torch.bool:
+            raise ValueError(f"example_ids must be a 1-D integer tensor, got {example_ids.dtype} {tuple(example_ids.shape)}")
+        if row_mask.dim() != 2 or row_mask.shape[0] != example_ids.shape[0]:
+            raise ValueError(
+                f"row_mask must be (batch, seq) with batch = len(example_ids) = {example_ids.shape[0]}, "
+                f"got {tuple(row_mask.shape)}"
+            )
+        ids = example_ids.detach().cpu().to(torch.int64)
+        if bool((ids < 0).any()):
+            raise ValueError("example_ids must be non-negative")
+        return ids, row_mask.detach().cpu().to(torch.bool)
+
+    def _entries(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        inside = ids < self._offset.numel()
+        safe = torch.where(inside, ids, 0)
+        if self._offset.numel() == 0:
+            return torch.full_like(ids, -1), torch.zeros_like(ids, dtype=torch.int32)
+        return torch.where(inside, self._offset[safe], -1), torch.where(inside, self._length[safe], 0)
+
+    def _allocate(self, ids: Tensor, length: Tensor) -> Tensor:
+        """Offsets for these examples, giving a fresh zeroed entry to any new or re-sized one."""
+        self._offset = _grown(self._offset, int(ids.max()) + 1, -1)
+        self._length = _grown(self._length, int(ids.max()) + 1, 0)
+        stale = (self._offset[ids] < 0) | (self._length[ids] != length)
+        new_ids, first = _first_occurrence(ids[stale])
+        if new_ids.numel():
+            sizes = self.num_slots * length[stale][first].to(torch.int64)
+            starts = self._used + sizes.cumsum(0) - sizes
+            self._used += int(sizes.sum())
+            self._data = _grown(self._data, self._used, _MISSING)
+            self._offset[new_ids] = starts
+            self._length[new_ids] = length[stale][first]
+        return self._offset[ids]
+
+
+def _first_occurrence(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Unique ids and the position of each one's first occurrence in `ids`."""
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    positions = torch.arange(ids.numel())
+    first = torch.full((unique.numel(),), ids.numel(), dtype=torch.int64).scatter_reduce_(0, inverse, positions, "amin")
+    return unique, first

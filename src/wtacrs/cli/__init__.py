@@ -1,0 +1,23 @@
+"""`wtacrs` command line: one subcommand per module in this package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from wtacrs.cli import demo
+
+SUBCOMMANDS = {"demo": demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wtacrs", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in SUBCOMMANDS.items():
+        module.add_arguments(sub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__))
+    args = parser.parse_args(argv)
+    return SUBCOMMANDS[args.command].run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

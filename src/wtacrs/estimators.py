@@ -1,0 +1,182 @@
+"""Row-sampling estimators for the weight gradient of a linear layer.
+
+Pure tensor math: scores and a budget in, (row indices, row weights) out. Nothing here knows
+about modules, autograd or training.
+
+For Y = X Wᵀ over N rows, the weight gradient is a sum of N outer products,
+
+    dW = dYᵀ X = Σ_i dY_iᵀ X_i .
+
+Column-row sampling (CRS; Drineas, Kannan & Mahoney 2006; Adelman et al. 2021) draws k rows
+j_1..j_k i.i.d. from a distribution p and uses
+
+    dŴ_CRS = Σ_t dY_{j_t}ᵀ X_{j_t} / (k p_{j_t}),      p_i ∝ ‖X_i‖ ‖dY_i‖,
+
+which is unbiased for any p that is positive wherever X_i dY_iᵀ ≠ 0; the p above minimises its
+variance (Liu et al. 2023, "Winner-Take-All Column Row Sampling for Memory Efficient Adaptation
+of Language Model", NeurIPS, arXiv:2305.15265, Sec. 3).
+
+WTA-CRS (Liu et al. 2023, Sec. 3.2) keeps the set C of the |C| most probable rows exactly and
+spends the remaining k − |C| draws on the rest, drawn in proportion to p:
+
+    dŴ_WTA = Σ_{c∈C} dY_cᵀ X_c + Σ_t (1 − Σ_{c∈C} p_c) / ((k − |C|) p_{j_t}) · dY_{j_t}ᵀ X_{j_t},
+             j_t ~ p restricted to the complement of C.
+
+It is unbiased for every C; |C| is picked per call to minimise the variance bound, i.e.
+argmin over i ∈ {0, …, k−1} of (1 − Σ_{j≤i} p_(j)) / (k − i) with p_(1) ≥ p_(2) ≥ … .
+(i = 0 is plain CRS; i never reaches k, so there is no division by zero.)
+
+A row drawn several times is returned once with its weights summed, so at most k rows are stored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Estimator = Literal["wta-crs", "crs", "topk", "uniform", "exact"]
+ESTIMATORS: tuple[str, ...] = ("wta-crs", "crs", "topk", "uniform", "exact")
+UNBIASED_ESTIMATORS: tuple[str, ...] = ("wta-crs", "crs", "uniform", "exact")
+
+
+def validate_ratio(ratio: float) -> float:
+    """Return `ratio` as a float, or raise ValueError unless 0 < ratio <= 1."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
+    if not (0.0 < float(ratio) <= 1.0):  # also rejects NaN
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+def validate_estimator(estimator: str) -> str:
+    """Return `estimator`, or raise ValueError naming the valid choices."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    return estimator
+
+
+def sample_budget(ratio: float, num_rows: int) -> int:
+    """k = ceil(ratio · N) rows (0 when there are no rows)."""
+    # Round before ceil so that e.g. 0.3 · 10 = 3.0000000000000004 gives 3, not 4.
+    return min(num_rows, math.ceil(round(validate_ratio(ratio) * num_rows, 9)))
+
+
+def column_row_scores(x_norm: Tensor, grad_norm: Tensor | None = None, floor: float = 1e-3) -> Tensor:
+    """Unnormalised sampling scores s_i = ‖X_i‖ · ‖dY_i‖ (Liu et al. 2023, Sec. 3.1).
+
+    Args:
+        x_norm: (N,) row norms of the layer input.
+        grad_norm: (N,) estimates of the output-gradient row norms, or None for s_i = ‖X_i‖.
+            Missing (NaN), non-finite and zero entries are replaced by the mean of the known
+            ones, and every entry is floored at `floor` × that mean, so a stale or missing norm
+            changes only the variance, never the mean: s_i > 0 whenever X_i ≠ 0.
+    Returns:
+        (N,) float64 scores.
+    """
+    scores = x_norm.double()
+    if grad_norm is None:
+        return scores
+    g = grad_norm.double()
+    known = torch.isfinite(g) & (g > 0)
+    count = known.sum()
+    mean = torch.where(known, g, 0.0).sum() / count.clamp(min=1)
+    reference = torch.where(count > 0, mean, torch.ones_like(mean))
+    g = torch.where(known, g, reference).clamp(min=floor * reference)
+    return scores * g
+
+
+def merge_duplicates(indices: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Collapse repeated row indices into one entry each, summing their weights.
+
+    Returns sorted unique indices (M,) and their summed weights (M,).
+    """
+    unique, inverse = torch.unique(indices, sorted=True, return_inverse=True)
+    merged = torch.zeros(unique.numel(), dtype=weights.dtype, device=weights.device)
+    return unique, merged.index_add_(0, inverse, weights)
+
+
+def num_winners(sorted_probs: Tensor, k: int) -> int:
+    """|C| minimising (1 − Σ_{j≤i} p_(j)) / (k − i) over i = 0 … k−1 (Liu et al. 2023, Sec. 3.2).
+
+    Args:
+        sorted_probs: (N,) probabilities in descending order, N >= k.
+    """
+    # residual[i] = Σ_{j>i} p_(j), summed from the tail so no 1 − Σ cancellation creeps in.
+    residual = sorted_probs.flip(0).cumsum(0).flip(0)[:k]
+    bound = residual / torch.arange(k, 0, -1, dtype=residual.dtype, device=residual.device)
+    return int(torch.argmin(bound))  # first minimum: the fewest winners among equals
+
+
+def crs(probs: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """k i.i.d. draws from `probs` (N,), each weighted 1 / (k p_j)."""
+    draws = torch.multinomial(probs, k, replacement=True, generator=generator)
+    return merge_duplicates(draws, 1.0 / (k * probs[draws]))
+
+
+def wta_crs(probs: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Winners kept with weight 1, the other k − |C| draws from the rest in proportion to p."""
+    sorted_probs, order = torch.sort(probs, descending=True, stable=True)
+    c = num_winners(sorted_probs, k)
+    if c == 0:
+        return crs(probs, k, generator)
+    winners, rest, rest_probs = order[:c], order[c:], sorted_probs[c:]
+    mass = rest_probs.sum()
+    winner_weights = torch.ones(c, dtype=probs.dtype, device=probs.device)
+    if float(mass) <= 0.0:  # the winners hold all the mass: the estimate is exact
+        return merge_duplicates(winners, winner_weights)
+    m = k - c
+    draws = torch.multinomial(rest_probs / mass, m, replacement=True, generator=generator)
+    draw_weights = mass / (m * rest_probs[draws])
+    return merge_duplicates(torch.cat([winners, rest[draws]]), torch.cat([winner_weights, draw_weights]))
+
+
+def topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Deterministic top-k rows with weight 1. Biased: an ablation baseline only."""
+    idx = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return merge_duplicates(idx, torch.ones(k, dtype=scores.dtype, device=scores.device))
+
+
+def uniform(num_rows: int, k: int, generator: torch.Generator | None = None, device=None) -> tuple[Tensor, Tensor]:
+    """k rows without replacement, each weighted N / k (inclusion probability k / N)."""
+    idx = torch.randperm(num_rows, generator=generator, device=device)[:k].sort().values
+    return idx, torch.full((k,), num_rows / k, dtype=torch.float64, device=device)
+
+
+def sample_rows(
+    scores: Tensor, k: int, estimator: Estimator = "wta-crs", generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Pick the rows whose outer products estimate dW = Σ_i dY_iᵀ X_i.
+
+    Args:
+        scores: (N,) non-negative unnormalised scores, see `column_row_scores`. A zero score must
+            mean the row's product is zero (X_i = 0); such rows are never drawn.
+        k: budget of draws, 1 <= k. With k >= N every row is kept with weight 1 (exact).
+        estimator: one of ESTIMATORS.
+        generator: source of randomness, for reproducible draws.
+    Returns:
+        indices (M,) int64 sorted and unique, M <= min(k, N); weights (M,) float64 such that
+        Σ_m weights[m] · dY_{indices[m]}ᵀ X_{indices[m]} estimates dW (unbiased except for topk).
+    """
+    validate_estimator(estimator)
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D, got shape {tuple(scores.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    n = scores.numel()
+    if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
+        raise ValueError("sampling scores must be finite and non-negative (non-finite activations or gradient norms?)")
+    if estimator == "exact" or k >= n:
+        return torch.arange(n, device=scores.device), torch.ones(n, dtype=torch.float64, device=scores.device)
+    if estimator == "uniform":
+        return uniform(n, k, generator, scores.device)
+    if estimator == "topk":
+        return topk(scores, k)
+    total = scores.double().sum()
+    if float(total) == 0.0:  # every row product is zero: an empty sum is the exact gradient
+        empty = torch.empty(0, dtype=torch.int64, device=scores.device)
+        return empty, torch.empty(0, dtype=torch.float64, device=scores.device)
+    probs = scores.double() / total
+    return (wta_crs if estimator == "wta-crs" else crs)(probs, k, generator)

@@ -1,0 +1,182 @@
+"""Autograd op: a linear layer whose weight gradient is estimated from sampled rows.
+
+Forward Y = X Wᵀ + b, the input gradient dX = dY W and the bias gradient Σ_i dY_i are exact.
+Only dW = dYᵀ X is replaced by Σ_m w_m dY_{i_m}ᵀ X_{i_m} over the rows drawn by
+`wtacrs.estimators.sample_rows` (Liu et al. 2023, arXiv:2305.15265, Sec. 3), so only those rows
+of X are saved for backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wtacrs.estimators import (
+    Estimator,
+    column_row_scores,
+    sample_budget,
+    sample_rows,
+    validate_estimator,
+    validate_ratio,
+)
+
+
+@dataclass(frozen=True)
+class RowSample:
+    """The rows of one activation kept for backward; several linear layers reading the same
+    activation (q, k and v read one hidden-states tensor) can share it.
+
+    Attributes:
+        indices: (M,) int64 row indices into the activation flattened to (N, in_features).
+        weights: (M,) float32 importance weights.
+        rows: (M, in_features) the selected rows, a copy that does not keep X alive.
+        num_rows: N.
+    """
+
+    indices: Tensor
+    weights: Tensor
+    rows: Tensor
+    num_rows: int
+
+
+def _row_norms(rows: Tensor) -> Tensor:
+    """(N, d) → (N,) norms accumulated in at least float32 (half-precision sums overflow)."""
+    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.promote_types(rows.dtype, torch.float32))
+
+
+def draw_row_sample(
+    x: Tensor,
+    *,
+    ratio: float,
+    estimator: Estimator = "wta-crs",
+    row_mask: Tensor | None = None,
+    grad_norm: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> RowSample:
+    """Draw k = ceil(ratio · N_valid) rows of `x` (..., in_features) for the weight gradient.
+
+    Args:
+        row_mask: bool (...) matching x.shape[:-1]; rows outside it are never sampled. The caller
+            guarantees those rows receive a zero output gradient (e.g. padding tokens), otherwise
+            their contribution to dW is silently dropped.
+        grad_norm: (...) estimates of ‖dY_i‖ per row for the scores ‖X_i‖·‖dY_i‖; NaN = unknown.
+    """
+    validate_ratio(ratio)
+    validate_estimator(estimator)
+    lead = x.shape[:-1]
+    flat = x.detach().reshape(-1, x.shape[-1])
+    for name, t in (("row_mask", row_mask), ("grad_norm", grad_norm)):
+        if t is not None and t.shape != lead:
+            raise ValueError(f"{name} must have shape {tuple(lead)} (x.shape[:-1]), got {tuple(t.shape)}")
+    valid = None if row_mask is None else row_mask.reshape(-1).to(torch.bool).nonzero().squeeze(1)
+    candidates = flat if valid is None else flat.index_select(0, valid)
+    k = sample_budget(ratio, candidates.shape[0])
+    if k == 0:  # no sampleable rows: dW = 0 under the row_mask precondition
+        indices, weights = torch.empty(0, dtype=torch.int64), torch.empty(0)
+    else:
+        norms = None if grad_norm is None else grad_norm.reshape(-1)
+        if norms is not None and valid is not None:
+            norms = norms.index_select(0, valid)
+        scores = column_row_scores(_row_norms(candidates), norms)
+        indices, weights = sample_rows(scores, k, estimator, generator)
+        if valid is not None:
+            indices = valid.index_select(0, indices)
+    indices = indices.to(x.device)
+    rows = flat.index_select(0, indices).to(_autocast_dtype(x) or x.dtype)  # stored as the op will use them
+    return RowSample(indices, weights.to(device=x.device, dtype=torch.float32), rows, flat.shape[0])
+
+
+class _LinearWithRowSample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, rows, indices, weights):  # noqa: D102
+        ctx.save_for_backward(weight, rows, indices, weights)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        weight, rows, indices, weights = ctx.saved_tensors
+        flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(weight)
+        if ctx.needs_input_grad[1]:
+            picked = flat.index_select(0, indices) * weights.to(flat.dtype).unsqueeze(1)  # (M, out)
+            grad_w = picked.mT.mm(rows)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def linear_with_sample(x: Tensor, weight: Tensor, bias: Tensor | None, sample: RowSample) -> Tensor:
+    """F.linear(x, weight, bias) whose weight gradient uses the rows in `sample` (drawn from x).
+
+    Under torch.autocast the inputs are cast to the autocast dtype outside the op (so autograd
+    casts the gradients back) and the op runs with autocast off, as `torch.amp.custom_fwd`
+    with `cast_inputs` would, but for whichever device type `x` lives on.
+    """
+    if sample.num_rows != x.numel() // x.shape[-1]:
+        raise ValueError(f"sample was drawn from {sample.num_rows} rows, x has {x.numel() // x.shape[-1]}")
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        return _LinearWithRowSample.apply(x, weight, bias, sample.rows, sample.indices, sample.weights)
+    cast = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearWithRowSample.apply(*cast, sample.rows.to(dtype), sample.indices, sample.weights)
+
+
+def needs_sampling(weight: Tensor, ratio: float, estimator: str) -> bool:
+    """Whether a sampled op differs from F.linear: grad of the weight wanted, and something to drop."""
+    return torch.is_grad_enabled() and weight.requires_grad and estimator != "exact" and ratio < 1.0
+
+
+def sampled_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ratio: float,
+    estimator: Estimator = "wta-crs",
+    row_mask: Tensor | None = None,
+    grad_norm: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Linear layer with an unbiased row-sampled weight gradient (WTA-CRS by default).
+
+    Args:
+        x: (..., in_features) input.
+        weight: (out_features, in_features).
+        bias: (out_features,) or None.
+        ratio: fraction of rows kept for the weight gradient, k = ceil(ratio · N) with N the
+            number of rows (of rows inside `row_mask` when given). In (0, 1].
+        estimator: "wta-crs" | "crs" | "uniform" (unbiased), "topk" (biased, ablation),
+            "exact" (no sampling).
+        row_mask: bool (...) = x.shape[:-1]; only these rows are sampled. Precondition: rows
+            outside it get a zero output gradient (padding), else their dW share is lost.
+        grad_norm: (...) = x.shape[:-1] estimates of ‖dY_i‖ (NaN where unknown).
+        generator: torch.Generator on x's device for reproducible draws; None uses the global RNG
+            (which torch.utils.checkpoint restores for its recompute).
+    Returns:
+        (..., out_features), identical to F.linear(x, weight, bias).
+
+    With weight.requires_grad False (or grad disabled) nothing is sampled and no activation is
+    saved for the weight; with ratio 1 or "exact" this is F.linear itself.
+    """
+    validate_ratio(ratio)
+    validate_estimator(estimator)
+    if not needs_sampling(weight, ratio, estimator):
+        return F.linear(x, weight, bias)
+    sample = draw_row_sample(
+        x, ratio=ratio, estimator=estimator, row_mask=row_mask, grad_norm=grad_norm, generator=generator
+    )
+    return linear_with_sample(x, weight, bias, sample)

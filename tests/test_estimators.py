@@ -1,0 +1,199 @@
+"""The estimators alone: unbiasedness on every path, variance, the |C| rule, argument errors.
+
+The estimate of dW = Σ_i dY_iᵀ X_i is Σ_i w_i dY_iᵀ X_i with random per-row weights w (0 for rows
+not drawn). It is unbiased for every X and dY exactly when E[w_i] = 1 for every row whose
+product can be non-zero, so most tests check the expected weight of each row directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stats import max_z, unbiased_violations
+from wtacrs.estimators import (
+    column_row_scores,
+    num_winners,
+    sample_budget,
+    sample_rows,
+    validate_ratio,
+)
+
+SAMPLES = 2000
+
+
+def dense_weights(scores, k, estimator, samples=SAMPLES, seed=0):
+    """(samples, N) per-row weights of `samples` independent draws."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(samples, scores.numel(), dtype=torch.float64)
+    for s in range(samples):
+        idx, w = sample_rows(scores, k, estimator, g)
+        assert idx.unique().numel() == idx.numel(), "rows must be stored once"
+        out[s, idx] = w
+    return out
+
+
+def heavy_tailed_scores(n=64, seed=1, sigma=1.0):
+    """Log-normal scores. sigma = 1 keeps every row's chance of being drawn high enough that a
+    few thousand draws see each row dozens of times, which the z-test on its mean needs."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp(sigma * torch.randn(n, generator=g, dtype=torch.float64))
+
+
+CASES = {
+    "heavy_tailed": (heavy_tailed_scores(), 16),
+    "zero_score_rows": (torch.cat([heavy_tailed_scores(40), torch.zeros(24, dtype=torch.float64)]), 16),
+    "ties": (torch.tensor([5.0] * 10 + [1.0] * 30, dtype=torch.float64), 12),
+    "winners_hold_all_mass": (torch.cat([torch.rand(5, dtype=torch.float64) + 1, torch.zeros(30, dtype=torch.float64)]), 8),
+    "one_dominant_row": (torch.cat([torch.tensor([50.0], dtype=torch.float64), torch.ones(40, dtype=torch.float64)]), 10),
+    "k_at_least_n": (heavy_tailed_scores(10), 10),
+    "k_one": (heavy_tailed_scores(20), 1),
+    "first_epoch_no_grad_norm": (column_row_scores(heavy_tailed_scores(50, seed=3)), 15),
+    "stale_and_missing_grad_norm": (
+        column_row_scores(
+            heavy_tailed_scores(48, seed=4),
+            torch.cat([torch.full((16,), math.nan), torch.zeros(16), heavy_tailed_scores(16, seed=5)]),
+        ),
+        12,
+    ),
+}
+
+
+@pytest.mark.parametrize("estimator", ["wta-crs", "crs", "uniform", "exact"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_expected_weight_of_every_live_row_is_one(case, estimator):
+    scores, k = CASES[case]
+    w = dense_weights(scores, k, estimator, samples=2 if estimator == "exact" else SAMPLES)
+    # Rows with zero score have zero product by precondition; uniform and exact ignore scores.
+    live = scores > 0 if estimator in ("wta-crs", "crs") else torch.ones_like(scores, dtype=torch.bool)
+    bad = unbiased_violations(w[:, live], torch.ones(int(live.sum())))
+    assert not bad.any(), f"{case}/{estimator}: rows {bad.nonzero().flatten().tolist()} biased, max z={max_z(w[:, live], torch.ones(int(live.sum()))):.1f}"
+    assert (w[:, ~live] == 0).all()
+    budget = scores.numel() if estimator == "exact" else min(k, scores.numel())
+    assert ((w > 0).sum(1) <= budget).all(), "more rows stored than the budget"
+
+
+def test_topk_is_biased():
+    scores, k = CASES["heavy_tailed"]
+    w = dense_weights(scores, k, "topk", samples=50)
+    assert unbiased_violations(w, torch.ones(scores.numel())).any()
+    assert (w.sum(1) == k).all()
+
+
+def test_unbiased_dw_on_random_matrices():
+    g = torch.Generator().manual_seed(7)
+    n, d, o = 48, 6, 5
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.exp(1.5 * torch.randn(n, 1, generator=g, dtype=torch.float64))
+    dy = torch.randn(n, o, generator=g, dtype=torch.float64)
+    truth = dy.T @ x
+    scores = column_row_scores(x.norm(dim=1), dy.norm(dim=1))
+    for estimator in ("wta-crs", "crs", "uniform"):
+        w = dense_weights(scores, 12, estimator, samples=2000)
+        estimates = torch.einsum("sn,no,nd->sod", w, dy, x)
+        assert not unbiased_violations(estimates, truth).any(), estimator
+
+
+def total_variance(scores, x, dy, k, estimator, samples=2000):
+    w = dense_weights(scores, k, estimator, samples=samples, seed=11)
+    estimates = torch.einsum("sn,no,nd->sod", w, dy, x)
+    return float(estimates.var(0).sum())
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3])
+def test_wta_crs_variance_not_above_crs_on_heavy_tailed_rows(ratio, capsys):
+    g = torch.Generator().manual_seed(3)
+    n, d, o = 256, 16, 16
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.exp(2.0 * torch.randn(n, 1, generator=g, dtype=torch.float64))
+    dy = torch.randn(n, o, generator=g, dtype=torch.float64)
+    scores = column_row_scores(x.norm(dim=1), dy.norm(dim=1))
+    k = sample_budget(ratio, n)
+    v_wta, v_crs = (total_variance(scores, x, dy, k, e) for e in ("wta-crs", "crs"))
+    with capsys.disabled():
+        print(f"\n  ratio {ratio}: total variance WTA-CRS {v_wta:.4g}  CRS {v_crs:.4g}  ({v_crs / v_wta:.1f}x)")
+    # Sample variances of 2000 draws are within a few % of the truth; require a clear margin.
+    assert v_wta <= v_crs
+
+
+def test_num_winners_matches_the_bound_and_never_reaches_k():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(2, 40, (1,), generator=g))
+        k = int(torch.randint(1, n, (1,), generator=g))
+        p = torch.exp(3 * torch.randn(n, generator=g, dtype=torch.float64))
+        p = (p / p.sum()).sort(descending=True).values
+        bounds = [(1 - float(p[:i].sum())) / (k - i) for i in range(k)]
+        c = num_winners(p, k)
+        assert c < k
+        assert bounds[c] <= min(bounds) + 1e-12
+
+
+def test_uniform_probabilities_have_no_winners():
+    assert num_winners(torch.full((100,), 0.01, dtype=torch.float64), 30) == 0
+
+
+def test_sample_budget():
+    assert sample_budget(0.3, 10) == 3
+    assert sample_budget(0.3, 11) == 4
+    assert sample_budget(1.0, 7) == 7
+    assert sample_budget(0.01, 5) == 1
+    assert sample_budget(0.5, 0) == 0
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, math.nan, math.inf, "0.3", True, None])
+def test_bad_ratio(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        validate_ratio(ratio)
+
+
+def test_bad_arguments():
+    s = torch.ones(10)
+    with pytest.raises(ValueError, match="unknown estimator"):
+        sample_rows(s, 3, "wta_crs")
+    with pytest.raises(ValueError, match="finite"):
+        sample_rows(torch.tensor([1.0, math.nan, 2.0]), 1)
+    with pytest.raises(ValueError, match="finite"):
+        sample_rows(torch.tensor([1.0, math.inf, 2.0]), 1)
+    with pytest.raises(ValueError, match="non-negative"):
+        sample_rows(torch.tensor([1.0, -1.0, 2.0]), 1)
+    with pytest.raises(ValueError, match="k must be"):
+        sample_rows(s, 0)
+    with pytest.raises(ValueError, match="1-D"):
+        sample_rows(torch.ones(2, 3), 1)
+
+
+def test_all_zero_scores_store_nothing():
+    idx, w = sample_rows(torch.zeros(10), 3, "wta-crs")
+    assert idx.numel() == 0 and w.numel() == 0
+
+
+def test_reproducible_with_generator():
+    scores = heavy_tailed_scores()
+    for estimator in ("wta-crs", "crs", "uniform"):
+        a = sample_rows(scores, 10, estimator, torch.Generator().manual_seed(5))
+        b = sample_rows(scores, 10, estimator, torch.Generator().manual_seed(5))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    scores=st.lists(st.floats(0, 1e6, allow_nan=False), min_size=1, max_size=50),
+    ratio=st.floats(0.01, 1.0),
+    estimator=st.sampled_from(["wta-crs", "crs", "topk", "uniform", "exact"]),
+    seed=st.integers(0, 2**31),
+)
+def test_sample_properties(scores, ratio, estimator, seed):
+    s = torch.tensor(scores, dtype=torch.float64)
+    k = max(1, sample_budget(ratio, s.numel()))
+    idx, w = sample_rows(s, k, estimator, torch.Generator().manual_seed(seed))
+    assert idx.dtype == torch.int64 and idx.numel() == w.numel()
+    assert idx.numel() <= s.numel() and (idx.numel() <= k or estimator == "exact")
+    assert torch.equal(idx, idx.unique(sorted=True))
+    assert bool((w > 0).all()) and bool(torch.isfinite(w).all())
+    if estimator in ("wta-crs", "crs") and s.sum() > 0:
+        assert bool((s[idx] > 0).all()), "a zero-score row was drawn"
+    if estimator == "exact" or k >= s.numel():
+        assert idx.numel() == s.numel() and bool((w == 1).all())

@@ -1,0 +1,203 @@
+"""The autograd op: exact where it must be, unbiased where it samples, and small in memory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from stats import max_z, unbiased_violations
+from wtacrs.functional import draw_row_sample, sampled_linear
+from wtacrs.memory import SavedTensorBytes
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def make(shape=(4, 16, 24), out=12, dtype=torch.float32, device="cpu", seed=0, heavy=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    if heavy:  # heavy-tailed row norms, as in real activations
+        x = x * torch.exp(torch.randn(*shape[:-1], 1, generator=g, dtype=torch.float64))
+    w = torch.randn(out, shape[-1], generator=g, dtype=torch.float64) / shape[-1] ** 0.5
+    b = torch.randn(out, generator=g, dtype=torch.float64)
+    dy = torch.randn(*shape[:-1], out, generator=g, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype).requires_grad_(t is not dy) for t in (x, w, b, dy)]
+
+
+def grads(fn, x, w, b, dy):
+    for t in (x, w, b):
+        t.grad = None
+    y = fn(x, w, b)
+    y.backward(dy)
+    return y.detach(), x.grad.clone(), w.grad.clone(), b.grad.clone()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kwargs", [dict(ratio=1.0), dict(ratio=0.3, estimator="exact")])
+def test_ratio_one_and_exact_match_f_linear_bitwise(kwargs, device):
+    x, w, b, dy = make(device=device)
+    ref = grads(F.linear, x, w, b, dy)
+    out = grads(lambda x, w, b: sampled_linear(x, w, b, **kwargs), x, w, b, dy)
+    for r, o in zip(ref, out):
+        assert torch.equal(r, o)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("estimator", ["wta-crs", "crs", "topk", "uniform"])
+def test_forward_input_and_bias_grads_are_exact_when_sampling(estimator, device):
+    x, w, b, dy = make(device=device)
+    y0, dx0, dw0, db0 = grads(F.linear, x, w, b, dy)
+    y, dx, dw, db = grads(lambda x, w, b: sampled_linear(x, w, b, ratio=0.3, estimator=estimator), x, w, b, dy)
+    assert torch.equal(y, y0) and torch.equal(dx, dx0)
+    torch.testing.assert_close(db, db0)  # same sum, possibly another reduction order
+    assert not torch.allclose(dw, dw0)  # it really sampled
+
+
+def test_gradcheck_float64():
+    x, w, b, _ = make(shape=(3, 5, 6), out=4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x, w, b: sampled_linear(x, w, b, ratio=1.0), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: sampled_linear(x, w, b, ratio=0.4, estimator="exact"), (x, w, b))
+
+    # Sampling: dX and db stay exact, whatever rows are drawn for dW (w requires grad, so it samples).
+    def sampled(x, b):
+        return sampled_linear(x, w, b, ratio=0.4, generator=torch.Generator().manual_seed(0))
+
+    assert torch.autograd.gradcheck(sampled, (x, b))
+
+
+def monte_carlo_weight_grads(x, w, b, dy, samples, **kwargs):
+    g = torch.Generator().manual_seed(1234)
+    out = []
+    for _ in range(samples):
+        w.grad = None
+        sampled_linear(x, w, b, generator=g, **kwargs).backward(dy)
+        out.append(w.grad.clone())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("estimator", ["wta-crs", "crs", "uniform"])
+@pytest.mark.parametrize("with_grad_norm", [False, True])
+def test_weight_grad_is_unbiased(estimator, with_grad_norm):
+    x, w, b, dy = make(dtype=torch.float64, shape=(2, 12, 8), out=6)
+    truth = dy.reshape(-1, 6).T @ x.detach().reshape(-1, 8)
+    grad_norm = dy.norm(dim=-1) if with_grad_norm else None
+    est = monte_carlo_weight_grads(x, w, b, dy, 1500, ratio=0.25, estimator=estimator, grad_norm=grad_norm)
+    assert not unbiased_violations(est, truth).any(), f"max z {max_z(est, truth):.1f}"
+
+
+def test_topk_weight_grad_is_biased():
+    x, w, b, dy = make(dtype=torch.float64, shape=(2, 12, 8), out=6)
+    truth = dy.reshape(-1, 6).T @ x.detach().reshape(-1, 8)
+    est = monte_carlo_weight_grads(x, w, b, dy, 20, ratio=0.25, estimator="topk")
+    assert unbiased_violations(est, truth).any()
+
+
+def test_row_mask_padding_is_unbiased_and_never_sampled():
+    x, w, b, dy = make(dtype=torch.float64, shape=(3, 10, 8), out=6)
+    mask = torch.arange(10) < torch.tensor([[10], [4], [7]])
+    dy = dy * mask.unsqueeze(-1)  # the precondition: padding receives no gradient
+    truth = dy.reshape(-1, 6).T @ x.detach().reshape(-1, 8)
+    est = monte_carlo_weight_grads(x, w, b, dy, 1500, ratio=0.3, row_mask=mask)
+    assert not unbiased_violations(est, truth).any(), f"max z {max_z(est, truth):.1f}"
+    sample = draw_row_sample(x, ratio=0.3, row_mask=mask)
+    assert bool(mask.reshape(-1)[sample.indices].all())
+    assert sample.indices.numel() <= math.ceil(0.3 * int(mask.sum()))
+
+
+def test_all_padding_batch_gives_zero_weight_grad():
+    x, w, b, dy = make()
+    mask = torch.zeros(x.shape[:-1], dtype=torch.bool)
+    y = sampled_linear(x, w, b, ratio=0.3, row_mask=mask)
+    y.backward(dy * 0)
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
+def test_saved_bytes_scale_with_ratio(ratio):
+    x, w, b, _ = make(shape=(8, 128, 256), out=256, heavy=False)
+    with SavedTensorBytes(exclude=(w, b)) as exact:
+        F.linear(x, w, b)
+    with SavedTensorBytes(exclude=(w, b)) as sampled:
+        sampled_linear(x, w, b, ratio=ratio)
+    n = 8 * 128
+    k = math.ceil(ratio * n)
+    overhead = k * (8 + 4)  # int64 index + float32 weight per kept row
+    assert exact.total == x.numel() * 4
+    assert sampled.total <= ratio * exact.total + overhead + 256 * 4
+    assert sampled.total >= 0.5 * ratio * exact.total  # duplicates merge, but most rows are distinct
+
+
+def test_frozen_weight_saves_no_activation():
+    x, w, b, dy = make()
+    w.requires_grad_(False)
+    with SavedTensorBytes(exclude=(w, b)) as saved:
+        y = sampled_linear(x, w, b, ratio=0.3)
+    assert saved.total == 0
+    y.backward(dy)
+    assert x.grad is not None and w.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_tensors(dtype):
+    x, w, b, dy = make(dtype=dtype)
+    y0, dx0, _, db0 = grads(F.linear, x, w, b, dy)
+    y, dx, dw, db = grads(lambda x, w, b: sampled_linear(x, w, b, ratio=0.3), x, w, b, dy)
+    assert torch.equal(y, y0) and torch.equal(dx, dx0)
+    assert dw.dtype == dtype and bool(torch.isfinite(dw).all())
+    torch.testing.assert_close(db, db0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_bf16(device):
+    x, w, b, dy = make(device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y0 = F.linear(x, w, b)
+        y = sampled_linear(x, w, b, ratio=0.3)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y0)
+    y.backward(dy.to(torch.bfloat16))
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    with torch.autocast(device, dtype=torch.bfloat16):
+        x2 = x.detach().clone().requires_grad_()
+        F.linear(x2, w, b).backward(dy.to(torch.bfloat16))
+    assert torch.equal(x.grad, x2.grad)
+
+
+def test_checkpoint_recompute_samples_the_same_rows():
+    x, w, b, dy = make()
+    torch.manual_seed(3)
+    ref = grads(lambda x, w, b: sampled_linear(x, w, b, ratio=0.3), x, w, b, dy)
+    torch.manual_seed(3)
+    out = grads(
+        lambda x, w, b: checkpoint(lambda x: sampled_linear(x, w, b, ratio=0.3), x, use_reentrant=False), x, w, b, dy
+    )
+    for r, o in zip(ref, out):
+        assert torch.equal(r, o)
+
+
+def test_reproducible_with_generator_and_shapes():
+    x, w, b, dy = make(shape=(2, 3, 5, 16))
+    a = grads(lambda x, w, b: sampled_linear(x, w, b, ratio=0.3, generator=torch.Generator().manual_seed(9)), x, w, b, dy)
+    c = grads(lambda x, w, b: sampled_linear(x, w, b, ratio=0.3, generator=torch.Generator().manual_seed(9)), x, w, b, dy)
+    assert all(torch.equal(p, q) for p, q in zip(a, c))
+    assert a[0].shape == (2, 3, 5, 12)
+
+
+def test_bad_arguments():
+    x, w, b, _ = make()
+    with pytest.raises(ValueError, match="ratio"):
+        sampled_linear(x, w, b, ratio=0.0)
+    with pytest.raises(ValueError, match="ratio"):
+        sampled_linear(x, w, b, ratio=1.5)
+    with pytest.raises(ValueError, match="unknown estimator"):
+        sampled_linear(x, w, b, ratio=0.3, estimator="wta")
+    with pytest.raises(ValueError, match="row_mask must have shape"):
+        sampled_linear(x, w, b, ratio=0.3, row_mask=torch.ones(4, 15, dtype=torch.bool))
+    with pytest.raises(ValueError, match="grad_norm must have shape"):
+        sampled_linear(x, w, b, ratio=0.3, grad_norm=torch.ones(16))
+    bad = x.detach().clone()
+    bad[0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="finite"):
+        sampled_linear(bad, w, b, ratio=0.3)
