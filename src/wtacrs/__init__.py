@@ -2,6 +2,25 @@
 
 Liu et al., "Winner-Take-All Column Row Sampling for Memory Efficient Adaptation of Language
 Model", NeurIPS 2023, arXiv:2305.15265.
+
+    import wtacrs
+    model = wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3))
+    with wtacrs.batch(example_ids):
+        model(**inputs).loss.backward()
 """
 
+from wtacrs.config import WTACRSConfig, WTACRSConfigError
+from wtacrs.layers import batch
+from wtacrs.modeling import NoMatchingModulesError, apply, remove, sampling_state, summary
+
 __version__ = "0.1.0"
+__all__ = [
+    "WTACRSConfig",
+    "WTACRSConfigError",
+    "NoMatchingModulesError",
+    "apply",
+    "remove",
+    "summary",
+    "batch",
+    "sampling_state",
+]

@@ -1,0 +1,137 @@
+"""`WTACRSConfig`: what to sample, how, and which memory-lean companions to use."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Union
+
+from wtacrs.estimators import ESTIMATORS, validate_ratio
+
+CONFIG_NAME = "wtacrs_config.json"
+
+# Task heads and poolers read one summary vector per example: tiny activations, and sampling
+# their input would only add variance. Matched as whole name components.
+DEFAULT_EXCLUDES: tuple[str, ...] = ("classifier", "pooler", "lm_head", "qa_outputs", "score", "pre_classifier")
+
+ModuleFilter = Callable[[Any, str], bool]
+TargetSpec = Union[list[str], tuple[str, ...], str, ModuleFilter, None]
+
+
+class WTACRSConfigError(ValueError):
+    """An invalid WTACRSConfig field or file."""
+
+
+@dataclass
+class WTACRSConfig:
+    """How `wtacrs.apply` samples a model.
+
+    Attributes:
+        ratio: fraction of token rows kept for each weight gradient, in (0, 1].
+        estimator: "wta-crs" (default), "crs", "uniform", "topk" (biased, ablation) or "exact".
+        target_modules: None = every nn.Linear / GPT-2 Conv1D inside the model's repeated blocks
+            (any nn.ModuleList); a list of name suffixes (PEFT-style: "query" matches
+            "...attention.self.query"); a regex string matched against the full name; or a
+            callable (module, qualified_name) -> bool.
+        exclude_modules: name components or a regex never sampled (task heads by default).
+        attention: also sample the attention score (QKᵀ) and output (P·V) matmuls.
+        grad_norm: "cache" uses ‖dY‖ from each example's previous visit (needs example ids via
+            `wtacrs.batch`); "none" uses activation norms only.
+        seed: base seed of the per-(step, layer) sampling generators.
+        lean_dropout: dropout regenerates its mask in backward instead of storing it (exact).
+        lean_layernorm: LayerNorm backward from its saved output, not its input (exact).
+        activation_compression: None (exact) or a compact storage of the activation-function
+            input (an approximation; see `wtacrs.companions.ACTIVATION_MODES`).
+    """
+
+    ratio: float = field(default=0.3, metadata={"help": "fraction of token rows kept, in (0, 1]"})
+    estimator: Literal["wta-crs", "crs", "uniform", "topk", "exact"] = field(default="wta-crs", metadata={"help": "row estimator"})
+    target_modules: TargetSpec = field(default=None, metadata={"help": "modules to sample (None = all block linears)"})
+    exclude_modules: list[str] | str | None = field(default_factory=lambda: list(DEFAULT_EXCLUDES), metadata={"help": "never sampled"})
+    attention: bool = field(default=False, metadata={"help": "sample the two attention matmuls"})
+    grad_norm: Literal["cache", "none"] = field(default="cache", metadata={"help": "score source for ‖dY‖"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    lean_dropout: bool = field(default=False, metadata={"help": "dropout without stored masks"})
+    lean_layernorm: bool = field(default=False, metadata={"help": "LayerNorm backward from its output"})
+    activation_compression: str | None = field(default=None, metadata={"help": "compact activation input (approximate)"})
+
+    def __post_init__(self) -> None:
+        try:
+            self.ratio = validate_ratio(self.ratio)
+        except ValueError as e:
+            raise WTACRSConfigError(f"WTACRSConfig.ratio: {e}") from None
+        self._check_choice("estimator", ESTIMATORS)
+        self._check_choice("grad_norm", ("cache", "none"))
+        for name in ("attention", "lean_dropout", "lean_layernorm"):
+            if not isinstance(getattr(self, name), bool):
+                raise WTACRSConfigError(f"WTACRSConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise WTACRSConfigError(f"WTACRSConfig.seed must be an int, got {self.seed!r}")
+        self.target_modules = _check_pattern("target_modules", self.target_modules, allow_callable=True)
+        self.exclude_modules = _check_pattern("exclude_modules", self.exclude_modules, allow_callable=False)
+        if self.activation_compression is not None and not isinstance(self.activation_compression, str):
+            raise WTACRSConfigError(f"WTACRSConfig.activation_compression must be a string or None, got {self.activation_compression!r}")
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise WTACRSConfigError(f"WTACRSConfig.{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+    # -- JSON round trip ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        if callable(self.target_modules):
+            raise WTACRSConfigError("WTACRSConfig.target_modules is a callable, which cannot be saved as JSON")
+        return dataclasses.asdict(self)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write `wtacrs_config.json` into `directory` atomically; returns its path."""
+        path = Path(directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".wtacrs_config.", delete=False) as tmp:
+            tmp.write(text)
+        os.replace(tmp.name, path)
+        return path
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "WTACRSConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise WTACRSConfigError(f"unknown WTACRSConfig field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "WTACRSConfig":
+        """Read `wtacrs_config.json` from `directory` (or a path to the file itself)."""
+        path = Path(directory)
+        path = path / CONFIG_NAME if path.is_dir() else path
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise WTACRSConfigError(f"no {CONFIG_NAME} at {path}") from None
+        except json.JSONDecodeError as e:
+            raise WTACRSConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(values, dict):
+            raise WTACRSConfigError(f"{path} must hold a JSON object, got {type(values).__name__}")
+        return cls.from_dict(values)
+
+
+def _check_pattern(name: str, value: Any, *, allow_callable: bool) -> Any:
+    if value is None or (allow_callable and callable(value)):
+        return value
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise WTACRSConfigError(f"WTACRSConfig.{name}: invalid regex {value!r}: {e}") from None
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    kinds = "a list of name suffixes, a regex string" + (", a callable" if allow_callable else "") + " or None"
+    raise WTACRSConfigError(f"WTACRSConfig.{name} must be {kinds}, got {value!r}")

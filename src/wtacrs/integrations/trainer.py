@@ -1,0 +1,75 @@
+"""Hugging Face `Trainer` integration: example ids for the gradient-norm cache, and the sampling
+state saved with every checkpoint so a resumed run samples exactly as an uninterrupted one."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer
+
+from wtacrs.layers import batch
+from wtacrs.modeling import sampling_state
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_ID_COLUMN = "example_id"
+STATE_FILE = "wtacrs_state.safetensors"
+
+
+def add_example_ids(dataset, column: str = EXAMPLE_ID_COLUMN):
+    """Add an integer column with each example's index (a `datasets.Dataset`), so that the
+    collator carries ids into every batch. Ids must stay the same across epochs: add them
+    before shuffling or filtering, never per epoch."""
+    if column in dataset.column_names:
+        raise ValueError(f"dataset already has a {column!r} column")
+    return dataset.map(lambda _, index: {column: index}, with_indices=True)
+
+
+class WTACRSTrainer(Trainer):
+    """`transformers.Trainer` for models prepared with `wtacrs.apply`.
+
+    - Pops the "example_id" column from each batch and runs the step inside `wtacrs.batch`, so
+      sampling uses the gradient-norm cache. Without the column, sampling falls back to
+      activation-norm scores (still unbiased) and says so once.
+    - Keeps "example_id" from being dropped by `remove_unused_columns`.
+    - Saves the sampling state (step counter and cache) into each checkpoint and restores it
+      on `train(resume_from_checkpoint=...)`.
+    """
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if EXAMPLE_ID_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, EXAMPLE_ID_COLUMN]
+
+    def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        ids = inputs.pop(EXAMPLE_ID_COLUMN, None)
+        if ids is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        with batch(ids):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs.pop(EXAMPLE_ID_COLUMN, None)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self.args.should_save:
+            path = os.path.join(output_dir, STATE_FILE)
+            save_file(sampling_state(self._unwrapped()).state_dict(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        path = None if checkpoint is None else os.path.join(checkpoint, STATE_FILE)
+        if path is not None and os.path.isfile(path):
+            sampling_state(self._unwrapped()).load_state_dict(load_file(path))
+        elif checkpoint is not None:
+            logger.warning("wtacrs: %s has no %s; the gradient-norm cache starts empty", checkpoint, STATE_FILE)
+
+    def _unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)

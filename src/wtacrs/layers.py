@@ -1,0 +1,269 @@
+"""Sampled linear layers and the per-model sampling state they share.
+
+Three things happen here that the bare op cannot do on its own:
+1. One sample per tensor: layers reading the same activation (q, k and v read one hidden-states
+   tensor) share one `RowSample`; the first layer to see the tensor draws it, the others reuse
+   it and save nothing new. Keyed by the tensor object (weak references), not by module names.
+2. Example ids -> gradient-norm cache -> scores: inside `wtacrs.batch(ids)`, each draw looks up
+   ‖dY‖ recorded for these examples at their previous visit, and each layer's output gradient
+   norms are recorded in backward (committed when the batch ends).
+3. Reproducible draws: the generator of each draw is seeded by (seed, step, call site), so a
+   checkpoint recompute and a resumed run sample the same rows.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import functools
+import logging
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wtacrs.cache import GradNormCache
+from wtacrs.config import WTACRSConfig
+from wtacrs.functional import RowSample, draw_row_sample, linear_with_sample, needs_sampling
+
+logger = logging.getLogger(__name__)
+
+_current_batch: contextvars.ContextVar["BatchContext | None"] = contextvars.ContextVar("wtacrs_batch", default=None)
+
+
+@dataclass
+class BatchContext:
+    example_ids: Tensor  # (B,) int64
+    states: list["SamplingState"] = field(default_factory=list)
+
+
+@contextmanager
+def batch(example_ids: Tensor | list[int]) -> Iterator[None]:
+    """Tell sampled models which examples the current training step sees.
+
+    Forward passes inside the block read the gradient-norm cache for these examples; output
+    gradient norms computed by backward inside the block are written when it exits.
+
+    Args:
+        example_ids: (B,) non-negative integer ids, one per example of the batch, stable
+            across epochs (e.g. the dataset index).
+    """
+    ids = torch.as_tensor(example_ids)
+    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise ValueError(f"example_ids must be a 1-D sequence of integers, got {ids.dtype} of shape {tuple(ids.shape)}")
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError("example_ids must be non-negative")
+    context = BatchContext(ids.to(torch.int64).cpu())
+    token = _current_batch.set(context)
+    try:
+        yield
+        for state in context.states:
+            state.commit()
+    finally:
+        for state in context.states:
+            state.discard_pending()
+        _current_batch.reset(token)
+
+
+@dataclass
+class _Draw:
+    """A sample shared by every layer that reads one tensor during one forward pass.
+
+    Only weak references to the big tensors: the input, and the sampled rows (which the
+    autograd graph owns and frees after backward)."""
+
+    tensor: weakref.ref
+    version: int
+    rows: weakref.ref
+    sample: RowSample  # with rows=None: indices, weights and num_rows (small)
+    leader: int  # call site that drew it
+
+    def live_sample(self, x: Tensor) -> RowSample | None:
+        rows = self.rows()
+        if self.tensor() is not x or self.version != x._version or rows is None:
+            return None
+        return dataclasses.replace(self.sample, rows=rows)
+
+
+class SamplingState:
+    """Everything sampled layers of one model share: config, cache, step counter, the draws of
+    the current forward pass and which call sites consumed the same tensor last time."""
+
+    def __init__(self, config: WTACRSConfig):
+        self.config = config
+        self.step = 0
+        self.cache: GradNormCache | None = None
+        self._sites: dict[tuple[int, int], int] = {}  # (layer slot, call index) -> call site
+        self._calls: dict[int, int] = {}  # layer slot -> calls in this forward
+        self._draws: dict[int, _Draw] = {}  # id(tensor) -> draw
+        self._groups: dict[int, set[int]] = {}  # leader site -> sites that reused its draw
+        self._masks: dict[str, Tensor | None] = {}
+        self._first_records: list[tuple[int, Tensor, Tensor, Tensor]] = []  # before the cache exists
+        self._warned_no_ids = False
+        self.hook: torch.utils.hooks.RemovableHandle | None = None  # set by wtacrs.apply
+
+    # -- per forward pass ----------------------------------------------------------------------
+    def begin_forward(self, masks: dict[str, Tensor | None]) -> None:
+        """Called before each top-level forward of the model."""
+        self._draws.clear()
+        self._calls.clear()
+        self._masks = masks
+        batch_context = _current_batch.get()
+        if batch_context is not None and self not in batch_context.states:
+            batch_context.states.append(self)
+        if torch.is_grad_enabled():
+            self.step += 1
+
+    def call_site(self, slot: int) -> int:
+        """A distinct id for each call of each layer in a forward (ALBERT reuses its layers)."""
+        call = self._calls.get(slot, 0)
+        self._calls[slot] = call + 1
+        return self._sites.setdefault((slot, call), len(self._sites))
+
+    def row_mask(self, stream: str, x: Tensor) -> Tensor | None:
+        mask = self._masks.get(stream)
+        return mask.to(torch.bool) if mask is not None and mask.shape == x.shape[:-1] else None
+
+    def sample_for(self, site: int, x: Tensor, row_mask: Tensor | None) -> RowSample:
+        """The shared draw for `x`, drawing it if this is the first layer to read `x`."""
+        draw = self._draws.get(id(x))
+        sample = None if draw is None else draw.live_sample(x)
+        if sample is not None:
+            self._groups.setdefault(draw.leader, {draw.leader}).add(site)
+            return sample
+        sample = self._draw(site, x, row_mask)
+        small = dataclasses.replace(sample, rows=None)
+        self._draws[id(x)] = _Draw(weakref.ref(x), x._version, weakref.ref(sample.rows), small, site)
+        return sample
+
+    def _draw(self, site: int, x: Tensor, row_mask: Tensor | None) -> RowSample:
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(hash((self.config.seed, self.step, site)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return draw_row_sample(
+            x,
+            ratio=self.config.ratio,
+            estimator=self.config.estimator,
+            row_mask=row_mask,
+            grad_norm=self._cached_grad_norm(site, x, row_mask),
+            generator=generator,
+        )
+
+    # -- gradient-norm cache -------------------------------------------------------------------
+    def _batch_rows(self, x: Tensor, row_mask: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """(example ids (B,), mask (B, T)) when x's rows are (example, token) of the current batch."""
+        context = _current_batch.get()
+        if self.config.grad_norm != "cache":
+            return None
+        if context is None:
+            if not self._warned_no_ids:
+                logger.warning("wtacrs: no example ids (use wtacrs.batch(ids)); sampling by activation norms only")
+                self._warned_no_ids = True
+            return None
+        ids = context.example_ids
+        if x.dim() != 3 or x.shape[0] != ids.numel():
+            return None
+        mask = row_mask if row_mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return ids, mask
+
+    def _cached_grad_norm(self, site: int, x: Tensor, row_mask: Tensor | None) -> Tensor | None:
+        rows = self._batch_rows(x, row_mask)
+        if rows is None or self.cache is None:
+            return None
+        members = [s for s in self._groups.get(site, {site}) if s < self.cache.num_slots]
+        if not members:
+            return None
+        norms = torch.stack([self.cache.lookup(s, *rows) for s in members])  # (members, B, T)
+        # Shared draws serve several layers: p_i ∝ ‖X_i‖·(Σ_layers ‖dY_i‖²)^½ minimises their summed variance.
+        combined = norms.nan_to_num(0.0).square().sum(0).sqrt()
+        return torch.where(norms.isnan().all(0), torch.nan, combined).to(x.device)
+
+    def watch_output(self, site: int, x: Tensor, row_mask: Tensor | None, y: Tensor) -> None:
+        """Record ‖dY_i‖ of this call's output in backward, for the next visit of these examples."""
+        rows = self._batch_rows(x, row_mask)
+        if rows is None or not y.requires_grad:
+            return
+        ids, mask = rows
+        y.register_hook(lambda grad: self._record(site, ids, mask, grad))
+
+    def _record(self, site: int, ids: Tensor, mask: Tensor, grad: Tensor) -> None:
+        norms = torch.linalg.vector_norm(grad, dim=-1, dtype=torch.float32).cpu()  # (B, T)
+        if self.cache is None:
+            self._first_records.append((site, ids, mask, norms))
+        elif site < self.cache.num_slots:  # a call site first seen after the cache was sized
+            self.cache.record(site, ids, mask, norms)
+
+    def commit(self) -> None:
+        """End of a training step: write the recorded norms. The cache is created at the first
+        commit, when the number of call sites per forward is known."""
+        if self.cache is None and self._first_records:
+            self.cache = GradNormCache(len(self._sites))
+        for record in self._first_records:
+            self.cache.record(*record)
+        self._first_records = []
+        if self.cache is not None:
+            self.cache.commit()
+
+    def discard_pending(self) -> None:
+        self._first_records = []
+        if self.cache is not None:
+            self.cache.discard_pending()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors that make a resumed run sample like an uninterrupted one."""
+        state = {"step": torch.tensor(self.step), "num_sites": torch.tensor(len(self._sites))}
+        if self.cache is not None:
+            state.update({f"cache.{k}": v for k, v in self.cache.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.step = int(state["step"])
+        cache = {k.removeprefix("cache."): v for k, v in state.items() if k.startswith("cache.")}
+        if cache:
+            self.cache = GradNormCache(int(cache["num_slots"]))
+            self.cache.load_state_dict(cache)
+
+
+
+class SampledLayerMixin:
+    """Forward of a layer whose weight gradient is row-sampled (see module docstring)."""
+
+    wtacrs_state: SamplingState
+    wtacrs_slot: int
+    wtacrs_stream: str
+
+    def _sampled_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        state = self.wtacrs_state
+        if not (self.training and needs_sampling(weight, state.config.ratio, state.config.estimator)):
+            return F.linear(x, weight, bias)
+        site = state.call_site(self.wtacrs_slot)
+        row_mask = state.row_mask(self.wtacrs_stream, x)
+        y = linear_with_sample(x, weight, bias, state.sample_for(site, x, row_mask))
+        state.watch_output(site, x, row_mask, y)
+        return y
+
+
+class SampledLinear(SampledLayerMixin, nn.Linear):
+    """nn.Linear with the same parameters whose weight gradient is row-sampled in training."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._sampled_forward(x, self.weight, self.bias)
+
+
+@functools.cache
+def sampled_conv1d_class() -> type[nn.Module]:
+    """GPT-2's Conv1D (y = x W + b with W of shape (in, out)) with a row-sampled weight gradient."""
+    from transformers.pytorch_utils import Conv1D
+
+    class SampledConv1D(SampledLayerMixin, Conv1D):
+        def forward(self, x: Tensor) -> Tensor:
+            if not self.training:
+                return super().forward(x)
+            # F.linear(x, Wᵀ, b) is the same addmm as Conv1D's; grads flow back through the view.
+            return self._sampled_forward(x, self.weight.t(), self.bias)
+
+    return SampledConv1D

@@ -1,0 +1,198 @@
+"""`apply`, `remove` and `summary`: WTA-CRS on any PyTorch / Hugging Face model in one line.
+
+Like torchao's `swap_linear_layers`, the targeted layers keep their identity and their very
+Parameter objects (state_dict keys, optimizer references, weight tying, `isinstance` survive):
+only their class changes to a sampled subclass, and `remove` changes it back.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from functools import partial
+from typing import Any
+
+from torch import Tensor, nn
+
+from wtacrs.config import WTACRSConfig
+from wtacrs.layers import SampledLayerMixin, SampledLinear, SamplingState, sampled_conv1d_class
+
+_STATE_ATTR = "wtacrs_state"
+
+
+class NoMatchingModulesError(ValueError):
+    """`target_modules` / `exclude_modules` selected no linear layer."""
+
+
+def _conv1d_class() -> type[nn.Module] | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _sampled_class_for(module: nn.Module) -> type[nn.Module] | None:
+    """The sampled subclass for exactly nn.Linear and GPT-2's Conv1D; None for anything else
+    (subclasses such as quantised linears have their own forward we must not bypass)."""
+    if type(module) is nn.Linear:
+        return SampledLinear
+    if _conv1d_class() is not None and type(module) is _conv1d_class():
+        return sampled_conv1d_class()
+    return None
+
+
+def _name_matches(name: str, spec: Any, module: nn.Module) -> bool:
+    if spec is None:
+        return False
+    if callable(spec):
+        return bool(spec(module, name))
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def _is_excluded(name: str, spec: Any) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(part in spec for part in name.split("."))
+
+
+def find_target_modules(model: nn.Module, config: WTACRSConfig) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every layer `config` selects, in model order.
+
+    A layer is selected when it is an nn.Linear / Conv1D, is not excluded, and either its own
+    name or the name of a module containing it matches `target_modules` (so "query" also
+    reaches the LoRA matrices inside a PEFT-wrapped query). With target_modules None, the layers
+    inside any nn.ModuleList (the repeated transformer blocks) are selected.
+    """
+    modules = dict(model.named_modules())
+    if config.target_modules is None:
+        roots = [n for n, m in modules.items() if isinstance(m, nn.ModuleList)]
+    else:
+        roots = [n for n, m in modules.items() if n and _name_matches(n, config.target_modules, m)]
+    prefixes = tuple(r + "." for r in roots)
+    return [
+        (name, module)
+        for name, module in modules.items()
+        if _sampled_class_for(module) is not None
+        and (name in roots or name.startswith(prefixes))
+        and not _is_excluded(name, config.exclude_modules)
+    ]
+
+
+def _encoder_prefix(model: nn.Module) -> str | None:
+    """Qualified name of the encoder of an encoder-decoder model, else None."""
+    config = getattr(model, "config", None)
+    get_encoder = getattr(model, "get_encoder", None)
+    if not getattr(config, "is_encoder_decoder", False) or get_encoder is None:
+        return None
+    encoder = get_encoder()
+    return next((name for name, m in model.named_modules() if m is encoder), None)
+
+
+def _stream(name: str, encoder_prefix: str | None) -> str:
+    """Which attention mask describes this layer's rows: the encoder's, the decoder's or the model's."""
+    if encoder_prefix is None:
+        return "main"
+    return "encoder" if name.startswith(encoder_prefix + ".") else "decoder"
+
+
+def _begin_forward(state: SamplingState, signature: inspect.Signature, module, args, kwargs) -> None:
+    try:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        bound = kwargs
+    mask = bound.get("attention_mask")
+    mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+    decoder_mask = bound.get("decoder_attention_mask")
+    decoder_mask = decoder_mask if isinstance(decoder_mask, Tensor) and decoder_mask.dim() == 2 else None
+    state.begin_forward({"main": mask, "encoder": mask, "decoder": decoder_mask})
+
+
+def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
+    """Sample the weight gradients of `model`'s targeted linear layers, in place.
+
+    Forward outputs are unchanged (bitwise) in train and eval mode; in training, each targeted
+    layer stores only the sampled rows of its input. Works on plain Transformers models and on
+    PEFT-wrapped ones (the frozen base weights store nothing; LoRA matrices are sampled).
+
+    Returns:
+        the same `model`.
+    Raises:
+        NoMatchingModulesError: nothing matched `config.target_modules`.
+        ValueError: wtacrs is already applied to this model.
+    """
+    config = config or WTACRSConfig()
+    if hasattr(model, _STATE_ATTR):
+        raise ValueError("wtacrs is already applied to this model; call wtacrs.remove(model) first")
+    targets = find_target_modules(model, config)
+    if not targets:
+        raise NoMatchingModulesError(
+            f"no nn.Linear/Conv1D layer matched target_modules={config.target_modules!r} "
+            f"(exclude_modules={config.exclude_modules!r})"
+        )
+    state = SamplingState(config)
+    encoder_prefix = _encoder_prefix(model)
+    for slot, (name, module) in enumerate(targets):
+        module.__class__ = _sampled_class_for(module)
+        module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream = state, slot, _stream(name, encoder_prefix)
+    signature = inspect.signature(model.forward)
+    state.hook = model.register_forward_pre_hook(partial(_begin_forward, state, signature), with_kwargs=True)
+    setattr(model, _STATE_ATTR, state)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo `apply`: plain layers with the identical Parameter objects; returns `model`."""
+    state = sampling_state(model)
+    for module in model.modules():
+        if isinstance(module, SampledLayerMixin):
+            module.__class__ = module.__class__.__mro__[2]  # (Sampled*, SampledLayerMixin, original, ...)
+            del module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream
+    state.hook.remove()
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def sampling_state(model: nn.Module) -> SamplingState:
+    """The SamplingState `apply` attached to `model` (cache, step counter, config)."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("wtacrs is not applied to this model; call wtacrs.apply(model, config) first")
+    return state
+
+
+def sampled_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SampledLayerMixin)]
+
+
+def summary(model: nn.Module) -> str:
+    """Which layers are sampled, at what ratio, and expected saved activation bytes per token.
+
+    "Before" counts each sampled layer's input once (as plain layers store it); "after" counts
+    ratio × input plus 12 bytes (int64 index + float32 weight) per kept row, with layers known
+    to share an input (from the last training step) counted once.
+    """
+    state = sampling_state(model)
+    layers = sampled_modules(model)
+    leader_of = {s: leader for leader, group in state._groups.items() for s in group}
+    site_of = {slot: site for (slot, call), site in state._sites.items() if call == 0}
+    lines = [f"wtacrs: {len(layers)} sampled layers, estimator={state.config.estimator}, ratio={state.config.ratio}"]
+    before = after = 0.0
+    drawn = set()
+    for name, module in layers:
+        width = module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
+        nbytes = width * module.weight.element_size()
+        site = site_of.get(module.wtacrs_slot)
+        leader = leader_of.get(site, site)
+        shares = leader is not None and leader != site
+        before += nbytes
+        if not (shares and leader in drawn):
+            after += state.config.ratio * (nbytes + 12)
+            drawn.add(leader)
+        lines.append(f"  {name:<60} in={width:<6} {'shares input of site ' + str(leader) if shares else ''}")
+    lines.append(f"saved input bytes per token: {before:.0f} before, {after:.0f} after ({before / max(after, 1):.1f}x less)")
+    return "\n".join(lines)
