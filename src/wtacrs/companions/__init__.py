@@ -1,0 +1,138 @@
+"""Memory-lean companions to WTA-CRS: the other tensors a training step saves for backward.
+
+- Dropout (`dropout=True`): no per-element mask is saved; backward regenerates it from a seed.
+  Exact. See `wtacrs.companions.dropout` for which dropout calls are covered.
+- LayerNorm (`layernorm=True`): backward from the saved output, not the input. Exact up to
+  rounding; a real saving only where the next op saves the output anyway (see
+  `wtacrs.companions.layernorm`).
+- Activation (`activation="bf16"` or `"int8"`): the input of GELU-like activations is kept
+  compressed. An approximation (stated bounds in `wtacrs.companions.activation`); off by default.
+
+Modules are changed by swapping their class in place, as torchao does: the module object, its
+parameters (state_dict keys, `data_ptr`s) and `isinstance` checks are unchanged, and
+`remove_companions` swaps the original class back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+from torch import nn
+
+from wtacrs.companions.activation import (
+    ACTIVATION_MODES,
+    CompressesActivationInput,
+    compressed_activation,
+    elementwise_activation_types,
+    validate_activation_mode,
+)
+from wtacrs.companions.dropout import InterceptsFunctionalDropout, RegeneratedDropout, regenerated_dropout
+from wtacrs.companions.layernorm import LeanLayerNorm, layer_norm_from_output
+
+__all__ = [
+    "ACTIVATION_MODES",
+    "LeanLayerNorm",
+    "RegeneratedDropout",
+    "apply_companions",
+    "compressed_activation",
+    "layer_norm_from_output",
+    "regenerated_dropout",
+    "remove_companions",
+]
+
+ModuleFilter = Callable[[nn.Module, str], bool]
+_ORIGINAL = "_wtacrs_companion_of"  # class attribute of every swapped-in class: the class it replaced
+_MODULE_STATE = ("activation_compression", "_zero_check")  # instance attributes the companions add
+
+
+@cache
+def _with_mixin(mixin: type, cls: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of `cls` whose forward is `mixin`'s, named after both; one per (mixin, cls)."""
+    return type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {_ORIGINAL: cls, "__module__": cls.__module__})
+
+
+RegeneratedDropout._wtacrs_companion_of = nn.Dropout
+LeanLayerNorm._wtacrs_companion_of = nn.LayerNorm
+
+
+def _is_swapped(module: nn.Module) -> bool:
+    return _ORIGINAL in type(module).__dict__
+
+
+def _is_innermost_attention(module: nn.Module) -> bool:
+    """Class name contains "Attention" and no submodule's does (BertSelfAttention, T5Attention)."""
+    return "Attention" in type(module).__name__ and not any(
+        "Attention" in type(child).__name__ for child in module.modules() if child is not module
+    )
+
+
+def _companion_class(module: nn.Module, *, dropout: bool, layernorm: bool, activation: str | None) -> type | None:
+    """The class to swap `module` to, or None to leave it alone."""
+    cls = type(module)
+    if dropout and cls is nn.Dropout:
+        return RegeneratedDropout
+    if layernorm and cls is nn.LayerNorm:
+        return LeanLayerNorm
+    if activation and cls in elementwise_activation_types() and not getattr(module, "inplace", False):
+        return _with_mixin(CompressesActivationInput, cls)
+    if dropout and _is_innermost_attention(module):
+        return _with_mixin(InterceptsFunctionalDropout, cls)
+    return None
+
+
+def apply_companions(
+    model: nn.Module,
+    *,
+    dropout: bool,
+    layernorm: bool,
+    activation: str | None,
+    module_filter: ModuleFilter | None = None,
+) -> list[str]:
+    """Swap the classes of `model`'s dropout, LayerNorm and activation modules in place.
+
+    Args:
+        model: any module tree (a transformers model, a block, ...).
+        dropout: exact `nn.Dropout` modules → `RegeneratedDropout`, and functional dropout inside
+            the innermost "…Attention" modules intercepted (eager attention probabilities).
+        layernorm: exact `nn.LayerNorm` modules → `LeanLayerNorm`.
+        activation: None, or one of ACTIVATION_MODES for the elementwise activation modules
+            listed by `elementwise_activation_types()` (in-place ones are skipped).
+        module_filter: optional (module, qualified name) → bool; modules it rejects are skipped.
+    Returns:
+        Qualified names of the modules swapped. Already swapped modules are skipped, so applying
+        twice changes nothing (call `remove_companions` first to change settings).
+    Raises:
+        ValueError: unknown `activation` mode.
+    """
+    if activation is not None:
+        validate_activation_mode(activation)
+    swapped = []
+    for name, module in model.named_modules():
+        if _is_swapped(module) or (module_filter is not None and not module_filter(module, name)):
+            continue
+        new_cls = _companion_class(module, dropout=dropout, layernorm=layernorm, activation=activation)
+        if new_cls is None:
+            continue
+        module.__class__ = new_cls
+        if issubclass(new_cls, CompressesActivationInput):
+            module.activation_compression = activation
+        swapped.append(name)
+    return swapped
+
+
+def remove_companions(model: nn.Module) -> list[str]:
+    """Swap every companion class in `model` back to the class it replaced.
+
+    Returns:
+        Qualified names of the modules restored.
+    """
+    restored = []
+    for name, module in model.named_modules():
+        if not _is_swapped(module):
+            continue
+        module.__class__ = type(module).__dict__[_ORIGINAL]
+        for attribute in _MODULE_STATE:
+            module.__dict__.pop(attribute, None)
+        restored.append(name)
+    return restored

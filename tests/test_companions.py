@@ -1,0 +1,376 @@
+"""Memory-lean companions: exactness, mask regeneration, checkpointing, saved bytes, swap/remove."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from stats import Z
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from wtacrs.companions import (
+    ACTIVATION_MODES,
+    LeanLayerNorm,
+    RegeneratedDropout,
+    apply_companions,
+    compressed_activation,
+    layer_norm_from_output,
+    regenerated_dropout,
+    remove_companions,
+)
+from wtacrs.companions.activation import elementwise_activation_types
+from wtacrs.memory import SavedTensorBytes, parameter_tensors
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_bert(attn_implementation: str = "eager", dropout: float = 0.1) -> nn.Module:
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        attn_implementation=attn_implementation,
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(config, add_pooling_layer=False).train()
+
+
+def saved_bytes(fn, *tensors, exclude=()) -> SavedTensorBytes:
+    with SavedTensorBytes(exclude=exclude) as saved:
+        fn(*tensors)
+    return saved
+
+
+def input_grad(fn, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    x = x.detach().requires_grad_()
+    (grad,) = torch.autograd.grad(fn(x), x, grad_out)
+    return grad
+
+
+# ---------------------------------------------------------------- dropout
+
+
+def reference_dropout(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """What CPU nn.Dropout computes from its Bernoulli draw (see test_reference_dropout_is_nn_dropout)."""
+    return x * keep.to(x.dtype).div_(1 - p)
+
+
+def test_reference_dropout_is_nn_dropout():
+    x, p = torch.randn(64, 33), 0.3
+    torch.manual_seed(5)
+    expected = nn.Dropout(p).train()(x)
+    torch.manual_seed(5)
+    keep = torch.empty_like(x).bernoulli_(1 - p)
+    assert torch.equal(reference_dropout(x, keep, p), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dropout_forward_and_backward_use_one_mask(dtype):
+    x = torch.randn(64, 33, dtype=dtype).requires_grad_()
+    grad_out = torch.randn(64, 33, dtype=dtype)
+    p = 0.3
+    out = regenerated_dropout(x, p)
+    keep = out != 0  # x has no zeros
+    assert torch.equal(out, reference_dropout(x.detach(), keep, p))
+    out.backward(grad_out)
+    assert torch.equal(x.grad, reference_dropout(grad_out, keep, p))
+
+
+def test_dropout_keep_rate_and_fresh_masks():
+    x, p = torch.ones(200_000), 0.1
+    first, second = regenerated_dropout(x, p) != 0, regenerated_dropout(x, p) != 0
+    stderr = math.sqrt(p * (1 - p) / x.numel())
+    assert abs(first.double().mean().item() - (1 - p)) < Z * stderr
+    assert not torch.equal(first, second)
+
+
+def test_dropout_saves_nothing():
+    x = torch.randn(8, 16, 32, requires_grad=True)
+    assert saved_bytes(lambda t: regenerated_dropout(t, 0.1), x).total == 0
+    assert saved_bytes(lambda t: F.dropout(t, 0.1), x).total == x.numel() * 4  # CPU: the float noise
+
+
+def test_dropout_inplace_and_identity_cases():
+    x = torch.randn(4, 5)
+    y = x.clone()
+    assert regenerated_dropout(y, 0.5, inplace=True) is y
+    assert torch.equal(y != 0, y.eq(0).logical_not())  # ran
+    for p, training in [(0.0, True), (1.0, True), (0.5, False)]:
+        assert torch.equal(regenerated_dropout(x, p, training), F.dropout(x, p, training))
+    with pytest.raises(ValueError, match="dropout probability"):
+        regenerated_dropout(x, 1.5)
+
+
+def test_dropout_under_autocast():
+    x = torch.randn(16, 8, requires_grad=True)
+    weight = torch.randn(8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = F.linear(x, weight)  # bfloat16
+        out = regenerated_dropout(hidden, 0.4)
+    assert out.dtype == torch.bfloat16
+    grad_out = torch.randn_like(out)
+    (grad_hidden,) = torch.autograd.grad(out, hidden, grad_out)
+    assert torch.equal(grad_hidden, reference_dropout(grad_out, out != 0, 0.4))
+
+
+# ---------------------------------------------------------------- LayerNorm
+
+
+@pytest.mark.parametrize(
+    "shape, affine, bias", [((5, 7, 6), True, True), ((5, 7, 6), True, False), ((5, 7, 6), False, False)]
+)
+def test_layer_norm_gradcheck(shape, affine, bias):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weight = (1 + 0.3 * torch.randn(shape[-1:], dtype=torch.float64)).requires_grad_() if affine else None
+    beta = (0.2 * torch.randn(shape[-1:], dtype=torch.float64)).requires_grad_() if bias else None
+    assert torch.autograd.gradcheck(lambda *t: layer_norm_from_output(t[0], shape[-1:], *t[1:]), (x, weight, beta))
+
+
+def test_layer_norm_gradcheck_two_normalized_dims():
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    weight = (1 + 0.3 * torch.randn(3, 5, dtype=torch.float64)).requires_grad_()
+    beta = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: layer_norm_from_output(t[0], (3, 5), *t[1:]), (x, weight, beta))
+
+
+def ln_and_grads(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor):
+    x = x.detach().requires_grad_()
+    out = module(x)
+    grads = torch.autograd.grad(out, (x, module.weight, module.bias), grad_out)
+    return out, grads
+
+
+def trained_layer_norm(width: int) -> nn.LayerNorm:
+    module = nn.LayerNorm(width)
+    with torch.no_grad():  # γ away from its init of ones, β nonzero, as after training
+        module.weight.copy_(1 + 0.3 * torch.randn(width))
+        module.bias.copy_(0.2 * torch.randn(width))
+    return module
+
+
+def test_lean_layer_norm_matches_nn_layer_norm_fp32():
+    module = trained_layer_norm(48)
+    x, grad_out = 3 * torch.randn(6, 10, 48) + 1, torch.randn(6, 10, 48)
+    expected, expected_grads = ln_and_grads(module, x, grad_out)
+    apply_companions(module, dropout=False, layernorm=True, activation=None)
+    assert type(module) is LeanLayerNorm
+    out, grads = ln_and_grads(module, x, grad_out)
+    assert torch.equal(out, expected)
+    for grad, reference in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, reference)
+
+
+def test_lean_layer_norm_under_autocast():
+    module = trained_layer_norm(32)
+    x, grad_out = torch.randn(8, 32, dtype=torch.bfloat16), torch.randn(8, 32, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, expected_grads = ln_and_grads(module, x, grad_out)
+        apply_companions(module, dropout=False, layernorm=True, activation=None)
+        out, grads = ln_and_grads(module, x, grad_out)
+    assert out.dtype == expected.dtype and torch.equal(out, expected)
+    for grad, reference in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, reference, rtol=2e-2, atol=2e-2)
+
+
+def test_lean_layer_norm_saves_output_not_input():
+    """x → LayerNorm → Linear: the linear saves y; the lean LayerNorm adds only rstd to that."""
+    rows, width = 64, 32
+    block = nn.Sequential(trained_layer_norm(width), nn.Linear(width, width))
+    x = torch.randn(rows, width, requires_grad=True)
+    native = saved_bytes(block, x, exclude=parameter_tensors(block)).total
+    apply_companions(block, dropout=False, layernorm=True, activation=None)
+    lean = saved_bytes(block, x, exclude=parameter_tensors(block)).total
+    full = rows * width * 4
+    assert native == 2 * full + 2 * rows * 4  # x, y (by the linear), mean, rstd
+    assert lean == full + rows * 4  # y, rstd
+
+
+def test_lean_layer_norm_falls_back_when_weight_has_zeros():
+    module = trained_layer_norm(16)
+    with torch.no_grad():
+        module.weight[3] = 0.0
+    x, grad_out = torch.randn(5, 16), torch.randn(5, 16)
+    expected, expected_grads = ln_and_grads(module, x, grad_out)
+    apply_companions(module, dropout=False, layernorm=True, activation=None)
+    with pytest.warns(UserWarning, match="zero entries"):
+        _, grads = ln_and_grads(module, x, grad_out)
+    for grad, reference in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, reference)
+    with torch.no_grad():
+        module.weight[3] = 1.0  # the version counter moves: the lean path is back
+    assert saved_bytes(module, x.requires_grad_(), exclude=parameter_tensors(module)).total == 5 * 16 * 4 + 5 * 4
+
+
+# ---------------------------------------------------------------- activation
+
+
+def activation_instances() -> list[nn.Module]:
+    instances = []
+    for cls in elementwise_activation_types():
+        try:
+            instances.append(cls())
+        except TypeError:  # needs arguments (ClippedGELUActivation)
+            instances.append(cls(-10.0, 10.0))
+    return instances
+
+
+@pytest.mark.parametrize("mode", ACTIVATION_MODES)
+def test_activation_forward_is_exact(mode):
+    x = 3 * torch.randn(4, 50, requires_grad=True)
+    for module in activation_instances():
+        assert torch.equal(compressed_activation(x, module.forward, mode), module(x)), type(module).__name__
+
+
+def test_int8_activation_derivative_error_bound():
+    """|dx̂ − dx| ≤ |dy| · (max f' − min f') / 510 (half a quantisation step), plus fp32 rounding."""
+    x, grad_out = 2 * torch.randn(64, 128), torch.randn(64, 128)
+    for module in activation_instances():
+        exact = input_grad(module, x, grad_out)
+        approx = input_grad(lambda t: compressed_activation(t, module.forward, "int8"), x, grad_out)
+        derivative = input_grad(module, x, torch.ones_like(x))
+        half_step = (derivative.max() - derivative.min()) / 510
+        bound = grad_out.abs() * (half_step * (1 + 1e-4) + 1e-6)
+        assert ((approx - exact).abs() <= bound).all(), type(module).__name__
+
+
+def test_bf16_gelu_derivative_error_bound():
+    """|dx̂ − dx| ≤ |dy| · max|GELU''| · |x − bf16(x)|, with max|GELU''| = 2φ(0) < 0.8 and
+    |x − bf16(x)| ≤ 2⁻⁸|x|; plus fp32 rounding."""
+    x, grad_out = 2 * torch.randn(64, 128), torch.randn(64, 128)
+    exact = input_grad(F.gelu, x, grad_out)
+    approx = input_grad(lambda t: compressed_activation(t, F.gelu, "bf16"), x, grad_out)
+    bound = grad_out.abs() * (0.8 * 2**-8 * x.abs() + 1e-6)
+    assert ((approx - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("mode, bytes_per_element", [("bf16", 2), ("int8", 1)])
+def test_activation_saved_bytes(mode, bytes_per_element):
+    x = torch.randn(32, 64, requires_grad=True)
+    assert saved_bytes(F.gelu, x).total == x.numel() * 4
+    compressed = saved_bytes(lambda t: compressed_activation(t, F.gelu, mode), x).total
+    scalars = 8 if mode == "int8" else 0  # low and step, float32
+    assert compressed == x.numel() * bytes_per_element + scalars
+
+
+def test_invalid_activation_mode():
+    with pytest.raises(ValueError, match="activation_compression 'fp4'"):
+        apply_companions(nn.GELU(), dropout=False, layernorm=False, activation="fp4")
+    with pytest.raises(ValueError, match="bf16, int8"):
+        compressed_activation(torch.randn(3), F.gelu, "int4")
+
+
+# ---------------------------------------------------------------- swapping on a model
+
+
+def test_swap_and_remove_keep_parameters_and_classes():
+    model = tiny_bert()
+    before = {key: value.data_ptr() for key, value in model.state_dict().items()}
+    classes = {name: type(module) for name, module in model.named_modules()}
+    names = apply_companions(model, dropout=True, layernorm=True, activation="int8")
+    assert {key: value.data_ptr() for key, value in model.state_dict().items()} == before
+    layer = model.encoder.layer[0]
+    assert isinstance(layer.output.dropout, RegeneratedDropout) and isinstance(layer.output.dropout, nn.Dropout)
+    assert isinstance(layer.output.LayerNorm, LeanLayerNorm) and isinstance(layer.output.LayerNorm, nn.LayerNorm)
+    assert isinstance(layer.intermediate.intermediate_act_fn, transformers.activations.GELUActivation)
+    assert "encoder.layer.0.attention.self" in names and "encoder.layer.1.intermediate.intermediate_act_fn" in names
+    assert apply_companions(model, dropout=True, layernorm=True, activation="int8") == []  # idempotent
+    assert remove_companions(model) == names
+    assert {name: type(module) for name, module in model.named_modules()} == classes
+    assert {key: value.data_ptr() for key, value in model.state_dict().items()} == before
+    assert not hasattr(layer.intermediate.intermediate_act_fn, "activation_compression")
+
+
+def test_module_filter_skips_modules():
+    model = tiny_bert()
+    names = apply_companions(
+        model, dropout=True, layernorm=False, activation=None, module_filter=lambda m, name: "layer.1" not in name
+    )
+    assert names and not any("layer.1" in name for name in names)
+
+
+def train_step_grads(model: nn.Module, input_ids: torch.Tensor, seed: int = 1) -> list[torch.Tensor]:
+    torch.manual_seed(seed)
+    model(input_ids=input_ids).last_hidden_state.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_bert_exact_without_dropout(attn_implementation):
+    """Dropout off: LayerNorm + dropout companions change nothing but rounding."""
+    model, input_ids = tiny_bert(attn_implementation, dropout=0.0), torch.randint(0, 100, (2, 9))
+    expected_out, expected = model(input_ids=input_ids).last_hidden_state, train_step_grads(model, input_ids)
+    apply_companions(model, dropout=True, layernorm=True, activation=None)
+    assert torch.equal(model(input_ids=input_ids).last_hidden_state, expected_out)
+    scale = max(grad.abs().max() for grad in expected)  # some grads are zero up to rounding (key bias)
+    for grad, reference in zip(train_step_grads(model, input_ids), expected):
+        assert (grad - reference).abs().max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpoint_recompute_regenerates_the_same_masks(use_reentrant):
+    model, input_ids = tiny_bert("eager", dropout=0.3), torch.randint(0, 100, (2, 9))
+    apply_companions(model, dropout=True, layernorm=True, activation="int8")
+    expected = train_step_grads(model, input_ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if use_reentrant:
+        model.enable_input_require_grads()
+    for grad, reference in zip(train_step_grads(model, input_ids), expected):
+        torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_checkpoint_of_dropout_block():
+    linear = nn.Linear(16, 16)
+    x = torch.randn(32, 16, requires_grad=True)
+
+    def block(t):
+        return linear(regenerated_dropout(F.gelu(linear(t)), 0.5))
+
+    grads = []
+    for wrapped in (block, lambda t: checkpoint(block, t, use_reentrant=False)):
+        torch.manual_seed(3)
+        grads.append(torch.autograd.grad(wrapped(x).sum(), (x, linear.weight)))
+    for grad, reference in zip(*grads):
+        assert torch.equal(grad, reference)
+
+
+def attention_probability_bytes(model: nn.Module, input_ids: torch.Tensor) -> int:
+    """Bytes saved in (batch, heads, L, L) tensors (or (batch · heads, L, L), as matmul saves them):
+    attention probabilities and dropout masks."""
+    batch, length = input_ids.shape
+    with SavedTensorBytes(exclude=parameter_tensors(model)) as saved:
+        model(input_ids=input_ids)
+    shapes = {(batch, 2, length, length), (batch * 2, length, length)}
+    return sum(n for (shape, _), n in saved.by_shape.items() if shape in shapes)
+
+
+def test_eager_attention_dropout_mask_is_not_saved():
+    """Eager BERT: softmax output, dropout noise and dropped probabilities are saved per layer;
+    with the companion the noise is gone (BERT applies it with F.dropout, not its module)."""
+    model, input_ids = tiny_bert("eager", dropout=0.1), torch.randint(0, 100, (2, 9))
+    one = 2 * 2 * 9 * 9 * 4  # one (B, H, L, L) float32 tensor
+    assert attention_probability_bytes(model, input_ids) == 2 * 3 * one
+    apply_companions(model, dropout=True, layernorm=False, activation=None)
+    assert attention_probability_bytes(model, input_ids) == 2 * 2 * one
+
+
+def test_dropout_free_model_saves_no_masks():
+    model, input_ids = tiny_bert("eager", dropout=0.1), torch.randint(0, 100, (2, 9))
+    apply_companions(model, dropout=True, layernorm=False, activation=None)
+    with SavedTensorBytes(exclude=parameter_tensors(model)) as with_dropout:
+        model(input_ids=input_ids)
+    model_without = tiny_bert("eager", dropout=0.0)
+    with SavedTensorBytes(exclude=parameter_tensors(model_without)) as without_dropout:
+        model_without(input_ids=input_ids)
+    # Nothing is saved for dropout itself. The one addition: the dropped attention probabilities,
+    # which the probabilities @ values matmul saves besides the softmax output (one per layer).
+    batch, length = input_ids.shape
+    assert with_dropout.total == without_dropout.total + 2 * batch * 2 * length * length * 4
