@@ -75,6 +75,7 @@ class Task:
         eval_splits: validation split names; the first one selects the best checkpoint.
         compute_metrics: (predictions, labels) -> {metric: value}, with a "score" entry, the
             number the report tables use.
+        score_name: what "score" is, for tables (e.g. "accuracy", "Matthews corr.").
     """
 
     name: str
@@ -83,6 +84,7 @@ class Task:
     label_names: tuple[str, ...] = ()
     eval_splits: tuple[str, ...] = ("validation",)
     compute_metrics: Callable[..., dict[str, float]] | None = field(default=None, compare=False)
+    score_name: str = "accuracy"
 
     @property
     def num_labels(self) -> int:

@@ -217,6 +217,14 @@ _LABEL_NAMES = {
 }
 
 
+_SCORE_NAMES = {
+    "cola": "Matthews corr.",
+    "mrpc": "mean(F1, accuracy)",
+    "qqp": "mean(F1, accuracy)",
+    "stsb": "mean(Pearson, Spearman)",
+}
+
+
 def glue_metrics(task: str, predictions, labels) -> dict[str, float]:
     """GLUE metrics of one validation split plus their mean as "score".
 
@@ -239,4 +247,5 @@ def glue_task(task: str) -> Task:
         label_names=_LABEL_NAMES[task],
         eval_splits=tuple(s for s in layout.files if s != "train"),
         compute_metrics=partial(glue_metrics, task),
+        score_name=_SCORE_NAMES.get(task, "accuracy"),
     )

