@@ -1,11 +1,16 @@
-"""Memory accounting: bytes saved for backward, counted exactly with saved_tensors_hooks."""
+"""Memory accounting: bytes saved for backward (saved_tensors_hooks) and the peak of live tensor
+bytes (a dispatch mode), both exact and device-independent."""
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
+from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 class SavedTensorBytes:
@@ -49,3 +54,66 @@ class SavedTensorBytes:
 def parameter_tensors(model: nn.Module) -> list[torch.Tensor]:
     """Parameters and buffers: tensors that exist whether or not anything is saved for backward."""
     return [*model.parameters(), *model.buffers()]
+
+
+class LiveTensorPeak(TorchDispatchMode):
+    """Context manager tracking the exact peak of live tensor bytes, on any device (CPU included).
+
+    Every storage produced by an op inside the context is counted from its creation until the
+    storage is freed (a weakref finalizer on the storage, which PyTorch keeps alive exactly as
+    long as the storage). Views and in-place results share a storage and are counted once.
+    Tensors that exist at entry are counted only if passed as `baseline` (e.g. parameters,
+    buffers, optimizer state, the batch). Allocator caching and kernel scratch memory that never
+    becomes a tensor are not seen: this is the memory that `torch.cuda.max_memory_allocated`
+    measures, minus workspaces.
+
+    Example:
+        with LiveTensorPeak(baseline=[*parameter_tensors(model), *optimizer_state_tensors(opt)]) as live:
+            train_step()
+        live.peak  # bytes
+    """
+
+    def __init__(self, baseline: Iterable[torch.Tensor] = ()):
+        super().__init__()
+        self._live: dict[int, int] = {}  # id(storage) -> nbytes
+        self._finalizers: list[weakref.finalize] = []
+        self.current = 0
+        self.peak = 0
+        for t in baseline:
+            self._track(t.untyped_storage())
+        self.baseline = self.current
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key, nbytes = id(storage), storage.nbytes()
+        previous = self._live.get(key)
+        if previous is None:
+            self._finalizers.append(weakref.finalize(storage, self._free, key))
+        self._live[key] = nbytes
+        self.current += nbytes - (previous or 0)
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                self._track(t.untyped_storage())
+        return out
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        for finalizer in self._finalizers:  # stop counting; do not keep this object alive
+            finalizer.detach()
+        self._finalizers.clear()
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Tensors held in an optimizer's state (e.g. AdamW's two moments and step counters)."""
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def gradient_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The .grad of every parameter that has one."""
+    return [p.grad for p in model.parameters() if p.grad is not None]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from wtacrs.cli import demo
+from wtacrs.cli import bench, demo, finetune
 
-SUBCOMMANDS = {"demo": demo}
+SUBCOMMANDS = {"demo": demo, "bench": bench, "finetune": finetune}
 
 
 def main(argv: list[str] | None = None) -> int:

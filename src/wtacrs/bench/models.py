@@ -1,0 +1,63 @@
+"""Named model sizes built from configs with random weights (no download), and random batches."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+_BERT = {
+    "bert-tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=512),
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+_T5 = {
+    "t5-tiny": dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, vocab_size=512),
+    "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
+    "t5-base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),
+    "t5-large": dict(d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16),
+}
+MODEL_SIZES: tuple[str, ...] = (*_BERT, *_T5)
+T5_TARGET_LENGTH = 16  # decoder tokens per example (GLUE-style label strings are short)
+
+
+def build_model(size: str, seed: int = 0) -> nn.Module:
+    """A randomly initialised model of a named size, in train mode.
+
+    BERT sizes are `BertForSequenceClassification` (2 labels); T5 sizes are
+    `T5ForConditionalGeneration`. Same `seed`, same weights.
+    """
+    import transformers
+
+    torch.manual_seed(seed)
+    if size in _BERT:
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=2, **_BERT[size]))
+    elif size in _T5:
+        model = transformers.T5ForConditionalGeneration(transformers.T5Config(**_T5[size]))
+    else:
+        raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
+    return model.train()
+
+
+def is_seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def make_batch(model: nn.Module, batch: int, seq: int, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Random token ids (no padding) and labels for `model`: (batch, seq) inputs."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    inputs = {
+        "input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.int64),
+    }
+    if is_seq2seq(model):
+        inputs["labels"] = torch.randint(0, vocab, (batch, T5_TARGET_LENGTH), generator=g)
+    else:
+        inputs["labels"] = torch.randint(0, model.config.num_labels, (batch,), generator=g)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def batch_shapes(inputs: dict[str, Tensor]) -> dict[str, list[int]]:
+    """{name: shape} of a batch, for the JSON record."""
+    return {k: list(v.shape) for k, v in inputs.items()}
+

@@ -1,0 +1,179 @@
+"""The memory, speed and batch benchmarks: one row per method, each method in a fresh model."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from wtacrs.bench.rss import peak_rss_of_step
+from wtacrs.bench.training import (
+    Trial,
+    make_trial,
+    measure_step_memory,
+    measure_step_time,
+    memory_breakdown,
+    release,
+)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every benchmark run shares: model size, shape, methods, device, dtype and seed."""
+
+    size: str
+    batch: int
+    seq: int
+    methods: tuple[str, ...]
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+    def trial(self, method: str, batch: int | None = None) -> Trial:
+        return make_trial(self.size, method, batch or self.batch, self.seq, device=self.device, dtype=self.dtype, seed=self.seed)
+
+
+def _each_trial(setup: Setup, desc: str) -> Iterator[tuple[dict, Trial | None]]:
+    """(row, trial) per method; a method that fails to build yields its error and no trial."""
+    for method in tqdm(setup.methods, desc=desc, unit="method", file=sys.stderr):
+        row = {"method": method}
+        try:
+            trial = setup.trial(method)
+        except Exception as e:  # a method this installation cannot run must not end the whole run
+            yield {**row, "error": f"{type(e).__name__}: {e}"}, None
+            continue
+        yield row, trial
+        del trial
+        release()
+
+
+def _guarded(row: dict, measure: Callable[[], dict]) -> None:
+    try:
+        row.update(measure())
+    except Exception as e:  # e.g. CUDA out of memory for one method: record it, go on
+        row["error"] = f"{type(e).__name__}: {e}"
+        release()
+
+
+def run_memory(setup: Setup, rss: bool) -> list[dict]:
+    """Per method: weights/gradients/optimizer bytes, bytes saved for backward, peak of a full
+    step (see `measure_step_memory`) and, if `rss`, peak RSS of one step in a fresh process."""
+    rows = []
+    for row, trial in _each_trial(setup, "memory"):
+        if trial is not None:
+            row.update(memory_breakdown(trial))
+            if setup.device.type == "cuda":
+                trial.step()  # first-step allocations (cuBLAS workspaces) are not steady state
+            _guarded(row, lambda: measure_step_memory(trial))
+        if rss and "error" not in row:
+            row.update(peak_rss_of_step(setup.size, row["method"], setup.batch, setup.seq, setup.seed))
+        rows.append(row)
+    for key in ("peak_bytes", "saved_bytes", "peak_rss_bytes"):
+        add_ratio_to_full(rows, key, f"{key.removesuffix('_bytes')}_reduction", inverse=True)
+    return rows
+
+
+def run_speed(setup: Setup, warmup: int, steps: int, peak: bool) -> list[dict]:
+    """Per method: median step seconds after warm-up and samples/s; with `peak`, one more
+    (tracked) step's peak memory, for the memory/time plane."""
+    rows = []
+    for row, trial in _each_trial(setup, "speed"):
+        if trial is not None:
+            _guarded(row, lambda: measure_step_time(trial, warmup, steps))
+            if peak and "error" not in row:
+                _guarded(row, lambda: {"peak_bytes": measure_step_memory(trial)["peak_bytes"]})
+        rows.append(row)
+    add_ratio_to_full(rows, "step_s", "time_vs_full")
+    add_ratio_to_full(rows, "peak_bytes", "peak_reduction", inverse=True)
+    return rows
+
+
+def add_ratio_to_full(rows: list[dict], key: str, name: str, inverse: bool = False) -> None:
+    """rows[i][name] = value / full's value (or full's / value with `inverse`), where both exist."""
+    full = next((r.get(key) for r in rows if r["method"] == "full"), None)
+    for row in rows:
+        if full and row.get(key):
+            row[name] = full / row[key] if inverse else row[key] / full
+
+
+def largest_fitting_batch(
+    probe: Callable[[int], float | None], budget: float, start: int = 8, multiple: int = 8, max_batch: int = 4096
+) -> int:
+    """Largest multiple of `multiple` (<= max_batch) whose probe fits `budget`, or 0 if none does.
+
+    `probe(batch)` returns the measured peak bytes, or None when the step ran out of memory.
+    Fits are assumed monotone in the batch. Starting at `start`, the batch doubles until a probe
+    fails; after two fits, the next probe is where the line through the last two measured
+    peaks meets the budget (peaks grow about linearly with the batch), kept strictly inside the
+    bracket, so typically four or five probes settle it, each one a real measurement.
+    """
+    fits: dict[int, float] = {}
+    lo, hi, batch = 0, max_batch + multiple, _round(start, multiple)
+    while hi - lo > multiple:
+        peak = probe(batch)
+        if peak is not None and peak <= budget:
+            fits[batch], lo = peak, batch
+        else:
+            hi = batch
+        batch = _next_batch(fits, budget, lo, hi, multiple, max_batch)
+    return lo
+
+
+def _next_batch(fits: dict[int, float], budget: float, lo: int, hi: int, multiple: int, max_batch: int) -> int:
+    (b1, p1), (b2, p2) = sorted(fits.items())[-2:] if len(fits) >= 2 else ((0, 0.0), (0, 0.0))
+    if len(fits) >= 2 and p2 > p1:
+        guess = _round(b2 + (budget - p2) * (b2 - b1) / (p2 - p1), multiple, down=True)
+    elif hi > max_batch:
+        guess = 2 * lo
+    else:
+        guess = _round((lo + hi) / 2, multiple, down=True)
+    return min(max(guess, lo + multiple), hi - multiple, max_batch)
+
+
+def _round(value: float, multiple: int, down: bool = False) -> int:
+    rounded = math.floor(value / multiple) if down else round(value / multiple)
+    return max(1, rounded) * multiple
+
+
+def run_batch(setup: Setup, budget_bytes: float, start: int, multiple: int, max_batch: int) -> list[dict]:
+    """Per method: the largest batch whose step fits the budget, the probes made, and the
+    throughput at that batch (samples/s of its measured step).
+
+    CPU: a probe fits if its exact live-tensor peak is within the budget. CUDA: if the step
+    (after a warm-up step) raises no out-of-memory error and its max_memory_allocated is within
+    the budget.
+    """
+    rows = []
+    for method in tqdm(setup.methods, desc="batch", unit="method", file=sys.stderr):
+        row: dict = {"method": method, "budget_bytes": budget_bytes, "probes": []}
+        try:
+            best = largest_fitting_batch(lambda b: _probe(setup, method, b, row["probes"]), budget_bytes, start, multiple, max_batch)
+        except Exception as e:  # a method this installation cannot run
+            row["error"] = f"{type(e).__name__}: {e}"
+            release()
+        else:
+            at_best = next((p for p in row["probes"] if p["batch"] == best), {})
+            row.update(max_batch=best, samples_per_s=at_best.get("samples_per_s"), peak_bytes=at_best.get("peak_bytes"))
+        rows.append(row)
+    add_ratio_to_full(rows, "max_batch", "batch_vs_full")
+    return rows
+
+
+def _probe(setup: Setup, method: str, batch: int, probes: list[dict]) -> float | None:
+    record: dict = {"batch": batch}
+    try:
+        trial = setup.trial(method, batch)
+        if setup.device.type == "cuda":
+            trial.step()
+        record.update(measure_step_memory(trial))
+        record["samples_per_s"] = batch / record["tracked_step_s"]
+    except torch.OutOfMemoryError:
+        record["peak_bytes"] = None
+    trial = None
+    release()
+    probes.append(record)
+    return record["peak_bytes"]

@@ -1,0 +1,130 @@
+"""One method's training setup (model, AdamW, batch) and the measurements of one step."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from wtacrs.bench.methods import Method, batch_context, parse_method, prepare
+from wtacrs.bench.models import build_model, make_batch
+from wtacrs.memory import LiveTensorPeak, SavedTensorBytes, optimizer_state_tensors, parameter_tensors
+
+LEARNING_RATE = 1e-5
+
+
+@dataclass
+class Trial:
+    """A model prepared for one method, its AdamW optimizer (state already allocated) and a batch."""
+
+    method: Method
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    inputs: dict[str, Tensor]
+    example_ids: Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.inputs["input_ids"].device
+
+    def step(self, saved: SavedTensorBytes | None = None) -> float:
+        """Forward, backward and AdamW step; `saved` (if given) counts what forward saves."""
+        with batch_context(self.method, self.example_ids):
+            with saved if saved is not None else torch.autograd.graph.saved_tensors_hooks(_same, _same):
+                loss = self.model(**self.inputs).loss
+            loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_trial(size: str, method: str | Method, batch: int, seq: int, *, device="cpu", dtype=torch.float32, seed=0) -> Trial:
+    """Build `size` with random weights (seed), apply `method`, allocate AdamW state, make a batch."""
+    method = parse_method(method) if isinstance(method, str) else method
+    model = build_model(size, seed).to(device=device, dtype=dtype)
+    model = prepare(model, method, seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
+    _allocate_optimizer_state(optimizer)
+    inputs = make_batch(model, batch, seq, seed, device)
+    return Trial(method, model, optimizer, inputs, torch.arange(batch))
+
+
+def _allocate_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW's moments now (a step on zero gradients) so every measured step is a steady one."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def release() -> None:
+    """Free a finished trial's memory (drop your references first) before measuring the next."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def memory_breakdown(trial: Trial) -> dict[str, int]:
+    """Bytes of weights (parameters and buffers), trainable gradients and optimizer state."""
+    return {
+        "weights_bytes": _distinct_bytes(parameter_tensors(trial.model)),
+        "gradients_bytes": sum(p.numel() * p.element_size() for p in trial.model.parameters() if p.requires_grad),
+        "optimizer_bytes": _distinct_bytes(optimizer_state_tensors(trial.optimizer)),
+    }
+
+
+def _distinct_bytes(tensors: list[Tensor]) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def measure_step_memory(trial: Trial) -> dict[str, int | float]:
+    """One step measured: bytes saved for backward, peak memory and the step's seconds.
+
+    Peak: on CUDA `torch.cuda.max_memory_allocated` over the step; elsewhere the exact peak of
+    live tensor bytes (`LiveTensorPeak`) counting weights, optimizer state and the batch from the
+    start. Both include weights, gradients, AdamW state and activations.
+    """
+    saved = SavedTensorBytes(exclude=parameter_tensors(trial.model))
+    if trial.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trial.device)
+        seconds = _seconds(lambda: trial.step(saved), trial.device)
+        peak = torch.cuda.max_memory_allocated(trial.device)
+    else:
+        baseline = [*parameter_tensors(trial.model), *optimizer_state_tensors(trial.optimizer), *trial.inputs.values()]
+        with LiveTensorPeak(baseline) as live:
+            seconds = _seconds(lambda: trial.step(saved), trial.device)
+        peak = live.peak
+    return {"saved_bytes": saved.total, "peak_bytes": peak, "tracked_step_s": seconds}
+
+
+def _seconds(fn, device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure_step_time(trial: Trial, warmup: int, steps: int) -> dict[str, float | list[float]]:
+    """Median seconds per step over `steps` steps after `warmup` steps, and samples per second."""
+    for _ in range(warmup):
+        trial.step()
+    times = [_seconds(trial.step, trial.device) for _ in range(steps)]
+    median = statistics.median(times)
+    return {"step_s": median, "step_times_s": times, "samples_per_s": trial.example_ids.numel() / median}

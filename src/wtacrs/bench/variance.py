@@ -1,0 +1,103 @@
+"""Variance of the weight-gradient estimate on real activations and output gradients.
+
+For every linear layer, one forward/backward pass of a model on a batch captures the layer input
+X (N, in) and output gradient dY (N, out); the exact weight gradient is dW = dYᵀX. Each estimator
+then draws row samples with `wtacrs.functional.draw_row_sample` (the library's own sampling,
+scored with the true ‖dY_i‖ as the gradient-norm cache would supply after one epoch), and
+dŴ = Σ_m w_m dY_{i_m}ᵀ X_{i_m}. Reported per layer, relative to ‖dW‖²:
+variance = Σ_r ‖dŴ_r − mean‖² / (R − 1), bias² = ‖mean − dW‖² (top-k is deterministic: bias only).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from wtacrs.config import DEFAULT_EXCLUDES
+from wtacrs.functional import draw_row_sample
+
+UNBIASED = ("wta-crs", "crs", "uniform")
+DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def capture_linear_io(model: nn.Module, inputs: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """{layer name: (X (N, in), dY (N, out))} for every trainable nn.Linear outside the task head
+    and pooler (`wtacrs.config.DEFAULT_EXCLUDES`, which WTA-CRS does not sample), from one backward."""
+    captured: dict[str, list[Tensor]] = {}
+
+    def keep(name: str):
+        def hook(module, args, output):
+            captured[name] = [args[0].detach().reshape(-1, args[0].shape[-1])]
+            output.register_hook(lambda grad: captured[name].append(grad.detach().reshape(-1, grad.shape[-1])))
+        return hook
+
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and m.weight.requires_grad and not set(n.split(".")) & set(DEFAULT_EXCLUDES)]
+    handles = [m.register_forward_hook(keep(n)) for n, m in layers]
+    try:
+        model(**inputs).loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (x, dy) for n, (x, dy) in captured.items()}
+
+
+def _estimate(x: Tensor, dy: Tensor, ratio: float, estimator: str, generator: torch.Generator) -> Tensor:
+    sample = draw_row_sample(x, ratio=ratio, estimator=estimator, grad_norm=dy.norm(dim=1), generator=generator)
+    picked = dy.index_select(0, sample.indices) * sample.weights.unsqueeze(1)  # (M, out)
+    return picked.mT @ sample.rows
+
+
+def layer_variance(x: Tensor, dy: Tensor, ratio: float, draws: int, generator: torch.Generator) -> dict[str, dict]:
+    """{estimator: {"variance", "bias2"}} relative to ‖dW‖², for one layer at one ratio."""
+    exact = dy.mT @ x
+    scale = float(exact.pow(2).sum()) or 1.0
+    result = {}
+    for estimator in UNBIASED:
+        estimates = torch.stack([_estimate(x, dy, ratio, estimator, generator) for _ in range(draws)])
+        mean = estimates.mean(0)
+        variance = float((estimates - mean).pow(2).sum()) / (draws - 1)
+        result[estimator] = {"variance": variance / scale, "bias2": float((mean - exact).pow(2).sum()) / scale}
+    topk = _estimate(x, dy, ratio, "topk", generator)
+    result["topk"] = {"variance": 0.0, "bias2": float((topk - exact).pow(2).sum()) / scale}
+    return result
+
+
+def run_variance(captured: dict[str, tuple[Tensor, Tensor]], ratios, draws: int, seed: int) -> list[dict]:
+    """One row per (layer, ratio, estimator) with relative variance, bias² and their sum (MSE)."""
+    if draws < 2:
+        raise ValueError(f"draws must be >= 2 to estimate a variance, got {draws}")
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    jobs = [(name, ratio) for name in captured for ratio in ratios]
+    for name, ratio in tqdm(jobs, desc="variance", unit="layer·ratio", file=sys.stderr):
+        x, dy = captured[name]
+        for estimator, stats in layer_variance(x, dy, ratio, draws, generator).items():
+            rows.append({"layer": name, "ratio": ratio, "estimator": estimator, **stats,
+                         "mse": stats["variance"] + stats["bias2"]})
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (ratio, estimator): median relative MSE over layers; per ratio, the layers where
+    WTA-CRS's variance is at most CRS's."""
+    summary = []
+    for ratio in sorted({r["ratio"] for r in rows}):
+        at = [r for r in rows if r["ratio"] == ratio]
+        entry = {"ratio": ratio}
+        for estimator in (*UNBIASED, "topk"):
+            entry[estimator] = _median([r["mse"] for r in at if r["estimator"] == estimator])
+        wta = {r["layer"]: r["variance"] for r in at if r["estimator"] == "wta-crs"}
+        crs = {r["layer"]: r["variance"] for r in at if r["estimator"] == "crs"}
+        entry["wta_le_crs"] = sum(wta[k] <= crs[k] for k in wta)
+        entry["layers"] = len(wta)
+        summary.append(entry)
+    return summary
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")

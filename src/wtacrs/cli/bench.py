@@ -1,0 +1,210 @@
+"""Benchmark methods of fine-tuning: memory, speed, largest batch under a budget, gradient variance.
+
+Models are named sizes (bert-base, bert-large, t5-base, ...) built from configs with random
+weights, so runs work offline. Each run writes <command>.json (with torch version, device,
+dtype, shapes, seed and command line), <command>.md and PNG plots into --out.
+
+Methods are specs such as full, checkpointing, lora, wtacrs@0.3, lora+wtacrs@0.1,
+wtacrs@0.3+companions+checkpointing, crs@0.3, topk@0.3 (see wtacrs.bench.methods).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from wtacrs.bench import methods as methods_module
+from wtacrs.bench.methods import DEFAULT_METHODS, MethodError, parse_method
+from wtacrs.bench.models import MODEL_SIZES, build_model, make_batch
+from wtacrs.bench.output import GB, markdown_report, markdown_table, run_metadata, write_json, write_text
+from wtacrs.bench.plots import plot_memory, plot_memory_time_plane, plot_throughput_vs_batch, plot_variance
+from wtacrs.bench.suite import Setup, run_batch, run_memory, run_speed
+from wtacrs.bench.variance import DEFAULT_RATIOS, capture_linear_io, run_variance, summarize
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_CPU_BUDGET_GB = 12.0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1], got {text}")
+    return value
+
+
+def _method(text: str) -> str:
+    try:
+        parse_method(text)
+    except MethodError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _common(batch: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", default="bert-base", choices=MODEL_SIZES, help="named size, random weights")
+    p.add_argument("--batch", type=_positive_int, default=batch)
+    p.add_argument("--seq", type=_positive_int, default=128, help="tokens per example")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
+    return p
+
+
+def _with_methods(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", nargs="+", type=_method, default=list(DEFAULT_METHODS), metavar="METHOD")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench_command", required=True, metavar="{memory,speed,batch,variance}")
+    memory = sub.add_parser("memory", parents=[_common(64)], help="saved bytes, peak of a step, peak RSS")
+    _with_methods(memory)
+    memory.add_argument("--no-rss", dest="rss", action="store_false", help="skip the fresh-process RSS (CPU)")
+    speed = sub.add_parser("speed", parents=[_common(64)], help="median step time and samples/s")
+    _with_methods(speed)
+    speed.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    speed.add_argument("--steps", type=_positive_int, default=3, help="timed steps (median reported)")
+    speed.add_argument("--no-peak", dest="peak", action="store_false", help="skip the peak step for the plane")
+    batch = sub.add_parser("batch", parents=[_common(8)], help="largest batch under a memory budget (--batch: first probe)")
+    _with_methods(batch)
+    batch.add_argument("--budget-gb", type=_positive_float, default=None,
+                       help="GB (1e9 bytes); default 12 on CPU, the card's memory on CUDA")
+    batch.add_argument("--multiple", type=_positive_int, default=8, help="batch sizes searched are multiples of this")
+    batch.add_argument("--max-batch", type=_positive_int, default=4096)
+    variance = sub.add_parser("variance", parents=[_common(4)], help="variance of dW estimates per layer")
+    variance.add_argument("--ratios", type=_ratio, nargs="+", default=list(DEFAULT_RATIOS))
+    variance.add_argument("--draws", type=int, default=16, help="estimates per layer, ratio and estimator (>= 2)")
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("wtacrs bench: error: --device cuda, but CUDA is not available")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.bench_command == "variance" and args.draws < 2:
+        raise SystemExit(f"wtacrs bench variance: error: --draws must be >= 2, got {args.draws}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    return RUNNERS[args.bench_command](args, device)
+
+
+def _setup(args: argparse.Namespace, device: torch.device) -> Setup:
+    return Setup(args.model, args.batch, args.seq, tuple(args.methods), device, DTYPES[args.dtype], args.seed)
+
+
+def _meta(args: argparse.Namespace, device: torch.device, **extra) -> dict:
+    return run_metadata(device, DTYPES[args.dtype], args.seed, model=args.model, batch=args.batch, seq=args.seq,
+                        optimizer="AdamW", lora={"r": methods_module.LORA_RANK, "alpha": methods_module.LORA_ALPHA},
+                        **extra)
+
+
+def _write(out: Path, name: str, title: str, meta: dict, rows: list[dict], columns, notes=(), **extra) -> None:
+    write_json(out / f"{name}.json", {"meta": meta, "rows": rows, **extra})
+    write_text(out / f"{name}.md", markdown_report(title, meta, markdown_table(rows, columns), notes))
+    print(markdown_table(rows, columns))
+    print(f"wrote {out / name}.json, .md and plots")
+
+
+def _gb(rows: list[dict], *keys: str) -> list[dict]:
+    """Copies of rows with byte counts also given in GB (key_gb)."""
+    return [{**r, **{f"{k.removesuffix('_bytes')}_gb": r[k] / GB for k in keys if r.get(k) is not None}} for r in rows]
+
+
+def _run_memory(args: argparse.Namespace, device: torch.device) -> int:
+    rss = args.rss and device.type == "cpu"
+    rows = _gb(run_memory(_setup(args, device), rss), "saved_bytes", "peak_bytes", "peak_rss_bytes", "weights_bytes",
+               "optimizer_bytes")
+    peak_kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "exact peak of live tensor bytes"
+    columns = [("method", "method", ""), ("saved_gb", "saved for backward (GB)", ".3f"),
+               ("saved_reduction", "saved ×less", ".2f"), ("peak_gb", "peak of step (GB)", ".3f"),
+               ("peak_reduction", "peak ×less", ".2f"), ("peak_rss_gb", "peak RSS (GB)", ".2f"),
+               ("peak_rss_reduction", "RSS ×less", ".2f"), ("error", "error", "")]
+    notes = [f"Peak of step: {peak_kind} over one full training step (forward, backward, AdamW step), "
+             "including weights, gradients and AdamW state.",
+             "Peak RSS: ru_maxrss of a fresh process that builds the model and runs one step (CPU only).",
+             "Saved for backward: distinct storages packed by autograd in forward, parameters excluded; tensors "
+             "kept by non-reentrant checkpointing's recompute closures are not packed and so not counted here."]
+    meta = _meta(args, device, peak=peak_kind)
+    _write(args.out, "memory", f"Memory per method: {args.model}, batch {args.batch}, seq {args.seq}", meta, rows,
+           columns, notes)
+    plot_memory(rows, args.out / "memory.png")
+    return 0
+
+
+def _run_speed(args: argparse.Namespace, device: torch.device) -> int:
+    rows = _gb(run_speed(_setup(args, device), args.warmup, args.steps, args.peak), "peak_bytes")
+    columns = [("method", "method", ""), ("step_s", "median step (s)", ".3f"), ("samples_per_s", "samples/s", ".1f"),
+               ("time_vs_full", "time ×full", ".3f"), ("peak_gb", "peak (GB)", ".3f"),
+               ("peak_reduction", "peak ×less", ".2f"), ("error", "error", "")]
+    notes = [f"Median of {args.steps} timed steps after {args.warmup} warm-up step(s), methods run one after another "
+             "in one process. Peak: one more step, measured as in `wtacrs bench memory`."]
+    _write(args.out, "speed", f"Step time per method: {args.model}, batch {args.batch}, seq {args.seq}",
+           _meta(args, device, warmup=args.warmup, steps=args.steps), rows, columns, notes)
+    plot_memory_time_plane(rows, args.out / "memory_time_plane.png")
+    return 0
+
+
+def _run_batch(args: argparse.Namespace, device: torch.device) -> int:
+    if args.budget_gb is not None:
+        budget = args.budget_gb * GB
+    elif device.type == "cuda":
+        budget = torch.cuda.get_device_properties(device).total_memory
+    else:
+        budget = DEFAULT_CPU_BUDGET_GB * GB
+    rows = _gb(run_batch(_setup(args, device), budget, args.batch, args.multiple, args.max_batch), "peak_bytes")
+    columns = [("method", "method", ""), ("max_batch", "largest batch", "d"), ("batch_vs_full", "×full", ".2f"),
+               ("samples_per_s", "samples/s at it", ".1f"), ("peak_gb", "its peak (GB)", ".3f"), ("error", "error", "")]
+    notes = [f"Budget {budget / GB:.2f} GB; batches searched in multiples of {args.multiple} from {args.batch} "
+             f"(doubling, then where the line through the last two measured peaks meets the budget).",
+             "CPU: a batch fits if the exact live-tensor peak of one full step is within the budget; the samples/s "
+             "is that measured step's (run under the tracker). CUDA: no out-of-memory error and "
+             "max_memory_allocated within the budget, after a warm-up step."]
+    _write(args.out, "batch", f"Largest batch per method: {args.model}, seq {args.seq}",
+           _meta(args, device, budget_bytes=budget, multiple=args.multiple), rows, columns, notes)
+    plot_throughput_vs_batch(rows, args.out / "throughput_vs_batch.png")
+    return 0
+
+
+def _run_variance(args: argparse.Namespace, device: torch.device) -> int:
+    model = build_model(args.model, args.seed).to(device=device, dtype=DTYPES[args.dtype])
+    inputs = make_batch(model, args.batch, args.seq, args.seed, device)
+    captured = capture_linear_io(model, inputs)
+    del model
+    rows = run_variance(captured, args.ratios, args.draws, args.seed)
+    summary = summarize(rows)
+    columns = [("ratio", "ratio", ".1f"), ("wta-crs", "WTA-CRS", ".3g"), ("crs", "CRS", ".3g"),
+               ("uniform", "uniform", ".3g"), ("topk", "top-k bias²", ".3g"),
+               ("wta_le_crs", "layers var WTA ≤ CRS", "d"), ("layers", "layers", "d")]
+    notes = ["Median over layers of the relative MSE E‖dŴ − dW‖²/‖dW‖² (variance + bias²; top-k: bias² only); "
+             "per-layer variance and bias² are in variance.json.",
+             f"{args.draws} independent estimates per layer, ratio and estimator; scores use the true ‖dY_i‖."]
+    shapes = {name: [list(x.shape), list(dy.shape)] for name, (x, dy) in captured.items()}
+    _write(args.out, "variance", f"Weight-gradient estimator error: {args.model}, batch {args.batch}, seq {args.seq}",
+           _meta(args, device, draws=args.draws, ratios=args.ratios, layer_shapes=shapes), summary, columns, notes,
+           per_layer=rows)
+    plot_variance(summary, args.out / "variance.png")
+    return 0
+
+
+RUNNERS = {"memory": _run_memory, "speed": _run_speed, "batch": _run_batch, "variance": _run_variance}

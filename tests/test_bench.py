@@ -1,0 +1,160 @@
+"""`wtacrs bench` and its measurement code, on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from wtacrs.bench import largest_fitting_batch, parse_method
+from wtacrs.bench.methods import MethodError
+from wtacrs.bench.rss import peak_rss_of_step
+from wtacrs.bench.training import make_trial, measure_step_memory, memory_breakdown
+from wtacrs.cli import main
+from wtacrs.memory import LiveTensorPeak
+
+TINY = ["--model", "bert-tiny", "--seq", "8", "--threads", "1"]
+
+
+# -- the live-tensor peak tracker -------------------------------------------------------------
+def test_live_tensor_peak_hand_computed():
+    w = torch.zeros(100)  # 400 B, alive before: counted only as baseline
+    with LiveTensorPeak(baseline=[w]) as live:
+        a = torch.ones(1024)  # +4096
+        view = a[:10]  # same storage: +0
+        b = torch.ones(2048)  # +8192 → 400 + 12288 live: the peak
+        b.mul_(2)  # in place: +0
+        del a, view  # −4096
+        c = torch.ones(512)  # +2048
+    assert live.baseline == 400
+    assert live.peak == 400 + 4096 + 8192
+    assert live.current == 400 + 8192 + 2048
+    del b, c
+
+
+def test_live_tensor_peak_counts_temporaries_freed_inside_an_expression():
+    x = torch.ones(256)  # 1 KiB, not in baseline: not counted
+    with LiveTensorPeak() as live:
+        y = (x * 2) + 1  # x*2 (1 KiB) is alive while +1 allocates y (1 KiB), then freed
+    assert live.peak == 2048 and live.current == 1024
+    del y
+
+
+def test_live_tensor_peak_of_a_linear_layer_step():
+    """y = x Wᵀ, loss = Σy, backward: hand count of every storage (float32, 4 B each)."""
+    layer = nn.Linear(64, 32, bias=False)  # W: 2048 elements = 8192 B, baseline
+    x = torch.randn(16, 64)  # 4096 B, baseline
+    with LiveTensorPeak(baseline=[layer.weight, x]) as live:
+        layer(x).sum().backward()
+    # Forward: y (16·32·4 = 2048 B) and the loss (4 B); y is freed once summed (linear saves x
+    # and W, sum saves nothing). Backward: the loss, its gradient (4 B; dY is an expanded view of
+    # it, no new storage) and dW (8192 B) are alive together: the peak.
+    assert live.baseline == 8192 + 4096
+    assert live.peak == live.baseline + 4 + 4 + 8192
+    assert live.current == live.baseline + 8192  # only W.grad stays
+    del live, x
+
+
+def test_step_peak_includes_weights_gradients_and_optimizer_state():
+    trial = make_trial("bert-tiny", "full", batch=2, seq=8)
+    parts = memory_breakdown(trial)
+    measured = measure_step_memory(trial)
+    assert parts["optimizer_bytes"] == 2 * parts["gradients_bytes"] + 4 * sum(1 for _ in trial.model.parameters())
+    assert measured["peak_bytes"] > parts["weights_bytes"] + parts["gradients_bytes"] + parts["optimizer_bytes"]
+    assert 0 < measured["saved_bytes"] < measured["peak_bytes"]
+
+
+# -- the batch search -------------------------------------------------------------------------
+@pytest.mark.parametrize("base, per_example, budget, expected", [(100, 10, 1000, 88), (0, 1, 4096, 4096), (50, 7, 40, 0)])
+def test_largest_fitting_batch_on_an_affine_peak(base, per_example, budget, expected):
+    probed = []
+
+    def probe(batch):
+        probed.append(batch)
+        return base + per_example * batch
+
+    assert largest_fitting_batch(probe, budget, start=8, multiple=8, max_batch=4096) == expected
+    assert len(probed) <= 7 and len(set(probed)) == len(probed)
+
+
+def test_largest_fitting_batch_treats_out_of_memory_as_too_big():
+    assert largest_fitting_batch(lambda b: None if b > 40 else float(b), budget=1e9, start=8, multiple=8) == 40
+
+
+# -- method specs -----------------------------------------------------------------------------
+def test_parse_method_composes_components():
+    m = parse_method("lora+wtacrs@0.1+companions+checkpointing")
+    assert (m.lora, m.checkpointing, m.companions, m.estimator, m.ratio) == (True, True, True, "wta-crs", 0.1)
+    assert parse_method("topk@0.3").estimator == "topk" and not parse_method("full").uses_wtacrs
+
+
+@pytest.mark.parametrize("spec", ["wtacrs", "wtacrs@1.5", "wtacrs@x", "crs@0.3+topk@0.3", "full+lora", "lora+magic"])
+def test_parse_method_rejects_bad_specs(spec):
+    with pytest.raises(MethodError):
+        parse_method(spec)
+
+
+# -- the CLI on bert-tiny ---------------------------------------------------------------------
+def _record(path):
+    return json.loads(path.read_text())
+
+
+def test_bench_memory_writes_json_markdown_and_plot(tmp_path):
+    assert main(["bench", "memory", *TINY, "--batch", "2", "--methods", "full", "lora", "--no-rss", "--out", str(tmp_path)]) == 0
+    record = _record(tmp_path / "memory.json")
+    assert record["meta"]["torch"] == torch.__version__ and record["meta"]["seq"] == 8
+    assert [r["method"] for r in record["rows"]] == ["full", "lora"]
+    assert record["rows"][0]["peak_reduction"] == 1.0 and record["rows"][1]["peak_bytes"] > 0
+    assert (tmp_path / "memory.md").read_text().startswith("# Memory") and (tmp_path / "memory.png").stat().st_size
+
+
+def test_bench_speed_writes_the_memory_time_plane(tmp_path):
+    assert main(["bench", "speed", *TINY, "--batch", "2", "--methods", "full", "wtacrs@0.3", "--warmup", "0",
+                 "--steps", "2", "--out", str(tmp_path)]) == 0
+    rows = _record(tmp_path / "speed.json")["rows"]
+    assert all(r["step_s"] > 0 and r["peak_bytes"] > 0 and len(r["step_times_s"]) == 2 for r in rows)
+    assert rows[0]["time_vs_full"] == 1.0 and (tmp_path / "memory_time_plane.png").stat().st_size
+
+
+def test_bench_batch_finds_a_batch_under_the_budget(tmp_path):
+    assert main(["bench", "batch", *TINY, "--methods", "full", "--budget-gb", "0.004", "--out", str(tmp_path)]) == 0
+    (row,) = _record(tmp_path / "batch.json")["rows"]
+    assert row["max_batch"] >= 8 and row["peak_bytes"] <= 0.004e9
+    assert any(p["peak_bytes"] > 0.004e9 for p in row["probes"])  # the next size up was measured and failed
+    assert (tmp_path / "throughput_vs_batch.png").stat().st_size
+
+
+def test_bench_variance_reports_every_layer_and_estimator(tmp_path):
+    assert main(["bench", "variance", *TINY, "--batch", "2", "--ratios", "0.3", "--draws", "3", "--out", str(tmp_path)]) == 0
+    record = _record(tmp_path / "variance.json")
+    layers = {r["layer"] for r in record["per_layer"]}
+    assert len(layers) == 12  # 2 blocks × 6 linear layers; the pooler and classifier are not sampled
+    assert {r["estimator"] for r in record["per_layer"]} == {"wta-crs", "crs", "uniform", "topk"}
+    assert (tmp_path / "variance.png").stat().st_size
+
+
+@pytest.mark.slow
+def test_peak_rss_of_a_step_in_a_fresh_process():
+    result = peak_rss_of_step("bert-tiny", "full", batch=2, seq=8, threads=1)
+    assert result["peak_rss_bytes"] >= result["rss_before_step_bytes"] > 50e6  # torch alone is bigger
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench"], "required"),
+    (["bench", "memory", "--methods", "lora+magic"], "bad component"),
+    (["bench", "speed", "--batch", "0"], "positive"),
+    (["bench", "memory", "--model", "gpt-7"], "invalid choice"),
+    (["bench", "variance", "--ratios", "1.5"], "ratio must be in"),
+    (["bench", "batch", "--budget-gb", "-1"], "must be positive"),
+])
+def test_cli_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_rejects_one_draw():
+    with pytest.raises(SystemExit, match="draws must be >= 2"):
+        main(["bench", "variance", *TINY, "--draws", "1"])
