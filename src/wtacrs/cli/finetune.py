@@ -138,9 +138,13 @@ def packaged_model_dir() -> Path:
 
 def run_dir(args: argparse.Namespace, method: str, seed: int) -> Path:
     """<output-dir>/<task>/<model>/<method>[-<ratio>]/seed<seed>."""
-    model = "all-MiniLM-L6-v2" if Path(args.model) == packaged_model_dir() else Path(args.model).name
     label = f"{method}-{args.ratio:g}" if method in SAMPLED_ESTIMATOR else method
-    return Path(args.output_dir) / args.task / model / label / f"seed{seed}"
+    return Path(args.output_dir) / args.task / model_name(args.model) / label / f"seed{seed}"
+
+
+def model_name(model: str) -> str:
+    """Short model name for folders and tables (the packaged model's folder is just "model")."""
+    return "all-MiniLM-L6-v2" if Path(model) == packaged_model_dir() else Path(model).name
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -340,7 +344,7 @@ def build_trainer(args, method, seed, out, model, tokenizer, train_set, eval_set
         eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, load_best_model_at_end=True,
         metric_for_best_model=f"{first_split}_score", greater_is_better=True,
         logging_steps=max(1, steps_per_epoch // 10), report_to=["tensorboard"], seed=seed, data_seed=seed,
-        bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=method == "checkpointing",
+        bf16=args.bf16, fp16=args.fp16, activation_checkpointing=method == "checkpointing",
         disable_tqdm=args.no_progress, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
     )
     padded = any(f.startswith("start_positions") for f in train_set.column_names)  # QA windows are padded
@@ -434,7 +438,7 @@ def collect_results(args, method, seed, task, trainer, timer, num_train, eval_se
     epochs_timed = timer.steps / math.ceil(num_train / args.batch_size)
     first = next(iter(eval_sets))
     return {
-        "task": args.task, "model": args.model, "model_kind": _model_kind(trainer.model), "method": method,
+        "task": args.task, "model": args.model, "model_name": model_name(args.model),"model_kind": _model_kind(trainer.model), "method": method,
         "ratio": args.ratio if method in SAMPLED_ESTIMATOR else None, "estimator": SAMPLED_ESTIMATOR.get(method),
         "seed": seed, "metrics": metrics, "score": metrics[first]["score"], "score_name": task.score_name,
         "best_epoch": best_epoch, "history": history,

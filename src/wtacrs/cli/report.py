@@ -1,0 +1,201 @@
+"""Collect `wtacrs finetune` results into the paper's Table 1 layout, with memory and speed.
+
+Rows are model × method (with ratio), columns the tasks and their average, each cell the mean
+± sample standard deviation over seeds (n = number of seeds); then mean activation bytes saved
+for backward, peak memory and training throughput over the row's runs. Scores are percent
+(GLUE and tweet metrics × 100; SQuAD F1 is already percent). A second table orders every row
+by peak memory with its architecture (bidirectional encoder or unidirectional decoder), the
+comparison at equal memory budget. Plots: score vs. ratio, and score vs. peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+TASK_ORDER = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "squad", "squad_v2", "tweet_sentiment")
+PERCENT_ALREADY = ("squad", "squad_v2")
+REQUIRED = ("task", "model", "method", "ratio", "seed", "score", "peak_memory_bytes", "saved_activation_bytes",
+            "train_samples_per_second")
+SAMPLED = ("wtacrs", "lora+wtacrs", "crs", "topk")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="results.json files, or folders searched for them")
+    p.add_argument("--output-dir", help="write report.md and the PNG plots here (default: print only)")
+
+
+def find_results(paths: list[str]) -> list[Path]:
+    """results.json files named directly or found under folders (sorted, deduplicated)."""
+    found = set()
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.update(p.rglob("results.json"))
+        elif p.is_file():
+            found.add(p)
+        else:
+            raise ValueError(f"{p}: no such file or folder")
+    return sorted(found)
+
+
+def load_result(path: Path) -> dict:
+    """One results record; raises ValueError naming the file for bad JSON or missing fields."""
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    missing = [k for k in REQUIRED if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise ValueError(f"{path}: not a wtacrs finetune results file (missing {', '.join(missing)})")
+    return record
+
+
+def row_label(r: dict) -> tuple[str, str]:
+    model = r.get("model_name") or Path(r["model"]).name
+    method = r["method"] + (f"@{r['ratio']:g}" if r["ratio"] is not None else "")
+    return model, method
+
+
+def percent(r: dict) -> float:
+    return r["score"] if r["task"] in PERCENT_ALREADY else 100.0 * r["score"]
+
+
+def _mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {std:.1f} ({len(values)})"
+
+
+def group(records: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]:
+    """{(model, method label): {task: [records over seeds]}}."""
+    rows: dict = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        rows[row_label(r)][r["task"]].append(r)
+    return rows
+
+
+def _row_stats(by_task: dict[str, list[dict]]) -> dict[str, float]:
+    runs = [r for rs in by_task.values() for r in rs]
+    throughput = [r["train_samples_per_second"] for r in runs if r["train_samples_per_second"]]
+    return {
+        "avg": statistics.mean(statistics.mean(map(percent, rs)) for rs in by_task.values()),
+        "act": statistics.mean(r["saved_activation_bytes"] for r in runs) / 2**20,
+        "peak": statistics.mean(r["peak_memory_bytes"] for r in runs) / 2**20,
+        "speed": statistics.mean(throughput) if throughput else float("nan"),
+        "kind": runs[0].get("model_kind", "?"),
+    }
+
+
+def table1(records: list[dict]) -> str:
+    """Markdown: model × method rows, task columns (mean ± std (n)), average, memory, speed."""
+    rows = group(records)
+    tasks = [t for t in TASK_ORDER if any(t in by_task for by_task in rows.values())]
+    tasks += sorted({r["task"] for r in records} - set(tasks))
+    head = ["model", "method", *tasks, "avg", "act. MiB", "peak MiB", "samples/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (model, method), by_task in sorted(rows.items()):
+        stats = _row_stats(by_task)
+        cells = [_mean_std([percent(r) for r in by_task[t]]) if t in by_task else "–" for t in tasks]
+        avg = f"{stats['avg']:.1f}" + ("" if len(by_task) == len(tasks) else "*")
+        lines.append("| " + " | ".join([model, method, *cells, avg, f"{stats['act']:.1f}", f"{stats['peak']:.0f}",
+                                        f"{stats['speed']:.1f}"]) + " |")
+    lines.append("\nCells: mean ± std over seeds (number of seeds), percent. avg*: over the tasks this row has. "
+                 "act.: bytes saved for backward in one training step; peak: see each run's peak_memory_kind.")
+    return "\n".join(lines)
+
+
+def by_memory(records: list[dict]) -> str:
+    """Markdown: every row ordered by peak memory, with its architecture (encoder vs decoder)."""
+    rows = [(label, _row_stats(by_task)) for label, by_task in group(records).items()]
+    lines = ["| peak MiB | model | kind | method | avg score |", "|---|---|---|---|---|"]
+    for (model, method), s in sorted(rows, key=lambda item: item[1]["peak"]):
+        lines.append(f"| {s['peak']:.0f} | {model} | {s['kind']} | {method} | {s['avg']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], output_dir: Path) -> list[Path]:
+    """score_vs_ratio.png and score_vs_memory.png, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in records}, key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else 99)
+    paths = []
+    for name, draw in (("score_vs_ratio.png", _draw_ratio), ("score_vs_memory.png", _draw_memory)):
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            draw(ax, [r for r in records if r["task"] == task])
+            ax.set_title(task)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(output_dir / name)
+        _save_atomic(fig, paths[-1])
+        plt.close(fig)
+    return paths
+
+
+def _mean_by(records: list[dict], key) -> dict:
+    values = defaultdict(list)
+    for r in records:
+        values[key(r)].append(percent(r))
+    return {k: statistics.mean(v) for k, v in values.items()}
+
+
+def _draw_ratio(ax, records: list[dict]) -> None:
+    for method in SAMPLED:
+        points = sorted(_mean_by([r for r in records if r["method"] == method], lambda r: r["ratio"]).items())
+        if points:
+            ax.plot(*zip(*points), marker="o", label=method)
+    for method in ("full", "lora", "checkpointing"):
+        mean = _mean_by([r for r in records if r["method"] == method], lambda r: method)
+        if mean:
+            ax.axhline(mean[method], linestyle="--", linewidth=1, label=method, color="gray" if method == "full" else None)
+    ax.set_xlabel("ratio (fraction of rows kept)")
+    ax.set_ylabel("score (%)")
+
+
+def _draw_memory(ax, records: list[dict]) -> None:
+    for (model, method), by_task in group(records).items():
+        runs = [r for rs in by_task.values() for r in rs]
+        peak = statistics.mean(r["peak_memory_bytes"] for r in runs) / 2**20
+        ax.scatter([peak], [statistics.mean(map(percent, runs))], label=f"{model} {method}")
+    ax.set_xlabel("peak memory (MiB)")
+    ax.set_ylabel("score (%)")
+
+
+def _save_atomic(fig, path: Path) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    os.replace(tmp.name, path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        records = [load_result(p) for p in find_results(args.paths)]
+    except ValueError as e:
+        print(f"wtacrs report: error: {e}", file=sys.stderr)
+        return 2
+    if not records:
+        print(f"wtacrs report: error: no results.json under {', '.join(args.paths)}", file=sys.stderr)
+        return 2
+    text = f"{table1(records)}\n\n### By peak memory\n\n{by_memory(records)}\n"
+    print(text)
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "report.md", text)
+        for path in [out / "report.md", *plot(records, out)]:
+            print(f"wrote {path}")
+    return 0
