@@ -85,8 +85,12 @@ def draw_row_sample(
         if valid is not None:
             indices = valid.index_select(0, indices)
     indices = indices.to(x.device)
-    rows = flat.index_select(0, indices).to(_autocast_dtype(x) or x.dtype)  # stored as the op will use them
-    return RowSample(indices, weights.to(device=x.device, dtype=torch.float32), rows, flat.shape[0])
+    return RowSample(indices, weights.to(device=x.device, dtype=torch.float32), gather_rows(x, indices), flat.shape[0])
+
+
+def gather_rows(x: Tensor, indices: Tensor) -> Tensor:
+    """(M, in_features) copy of rows `indices` of x (..., in_features), in the dtype the op computes in."""
+    return x.detach().reshape(-1, x.shape[-1]).index_select(0, indices).to(_autocast_dtype(x) or x.dtype)
 
 
 class _LinearWithRowSample(torch.autograd.Function):

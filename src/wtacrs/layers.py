@@ -7,8 +7,11 @@ Three things happen here that the bare op cannot do on its own:
 2. Example ids -> gradient-norm cache -> scores: inside `wtacrs.batch(ids)`, each draw looks up
    ‖dY‖ recorded for these examples at their previous visit, and each layer's output gradient
    norms are recorded in backward (committed when the batch ends).
-3. Reproducible draws: the generator of each draw is seeded by (seed, step, call site), so a
-   checkpoint recompute and a resumed run sample the same rows.
+3. Reproducible draws: the generator of each draw is seeded by (seed, step, layer slot), so a
+   checkpoint recompute and a resumed run sample the same rows. A layer called several times
+   per forward (ALBERT shares one layer across depth) reuses its seed and its cache slot for
+   every call: each call's estimate stays unbiased, the calls' draws are correlated and the
+   cached norms are those of its last call.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import Tensor, nn
 
 from wtacrs.cache import GradNormCache
 from wtacrs.config import WTACRSConfig
-from wtacrs.functional import RowSample, draw_row_sample, linear_with_sample, needs_sampling
+from wtacrs.functional import RowSample, draw_row_sample, gather_rows, linear_with_sample, needs_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -73,44 +76,49 @@ def batch(example_ids: Tensor | list[int]) -> Iterator[None]:
 class _Draw:
     """A sample shared by every layer that reads one tensor during one forward pass.
 
-    Only weak references to the big tensors: the input, and the sampled rows (which the
-    autograd graph owns and frees after backward)."""
+    Holds the small part (indices, weights) and only weak references to the big tensors: the
+    input and the sampled rows, which the autograd graph owns. When the rows are gone but the
+    input lives (gradient checkpointing discards saved tensors during forward), they are
+    gathered again from the same indices, so every consumer and every recompute sees the
+    same draw."""
 
     tensor: weakref.ref
     version: int
     rows: weakref.ref
-    sample: RowSample  # with rows=None: indices, weights and num_rows (small)
-    leader: int  # call site that drew it
+    sample: RowSample  # with rows=None
+    leader: int  # layer slot that drew it
 
-    def live_sample(self, x: Tensor) -> RowSample | None:
-        rows = self.rows()
-        if self.tensor() is not x or self.version != x._version or rows is None:
+    def reuse_for(self, x: Tensor) -> RowSample | None:
+        if self.tensor() is not x or self.version != x._version:
             return None
+        rows = self.rows()
+        if rows is None:
+            rows = gather_rows(x, self.sample.indices)
+            self.rows = weakref.ref(rows)
         return dataclasses.replace(self.sample, rows=rows)
 
 
 class SamplingState:
     """Everything sampled layers of one model share: config, cache, step counter, the draws of
-    the current forward pass and which call sites consumed the same tensor last time."""
+    the current forward pass and which layers consumed the same tensor last time."""
 
     def __init__(self, config: WTACRSConfig):
         self.config = config
         self.step = 0
         self.cache: GradNormCache | None = None
-        self._sites: dict[tuple[int, int], int] = {}  # (layer slot, call index) -> call site
-        self._calls: dict[int, int] = {}  # layer slot -> calls in this forward
         self._draws: dict[int, _Draw] = {}  # id(tensor) -> draw
-        self._groups: dict[int, set[int]] = {}  # leader site -> sites that reused its draw
+        self._groups: dict[int, set[int]] = {}  # leader slot -> slots that reused its draw
         self._masks: dict[str, Tensor | None] = {}
         self._first_records: list[tuple[int, Tensor, Tensor, Tensor]] = []  # before the cache exists
         self._warned_no_ids = False
         self.hook: torch.utils.hooks.RemovableHandle | None = None  # set by wtacrs.apply
+        self.num_layers = 0  # sampled layers (slots) so far
+        self.num_modules = 0  # modules in the model when its layers were last swapped
 
     # -- per forward pass ----------------------------------------------------------------------
     def begin_forward(self, masks: dict[str, Tensor | None]) -> None:
         """Called before each top-level forward of the model."""
         self._draws.clear()
-        self._calls.clear()
         self._masks = masks
         batch_context = _current_batch.get()
         if batch_context is not None and self not in batch_context.states:
@@ -118,37 +126,31 @@ class SamplingState:
         if torch.is_grad_enabled():
             self.step += 1
 
-    def call_site(self, slot: int) -> int:
-        """A distinct id for each call of each layer in a forward (ALBERT reuses its layers)."""
-        call = self._calls.get(slot, 0)
-        self._calls[slot] = call + 1
-        return self._sites.setdefault((slot, call), len(self._sites))
-
     def row_mask(self, stream: str, x: Tensor) -> Tensor | None:
         mask = self._masks.get(stream)
         return mask.to(torch.bool) if mask is not None and mask.shape == x.shape[:-1] else None
 
-    def sample_for(self, site: int, x: Tensor, row_mask: Tensor | None) -> RowSample:
+    def sample_for(self, slot: int, x: Tensor, row_mask: Tensor | None) -> RowSample:
         """The shared draw for `x`, drawing it if this is the first layer to read `x`."""
         draw = self._draws.get(id(x))
-        sample = None if draw is None else draw.live_sample(x)
+        sample = None if draw is None else draw.reuse_for(x)
         if sample is not None:
-            self._groups.setdefault(draw.leader, {draw.leader}).add(site)
+            self._groups.setdefault(draw.leader, {draw.leader}).add(slot)
             return sample
-        sample = self._draw(site, x, row_mask)
+        sample = self._draw(slot, x, row_mask)
         small = dataclasses.replace(sample, rows=None)
-        self._draws[id(x)] = _Draw(weakref.ref(x), x._version, weakref.ref(sample.rows), small, site)
+        self._draws[id(x)] = _Draw(weakref.ref(x), x._version, weakref.ref(sample.rows), small, slot)
         return sample
 
-    def _draw(self, site: int, x: Tensor, row_mask: Tensor | None) -> RowSample:
+    def _draw(self, slot: int, x: Tensor, row_mask: Tensor | None) -> RowSample:
         generator = torch.Generator(device=x.device)
-        generator.manual_seed(hash((self.config.seed, self.step, site)) & 0x7FFF_FFFF_FFFF_FFFF)
+        generator.manual_seed(hash((self.config.seed, self.step, slot)) & 0x7FFF_FFFF_FFFF_FFFF)
         return draw_row_sample(
             x,
             ratio=self.config.ratio,
             estimator=self.config.estimator,
             row_mask=row_mask,
-            grad_norm=self._cached_grad_norm(site, x, row_mask),
+            grad_norm=self._cached_grad_norm(slot, x, row_mask),
             generator=generator,
         )
 
@@ -169,11 +171,11 @@ class SamplingState:
         mask = row_mask if row_mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return ids, mask
 
-    def _cached_grad_norm(self, site: int, x: Tensor, row_mask: Tensor | None) -> Tensor | None:
+    def _cached_grad_norm(self, slot: int, x: Tensor, row_mask: Tensor | None) -> Tensor | None:
         rows = self._batch_rows(x, row_mask)
         if rows is None or self.cache is None:
             return None
-        members = [s for s in self._groups.get(site, {site}) if s < self.cache.num_slots]
+        members = [s for s in self._groups.get(slot, {slot}) if s < self.cache.num_slots]
         if not members:
             return None
         norms = torch.stack([self.cache.lookup(s, *rows) for s in members])  # (members, B, T)
@@ -181,26 +183,26 @@ class SamplingState:
         combined = norms.nan_to_num(0.0).square().sum(0).sqrt()
         return torch.where(norms.isnan().all(0), torch.nan, combined).to(x.device)
 
-    def watch_output(self, site: int, x: Tensor, row_mask: Tensor | None, y: Tensor) -> None:
+    def watch_output(self, slot: int, x: Tensor, row_mask: Tensor | None, y: Tensor) -> None:
         """Record ‖dY_i‖ of this call's output in backward, for the next visit of these examples."""
         rows = self._batch_rows(x, row_mask)
         if rows is None or not y.requires_grad:
             return
         ids, mask = rows
-        y.register_hook(lambda grad: self._record(site, ids, mask, grad))
+        y.register_hook(lambda grad: self._record(slot, ids, mask, grad))
 
-    def _record(self, site: int, ids: Tensor, mask: Tensor, grad: Tensor) -> None:
+    def _record(self, slot: int, ids: Tensor, mask: Tensor, grad: Tensor) -> None:
         norms = torch.linalg.vector_norm(grad, dim=-1, dtype=torch.float32).cpu()  # (B, T)
         if self.cache is None:
-            self._first_records.append((site, ids, mask, norms))
-        elif site < self.cache.num_slots:  # a call site first seen after the cache was sized
-            self.cache.record(site, ids, mask, norms)
+            self._first_records.append((slot, ids, mask, norms))
+        elif slot < self.cache.num_slots:  # a layer added after the cache was sized
+            self.cache.record(slot, ids, mask, norms)
 
     def commit(self) -> None:
         """End of a training step: write the recorded norms. The cache is created at the first
-        commit, when the number of call sites per forward is known."""
+        commit, so layers PEFT adds between `apply` and training get a slot."""
         if self.cache is None and self._first_records:
-            self.cache = GradNormCache(len(self._sites))
+            self.cache = GradNormCache(self.num_layers)
         for record in self._first_records:
             self.cache.record(*record)
         self._first_records = []
@@ -215,7 +217,7 @@ class SamplingState:
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that make a resumed run sample like an uninterrupted one."""
-        state = {"step": torch.tensor(self.step), "num_sites": torch.tensor(len(self._sites))}
+        state = {"step": torch.tensor(self.step)}
         if self.cache is not None:
             state.update({f"cache.{k}": v for k, v in self.cache.state_dict().items()})
         return state
@@ -240,10 +242,10 @@ class SampledLayerMixin:
         state = self.wtacrs_state
         if not (self.training and needs_sampling(weight, state.config.ratio, state.config.estimator)):
             return F.linear(x, weight, bias)
-        site = state.call_site(self.wtacrs_slot)
+        slot = self.wtacrs_slot
         row_mask = state.row_mask(self.wtacrs_stream, x)
-        y = linear_with_sample(x, weight, bias, state.sample_for(site, x, row_mask))
-        state.watch_output(site, x, row_mask, y)
+        y = linear_with_sample(x, weight, bias, state.sample_for(slot, x, row_mask))
+        state.watch_output(slot, x, row_mask, y)
         return y
 
 

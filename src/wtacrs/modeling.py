@@ -100,7 +100,8 @@ def _stream(name: str, encoder_prefix: str | None) -> str:
     return "encoder" if name.startswith(encoder_prefix + ".") else "decoder"
 
 
-def _begin_forward(state: SamplingState, signature: inspect.Signature, module, args, kwargs) -> None:
+def _begin_forward(model: nn.Module, state: SamplingState, signature: inspect.Signature, module, args, kwargs) -> None:
+    _swap_new_targets(model, state)
     try:
         bound = signature.bind_partial(*args, **kwargs).arguments
     except TypeError:
@@ -135,14 +136,26 @@ def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
             f"(exclude_modules={config.exclude_modules!r})"
         )
     state = SamplingState(config)
-    encoder_prefix = _encoder_prefix(model)
-    for slot, (name, module) in enumerate(targets):
-        module.__class__ = _sampled_class_for(module)
-        module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream = state, slot, _stream(name, encoder_prefix)
+    _swap(model, state, targets)
     signature = inspect.signature(model.forward)
-    state.hook = model.register_forward_pre_hook(partial(_begin_forward, state, signature), with_kwargs=True)
+    state.hook = model.register_forward_pre_hook(partial(_begin_forward, model, state, signature), with_kwargs=True)
     setattr(model, _STATE_ATTR, state)
     return model
+
+
+def _swap(model: nn.Module, state: SamplingState, targets: list[tuple[str, nn.Module]]) -> None:
+    encoder_prefix = _encoder_prefix(model)
+    for name, module in targets:
+        module.__class__ = _sampled_class_for(module)
+        module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream = state, state.num_layers, _stream(name, encoder_prefix)
+        state.num_layers += 1
+    state.num_modules = sum(1 for _ in model.modules())
+
+
+def _swap_new_targets(model: nn.Module, state: SamplingState) -> None:
+    """Layers added after `apply` (PEFT injecting LoRA matrices) are sampled too."""
+    if sum(1 for _ in model.modules()) != state.num_modules:
+        _swap(model, state, find_target_modules(model, state.config))
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -179,20 +192,19 @@ def summary(model: nn.Module) -> str:
     state = sampling_state(model)
     layers = sampled_modules(model)
     leader_of = {s: leader for leader, group in state._groups.items() for s in group}
-    site_of = {slot: site for (slot, call), site in state._sites.items() if call == 0}
     lines = [f"wtacrs: {len(layers)} sampled layers, estimator={state.config.estimator}, ratio={state.config.ratio}"]
     before = after = 0.0
     drawn = set()
     for name, module in layers:
         width = module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
         nbytes = width * module.weight.element_size()
-        site = site_of.get(module.wtacrs_slot)
-        leader = leader_of.get(site, site)
-        shares = leader is not None and leader != site
+        slot = module.wtacrs_slot
+        leader = leader_of.get(slot, slot)
+        shares = leader != slot
         before += nbytes
         if not (shares and leader in drawn):
             after += state.config.ratio * (nbytes + 12)
             drawn.add(leader)
-        lines.append(f"  {name:<60} in={width:<6} {'shares input of site ' + str(leader) if shares else ''}")
+        lines.append(f"  {name:<60} in={width:<6} {'shares input of layer ' + str(leader) if shares else ''}")
     lines.append(f"saved input bytes per token: {before:.0f} before, {after:.0f} after ({before / max(after, 1):.1f}x less)")
     return "\n".join(lines)
