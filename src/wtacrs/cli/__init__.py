@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from wtacrs.cli import bench, demo, finetune
+from wtacrs.cli import bench, demo, finetune, report
 
-SUBCOMMANDS = {"demo": demo, "bench": bench, "finetune": finetune}
+SUBCOMMANDS = {"demo": demo, "bench": bench, "finetune": finetune, "report": report}
 
 
 def main(argv: list[str] | None = None) -> int:
