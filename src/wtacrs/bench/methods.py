@@ -152,9 +152,21 @@ def _with_wtacrs(model: nn.Module, method: Method, seed: int) -> nn.Module:
 
     try:
         config = wtacrs_config(method, seed)
-        return wtacrs.apply(model, config) or model
+        model = wtacrs.apply(model, config) or model
     except (TypeError, NotImplementedError) as e:
         raise MethodError(f"method {method.name!r} is not supported by this installation: {e}") from e
+    if method.companions or method.activation_compression:
+        _ensure_companions(model, method)
+    return model
+
+
+def _ensure_companions(model: nn.Module, method: Method) -> None:
+    """Swap in the companions the config asks for. `apply_companions` skips modules already
+    swapped, so this changes nothing where `wtacrs.apply` has done it from the config flags."""
+    from wtacrs.companions import apply_companions
+
+    apply_companions(model, dropout=method.companions, layernorm=method.companions,
+                     activation=method.activation_compression)
 
 
 def batch_context(method: Method, example_ids: Tensor) -> contextlib.AbstractContextManager:

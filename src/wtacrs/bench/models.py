@@ -20,21 +20,22 @@ MODEL_SIZES: tuple[str, ...] = (*_BERT, *_T5)
 T5_TARGET_LENGTH = 16  # decoder tokens per example (GLUE-style label strings are short)
 
 
-def build_model(size: str, seed: int = 0) -> nn.Module:
-    """A randomly initialised model of a named size, in train mode.
+def build_model(size: str, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+    """A randomly initialised model of a named size, in train mode, created on `device`.
 
     BERT sizes are `BertForSequenceClassification` (2 labels); T5 sizes are
-    `T5ForConditionalGeneration`. Same `seed`, same weights.
+    `T5ForConditionalGeneration`. Same `seed` and device, same weights.
     """
     import transformers
 
-    torch.manual_seed(seed)
-    if size in _BERT:
-        model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=2, **_BERT[size]))
-    elif size in _T5:
-        model = transformers.T5ForConditionalGeneration(transformers.T5Config(**_T5[size]))
-    else:
+    if size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialising on the GPU is much faster than on the CPU
+        if size in _BERT:
+            model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=2, **_BERT[size]))
+        else:
+            model = transformers.T5ForConditionalGeneration(transformers.T5Config(**_T5[size]))
     return model.train()
 
 

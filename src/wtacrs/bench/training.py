@@ -54,7 +54,7 @@ def _synchronize(device: torch.device) -> None:
 def make_trial(size: str, method: str | Method, batch: int, seq: int, *, device="cpu", dtype=torch.float32, seed=0) -> Trial:
     """Build `size` with random weights (seed), apply `method`, allocate AdamW state, make a batch."""
     method = parse_method(method) if isinstance(method, str) else method
-    model = build_model(size, seed).to(device=device, dtype=dtype)
+    model = build_model(size, seed, device).to(dtype=dtype)
     model = prepare(model, method, seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
