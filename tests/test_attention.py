@@ -12,10 +12,11 @@ from torch.utils.checkpoint import checkpoint
 
 from models import CASES_BY_NAME
 from stats import max_z, unbiased_violations
-from wtacrs.attention_ops import _winner_counts, sample_rows_batched, sampled_matmul
+from wtacrs.attention_ops import _sample_slices, _winner_counts, sample_rows_batched, sampled_matmul
 from wtacrs.estimators import num_winners
 from wtacrs.integrations.attention import (
     ATTN_IMPLEMENTATION,
+    _attended_keys,
     attention_module_names,
     disable_sampled_attention,
     enable_sampled_attention,
@@ -166,6 +167,22 @@ def test_saved_bytes_scale_with_ratio(ratio):
     assert sampled.total <= (ratio + 12 / (32 * 4) + 0.01) * exact.total
 
 
+def test_live_columns_cut_the_budget_and_stay_unbiased():
+    """Columns outside `live_columns` (where dC is zero: keys masked out of every query) are never drawn."""
+    a, b, dc = make(lead=(2, 3), m=6, k=5, n=10)
+    live = torch.arange(10) < torch.tensor([[10, 10, 10], [4, 4, 4]]).unsqueeze(-1)  # (2, 3, 10)
+    dc = dc * live.unsqueeze(-2)
+    da, _ = replicated_estimates(a, b, dc, 4000, ratio=0.3, live_columns=live.expand(4000, 2, 3, 10))
+    exact_da = dc @ b.detach().mT
+    assert not unbiased_violations(da, exact_da).any(), f"dA max z {max_z(da, exact_da):.1f}"
+    _, indices, weights = _sample_slices(b, -1, live, 0.3, "wta-crs", None)
+    assert bool(live.gather(-1, indices)[weights > 0].all())
+    b.requires_grad_(False)
+    with SavedTensorBytes(exclude=(b,)) as saved:
+        sampled_matmul(a, b, ratio=0.3, live_columns=live & (torch.arange(10) < 7))
+    assert saved.total == 6 * (3 * 5 * b.element_size() + 3 * 12)  # k = ceil(0.3 · 7) columns per (batch, head)
+
+
 def test_only_what_a_wanted_gradient_needs_is_saved():
     a, b, dc = make(lead=(4,), m=64, k=32, n=64, dtype=torch.float32)
     b.requires_grad_(False)  # dB not wanted: no rows of a
@@ -243,6 +260,8 @@ def test_bad_arguments():
         bad[0, 0, 0, 0] = math.nan
     with pytest.raises(ValueError, match="finite"):
         sampled_matmul(bad, b, ratio=0.3)
+    with pytest.raises(ValueError, match="live_columns must have shape"):
+        sampled_matmul(a, b, ratio=0.3, live_columns=torch.ones(2, 3, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="1 <= k < N"):
         sample_rows_batched(torch.ones(2, 4), 4)
 
@@ -309,6 +328,15 @@ def test_sampling_keeps_forward_exact_and_trains(name):
     before = [p.detach().clone() for p in model.parameters()]
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_attended_keys_are_the_unpadded_ones():
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    additive = torch.where(mask, 0.0, torch.finfo(torch.float32).min)[:, None, None, :].expand(2, 1, 4, 4)
+    assert torch.equal(_attended_keys(additive, torch.Size((2, 3, 4))), mask[:, None, :].expand(2, 3, 4))
+    blocked_row = additive.clone()
+    blocked_row[1, 0, 0, :] = torch.finfo(torch.float32).min  # softmax spreads over blocked keys
+    assert _attended_keys(blocked_row, torch.Size((2, 3, 4))) is None
 
 
 def test_eval_mode_does_not_sample():

@@ -115,18 +115,23 @@ def _vector_norms(x: Tensor, dim: int) -> Tensor:
 
 
 def _sample_slices(
-    x: Tensor, dim: int, ratio: float, estimator: Estimator, generator: torch.Generator | None
+    x: Tensor, dim: int, live: Tensor | None, ratio: float, estimator: Estimator, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Sample slices of x (..., R, C) along `dim` (-2: rows, -1: columns), per leading index.
 
+    `live` (..., count) bool marks the slices that may be drawn (None: all); the budget is then
+    k = ceil(ratio · the largest live count), so saved shapes depend on the mask, never on the draw.
     Returns (kept, indices, weights): the sampled slices (..., k, C) or (..., R, k), indices
     (..., k) int64 and weights (..., k) float32; or (x, None, None) when k covers every slice.
     """
     count = x.shape[dim]
-    k = sample_budget(ratio, count)
+    live_count = count if live is None else int(live.sum(-1).max())
+    k = max(1, sample_budget(ratio, live_count))  # k = 1 with nothing live: an all-zero row, weight 0
     if k >= count:
         return x, None, None
     norms = _vector_norms(x.detach(), dim=-1 if dim == -2 else -2)  # (..., count)
+    if live is not None:
+        norms = norms * live  # a zero score is never drawn
     lead = norms.shape[:-1]
     scores = column_row_scores(norms.reshape(-1)).view(-1, count)  # (L, count)
     indices, weights = sample_rows_batched(scores, k, estimator, generator)
@@ -136,7 +141,7 @@ def _sample_slices(
 
 
 def _saved_for_backward(
-    x: Tensor, dim: int, needed: bool, keep_whole: bool, ratio: float, estimator: Estimator, generator
+    x: Tensor, dim: int, needed: bool, keep_whole: bool, live: Tensor | None, **sampling
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """What backward keeps of x: nothing when the other operand's gradient is not wanted, else x
     whole or its sampled slices along `dim` (see `_sample_slices`)."""
@@ -144,7 +149,7 @@ def _saved_for_backward(
         return x.new_empty(0), None, None
     if keep_whole:
         return x, None, None
-    return _sample_slices(x, dim, ratio, estimator, generator)
+    return _sample_slices(x, dim, live, **sampling)
 
 
 def _column_index(indices: Tensor, rows: int) -> Tensor:
@@ -198,6 +203,7 @@ def sampled_matmul(
     estimator: Estimator = "wta-crs",
     generator: torch.Generator | None = None,
     keep_a: bool = False,
+    live_columns: Tensor | None = None,
 ) -> Tensor:
     """torch.matmul(a, b) whose gradients are unbiased column-row estimates (WTA-CRS by default).
 
@@ -213,6 +219,10 @@ def sampled_matmul(
             (which torch.utils.checkpoint restores for its recompute).
         keep_a: save a whole (dB exact) instead of sampled rows: right when another op saves a
             anyway (a softmax output), where a sample would add memory instead of saving it.
+        live_columns: bool (..., N) = b.shape[:-2] + (N,), or None. Only these columns of b are
+            drawn for dA, and the budget is k = ceil(ratio · the largest live count). Unbiased
+            only if dC is zero in the other columns (keys masked out of every query have zero
+            attention probability, hence zero score gradient). "uniform" draws among all columns.
     Returns:
         (..., M, N), identical to torch.matmul(a, b). With ratio 1, "exact", or no gradient
         needed, this is torch.matmul itself.
@@ -226,7 +236,10 @@ def sampled_matmul(
     dtype = _autocast_dtype(a)
     if dtype is not None:  # cast like autocast would, outside the op, so autograd casts the grads back
         a, b = a.to(dtype), b.to(dtype)
-    a_part = _saved_for_backward(a, -2, b.requires_grad, keep_a, ratio, estimator, generator)  # feeds dB
-    b_part = _saved_for_backward(b, -1, a.requires_grad, False, ratio, estimator, generator)  # feeds dA
+    if live_columns is not None and live_columns.shape != (*b.shape[:-2], b.shape[-1]):
+        raise ValueError(f"live_columns must have shape {(*b.shape[:-2], b.shape[-1])}, got {tuple(live_columns.shape)}")
+    sampling = dict(ratio=ratio, estimator=estimator, generator=generator)
+    a_part = _saved_for_backward(a, -2, b.requires_grad, keep_a, None, **sampling)  # feeds dB
+    b_part = _saved_for_backward(b, -1, a.requires_grad, False, live_columns, **sampling)  # feeds dA
     with torch.autocast(a.device.type, enabled=False):
         return _SampledMatmul.apply(a, b, *a_part, *b_part)

@@ -95,7 +95,8 @@ def sampled_attention_forward(
     )
     key, value = _repeat_kv_heads(query, key, value)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = sampled_matmul(query, key.transpose(-1, -2), **sample) * scale  # "score"
+    live = _attended_keys(attention_mask, key.shape[:-1]) if module.training else None
+    scores = sampled_matmul(query, key.transpose(-1, -2), live_columns=live, **sample) * scale  # "score"
     if position_bias is not None:
         scores = scores + position_bias
     if attention_mask is not None:
@@ -118,6 +119,21 @@ def _settings_of(module: nn.Module) -> AttentionSampling:
             "settings; switch models to it with wtacrs.integrations.attention.enable_sampled_attention"
         )
     return settings
+
+
+def _attended_keys(attention_mask: Tensor | None, shape: torch.Size) -> Tensor | None:
+    """bool (batch, heads, kv_len): keys that some query may attend to, or None for all.
+
+    A key that the additive mask blocks (finfo.min, as eager masks write it) for every query gets
+    probability exactly 0, hence a zero score gradient, so dQ need not spend draws on it (padding).
+    Not so when a query row is blocked entirely: its softmax then spreads over the blocked keys.
+    """
+    if attention_mask is None or attention_mask.dtype == torch.bool or attention_mask.dim() != 4:
+        return None
+    blocked = attention_mask == torch.finfo(attention_mask.dtype).min  # (batch, 1 | heads, q_len, kv_len)
+    if bool(blocked.all(-1).any()):
+        return None
+    return (~blocked.all(-2)).expand(shape)
 
 
 def _repeat_kv_heads(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
