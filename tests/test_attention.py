@@ -16,11 +16,13 @@ from wtacrs.attention_ops import _sample_slices, _winner_counts, sample_rows_bat
 from wtacrs.estimators import num_winners
 from wtacrs.integrations.attention import (
     ATTN_IMPLEMENTATION,
+    AttentionSampling,
     _attended_keys,
     attention_module_names,
     disable_sampled_attention,
     enable_sampled_attention,
     register_sampled_attention,
+    sampled_attention_forward,
 )
 from wtacrs.memory import SavedTensorBytes, parameter_tensors
 
@@ -337,6 +339,21 @@ def test_attended_keys_are_the_unpadded_ones():
     blocked_row = additive.clone()
     blocked_row[1, 0, 0, :] = torch.finfo(torch.float32).min  # softmax spreads over blocked keys
     assert _attended_keys(blocked_row, torch.Size((2, 3, 4))) is None
+
+
+def test_head_mask_and_unsupported_arguments():
+    module = torch.nn.Module()
+    module.wtacrs_attention = AttentionSampling(ratio=0.5, estimator="wta-crs", seed=0)
+    q, k, v = torch.randn(3, 2, 2, 5, 8).unbind(0)  # (batch, heads, seq, head_dim) each
+    head_mask = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)
+    output, weights = sampled_attention_forward(module, q, k, v, None, head_mask=head_mask)
+    reference = torch.softmax(q @ k.mT / 8**0.5, dim=-1) * head_mask
+    torch.testing.assert_close(weights, reference)
+    torch.testing.assert_close(output, (reference @ v).transpose(1, 2))
+    with pytest.raises(NotImplementedError, match="softcap"):
+        sampled_attention_forward(module, q, k, v, None, softcap=30.0)
+    with pytest.raises(ValueError, match="not a multiple"):
+        sampled_attention_forward(module, torch.randn(2, 3, 5, 8), k, v, None)
 
 
 def test_eval_mode_does_not_sample():
