@@ -14,6 +14,8 @@ example, so left and right padding and dynamic padding find the same entry.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,9 @@ _LOG2_MIN = -40.0
 _CODES_PER_OCTAVE = 4.0
 _MISSING = 0
 _INDEX_BYTES_PER_EXAMPLE = 12  # int64 offset + int32 length
+
+# A buffered record: (slot, example ids (B,) int64, row mask (B, T) bool, codes (B, T) uint8).
+PendingRecord = tuple[int, Tensor, Tensor, Tensor]
 
 
 def encode_norms(norms: Tensor) -> Tensor:
@@ -63,7 +68,7 @@ class GradNormCache:
         self._used = 0
         self._offset = torch.zeros(0, dtype=torch.int64)  # by example id, -1 = no entry
         self._length = torch.zeros(0, dtype=torch.int32)  # real tokens of the stored entry
-        self._pending: list[tuple[int, Tensor, Tensor, Tensor]] = []
+        self._pending: list[PendingRecord] = []
 
     # -- queries -------------------------------------------------------------------------------
     @property
@@ -108,6 +113,11 @@ class GradNormCache:
     def discard_pending(self) -> None:
         """Drop buffered records (e.g. a step skipped for non-finite gradients)."""
         self._pending.clear()
+
+    def exchange_pending(self, exchange: Callable[[list[PendingRecord]], list[PendingRecord]]) -> None:
+        """Replace the buffered records by `exchange(records)` before a commit (data-parallel
+        training passes an all-gather, so every rank commits every rank's records)."""
+        self._pending = list(exchange(self._pending))
 
     def commit(self) -> None:
         """Write all buffered records."""

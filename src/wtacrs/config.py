@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Union
 
+from wtacrs.companions.activation import ACTIVATION_MODES
 from wtacrs.estimators import ESTIMATORS, validate_ratio
 
 CONFIG_NAME = "wtacrs_config.json"
@@ -74,8 +75,11 @@ class WTACRSConfig:
             raise WTACRSConfigError(f"WTACRSConfig.seed must be an int, got {self.seed!r}")
         self.target_modules = _check_pattern("target_modules", self.target_modules, allow_callable=True)
         self.exclude_modules = _check_pattern("exclude_modules", self.exclude_modules, allow_callable=False)
-        if self.activation_compression is not None and not isinstance(self.activation_compression, str):
-            raise WTACRSConfigError(f"WTACRSConfig.activation_compression must be a string or None, got {self.activation_compression!r}")
+        if self.activation_compression is not None and self.activation_compression not in ACTIVATION_MODES:
+            raise WTACRSConfigError(
+                f"WTACRSConfig.activation_compression must be None or one of {', '.join(map(repr, ACTIVATION_MODES))}, "
+                f"got {self.activation_compression!r}"
+            )
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)

@@ -23,13 +23,13 @@ import logging
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wtacrs.cache import GradNormCache
+from wtacrs.cache import GradNormCache, PendingRecord
 from wtacrs.config import WTACRSConfig
 from wtacrs.functional import RowSample, draw_row_sample, gather_rows, linear_with_sample, needs_sampling
 
@@ -114,6 +114,11 @@ class SamplingState:
         self.hook: torch.utils.hooks.RemovableHandle | None = None  # set by wtacrs.apply
         self.num_layers = 0  # sampled layers (slots) so far
         self.num_modules = 0  # modules in the model when its layers were last swapped
+        # Data parallel (set by wtacrs.integrations.distributed): each rank draws its own rows,
+        # and `sync` exchanges the step's cache records so every rank's cache holds all of them.
+        self.rank = 0
+        self.sync: Callable[[list[PendingRecord]], list[PendingRecord]] | None = None
+        self.companions: list[str] = []  # modules swapped by wtacrs.companions
 
     # -- per forward pass ----------------------------------------------------------------------
     def begin_forward(self, masks: dict[str, Tensor | None]) -> None:
@@ -144,7 +149,7 @@ class SamplingState:
 
     def _draw(self, slot: int, x: Tensor, row_mask: Tensor | None) -> RowSample:
         generator = torch.Generator(device=x.device)
-        generator.manual_seed(hash((self.config.seed, self.step, slot)) & 0x7FFF_FFFF_FFFF_FFFF)
+        generator.manual_seed(hash((self.config.seed, self.rank, self.step, slot)) & 0x7FFF_FFFF_FFFF_FFFF)
         return draw_row_sample(
             x,
             ratio=self.config.ratio,
@@ -201,12 +206,14 @@ class SamplingState:
     def commit(self) -> None:
         """End of a training step: write the recorded norms. The cache is created at the first
         commit, so layers PEFT adds between `apply` and training get a slot."""
-        if self.cache is None and self._first_records:
+        if self.cache is None and (self._first_records or self.sync is not None):
             self.cache = GradNormCache(self.num_layers)
         for record in self._first_records:
             self.cache.record(*record)
         self._first_records = []
         if self.cache is not None:
+            if self.sync is not None:  # a collective: every rank commits at every step
+                self.cache.exchange_pending(self.sync)
             self.cache.commit()
 
     def discard_pending(self) -> None:
@@ -217,13 +224,21 @@ class SamplingState:
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that make a resumed run sample like an uninterrupted one."""
-        state = {"step": torch.tensor(self.step)}
+        # Which layers share a draw decides whose cached norms score it.
+        leaders = torch.arange(self.num_layers)
+        for leader, members in self._groups.items():
+            leaders[list(members)] = leader
+        state = {"step": torch.tensor(self.step), "group_leader": leaders}
         if self.cache is not None:
             state.update({f"cache.{k}": v for k, v in self.cache.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.step = int(state["step"])
+        self._groups = {}
+        for slot, leader in enumerate(state["group_leader"].tolist()):
+            self._groups.setdefault(leader, {leader}).add(slot)
+        self._groups = {leader: members for leader, members in self._groups.items() if len(members) > 1}
         cache = {k.removeprefix("cache."): v for k, v in state.items() if k.startswith("cache.")}
         if cache:
             self.cache = GradNormCache(int(cache["num_slots"]))

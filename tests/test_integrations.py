@@ -1,0 +1,147 @@
+"""PEFT LoRA, the Trainer integration, and the config flags that reach companions and attention."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import TrainingArguments
+
+import wtacrs
+from models import CASES_BY_NAME
+from test_modeling import step
+from wtacrs.integrations import WTACRSTrainer, add_example_ids
+from wtacrs.integrations.trainer import STATE_FILE
+from wtacrs.memory import SavedTensorBytes, parameter_tensors
+from wtacrs.modeling import sampled_modules
+
+BERT = CASES_BY_NAME["bert"]
+LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0, task_type="SEQ_CLS")
+
+
+def lora_model(seed=0):
+    model = get_peft_model(BERT.model(seed), LoraConfig(**LORA))
+    torch.manual_seed(seed + 1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; make the LoRA path non-trivial
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("order", ["peft_then_wtacrs", "wtacrs_then_peft"])
+def test_lora_matrices_are_sampled_in_either_order(order):
+    if order == "peft_then_wtacrs":
+        model = wtacrs.apply(lora_model(), wtacrs.WTACRSConfig(ratio=0.3))
+    else:
+        base = wtacrs.apply(BERT.model(), wtacrs.WTACRSConfig(ratio=0.3))
+        model = get_peft_model(base, LoraConfig(**LORA))
+    step(model, BERT.batch(), ids=torch.arange(3))  # PEFT-added layers are picked up at the next forward
+    names = [n for n, _ in sampled_modules(model)]
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    grads = step(model, BERT.batch(), ids=torch.arange(3))[1]
+    assert grads and all("lora" in n or "classifier" in n for n in grads)
+
+
+def test_lora_with_wtacrs_at_ratio_one_matches_plain_lora():
+    plain, sampled = lora_model(), wtacrs.apply(lora_model(), wtacrs.WTACRSConfig(ratio=1.0))
+    logits0, grads0 = step(plain, BERT.batch())
+    logits, grads = step(sampled, BERT.batch())
+    assert torch.equal(logits, logits0)
+    assert grads.keys() == grads0.keys()
+    for name, g in grads0.items():
+        assert torch.equal(grads[name], g), name
+
+
+def test_frozen_base_weights_store_no_activation():
+    """With LoRA, the only linear inputs saved are the (sampled) inputs of the LoRA matrices."""
+    batch = BERT.batch()
+    plain, sampled = lora_model(), wtacrs.apply(lora_model(), wtacrs.WTACRSConfig(ratio=0.3))
+    for model in (plain, sampled):
+        step(model, batch, ids=torch.arange(3))
+    with SavedTensorBytes(parameter_tensors(plain)) as before:
+        plain(**batch)
+    with SavedTensorBytes(parameter_tensors(sampled)) as after:
+        with wtacrs.batch(torch.arange(3)):
+            sampled(**batch)
+    assert after.total < before.total
+
+
+def _dataset(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = int(torch.randint(4, 10, (1,), generator=g))
+        rows.append({"input_ids": torch.randint(3, 99, (length,), generator=g).tolist(), "labels": i % 2})
+    return add_example_ids(Dataset.from_list(rows))
+
+
+def _collate(features):
+    width = max(len(f["input_ids"]) for f in features)
+    pad = [width - len(f["input_ids"]) for f in features]
+    return {
+        "input_ids": torch.tensor([f["input_ids"] + [0] * p for f, p in zip(features, pad)]),
+        "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * p for f, p in zip(features, pad)]),
+        "labels": torch.tensor([f["labels"] for f in features]),
+        "example_id": torch.tensor([f["example_id"] for f in features]),
+    }
+
+
+def _trainer(output_dir, epochs=2, seed=0):
+    model = wtacrs.apply(BERT.model(seed), wtacrs.WTACRSConfig(ratio=0.3, seed=seed))
+    args = TrainingArguments(
+        str(output_dir), per_device_train_batch_size=6, num_train_epochs=epochs, save_steps=4, seed=seed,
+        report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
+    )
+    return WTACRSTrainer(model=model, args=args, train_dataset=_dataset(), data_collator=_collate)
+
+
+def test_trainer_fills_cache_and_resumes_exactly(tmp_path):
+    full = _trainer(tmp_path / "full")
+    full.train()
+    state = wtacrs.sampling_state(full.model)
+    assert state.cache.num_examples == 24 and state.step == 8
+    assert os.path.isfile(tmp_path / "full" / "checkpoint-4" / STATE_FILE)
+
+    resumed = _trainer(tmp_path / "full")  # same output dir: resume from checkpoint-4
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
+    resumed_state = wtacrs.sampling_state(resumed.model)
+    assert resumed_state.step == state.step
+    assert torch.equal(resumed_state.cache.state_dict()["data"], state.cache.state_dict()["data"])
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+
+
+def test_trainer_without_ids_falls_back_and_warns_once(tmp_path, caplog):
+    trainer = _trainer(tmp_path, epochs=1)
+    trainer.train_dataset = trainer.train_dataset.remove_columns("example_id")
+    trainer.data_collator = lambda f: {k: v for k, v in _collate([{**x, "example_id": 0} for x in f]).items() if k != "example_id"}
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert sum("no example ids" in r.message for r in caplog.records) == 1
+    assert wtacrs.sampling_state(trainer.model).cache is None
+
+
+def test_config_flags_reach_companions_and_attention():
+    config = wtacrs.WTACRSConfig(ratio=0.3, attention=True, lean_dropout=True, lean_layernorm=True, activation_compression="bf16")
+    reference, model = BERT.model(), BERT.model()
+    classes = {n: type(m) for n, m in model.named_modules()}
+    wtacrs.apply(model, config)
+    state = wtacrs.sampling_state(model)
+    assert any("LayerNorm" in n for n in state.companions) and any("dropout" in n for n in state.companions)
+    assert model.config._attn_implementation == "wtacrs"
+    _, grads = step(model, BERT.batch(), ids=torch.arange(3))
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    model.eval(), reference.eval()
+    with torch.no_grad():  # eval forward is exact (dropout off); train forward draws its own dropout masks
+        torch.testing.assert_close(model(**BERT.batch()).logits, reference(**BERT.batch()).logits, rtol=1e-5, atol=1e-6)
+    wtacrs.remove(model)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert model.config._attn_implementation != "wtacrs"
+
+
+def test_activation_compression_must_be_known():
+    with pytest.raises(wtacrs.WTACRSConfigError, match="activation_compression"):
+        wtacrs.WTACRSConfig(activation_compression="fp8")
