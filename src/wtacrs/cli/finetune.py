@@ -42,7 +42,7 @@ DEFAULTS = {
     "max_train_samples": None, "max_eval_samples": None, "lr": 5e-5, "lora_lr": 5e-4,
 }
 QA_DEFAULTS = {"epochs": 2.0, "batch_size": 16, "max_length": 384}
-OFFLINE_DEFAULTS = {"epochs": 2.0, "max_length": 64, "max_train_samples": 2000, "max_eval_samples": 1000, "lr": 1e-4}
+OFFLINE_DEFAULTS = {"epochs": 2.0, "max_length": 64, "max_train_samples": 1000, "max_eval_samples": 500, "lr": 1e-4}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -169,7 +169,12 @@ def _train_in_child(args: argparse.Namespace, method: str, seed: int) -> dict:
     """One run in a fresh process, so its peak memory is its own."""
     child = multiprocessing.get_context("spawn").Process(target=train_one, args=(args, method, seed))
     child.start()
-    child.join()
+    try:
+        child.join()
+    finally:  # Ctrl-C or an error here must not leave the run training on its own
+        if child.is_alive():
+            child.terminate()
+            child.join()
     if child.exitcode != 0:
         raise SystemExit(f"wtacrs finetune: run {method} seed {seed} failed (exit code {child.exitcode}); see above")
     return json.loads((run_dir(args, method, seed) / RESULTS_FILE).read_text())
@@ -205,14 +210,15 @@ def train_one(args: argparse.Namespace, method: str, seed: int) -> dict:
     data = load_task(args.task, args.data_dir)
     tokenizer, model = load_model(args.model, task)
     model = prepare_method(model, method, args, seed, task)
-    train_set, eval_sets, compute_metrics = build_datasets(args, task, data, tokenizer)
+    train_set, eval_sets, compute_metrics, eval_examples = build_datasets(args, task, data, tokenizer)
     timer = step_timer()
     trainer = build_trainer(args, method, seed, out, model, tokenizer, train_set, eval_sets, compute_metrics, timer)
     trainer.train(resume_from_checkpoint=_last_checkpoint(out) if args.resume else None)
-    results = collect_results(args, method, seed, task, trainer, timer, len(train_set), eval_sets)
+    results = collect_results(args, method, seed, task, trainer, timer, len(train_set), eval_examples)
     results["wall_seconds"] = time.perf_counter() - start
-    write_json_atomic(out / RESULTS_FILE, results)
-    print(f"wtacrs finetune: wrote {out / RESULTS_FILE}")
+    if trainer.is_world_process_zero():  # under torchrun every rank gets here; one writes
+        write_json_atomic(out / RESULTS_FILE, results)
+        print(f"wtacrs finetune: wrote {out / RESULTS_FILE}")
     return results
 
 
@@ -244,9 +250,9 @@ def load_model(name_or_path: str, task):
         model = AutoModelForQuestionAnswering.from_pretrained(name_or_path)
     else:
         labels = dict(enumerate(task.label_names))
+        names = {"id2label": labels, "label2id": {v: k for k, v in labels.items()}} if labels else {}
         model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, num_labels=task.num_labels, id2label=labels or None,
-            label2id={v: k for k, v in labels.items()} or None,
+            name_or_path, num_labels=task.num_labels, **names,
             problem_type="regression" if task.kind == "regression" else "single_label_classification",
         )
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -276,7 +282,8 @@ def _subset(dataset, limit: int | None):
 
 
 def build_datasets(args: argparse.Namespace, task, data, tokenizer):
-    """(train set with example ids, {split: eval set}, compute_metrics) ready for the Trainer."""
+    """(train set with example ids, {split: eval set}, compute_metrics, {split: eval examples})
+    ready for the Trainer (SQuAD eval sets hold windows; the counts are of questions)."""
     from wtacrs.integrations import add_example_ids
     from wtacrs.tasks import tokenize_sequences
 
@@ -295,7 +302,7 @@ def build_datasets(args: argparse.Namespace, task, data, tokenizer):
         train = tokenize_sequences(train_raw, task, tokenizer, args.max_length)
         evals = {s: tokenize_sequences(d, task, tokenizer, args.max_length) for s, d in evals_raw.items()}
         metrics = _sequence_metrics(task)
-    return add_example_ids(train), evals, metrics
+    return add_example_ids(train), evals, metrics, {s: len(d) for s, d in evals_raw.items()}
 
 
 def _sequence_metrics(task):
@@ -431,12 +438,12 @@ def _model_kind(model) -> str:
     return "encoder" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder else "decoder"
 
 
-def collect_results(args, method, seed, task, trainer, timer, num_train, eval_sets) -> dict:
+def collect_results(args, method, seed, task, trainer, timer, num_train, eval_examples) -> dict:
     """The results record of a finished run (see README: results JSON)."""
-    best_epoch, metrics, history = best_epoch_metrics(trainer, eval_sets)
+    best_epoch, metrics, history = best_epoch_metrics(trainer, eval_examples)
     peak_bytes, peak_kind = peak_memory()
     epochs_timed = timer.steps / math.ceil(num_train / args.batch_size)
-    first = next(iter(eval_sets))
+    first = next(iter(eval_examples))
     return {
         "task": args.task, "model": args.model, "model_name": model_name(args.model),"model_kind": _model_kind(trainer.model), "method": method,
         "ratio": args.ratio if method in SAMPLED_ESTIMATOR else None, "estimator": SAMPLED_ESTIMATOR.get(method),
@@ -445,7 +452,7 @@ def collect_results(args, method, seed, task, trainer, timer, num_train, eval_se
         "peak_memory_bytes": peak_bytes, "peak_memory_kind": peak_kind,
         "saved_activation_bytes": saved_activation_bytes(trainer),
         "train_samples_per_second": epochs_timed * num_train / timer.seconds if timer.seconds else None,
-        "train_examples": num_train, "eval_examples": {s: len(d) for s, d in eval_sets.items()},
+        "train_examples": num_train, "eval_examples": eval_examples,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "hyperparameters": {k: getattr(args, k) for k in (
             "epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "lora_r", "lora_alpha",

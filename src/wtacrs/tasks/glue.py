@@ -145,6 +145,8 @@ def load_glue_local(task: str, data_dir: str | Path) -> dict[str, dict[str, list
     layout = LAYOUTS[task]
     root = Path(data_dir)
     folder = root / layout.folder if (root / layout.folder).is_dir() else root
+    if not (folder / "train.tsv").is_file() and not (folder / _MSR_FILES["train"]).is_file():
+        raise DataError(root, f"no {layout.folder}/ folder and no train.tsv here (expected the GLUE layout)")
     if task == "mrpc" and not (folder / "train.tsv").is_file() and (folder / _MSR_FILES["train"]).is_file():
         return _mrpc_msr_splits(folder, layout)
     return {split: read_glue_file(folder / name, layout) for split, name in layout.files.items()}

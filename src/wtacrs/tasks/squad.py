@@ -177,33 +177,41 @@ def _answer_tokens(offsets, context_tokens: list[int], answers: dict) -> tuple[i
     return start, end
 
 
-def prepare_train_features(rows: dict, tokenizer, max_length: int = 384, stride: int = 128) -> dict:
-    """Windows with start/end token positions of the first gold answer ([CLS] if not inside)."""
-    enc = _encode(rows, tokenizer, max_length, stride)
-    mapping = enc.pop("overflow_to_sample_mapping")
+def _label_windows(enc, rows: dict, tokenizer, mapping: list[int]) -> dict[str, list[int]]:
+    """start/end token positions of each window's first gold answer ([CLS] if not inside)."""
     context = _context_index(tokenizer)
     starts, ends = [], []
-    for i, offsets in enumerate(enc.pop("offset_mapping")):
+    for i, offsets in enumerate(enc["offset_mapping"]):
         ids = enc["input_ids"][i]
         cls = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
         context_tokens = [t for t, s in enumerate(enc.sequence_ids(i)) if s == context]
         start, end = _answer_tokens(offsets, context_tokens, rows["answers"][mapping[i]]) or (cls, cls)
         starts.append(start)
         ends.append(end)
-    return {**enc, "start_positions": starts, "end_positions": ends}
+    return {"start_positions": starts, "end_positions": ends}
+
+
+def prepare_train_features(rows: dict, tokenizer, max_length: int = 384, stride: int = 128) -> dict:
+    """Windows with start/end token positions of the first gold answer ([CLS] if not inside)."""
+    enc = _encode(rows, tokenizer, max_length, stride)
+    labels = _label_windows(enc, rows, tokenizer, enc.pop("overflow_to_sample_mapping"))
+    enc.pop("offset_mapping")
+    return {**enc, **labels}
 
 
 def prepare_eval_features(rows: dict, tokenizer, max_length: int = 384, stride: int = 128) -> dict:
-    """Windows plus, for post-processing, the question id and the context offsets (None elsewhere)."""
+    """Labelled windows (so the Trainer reports an eval loss and calls compute_metrics) plus, for
+    post-processing, the question id and the context offsets (None outside the context)."""
     enc = _encode(rows, tokenizer, max_length, stride)
     mapping = enc.pop("overflow_to_sample_mapping")
+    labels = _label_windows(enc, rows, tokenizer, mapping)
     enc["squad_id"] = [rows["id"][m] for m in mapping]
     context = _context_index(tokenizer)
     enc["offset_mapping"] = [
         [o if s == context else None for o, s in zip(offsets, enc.sequence_ids(i))]
         for i, offsets in enumerate(enc["offset_mapping"])
     ]
-    return enc
+    return {**enc, **labels}
 
 
 # -- post-processing ---------------------------------------------------------------------------

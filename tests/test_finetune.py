@@ -1,0 +1,191 @@
+"""`wtacrs finetune` and `wtacrs report` end to end on a tiny random BERT and tiny data files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+
+from wtacrs.cli import main
+
+RESULT_FIELDS = {
+    "task": str, "model": str, "method": str, "seed": int, "metrics": dict, "best_epoch": float,
+    "peak_memory_bytes": int, "saved_activation_bytes": int, "train_samples_per_second": float,
+    "wall_seconds": float, "versions": dict, "score": float, "history": list,
+}
+FAST = ["--max-train-samples", "16", "--max-eval-samples", "8", "--epochs", "1", "--max-length", "32",
+        "--batch-size", "8", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer, 32-wide random BERT with the packaged MiniLM tokenizer, saved like a hub model."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from wtacrs.cli.finetune import packaged_model_dir
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(packaged_model_dir()).save_pretrained(path)
+    return str(path)
+
+
+def results_of(root, method_dir):
+    (path,) = root.glob(f"*/*/{method_dir}/seed0/results.json")
+    return json.loads(path.read_text())
+
+
+def check_schema(record):
+    for field, kind in RESULT_FIELDS.items():
+        assert isinstance(record[field], kind), (field, record[field])
+    assert record["saved_activation_bytes"] > 0 and record["peak_memory_bytes"] > 0
+
+
+# -- argument errors ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ratio", "0"], "--ratio must be in (0, 1]"),
+        (["--ratio", "1.5"], "--ratio must be in (0, 1]"),
+        (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1)"),
+        (["--epochs", "0"], "--epochs must be positive"),
+        (["--max-train-samples", "0"], "--max-train-samples must be at least 1"),
+        (["--resume"], "--resume needs --output-dir"),
+        (["--resume", "--overwrite", "--output-dir", "x"], "--resume and --overwrite exclude each other"),
+        (["--data-dir", "/nonexistent/glue"], "--data-dir /nonexistent/glue does not exist"),
+        (["--task", "squad", "--doc-stride", "400"], "--doc-stride must be in [0, --max-length=384)"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_specific_message(capsys, argv, message):
+    assert main(["finetune", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--task", "nope"], ["--method", "magic"], ["--bf16", "--fp16"], ["--seed", "x"]])
+def test_argparse_rejects_unknown_choices(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", *argv])
+    assert exit_info.value.code == 2
+
+
+# -- runs --------------------------------------------------------------------------------------
+def test_default_run_smoke_full_vs_wtacrs(tiny_model, tmp_path, capsys):
+    """The no-argument default (tweet sentiment, full vs WTA-CRS@0.3), shrunk to seconds."""
+    assert main(["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--in-process", *FAST]) == 0
+    table = capsys.readouterr().out
+    assert "full" in table and "wtacrs@0.3" in table and "peak MiB" in table
+    full, sampled = results_of(tmp_path, "full"), results_of(tmp_path, "wtacrs-0.3")
+    for record in (full, sampled):
+        check_schema(record)
+        assert record["task"] == "tweet_sentiment" and record["eval_examples"] == {"validation": 8}
+        assert set(record["metrics"]["validation"]) >= {"accuracy", "macro_f1", "score"}
+    assert (full["ratio"], sampled["ratio"], sampled["estimator"]) == (None, 0.3, "wta-crs")
+    assert sampled["saved_activation_bytes"] < full["saved_activation_bytes"]
+    assert list(tmp_path.glob("*/*/full/seed0/runs/*"))  # TensorBoard logs
+
+
+def test_existing_run_needs_resume_or_overwrite(tiny_model, tmp_path):
+    argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--method", "full", *FAST]
+    assert main(argv) == 0
+    with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
+        main(argv)
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_glue_folder_lora_and_checkpointing(tiny_model, tmp_path):
+    from test_tasks import write_glue
+
+    data = write_glue(tmp_path / "glue")
+    out = tmp_path / "out"
+    argv = ["finetune", "--task", "stsb", "--data-dir", str(data), "--model", tiny_model, "--output-dir", str(out),
+            "--method", "lora", "checkpointing", "--in-process", *FAST]
+    assert main(argv) == 0
+    lora, checkpointing = results_of(out, "lora"), results_of(out, "checkpointing")
+    assert set(lora["metrics"]["validation"]) >= {"pearson", "spearman", "score"}
+    assert lora["trainable_parameters"] < checkpointing["trainable_parameters"]
+    assert checkpointing["saved_activation_bytes"] < lora["saved_activation_bytes"]
+
+
+def test_squad_single_file_split_by_article(tiny_model, tmp_path):
+    from test_tasks import squad_doc
+
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(squad_doc(10)))
+    argv = ["finetune", "--task", "squad", "--data-dir", str(path), "--model", tiny_model,
+            "--output-dir", str(tmp_path / "out"), "--method", "wtacrs", *FAST, "--max-length", "48",
+            "--doc-stride", "16"]
+    assert main(argv) == 0
+    record = results_of(tmp_path / "out", "wtacrs-0.3")
+    check_schema(record)
+    assert set(record["metrics"]["validation"]) >= {"exact_match", "f1", "score"}
+    assert record["eval_examples"] == {"validation": 2}  # articles 4 and 9, one question each
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tiny_model, tmp_path):
+    argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--method", "wtacrs",
+            *FAST, "--epochs", "2"]
+    assert main(argv) == 0
+    run = next(tmp_path.glob("*/*/wtacrs-0.3/seed0"))
+    first, last = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    digest = hashlib.sha256((last / "model.safetensors").read_bytes()).hexdigest()
+    history = json.loads((run / "results.json").read_text())["history"]
+    shutil.rmtree(last)  # as if the run had died during its second epoch
+    (run / "results.json").unlink()
+    assert main([*argv, "--resume"]) == 0
+    assert hashlib.sha256((last / "model.safetensors").read_bytes()).hexdigest() == digest
+    assert json.loads((run / "results.json").read_text())["history"] == history
+    assert (first / "wtacrs_state.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_default_run_in_separate_processes(tiny_model, tmp_path, capsys):
+    assert main(["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), *FAST]) == 0
+    assert "wtacrs@0.3" in capsys.readouterr().out
+    check_schema(results_of(tmp_path, "wtacrs-0.3"))
+
+
+# -- report ------------------------------------------------------------------------------------
+def fake_result(task, method, ratio, seed, score, peak=100 * 2**20):
+    return {"task": task, "model": "/m/MiniLM", "model_name": "MiniLM", "model_kind": "encoder", "method": method,
+            "ratio": ratio, "seed": seed, "score": score, "peak_memory_bytes": peak,
+            "saved_activation_bytes": 2**20, "train_samples_per_second": 10.0}
+
+
+def write_results(root, records):
+    for i, record in enumerate(records):
+        path = root / f"run{i}" / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(record))
+
+
+def test_report_table_mean_std_over_seeds_and_plots(tmp_path, capsys):
+    write_results(tmp_path / "results", [
+        fake_result("sst2", "full", None, 0, 0.90), fake_result("sst2", "full", None, 1, 0.92),
+        fake_result("rte", "full", None, 0, 0.60), fake_result("sst2", "wtacrs", 0.3, 0, 0.89, peak=50 * 2**20),
+        fake_result("squad", "wtacrs", 0.3, 0, 71.5, peak=50 * 2**20),
+    ])
+    assert main(["report", str(tmp_path / "results"), "--output-dir", str(tmp_path / "report")]) == 0
+    text = capsys.readouterr().out
+    assert "| MiniLM | full | 91.0 ± 1.4 (2) | 60.0 ± 0.0 (1) | – | 75.5* |" in text
+    assert "| MiniLM | wtacrs@0.3 | 89.0 ± 0.0 (1) | – | 71.5 ± 0.0 (1) | 80.2* |" in text
+    assert "| 50 | MiniLM | encoder | wtacrs@0.3 | 80.2 |" in text
+    for name in ("report.md", "score_vs_ratio.png", "score_vs_memory.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_report_errors_name_the_file(tmp_path, capsys):
+    bad = tmp_path / "results.json"
+    bad.write_text('{"task": "sst2",\n oops}')
+    assert main(["report", str(bad)]) == 2
+    assert f"{bad}, line 2: not valid JSON" in capsys.readouterr().err
+    bad.write_text(json.dumps({"task": "sst2"}))
+    assert main(["report", str(tmp_path)]) == 2
+    assert "missing model, method" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "empty")]) == 2
