@@ -145,3 +145,12 @@ def test_config_flags_reach_companions_and_attention():
 def test_activation_compression_must_be_known():
     with pytest.raises(wtacrs.WTACRSConfigError, match="activation_compression"):
         wtacrs.WTACRSConfig(activation_compression="fp8")
+
+
+def test_failed_apply_leaves_the_model_untouched():
+    model = CASES_BY_NAME["mpnet"].model()  # MPNet's attention does not use the registry
+    classes = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="AttentionInterface"):
+        wtacrs.apply(model, wtacrs.WTACRSConfig(attention=True, lean_dropout=True))
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert not hasattr(model, "wtacrs_state")

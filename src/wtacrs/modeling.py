@@ -138,18 +138,22 @@ def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
         )
     state = SamplingState(config)
     _swap(model, state, targets)
-    state.companions = apply_companions(
-        model, dropout=config.lean_dropout, layernorm=config.lean_layernorm, activation=config.activation_compression
-    )
-    if config.attention:
-        # transformers' attention registry is the only generic way into HF attention code.
-        from wtacrs.integrations.attention import enable_sampled_attention
-
-        # seed=None: draws from the global RNG, which gradient checkpointing restores on recompute.
-        enable_sampled_attention(model, config.ratio, config.estimator, seed=None)
     signature = inspect.signature(model.forward)
     state.hook = model.register_forward_pre_hook(partial(_begin_forward, model, state, signature), with_kwargs=True)
     setattr(model, _STATE_ATTR, state)
+    try:
+        if config.attention:  # before the companions, which may swap the attention modules' classes
+            # transformers' attention registry is the only generic way into HF attention code.
+            from wtacrs.integrations.attention import enable_sampled_attention
+
+            # seed=None: draws from the global RNG, which gradient checkpointing restores on recompute.
+            enable_sampled_attention(model, config.ratio, config.estimator, seed=None)
+        state.companions = apply_companions(
+            model, dropout=config.lean_dropout, layernorm=config.lean_layernorm, activation=config.activation_compression
+        )
+    except Exception:
+        remove(model)  # never leave a half-applied model behind
+        raise
     return model
 
 
@@ -176,7 +180,7 @@ def remove(model: nn.Module) -> nn.Module:
             module.__class__ = module.__class__.__mro__[2]  # (Sampled*, SampledLayerMixin, original, ...)
             del module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream
     remove_companions(model)
-    if state.config.attention:
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) == "wtacrs":
         from wtacrs.integrations.attention import disable_sampled_attention
 
         disable_sampled_attention(model)
