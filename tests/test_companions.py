@@ -17,6 +17,7 @@ from wtacrs.companions import (
     RegeneratedDropout,
     apply_companions,
     compressed_activation,
+    ill_conditioned_columns,
     layer_norm_from_output,
     regenerated_dropout,
     remove_companions,
@@ -101,7 +102,7 @@ def test_dropout_inplace_and_identity_cases():
     x = torch.randn(4, 5)
     y = x.clone()
     assert regenerated_dropout(y, 0.5, inplace=True) is y
-    assert torch.equal(y != 0, y.eq(0).logical_not())  # ran
+    assert torch.equal(y, reference_dropout(x, y != 0, 0.5)) and not torch.equal(y, x)
     for p, training in [(0.0, True), (1.0, True), (0.5, False)]:
         assert torch.equal(regenerated_dropout(x, p, training), F.dropout(x, p, training))
     with pytest.raises(ValueError, match="dropout probability"):
@@ -124,7 +125,7 @@ def test_dropout_under_autocast():
 
 
 @pytest.mark.parametrize(
-    "shape, affine, bias", [((5, 7, 6), True, True), ((5, 7, 6), True, False), ((5, 7, 6), False, False)]
+    "shape, affine, bias", [((3, 4, 6), True, True), ((3, 4, 6), True, False), ((3, 4, 6), False, False)]
 )
 def test_layer_norm_gradcheck(shape, affine, bias):
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
@@ -134,7 +135,7 @@ def test_layer_norm_gradcheck(shape, affine, bias):
 
 
 def test_layer_norm_gradcheck_two_normalized_dims():
-    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     weight = (1 + 0.3 * torch.randn(3, 5, dtype=torch.float64)).requires_grad_()
     beta = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: layer_norm_from_output(t[0], (3, 5), *t[1:]), (x, weight, beta))
@@ -192,20 +193,33 @@ def test_lean_layer_norm_saves_output_not_input():
     assert lean == full + rows * 4  # y, rstd
 
 
-def test_lean_layer_norm_falls_back_when_weight_has_zeros():
+def test_layer_norm_gradcheck_with_unrecoverable_columns():
+    """γ_j = 0 and |β_j| ≫ |γ_j|: those input columns are kept, the gradient stays exact."""
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    weight = (1 + 0.3 * torch.randn(6, dtype=torch.float64)).index_fill(0, torch.tensor([1]), 0.0)
+    bias = torch.randn(6, dtype=torch.float64).index_fill(0, torch.tensor([4]), 100 * weight[4].abs().item())
+    assert ill_conditioned_columns(weight, bias).tolist() == [1, 4]
+    inputs = (x, weight.requires_grad_(), bias.requires_grad_())
+    assert torch.autograd.gradcheck(lambda *t: layer_norm_from_output(t[0], (6,), *t[1:]), inputs)
+
+
+def test_lean_layer_norm_keeps_input_columns_where_weight_is_zero():
     module = trained_layer_norm(16)
     with torch.no_grad():
         module.weight[3] = 0.0
     x, grad_out = torch.randn(5, 16), torch.randn(5, 16)
     expected, expected_grads = ln_and_grads(module, x, grad_out)
     apply_companions(module, dropout=False, layernorm=True, activation=None)
-    with pytest.warns(UserWarning, match="zero entries"):
-        _, grads = ln_and_grads(module, x, grad_out)
+    _, grads = ln_and_grads(module, x, grad_out)
     for grad, reference in zip(grads, expected_grads):
         torch.testing.assert_close(grad, reference)
+    exclude = parameter_tensors(module)
+    y_and_rstd = 5 * 16 * 4 + 5 * 4
+    column_and_mean = 5 * 4 + 5 * 4
+    assert saved_bytes(module, x.requires_grad_(), exclude=exclude).total == y_and_rstd + column_and_mean
     with torch.no_grad():
-        module.weight[3] = 1.0  # the version counter moves: the lean path is back
-    assert saved_bytes(module, x.requires_grad_(), exclude=parameter_tensors(module)).total == 5 * 16 * 4 + 5 * 4
+        module.weight[3] = 1.0  # the version counter moves: the columns are recomputed
+    assert saved_bytes(module, x, exclude=exclude).total == y_and_rstd
 
 
 # ---------------------------------------------------------------- activation
@@ -315,10 +329,10 @@ def test_bert_exact_without_dropout(attn_implementation):
         assert (grad - reference).abs().max() <= 1e-5 * scale
 
 
-@pytest.mark.parametrize("use_reentrant", [False, True])
-def test_checkpoint_recompute_regenerates_the_same_masks(use_reentrant):
+@pytest.mark.parametrize("use_reentrant, activation", [(False, "int8"), (True, "bf16")])
+def test_checkpoint_recompute_regenerates_the_same_masks(use_reentrant, activation):
     model, input_ids = tiny_bert("eager", dropout=0.3), torch.randint(0, 100, (2, 9))
-    apply_companions(model, dropout=True, layernorm=True, activation="int8")
+    apply_companions(model, dropout=True, layernorm=True, activation=activation)
     expected = train_step_grads(model, input_ids)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     if use_reentrant:

@@ -28,7 +28,7 @@ from wtacrs.companions.activation import (
     validate_activation_mode,
 )
 from wtacrs.companions.dropout import InterceptsFunctionalDropout, RegeneratedDropout, regenerated_dropout
-from wtacrs.companions.layernorm import LeanLayerNorm, layer_norm_from_output
+from wtacrs.companions.layernorm import LeanLayerNorm, ill_conditioned_columns, layer_norm_from_output
 
 __all__ = [
     "ACTIVATION_MODES",
@@ -36,6 +36,7 @@ __all__ = [
     "RegeneratedDropout",
     "apply_companions",
     "compressed_activation",
+    "ill_conditioned_columns",
     "layer_norm_from_output",
     "regenerated_dropout",
     "remove_companions",
@@ -43,7 +44,7 @@ __all__ = [
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 _ORIGINAL = "_wtacrs_companion_of"  # class attribute of every swapped-in class: the class it replaced
-_MODULE_STATE = ("activation_compression", "_zero_check")  # instance attributes the companions add
+_MODULE_STATE = ("activation_compression", "_kept_columns_cache")  # instance attributes the companions add
 
 
 @cache

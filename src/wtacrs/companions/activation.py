@@ -23,6 +23,7 @@ transformers' `NewGELUActivation` save several intermediates, all of which this 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -123,6 +124,7 @@ class CompressesActivationInput:
         return compressed_activation(input, super().forward, self.activation_compression)
 
 
+@cache
 def elementwise_activation_types() -> tuple[type[nn.Module], ...]:
     """Parameter-free elementwise activation classes whose input this module can compress:
     torch's and those of `transformers.activations` (BERT-family "gelu" is `GELUActivation`)."""
