@@ -6,6 +6,7 @@ from __future__ import annotations
 import weakref
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -117,3 +118,63 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tens
 def gradient_tensors(model: nn.Module) -> list[torch.Tensor]:
     """The .grad of every parameter that has one."""
     return [p.grad for p in model.parameters() if p.grad is not None]
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """One tensor an autograd node keeps for backward.
+
+    Attributes:
+        op: the node that saved it, e.g. "GeluBackward0", "_LinearWithRowSampleBackward".
+        role: which of the node's saved tensors, e.g. "self", "mat1", "saved_tensors[1]".
+        shape: the tensor's shape.
+        nbytes: its storage's bytes, counted at the first node that saves that storage (0 at
+            later ones), so summing nbytes gives the distinct bytes held for backward.
+    """
+
+    op: str
+    role: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _saved_by(node) -> list[tuple[str, torch.Tensor]]:
+    found = [(a.removeprefix("_saved_"), getattr(node, a)) for a in dir(node) if a.startswith("_saved_")]
+    if hasattr(node, "saved_tensors"):  # custom autograd.Function nodes
+        found += [(f"saved_tensors[{i}]", t) for i, t in enumerate(node.saved_tensors)]
+    return [(role, t) for role, t in found if isinstance(t, torch.Tensor)]
+
+
+def saved_tensors_by_op(output: torch.Tensor, exclude=()) -> list[SavedTensor]:
+    """Walk the autograd graph behind `output` and list what each node keeps for backward.
+
+    This answers "which tensors remain, and which op keeps them": a sampled linear input only
+    frees memory when no other op in this list holds the same storage. Tensors sharing storage
+    with `exclude` (parameters) are left out.
+    """
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    counted: set[int] = set()
+    records, seen, stack = [], set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+        for role, t in _saved_by(node):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in excluded or t.numel() == 0:
+                continue
+            records.append(SavedTensor(node.name(), role, tuple(t.shape), 0 if ptr in counted else t.untyped_storage().nbytes()))
+            counted.add(ptr)
+    return records
+
+
+def saved_bytes_by_op(records: list[SavedTensor]) -> list[tuple[str, int, int]]:
+    """(op, distinct bytes, tensors) per op, largest first."""
+    totals: dict[str, list[int]] = {}
+    for r in records:
+        entry = totals.setdefault(r.op, [0, 0])
+        entry[0] += r.nbytes
+        entry[1] += 1
+    return sorted(((op, b, n) for op, (b, n) in totals.items()), key=lambda row: -row[1])
