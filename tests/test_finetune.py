@@ -74,6 +74,31 @@ def test_argparse_rejects_unknown_choices(argv):
     assert exit_info.value.code == 2
 
 
+def test_data_errors_exit_2_naming_the_file_and_line(tiny_model, tmp_path, capsys):
+    from test_tasks import write_glue
+
+    data = write_glue(tmp_path / "glue")
+    (data / "RTE/train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\tP\tH\tperhaps\n")
+    argv = ["finetune", "--task", "rte", "--data-dir", str(data), "--model", tiny_model,
+            "--output-dir", str(tmp_path / "out"), "--method", "full", *FAST]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "RTE/train.tsv, line 2: unknown label 'perhaps'" in capsys.readouterr().err
+
+
+def test_unreachable_hub_says_to_use_data_dir(tiny_model, tmp_path, capsys, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SystemExit):
+        main(["finetune", "--task", "sst2", "--model", tiny_model, "--output-dir", str(tmp_path), "--method", "full"])
+    assert "could not load nyu-mll/glue/sst2 from the Hugging Face hub" in capsys.readouterr().err
+
+
 # -- runs --------------------------------------------------------------------------------------
 def test_default_run_smoke_full_vs_wtacrs(tiny_model, tmp_path, capsys):
     """The no-argument default (tweet sentiment, full vs WTA-CRS@0.3), shrunk to seconds."""

@@ -119,10 +119,18 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     if get_task(args.task).kind == "qa" and not 0 <= args.doc_stride < args.max_length:
         raise ValueError(f"--doc-stride must be in [0, --max-length={args.max_length}), got {args.doc_stride}")
+    if args.fp16 and not _cuda_available():
+        raise ValueError("--fp16 needs a CUDA device; use --bf16 on the CPU")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     if args.data_dir is not None and not Path(args.data_dir).exists():
         raise ValueError(f"--data-dir {args.data_dir} does not exist")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def packaged_model_dir() -> Path:
@@ -158,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for method, seed in runs:
         if args.in_process or len(runs) == 1:
-            results.append(train_one(args, method, seed))
+            results.append(train_one_or_exit(args, method, seed))
         else:
             results.append(_train_in_child(args, method, seed))
     print(comparison_table(results))
@@ -167,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _train_in_child(args: argparse.Namespace, method: str, seed: int) -> dict:
     """One run in a fresh process, so its peak memory is its own."""
-    child = multiprocessing.get_context("spawn").Process(target=train_one, args=(args, method, seed))
+    child = multiprocessing.get_context("spawn").Process(target=train_one_or_exit, args=(args, method, seed))
     child.start()
     try:
         child.join()
@@ -197,6 +205,17 @@ def comparison_table(results: list[dict]) -> str:
 
 
 # -- one run -----------------------------------------------------------------------------------
+def train_one_or_exit(args: argparse.Namespace, method: str, seed: int) -> dict:
+    """`train_one`, with data problems reported as one error line and exit status 2."""
+    from wtacrs.tasks import DataError, DataUnavailableError
+
+    try:
+        return train_one(args, method, seed)
+    except (DataError, DataUnavailableError) as e:
+        print(f"wtacrs finetune: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def train_one(args: argparse.Namespace, method: str, seed: int) -> dict:
     """Train, evaluate and write results.json for one (method, seed); returns the results."""
     from transformers import set_seed

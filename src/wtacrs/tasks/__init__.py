@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wtacrs.tasks.common import DataError, Task
+from wtacrs.tasks.common import DataError, DataUnavailableError, Task
 from wtacrs.tasks.glue import LAYOUTS as GLUE_LAYOUTS
 from wtacrs.tasks.glue import glue_task, load_glue
 from wtacrs.tasks.squad import SQUAD_TASKS, load_squad, squad_task
@@ -18,7 +18,7 @@ from wtacrs.tasks.tweets import TWEETS, load_tweets
 DEFAULT_TASK = TWEETS.name
 TASK_NAMES: tuple[str, ...] = (DEFAULT_TASK, *GLUE_LAYOUTS, *SQUAD_TASKS)
 
-__all__ = ["DEFAULT_TASK", "TASK_NAMES", "DataError", "Task", "get_task", "load_task", "tokenize_sequences"]
+__all__ = ["DEFAULT_TASK", "TASK_NAMES", "DataError", "DataUnavailableError", "Task", "get_task", "load_task", "tokenize_sequences"]
 
 
 def get_task(name: str) -> Task:

@@ -23,6 +23,10 @@ class DataError(ValueError):
         self.path, self.line = str(path), line
 
 
+class DataUnavailableError(RuntimeError):
+    """Data could not be obtained: the Hugging Face hub is unreachable, or a data package is missing."""
+
+
 def read_text(path: str | Path, encoding: str = "utf-8-sig") -> str:
     """The whole file as text; a decoding error names the line of the bad byte."""
     path = Path(path)

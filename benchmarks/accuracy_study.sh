@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The accuracy study of benchmarks/ACCURACY.md: all-MiniLM-L6-v2 on SST-2 (2,000-example train
+# subset, full dev set) and RTE (full train and dev), then SQuAD v1.1 dev split by article.
+# Runs go most-informative first; each is its own process (its own peak memory). A run with a
+# results.json is skipped, a run folder without one is resumed, so the script can be restarted.
+#
+#   GLUE=../shared/data/glue SQUAD=../shared/data/squad/dev-v1.1.json benchmarks/accuracy_study.sh
+#   wtacrs report wtacrs-output/accuracy --output-dir wtacrs-output/accuracy/report
+set -u
+GLUE=${GLUE:-../shared/data/glue}
+SQUAD=${SQUAD:-../shared/data/squad/dev-v1.1.json}
+OUT=${OUT:-wtacrs-output/accuracy}
+LOGS=$OUT/logs
+mkdir -p "$LOGS"
+
+# task-specific options: SST-2 sentences are short; RTE pairs need 128 tokens
+declare -A TASK_ARGS=(
+  [sst2]="--data-dir $GLUE --max-train-samples 2000 --max-length 64 --epochs 2"
+  [rte]="--data-dir $GLUE --max-length 128 --epochs 3"
+  [squad]="--data-dir $SQUAD --max-length 256 --doc-stride 64 --epochs 1 --batch-size 16"
+)
+# method -> "method [ratio]"; full-weight methods use lr 1e-4, LoRA its default 5e-4
+run() {  # task method ratio seed
+  local task=$1 method=$2 ratio=$3 seed=$4 label=$2
+  [[ $method =~ wtacrs|crs|topk ]] && label="$method-$ratio"
+  local dir; dir=$(ls -d "$OUT/$task"/*/"$label/seed$seed" 2>/dev/null | head -1)
+  if [[ -n $dir && -f $dir/results.json ]]; then echo "skip $task $label seed$seed"; return; fi
+  local lr="--lr 1e-4"; [[ $method == lora* ]] && lr=""
+  local resume=""; [[ -n $dir ]] && resume="--resume"
+  echo "$(date -u +%FT%TZ) start $task $label seed$seed"
+  nice -n 10 wtacrs finetune --task "$task" ${TASK_ARGS[$task]} --method "$method" --ratio "$ratio" \
+    --seed "$seed" $lr --output-dir "$OUT" --no-progress $resume > "$LOGS/$task-$label-seed$seed.log" 2>&1
+  echo "$(date -u +%FT%TZ) done  $task $label seed$seed (exit $?)"
+}
+
+for seed in 0 1 2; do
+  for task in sst2 rte; do
+    for spec in "full 1" "wtacrs 0.3" "crs 0.3" "topk 0.3" "wtacrs 0.1" "lora 1" "lora+wtacrs 0.3"; do
+      run "$task" $spec "$seed"
+    done
+  done
+  [[ $seed == 0 ]] && { run squad full 1 0; run squad wtacrs 0.3 0; }
+done
