@@ -112,10 +112,13 @@ def test_bench_memory_writes_json_markdown_and_plot(tmp_path):
 
 def test_bench_speed_writes_the_memory_time_plane(tmp_path):
     assert main(["bench", "speed", *TINY, "--batch", "2", "--methods", "full", "wtacrs@0.3", "--warmup", "0",
-                 "--steps", "2", "--out", str(tmp_path)]) == 0
+                 "--steps", "2", "--profile", "--out", str(tmp_path)]) == 0
     rows = _record(tmp_path / "speed.json")["rows"]
     assert all(r["step_s"] > 0 and r["peak_bytes"] > 0 and len(r["step_times_s"]) == 2 for r in rows)
     assert rows[0]["time_vs_full"] == 1.0 and (tmp_path / "memory_time_plane.png").stat().st_size
+    sampled = {c["function"] for c in rows[1]["components"]}
+    assert any("functional" in name for name in sampled)  # the sampled op's time is attributed
+    assert "## wtacrs@0.3" in (tmp_path / "speed_profile.md").read_text()
 
 
 def test_bench_batch_finds_a_batch_under_the_budget(tmp_path):
@@ -148,6 +151,7 @@ def test_peak_rss_of_a_step_in_a_fresh_process():
     (["bench", "memory", "--model", "gpt-7"], "invalid choice"),
     (["bench", "variance", "--ratios", "1.5"], "ratio must be in"),
     (["bench", "batch", "--budget-gb", "-1"], "must be positive"),
+    (["bench", "speed", "--methods", "wtacrs@0"], "ratio must be in"),
 ])
 def test_cli_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -155,6 +159,8 @@ def test_cli_argument_errors(argv, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_cli_rejects_one_draw():
+def test_cli_rejects_one_draw_and_unmatched_layers():
     with pytest.raises(SystemExit, match="draws must be >= 2"):
         main(["bench", "variance", *TINY, "--draws", "1"])
+    with pytest.raises(SystemExit, match="no trainable linear layer matches"):
+        main(["bench", "variance", *TINY, "--layers", "nothing-here"])

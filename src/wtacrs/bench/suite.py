@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,7 @@ from wtacrs.bench.training import (
     measure_step_memory,
     measure_step_time,
     memory_breakdown,
+    profile_components,
     release,
 )
 
@@ -37,56 +38,55 @@ class Setup:
         return make_trial(self.size, method, batch or self.batch, self.seq, device=self.device, dtype=self.dtype, seed=self.seed)
 
 
-def _each_trial(setup: Setup, desc: str) -> Iterator[tuple[dict, Trial | None]]:
-    """(row, trial) per method; a method that fails to build yields its error and no trial."""
+def _per_method(setup: Setup, desc: str, measure: Callable[[Trial], dict]) -> list[dict]:
+    """One row per method: {"method", **measure(trial)} on a fresh trial, or the error it raised.
+
+    A method this installation cannot run, or one that runs out of memory, must not end the whole
+    run: its error is recorded and the next method goes on. Each trial is freed before the next
+    one is built.
+    """
+    rows = []
     for method in tqdm(setup.methods, desc=desc, unit="method", file=sys.stderr):
-        row = {"method": method}
+        row: dict = {"method": method}
         try:
-            trial = setup.trial(method)
-        except Exception as e:  # a method this installation cannot run must not end the whole run
-            yield {**row, "error": f"{type(e).__name__}: {e}"}, None
-            continue
-        yield row, trial
-        del trial
+            row.update(measure(setup.trial(method)))
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
         release()
+        rows.append(row)
+    return rows
 
 
-def _guarded(row: dict, measure: Callable[[], dict]) -> None:
-    try:
-        row.update(measure())
-    except Exception as e:  # e.g. CUDA out of memory for one method: record it, go on
-        row["error"] = f"{type(e).__name__}: {e}"
-        release()
+def _memory_of(trial: Trial) -> dict:
+    if trial.device.type == "cuda":
+        trial.step()  # first-step allocations (cuBLAS workspaces) are not steady state
+    return {**memory_breakdown(trial), **measure_step_memory(trial)}
 
 
 def run_memory(setup: Setup, rss: bool) -> list[dict]:
     """Per method: weights/gradients/optimizer bytes, bytes saved for backward, peak of a full
     step (see `measure_step_memory`) and, if `rss`, peak RSS of one step in a fresh process."""
-    rows = []
-    for row, trial in _each_trial(setup, "memory"):
-        if trial is not None:
-            row.update(memory_breakdown(trial))
-            if setup.device.type == "cuda":
-                trial.step()  # first-step allocations (cuBLAS workspaces) are not steady state
-            _guarded(row, lambda: measure_step_memory(trial))
-        if rss and "error" not in row:
+    rows = _per_method(setup, "memory", _memory_of)
+    for row in tqdm(rows if rss else [], desc="peak RSS", unit="method", file=sys.stderr):
+        if "error" not in row:
             row.update(peak_rss_of_step(setup.size, row["method"], setup.batch, setup.seq, setup.seed))
-        rows.append(row)
     for key in ("peak_bytes", "saved_bytes", "peak_rss_bytes"):
         add_ratio_to_full(rows, key, f"{key.removesuffix('_bytes')}_reduction", inverse=True)
     return rows
 
 
-def run_speed(setup: Setup, warmup: int, steps: int, peak: bool) -> list[dict]:
+def run_speed(setup: Setup, warmup: int, steps: int, peak: bool, profile: bool = False) -> list[dict]:
     """Per method: median step seconds after warm-up and samples/s; with `peak`, one more
-    (tracked) step's peak memory, for the memory/time plane."""
-    rows = []
-    for row, trial in _each_trial(setup, "speed"):
-        if trial is not None:
-            _guarded(row, lambda: measure_step_time(trial, warmup, steps))
-            if peak and "error" not in row:
-                _guarded(row, lambda: {"peak_bytes": measure_step_memory(trial)["peak_bytes"]})
-        rows.append(row)
+    (tracked) step's peak memory, for the memory/time plane; with `profile`, one more step
+    under cProfile, per library function (see `profile_components`)."""
+
+    def measure(trial: Trial) -> dict:
+        row = measure_step_time(trial, warmup, steps)
+        if peak:
+            row["peak_bytes"] = measure_step_memory(trial)["peak_bytes"]
+        return {**row, **(profile_components(trial) if profile else {})}
+
+    rows = _per_method(setup, "speed", measure)
     add_ratio_to_full(rows, "step_s", "time_vs_full")
     add_ratio_to_full(rows, "peak_bytes", "peak_reduction", inverse=True)
     return rows

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import cProfile
 import gc
+import pstats
 import statistics
 import time
 from dataclasses import dataclass
@@ -128,3 +130,24 @@ def measure_step_time(trial: Trial, warmup: int, steps: int) -> dict[str, float 
     times = [_seconds(trial.step, trial.device) for _ in range(steps)]
     median = statistics.median(times)
     return {"step_s": median, "step_times_s": times, "samples_per_s": trial.example_ids.numel() / median}
+
+
+def profile_components(trial: Trial, top: int = 12) -> dict:
+    """One step under cProfile: seconds per library function (outside wtacrs.bench).
+
+    cumulative_s includes the torch ops a function calls (its component's whole cost); own_s
+    is Python time in the function itself. Profiling inflates Python-heavy parts; the step's
+    own profiled time is given for scale. Autograd runs CPU backward on this thread, so backward
+    functions are seen there; on CUDA they run on another thread and are not.
+    """
+    profiler = cProfile.Profile()
+    profiler.runcall(trial.step)
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, total calls, own, cumulative, callers)}
+    rows = [
+        {"function": f"{file.rsplit('/wtacrs/', 1)[1].removesuffix('.py').replace('/', '.')}.{name}",
+         "calls": calls, "own_s": own, "cumulative_s": cumulative}
+        for (file, _, name), (_, calls, own, cumulative, _) in stats.items()
+        if "/wtacrs/" in file and "/wtacrs/bench/" not in file
+    ]
+    step = max((v[3] for (file, _, name), v in stats.items() if name == "step" and "/wtacrs/bench/" in file), default=0.0)
+    return {"profiled_step_s": step, "components": sorted(rows, key=lambda r: -r["cumulative_s"])[:top]}

@@ -10,6 +10,7 @@ variance = Σ_r ‖dŴ_r − mean‖² / (R − 1), bias² = ‖mean − dW‖²
 
 from __future__ import annotations
 
+import re
 import statistics
 import sys
 
@@ -24,9 +25,10 @@ UNBIASED = ("wta-crs", "crs", "uniform")
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
-def capture_linear_io(model: nn.Module, inputs: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+def capture_linear_io(model: nn.Module, inputs: dict[str, Tensor], layers: str | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """{layer name: (X (N, in), dY (N, out))} for every trainable nn.Linear outside the task head
-    and pooler (`wtacrs.config.DEFAULT_EXCLUDES`, which WTA-CRS does not sample), from one backward."""
+    and pooler (`wtacrs.config.DEFAULT_EXCLUDES`, which WTA-CRS does not sample), from one backward.
+    `layers`: a regex; only names it finds (re.search) are captured."""
     captured: dict[str, list[Tensor]] = {}
 
     def keep(name: str):
@@ -35,9 +37,12 @@ def capture_linear_io(model: nn.Module, inputs: dict[str, Tensor]) -> dict[str, 
             output.register_hook(lambda grad: captured[name].append(grad.detach().reshape(-1, grad.shape[-1])))
         return hook
 
-    layers = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) and m.weight.requires_grad and not set(n.split(".")) & set(DEFAULT_EXCLUDES)]
-    handles = [m.register_forward_hook(keep(n)) for n, m in layers]
+    selected = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and m.weight.requires_grad and not set(n.split(".")) & set(DEFAULT_EXCLUDES)
+              and (layers is None or re.search(layers, n))]
+    if not selected:
+        raise ValueError(f"no trainable linear layer matches {layers!r}")
+    handles = [m.register_forward_hook(keep(n)) for n, m in selected]
     try:
         model(**inputs).loss.backward()
     finally:

@@ -83,6 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     speed.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     speed.add_argument("--steps", type=_positive_int, default=3, help="timed steps (median reported)")
     speed.add_argument("--no-peak", dest="peak", action="store_false", help="skip the peak step for the plane")
+    speed.add_argument("--profile", action="store_true", help="one more step under cProfile: time per component")
     batch = sub.add_parser("batch", parents=[_common(8)], help="largest batch under a memory budget (--batch: first probe)")
     _with_methods(batch)
     batch.add_argument("--budget-gb", type=_positive_float, default=None,
@@ -92,6 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     variance = sub.add_parser("variance", parents=[_common(4)], help="variance of dW estimates per layer")
     variance.add_argument("--ratios", type=_ratio, nargs="+", default=list(DEFAULT_RATIOS))
     variance.add_argument("--draws", type=int, default=16, help="estimates per layer, ratio and estimator (>= 2)")
+    variance.add_argument("--layers", default=None, metavar="REGEX", help="only linear layers whose name matches")
 
 
 def _device(name: str) -> torch.device:
@@ -153,7 +155,7 @@ def _run_memory(args: argparse.Namespace, device: torch.device) -> int:
 
 
 def _run_speed(args: argparse.Namespace, device: torch.device) -> int:
-    rows = _gb(run_speed(_setup(args, device), args.warmup, args.steps, args.peak), "peak_bytes")
+    rows = _gb(run_speed(_setup(args, device), args.warmup, args.steps, args.peak, args.profile), "peak_bytes")
     columns = [("method", "method", ""), ("step_s", "median step (s)", ".3f"), ("samples_per_s", "samples/s", ".1f"),
                ("time_vs_full", "time ×full", ".3f"), ("peak_gb", "peak (GB)", ".3f"),
                ("peak_reduction", "peak ×less", ".2f"), ("error", "error", "")]
@@ -162,7 +164,17 @@ def _run_speed(args: argparse.Namespace, device: torch.device) -> int:
     _write(args.out, "speed", f"Step time per method: {args.model}, batch {args.batch}, seq {args.seq}",
            _meta(args, device, warmup=args.warmup, steps=args.steps), rows, columns, notes)
     plot_memory_time_plane(rows, args.out / "memory_time_plane.png")
+    if args.profile:
+        write_text(args.out / "speed_profile.md", _profile_report(rows))
     return 0
+
+
+def _profile_report(rows: list[dict]) -> str:
+    columns = [("function", "function", ""), ("calls", "calls", "d"), ("cumulative_s", "cumulative (s)", ".3f"),
+               ("own_s", "own Python (s)", ".3f")]
+    sections = [f"## {r['method']}: one step under cProfile, {r['profiled_step_s']:.2f} s\n\n"
+                + markdown_table(r["components"], columns) for r in rows if r.get("components")]
+    return "# Time per component (cProfile, one step)\n\n" + "\n".join(sections)
 
 
 def _run_batch(args: argparse.Namespace, device: torch.device) -> int:
@@ -187,9 +199,12 @@ def _run_batch(args: argparse.Namespace, device: torch.device) -> int:
 
 
 def _run_variance(args: argparse.Namespace, device: torch.device) -> int:
-    model = build_model(args.model, args.seed).to(device=device, dtype=DTYPES[args.dtype])
+    model = build_model(args.model, args.seed, device).to(dtype=DTYPES[args.dtype])
     inputs = make_batch(model, args.batch, args.seq, args.seed, device)
-    captured = capture_linear_io(model, inputs)
+    try:
+        captured = capture_linear_io(model, inputs, args.layers)
+    except ValueError as e:
+        raise SystemExit(f"wtacrs bench variance: error: {e}") from None
     del model
     rows = run_variance(captured, args.ratios, args.draws, args.seed)
     summary = summarize(rows)
