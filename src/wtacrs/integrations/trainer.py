@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
+from wtacrs.integrations.distributed import enable_data_parallel
 from wtacrs.layers import batch
 from wtacrs.modeling import sampling_state
 
@@ -46,6 +47,7 @@ class WTACRSTrainer(Trainer):
             self._signature_columns = [*self._signature_columns, EXAMPLE_ID_COLUMN]
 
     def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        enable_data_parallel(self._unwrapped())  # no-op unless torch.distributed runs several ranks
         ids = inputs.pop(EXAMPLE_ID_COLUMN, None)
         if ids is None:
             return super().training_step(model, inputs, num_items_in_batch)

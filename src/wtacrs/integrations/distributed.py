@@ -1,0 +1,157 @@
+"""Data-parallel training (torch.distributed DDP under torchrun, `accelerate launch` or the Trainer).
+
+Why the all-reduced gradient stays unbiased. Each rank r samples rows of its own local batch
+B_r with its own generator (seeded by (seed, rank, step, layer)), so conditioned on the batch its
+weight-gradient estimate is unbiased: E[dŴ_r | B_r] = dW_r, the exact gradient of its local loss
+(estimators.py; this holds for any positive sampling distribution, whatever the cache holds).
+DDP all-reduces the mean (1/R) Σ_r dŴ_r, and expectation is linear, so
+E[(1/R) Σ_r dŴ_r] = (1/R) Σ_r dW_r = the exact data-parallel gradient. The ranks draw
+independently, so the variance of the mean is (1/R²) Σ_r Var(dŴ_r): R ranks cut it like an R
+times larger batch. Nothing needs to be communicated for the estimate itself.
+
+Why the gradient-norm cache needs communication. The cache is keyed by example id, and
+`DistributedSampler` deals examples to different ranks in different epochs: norms recorded on
+rank 1 are needed on rank 0 when the example lands there next. Stale or missing norms never bias
+the estimate, but they waste the variance reduction the cache exists for.
+
+The choice: a replicated cache. At every committed step each rank all-gathers every rank's new
+records, (example ids, real-token counts, one uint8 code per real token per layer), and commits
+them all in rank order, so every rank holds the same cache, byte for byte, and lookups stay
+local (no communication in the forward pass). Cost per step and rank: it sends
+Σ_layers (12 B + tokens) bytes per local example and receives R times that (padded to the
+largest rank's payload); host memory is the whole dataset's cache on every rank. A cache
+sharded by example id would divide host memory by R, but every forward would wait on an
+all-to-all lookup; the replicated cache costs one small collective after backward instead.
+Because all ranks hold the same cache, rank 0 alone saves it with the checkpoint and a run can
+resume on any number of ranks (the step counter is global; ranks are assigned at start-up).
+
+Rank 0 alone writes checkpoints and results (`Trainer.args.should_save`, and `wtacrs finetune`
+writes results.json on the main process only).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from wtacrs.cache import PendingRecord
+from wtacrs.modeling import sampling_state
+
+_HEADER_FIELDS = 3  # per record: slot, examples, real tokens
+
+
+class CacheSync:
+    """All-gathers the gradient-norm cache records of one step across the ranks of `group`.
+
+    Installed as `SamplingState.sync` by `enable_data_parallel`; counts what it moves, so the
+    cost can be measured (`bytes_sent`, `bytes_received`, `steps`).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group
+        self.steps = 0
+        self.bytes_sent = 0  # this rank's payloads
+        self.bytes_received = 0  # what the all-gathers delivered to this rank, padding included
+
+    def __call__(self, records: list[PendingRecord]) -> list[PendingRecord]:
+        payload = pack_records(records)
+        gathered = all_gather_bytes(payload, self.group)
+        self.steps += 1
+        self.bytes_sent += payload.numel()
+        self.bytes_received += len(gathered) * max(p.numel() for p in gathered)
+        return [record for buffer in gathered for record in unpack_records(buffer)]
+
+
+def enable_data_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> CacheSync | None:
+    """Make the sampling of a `wtacrs.apply`-ed model data-parallel aware; idempotent.
+
+    Every rank draws its own rows, and (with `grad_norm="cache"`) every committed step
+    all-gathers the new cache records so each rank's cache holds every example's norms. Call it
+    on every rank after `torch.distributed.init_process_group` (WTACRSTrainer does it itself).
+    Every rank must then run each training step inside `wtacrs.batch`, as the commit is a
+    collective.
+
+    Args:
+        model: the model, or its DistributedDataParallel wrapper.
+        group: process group of the data-parallel ranks (default: the world).
+    Returns:
+        the CacheSync (with its byte counters), or None when not distributed (world size 1) or
+        when the cache is off.
+    """
+    state = sampling_state(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return None
+    state.rank = dist.get_rank(group)
+    if state.config.grad_norm == "cache" and not isinstance(state.sync, CacheSync):
+        state.sync = CacheSync(group)
+    return state.sync
+
+
+# -- wire format: one uint8 buffer per rank and step ---------------------------------------------
+# int64 header [count, (slot, examples, tokens) × count], int64 ids, int32 real-token counts,
+# uint8 codes of the real tokens in order. Padding is never sent: the cache keys a token by its
+# ordinal among the example's real tokens, so a left-aligned mask rebuilt from the counts reads
+# and writes the same entries as the original (right- or left-padded) one.
+def pack_records(records: list[PendingRecord]) -> Tensor:
+    """Records → one uint8 buffer holding only the real tokens' codes."""
+    header = [len(records)]
+    ids, counts, codes = [], [], []
+    for slot, example_ids, mask, record_codes in records:
+        header += [slot, example_ids.numel(), int(mask.sum())]
+        ids.append(example_ids.to(torch.int64))
+        counts.append(mask.sum(1).to(torch.int32))
+        codes.append(record_codes[mask])
+    parts = [torch.tensor(header, dtype=torch.int64), *ids, *counts]
+    return torch.cat([p.contiguous().view(torch.uint8) for p in parts] + codes)
+
+
+def unpack_records(buffer: Tensor) -> list[PendingRecord]:
+    """Inverse of `pack_records` (masks come back left-aligned)."""
+    reader = _Reader(buffer)
+    count = int(reader.take(1, torch.int64))
+    header = reader.take(_HEADER_FIELDS * count, torch.int64).view(count, _HEADER_FIELDS).tolist()
+    ids = [reader.take(examples, torch.int64) for _, examples, _ in header]
+    counts = [reader.take(examples, torch.int32) for _, examples, _ in header]
+    records = []
+    for (slot, _, tokens), example_ids, lengths in zip(header, ids, counts):
+        width = int(lengths.max()) if lengths.numel() else 0
+        mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T) left-aligned
+        codes = torch.zeros(mask.shape, dtype=torch.uint8)
+        codes[mask] = reader.take(tokens, torch.uint8)
+        records.append((slot, example_ids, mask, codes))
+    if reader.position != buffer.numel():
+        raise ValueError(f"cache records buffer has {buffer.numel() - reader.position} trailing bytes")
+    return records
+
+
+class _Reader:
+    def __init__(self, buffer: Tensor):
+        self.buffer, self.position = buffer, 0
+
+    def take(self, count: int, dtype: torch.dtype) -> Tensor:
+        size = count * torch.empty(0, dtype=dtype).element_size()
+        if self.position + size > self.buffer.numel():
+            raise ValueError("cache records buffer is truncated")
+        chunk = self.buffer[self.position : self.position + size].clone()  # aligned copy for the view
+        self.position += size
+        return chunk.view(dtype)
+
+
+def all_gather_bytes(payload: Tensor, group: dist.ProcessGroup | None = None) -> list[Tensor]:
+    """Every rank's uint8 `payload` (sizes may differ), in rank order, on the CPU.
+
+    Two collectives: the sizes, then the payloads padded to the largest. NCCL needs the buffers
+    on this rank's GPU; gloo takes CPU tensors.
+    """
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    world = dist.get_world_size(group)
+    size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    lengths = [int(s) for s in sizes]
+    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    padded[: payload.numel()] = payload.to(device)
+    buffers = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(buffers, padded, group=group)
+    return [b[:n].cpu() for b, n in zip(buffers, lengths)]

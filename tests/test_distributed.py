@@ -1,0 +1,279 @@
+"""Data parallel on two CPU processes (gloo, loopback): gradients, the shared cache, one writer.
+
+Each test spawns two ranks with torch.multiprocessing and joins them with a timeout; a rank's
+failure comes back as its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import multiprocessing as mp
+import transformers as hf
+from torch.nn.parallel import DistributedDataParallel
+
+import wtacrs
+from stats import unbiased_violations
+from wtacrs.integrations.distributed import enable_data_parallel, pack_records, unpack_records
+
+WORLD = 2
+JOIN_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bert() -> torch.nn.Module:
+    """A tiny BERT without dropout, so runs differ only by their sampling."""
+    torch.manual_seed(0)
+    config = hf.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, num_labels=2, pad_token_id=0, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return hf.BertForSequenceClassification(config).train()
+
+
+def _global_batch(size: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([9, 5, 7, 10, 6, 8])[:size]
+    real = torch.arange(10).expand(size, 10) < lengths[:, None]
+    return {
+        "input_ids": torch.where(real, torch.randint(3, 99, (size, 10), generator=g), 0),
+        "attention_mask": real.long(),
+        "labels": torch.arange(size) % 2,
+    }
+
+
+def _local(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Rank's half of the global batch, re-padded to its own longest example (as a collator would)."""
+    half = batch["labels"].numel() // WORLD
+    part = {k: v[rank * half : (rank + 1) * half] for k, v in batch.items()}
+    width = int(part["attention_mask"].sum(1).max())
+    return {k: v[:, :width] if v.dim() == 2 else v for k, v in part.items()}
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# -- rank bodies (module level: spawn pickles them by name) ---------------------------------------
+def _ratio_one_gradients(rank: int, out: dict) -> None:
+    model = DistributedDataParallel(wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=1.0)))
+    enable_data_parallel(model)
+    with wtacrs.batch(torch.arange(2) + 2 * rank):
+        model(**_local(_global_batch(), rank)).loss.backward()
+    out["grads"] = _grads(model.module)
+
+
+def _sampled_mean_gradient(rank: int, out: dict, steps: int = 40) -> None:
+    model = DistributedDataParallel(wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=0.3)))
+    enable_data_parallel(model)
+    samples = []
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        with wtacrs.batch(torch.arange(2) + 2 * rank):
+            model(**_local(_global_batch(), rank)).loss.backward()
+        samples.append(model.module.bert.encoder.layer[0].intermediate.dense.weight.grad.clone())
+    out["samples"] = torch.stack(samples)
+
+
+def _shared_cache(rank: int, out: dict) -> None:
+    model = DistributedDataParallel(wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=0.3)))
+    sync = enable_data_parallel(model)
+    assert enable_data_parallel(model) is sync, "not idempotent"
+    state = wtacrs.sampling_state(model.module)
+    ids = torch.tensor([10, 11]) + 2 * rank  # rank 0 sees 10, 11; rank 1 sees 12, 13
+    batch = _local(_global_batch(), rank)
+    with wtacrs.batch(ids):
+        model(**batch).loss.backward()
+    everyone = [None] * WORLD
+    dist.all_gather_object(everyone, {k: v for k, v in state.cache.state_dict().items()})
+    out.update(
+        caches=everyone,
+        own_norms=state.cache.lookup(0, ids, batch["attention_mask"].bool()),
+        num_examples=state.cache.num_examples,
+        bytes_sent=sync.bytes_sent,
+        bytes_received=sync.bytes_received,
+        slots=state.cache.num_slots,
+        real_tokens=int(batch["attention_mask"].sum()),
+    )
+    if rank == 0:  # what rank 1 recorded for its examples, looked up on rank 0
+        other = _local(_global_batch(), 1)
+        out["found_from_rank1"] = state.cache.lookup(0, torch.tensor([12, 13]), other["attention_mask"].bool())
+
+
+def _trainer_writes_once(rank: int, out: dict, output_dir: str) -> None:
+    from datasets import Dataset
+
+    from wtacrs.integrations import WTACRSTrainer, add_example_ids
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, 99, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g).tolist(),
+             "labels": i % 2} for i in range(16)]
+    args = hf.TrainingArguments(
+        output_dir, per_device_train_batch_size=2, max_steps=4, save_steps=2, report_to=[], use_cpu=True,
+        disable_tqdm=True, logging_steps=1000, ddp_backend="gloo", seed=0,
+    )
+    trainer = WTACRSTrainer(model=wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=0.3)), args=args,
+                            train_dataset=add_example_ids(Dataset.from_list(rows)), data_collator=_collate)
+    trainer.train()
+    state = wtacrs.sampling_state(trainer.model)
+    out.update(num_examples=state.cache.num_examples, data=state.cache.state_dict()["data"], step=state.step,
+               world=trainer.args.world_size)
+
+
+def _collate(features):
+    width = max(len(f["input_ids"]) for f in features)
+    return {
+        "input_ids": torch.tensor([f["input_ids"] + [0] * (width - len(f["input_ids"])) for f in features]),
+        "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features]),
+        "labels": torch.tensor([f["labels"] for f in features]),
+        "example_id": torch.tensor([f["example_id"] for f in features]),
+    }
+
+
+def _all_checks(rank: int, out: dict, run_dir: str) -> None:
+    """Everything the tests check, in one pair of processes (spawning costs seconds)."""
+    for name, body, args in (("ratio_one", _ratio_one_gradients, ()), ("sampled", _sampled_mean_gradient, ()),
+                             ("cache", _shared_cache, ()), ("trainer", _trainer_writes_once, (run_dir,))):
+        out[name] = {}
+        body(rank, out[name], *args)
+
+
+def _rank_main(rank: int, body, port: int, result_dir: str, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    out: dict = {}
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+        body(rank, out, *args)
+        dist.barrier()
+    except BaseException:
+        out = {"error": traceback.format_exc()}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    torch.save(out, os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def run_ranks(result_dir, body, *args) -> list[dict]:
+    """Run `body(rank, out, *args)` on two gloo ranks; returns each rank's `out` (passed back
+    through files: a queue would hand tensors over through shared memory of exited processes).
+
+    Forked, not spawned: the ranks inherit the imported modules instead of spending seconds
+    importing transformers again; each rank sets one intra-op thread, as DataLoader workers do."""
+    ctx = mp.get_context("fork")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, body, port, str(result_dir), args)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=JOIN_TIMEOUT_S)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    outs = []
+    for rank, p in enumerate(procs):
+        path = os.path.join(result_dir, f"rank{rank}.pt")
+        assert os.path.exists(path), f"rank {rank} died (exit code {p.exitcode}) or hung past {JOIN_TIMEOUT_S} s"
+        outs.append(torch.load(path, weights_only=True))
+        assert "error" not in outs[-1], f"rank {rank} failed:\n{outs[-1]['error']}"
+    return outs
+
+
+# -- tests ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    root = tmp_path_factory.mktemp("ddp")
+    outs = run_ranks(root, _all_checks, str(root / "run"))
+    for out in outs:
+        out["run_dir"] = root / "run"
+    return outs
+
+
+@pytest.mark.timeout(JOIN_TIMEOUT_S + 30)
+def test_ratio_one_all_reduced_gradients_equal_one_process_on_the_whole_batch(ranks):
+    model = wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=1.0))
+    model(**_global_batch()).loss.backward()
+    reference = _grads(model)
+    for rank in (r["ratio_one"] for r in ranks):
+        assert rank["grads"].keys() == reference.keys()
+        for name, g in reference.items():
+            torch.testing.assert_close(rank["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.timeout(JOIN_TIMEOUT_S + 30)
+def test_sampled_all_reduced_gradient_is_unbiased(ranks):
+    model = wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=1.0))
+    model(**_global_batch()).loss.backward()
+    exact = model.bert.encoder.layer[0].intermediate.dense.weight.grad
+    samples = ranks[0]["sampled"]["samples"]
+    assert torch.equal(samples, ranks[1]["sampled"]["samples"]), "ranks disagree after all-reduce"
+    assert samples.std(0).max() > 0, "nothing was sampled"
+    assert not unbiased_violations(samples, exact).any()
+
+
+@pytest.mark.timeout(JOIN_TIMEOUT_S + 30)
+def test_cache_is_shared_across_ranks_and_identical(ranks):
+    rank0, rank1 = (r["cache"] for r in ranks)
+    assert rank0["num_examples"] == rank1["num_examples"] == 4
+    found = rank0["found_from_rank1"]
+    torch.testing.assert_close(found, rank1["own_norms"], equal_nan=True)
+    assert torch.isfinite(found[rank1["own_norms"].isfinite()]).all() and found.isfinite().any()
+    for key, value in rank0["caches"][0].items():
+        assert torch.equal(value, rank0["caches"][1][key]), key
+    # one step's traffic: 8 B count + per layer slot 24 B header, 12 B per example, 1 B per real token
+    expected = 8 + rank0["slots"] * (24 + 12 * 2 + rank0["real_tokens"])
+    assert rank0["bytes_sent"] == expected
+    assert rank0["bytes_received"] == WORLD * max(expected, 8 + rank1["slots"] * (24 + 24 + rank1["real_tokens"]))
+
+
+@pytest.mark.timeout(JOIN_TIMEOUT_S + 30)
+def test_trainer_on_two_ranks_shares_the_cache_and_writes_checkpoints_once(ranks):
+    rank0, rank1 = (r["trainer"] for r in ranks)
+    assert rank0["world"] == 2
+    assert rank0["num_examples"] == rank1["num_examples"] == 16  # 4 steps × 2 ranks × 2 examples
+    assert torch.equal(rank0["data"], rank1["data"])
+    assert rank0["step"] == rank1["step"] == 4
+    run = ranks[0]["run_dir"]
+    checkpoints = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-2", "checkpoint-4"]
+    for name in checkpoints:
+        files = sorted(p.name for p in (run / name).iterdir())
+        assert files.count("wtacrs_state.safetensors") == 1 and "model.safetensors" in files
+        assert not [f for f in files if f.endswith(".tmp")]
+
+
+def test_wire_format_round_trips_with_any_padding():
+    from wtacrs.cache import GradNormCache
+
+    mask = torch.tensor([[True, True, False], [False, True, True]])  # right- and left-padded rows
+    direct, exchanged = GradNormCache(2), GradNormCache(2)
+    for cache in (direct, exchanged):
+        cache.record(1, torch.tensor([5, 2]), mask, torch.tensor([[1.0, 2.0, 0.0], [0.0, 3.0, 4.0]]))
+    exchanged.exchange_pending(lambda records: unpack_records(pack_records(records)))
+    direct.commit(), exchanged.commit()
+    for key, value in direct.state_dict().items():
+        assert torch.equal(value, exchanged.state_dict()[key]), key
+    assert unpack_records(pack_records([])) == []
+    one = [(0, torch.tensor([1]), mask[:1], torch.ones(1, 3, dtype=torch.uint8))]
+    with pytest.raises(ValueError, match="truncated"):
+        unpack_records(pack_records(one)[:-1])
+
+
+def test_single_process_needs_no_sync():
+    model = wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=0.3))
+    assert enable_data_parallel(model) is None
+    assert wtacrs.sampling_state(model).sync is None
