@@ -20,8 +20,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from wtacrs.tasks.common import DataError, DataUnavailableError, Task, read_delimited, require_nonempty
 
@@ -180,7 +178,11 @@ def load_glue(task: str, data_dir: str | Path | None = None):
 
 
 # -- metrics ------------------------------------------------------------------------------------
+# scikit-learn and scipy are imported where used: importing them costs seconds, and every
+# `wtacrs` command imports this module to list the task names.
 def _classification_metrics(predictions, labels, *, with_f1: bool = False, with_mcc: bool = False) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     if with_mcc:
         return {"matthews_correlation": float(matthews_corrcoef(labels, predictions))}
@@ -191,6 +193,8 @@ def _classification_metrics(predictions, labels, *, with_f1: bool = False, with_
 
 
 def _regression_metrics(predictions, labels) -> dict:
+    from scipy.stats import pearsonr, spearmanr
+
     predictions, labels = np.asarray(predictions, dtype=float).ravel(), np.asarray(labels, dtype=float)
     return {"pearson": float(pearsonr(predictions, labels)[0]), "spearman": float(spearmanr(predictions, labels)[0])}
 

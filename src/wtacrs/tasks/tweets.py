@@ -24,7 +24,6 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score
 
 from wtacrs.tasks.common import DataError, DataUnavailableError, Task, read_delimited, require_nonempty
 
@@ -86,6 +85,8 @@ def load_tweets(path: str | Path | None = None):
 
 def tweet_metrics(predictions, labels) -> dict[str, float]:
     """Accuracy ("score") and macro-F1 over the three classes."""
+    from sklearn.metrics import accuracy_score, f1_score  # here, not at import: see tasks.glue
+
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     accuracy = float(accuracy_score(labels, predictions))
     return {"accuracy": accuracy, "macro_f1": float(f1_score(labels, predictions, average="macro")), "score": accuracy}
