@@ -110,6 +110,19 @@ def test_bench_memory_writes_json_markdown_and_plot(tmp_path):
     assert (tmp_path / "memory.md").read_text().startswith("# Memory") and (tmp_path / "memory.png").stat().st_size
 
 
+def test_bench_merge_joins_runs_and_redoes_ratios(tmp_path):
+    for part, method in (("a", "full"), ("b", "lora")):
+        main(["bench", "memory", *TINY, "--batch", "2", "--methods", method, "--no-rss", "--out", str(tmp_path / part)])
+    assert main(["bench", "merge", str(tmp_path / "a/memory.json"), str(tmp_path / "b/memory.json"),
+                 "--out", str(tmp_path / "m")]) == 0
+    rows = _record(tmp_path / "m/memory.json")["rows"]
+    assert [r["method"] for r in rows] == ["full", "lora"]
+    assert rows[1]["peak_reduction"] == pytest.approx(rows[0]["peak_bytes"] / rows[1]["peak_bytes"])
+    with pytest.raises(SystemExit, match="differ in batch"):
+        main(["bench", "memory", *TINY, "--batch", "3", "--methods", "full", "--no-rss", "--out", str(tmp_path / "c")])
+        main(["bench", "merge", str(tmp_path / "a/memory.json"), str(tmp_path / "c/memory.json"), "--out", str(tmp_path)])
+
+
 def test_bench_speed_writes_the_memory_time_plane(tmp_path):
     assert main(["bench", "speed", *TINY, "--batch", "2", "--methods", "full", "wtacrs@0.3", "--warmup", "0",
                  "--steps", "2", "--profile", "--out", str(tmp_path)]) == 0

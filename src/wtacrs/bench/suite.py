@@ -70,8 +70,6 @@ def run_memory(setup: Setup, rss: bool) -> list[dict]:
     for row in tqdm(rows if rss else [], desc="peak RSS", unit="method", file=sys.stderr):
         if "error" not in row:
             row.update(peak_rss_of_step(setup.size, row["method"], setup.batch, setup.seq, setup.seed))
-    for key in ("peak_bytes", "saved_bytes", "peak_rss_bytes"):
-        add_ratio_to_full(rows, key, f"{key.removesuffix('_bytes')}_reduction", inverse=True)
     return rows
 
 
@@ -86,10 +84,7 @@ def run_speed(setup: Setup, warmup: int, steps: int, peak: bool, profile: bool =
             row["peak_bytes"] = measure_step_memory(trial)["peak_bytes"]
         return {**row, **(profile_components(trial) if profile else {})}
 
-    rows = _per_method(setup, "speed", measure)
-    add_ratio_to_full(rows, "step_s", "time_vs_full")
-    add_ratio_to_full(rows, "peak_bytes", "peak_reduction", inverse=True)
-    return rows
+    return _per_method(setup, "speed", measure)
 
 
 def add_ratio_to_full(rows: list[dict], key: str, name: str, inverse: bool = False) -> None:

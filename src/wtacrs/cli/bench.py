@@ -11,6 +11,7 @@ wtacrs@0.3+companions+checkpointing, crs@0.3, topk@0.3 (see wtacrs.bench.methods
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from wtacrs.bench.methods import DEFAULT_METHODS, MethodError, parse_method
 from wtacrs.bench.models import MODEL_SIZES, build_model, make_batch
 from wtacrs.bench.output import GB, markdown_report, markdown_table, run_metadata, write_json, write_text
 from wtacrs.bench.plots import plot_memory, plot_memory_time_plane, plot_throughput_vs_batch, plot_variance
-from wtacrs.bench.suite import Setup, run_batch, run_memory, run_speed
+from wtacrs.bench.suite import Setup, add_ratio_to_full, run_batch, run_memory, run_speed
 from wtacrs.bench.variance import DEFAULT_RATIOS, capture_linear_io, run_variance, summarize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -74,7 +75,7 @@ def _with_methods(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="bench_command", required=True, metavar="{memory,speed,batch,variance}")
+    sub = p.add_subparsers(dest="bench_command", required=True, metavar="{memory,speed,batch,variance,merge}")
     memory = sub.add_parser("memory", parents=[_common(64)], help="saved bytes, peak of a step, peak RSS")
     _with_methods(memory)
     memory.add_argument("--no-rss", dest="rss", action="store_false", help="skip the fresh-process RSS (CPU)")
@@ -94,6 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     variance.add_argument("--ratios", type=_ratio, nargs="+", default=list(DEFAULT_RATIOS))
     variance.add_argument("--draws", type=int, default=16, help="estimates per layer, ratio and estimator (>= 2)")
     variance.add_argument("--layers", default=None, metavar="REGEX", help="only linear layers whose name matches")
+    merge = sub.add_parser("merge", help="one table from several memory.json (or speed.json) runs of one setup")
+    merge.add_argument("inputs", nargs="+", type=Path, metavar="JSON")
+    merge.add_argument("--out", type=Path, required=True, help="output folder")
 
 
 def _device(name: str) -> torch.device:
@@ -105,9 +109,9 @@ def _device(name: str) -> torch.device:
 def run(args: argparse.Namespace) -> int:
     if args.bench_command == "variance" and args.draws < 2:
         raise SystemExit(f"wtacrs bench variance: error: --draws must be >= 2, got {args.draws}")
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    device = _device(args.device)
+    device = _device(getattr(args, "device", "cpu"))
     return RUNNERS[args.bench_command](args, device)
 
 
@@ -133,40 +137,80 @@ def _gb(rows: list[dict], *keys: str) -> list[dict]:
     return [{**r, **{f"{k.removesuffix('_bytes')}_gb": r[k] / GB for k in keys if r.get(k) is not None}} for r in rows]
 
 
+MEMORY_COLUMNS = [("method", "method", ""), ("saved_gb", "saved for backward (GB)", ".3f"),
+                  ("saved_reduction", "saved ×less", ".2f"), ("peak_gb", "peak of step (GB)", ".3f"),
+                  ("peak_reduction", "peak ×less", ".2f"), ("peak_rss_gb", "peak RSS (GB)", ".2f"),
+                  ("peak_rss_reduction", "RSS ×less", ".2f"), ("error", "error", "")]
+SPEED_COLUMNS = [("method", "method", ""), ("step_s", "median step (s)", ".3f"), ("samples_per_s", "samples/s", ".1f"),
+                 ("time_vs_full", "time ×full", ".3f"), ("peak_gb", "peak (GB)", ".3f"),
+                 ("peak_reduction", "peak ×less", ".2f"), ("error", "error", "")]
+
+
 def _run_memory(args: argparse.Namespace, device: torch.device) -> int:
     rss = args.rss and device.type == "cpu"
-    rows = _gb(run_memory(_setup(args, device), rss), "saved_bytes", "peak_bytes", "peak_rss_bytes", "weights_bytes",
-               "optimizer_bytes")
     peak_kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "exact peak of live tensor bytes"
-    columns = [("method", "method", ""), ("saved_gb", "saved for backward (GB)", ".3f"),
-               ("saved_reduction", "saved ×less", ".2f"), ("peak_gb", "peak of step (GB)", ".3f"),
-               ("peak_reduction", "peak ×less", ".2f"), ("peak_rss_gb", "peak RSS (GB)", ".2f"),
-               ("peak_rss_reduction", "RSS ×less", ".2f"), ("error", "error", "")]
-    notes = [f"Peak of step: {peak_kind} over one full training step (forward, backward, AdamW step), "
+    _report_memory(args.out, _meta(args, device, peak=peak_kind), run_memory(_setup(args, device), rss))
+    return 0
+
+
+def _report_memory(out: Path, meta: dict, rows: list[dict]) -> None:
+    for key in ("peak_bytes", "saved_bytes", "peak_rss_bytes"):
+        add_ratio_to_full(rows, key, f"{key.removesuffix('_bytes')}_reduction", inverse=True)
+    rows = _gb(rows, "saved_bytes", "peak_bytes", "peak_rss_bytes", "weights_bytes", "optimizer_bytes")
+    notes = [f"Peak of step: {meta['peak']} over one full training step (forward, backward, AdamW step), "
              "including weights, gradients and AdamW state.",
              "Peak RSS: ru_maxrss of a fresh process that builds the model and runs one step (CPU only).",
              "Saved for backward: distinct storages packed by autograd in forward, parameters excluded; tensors "
              "kept by non-reentrant checkpointing's recompute closures are not packed and so not counted here."]
-    meta = _meta(args, device, peak=peak_kind)
-    _write(args.out, "memory", f"Memory per method: {args.model}, batch {args.batch}, seq {args.seq}", meta, rows,
-           columns, notes)
-    plot_memory(rows, args.out / "memory.png")
-    return 0
+    title = f"Memory per method: {meta['model']}, batch {meta['batch']}, seq {meta['seq']}"
+    _write(out, "memory", title, meta, rows, MEMORY_COLUMNS, notes)
+    plot_memory(rows, out / "memory.png")
 
 
 def _run_speed(args: argparse.Namespace, device: torch.device) -> int:
-    rows = _gb(run_speed(_setup(args, device), args.warmup, args.steps, args.peak, args.profile), "peak_bytes")
-    columns = [("method", "method", ""), ("step_s", "median step (s)", ".3f"), ("samples_per_s", "samples/s", ".1f"),
-               ("time_vs_full", "time ×full", ".3f"), ("peak_gb", "peak (GB)", ".3f"),
-               ("peak_reduction", "peak ×less", ".2f"), ("error", "error", "")]
-    notes = [f"Median of {args.steps} timed steps after {args.warmup} warm-up step(s), methods run one after another "
-             "in one process. Peak: one more step, measured as in `wtacrs bench memory`."]
-    _write(args.out, "speed", f"Step time per method: {args.model}, batch {args.batch}, seq {args.seq}",
-           _meta(args, device, warmup=args.warmup, steps=args.steps), rows, columns, notes)
-    plot_memory_time_plane(rows, args.out / "memory_time_plane.png")
+    meta = _meta(args, device, warmup=args.warmup, steps=args.steps)
+    rows = run_speed(_setup(args, device), args.warmup, args.steps, args.peak, args.profile)
+    _report_speed(args.out, meta, rows)
     if args.profile:
         write_text(args.out / "speed_profile.md", _profile_report(rows))
     return 0
+
+
+def _report_speed(out: Path, meta: dict, rows: list[dict]) -> None:
+    add_ratio_to_full(rows, "step_s", "time_vs_full")
+    add_ratio_to_full(rows, "peak_bytes", "peak_reduction", inverse=True)
+    notes = [f"Median of {meta['steps']} timed steps after {meta['warmup']} warm-up step(s), methods run one after "
+             "another in one process. Peak: one more step, measured as in `wtacrs bench memory`."]
+    title = f"Step time per method: {meta['model']}, batch {meta['batch']}, seq {meta['seq']}"
+    _write(out, "speed", title, meta, _gb(rows, "peak_bytes"), SPEED_COLUMNS, notes)
+    plot_memory_time_plane(_gb(rows, "peak_bytes"), out / "memory_time_plane.png")
+
+
+REPORTS = {"memory": _report_memory, "speed": _report_speed}
+SAME_SETUP = ("model", "batch", "seq", "device", "dtype", "seed", "torch")
+
+
+def _run_merge(args: argparse.Namespace, device: torch.device) -> int:
+    """Rows of several memory (or speed) runs of one setup as one table, ratios to `full` redone."""
+    records = [json.loads(Path(p).read_text()) for p in args.inputs]
+    kinds = {Path(p).stem for p in args.inputs}
+    if len(kinds) != 1 or not kinds <= set(REPORTS):
+        raise SystemExit(f"wtacrs bench merge: error: give memory.json files or speed.json files, got {sorted(kinds)}")
+    for key in SAME_SETUP:
+        if len({str(r["meta"].get(key)) for r in records}) > 1:
+            raise SystemExit(f"wtacrs bench merge: error: the runs differ in {key}")
+    rows, seen = [], set()
+    for record in records:
+        rows += [_without_ratios(r) for r in record["rows"] if r["method"] not in seen]
+        seen |= {r["method"] for r in record["rows"]}
+    meta = {**records[0]["meta"], "command": " ".join(r["meta"]["command"] for r in records),
+            "merged": [{"file": str(p), "command": r["meta"]["command"]} for p, r in zip(args.inputs, records)]}
+    REPORTS[kinds.pop()](args.out, meta, rows)
+    return 0
+
+
+def _without_ratios(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.endswith(("_reduction", "_vs_full", "_gb"))}
 
 
 def _profile_report(rows: list[dict]) -> str:
@@ -222,4 +266,5 @@ def _run_variance(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
-RUNNERS = {"memory": _run_memory, "speed": _run_speed, "batch": _run_batch, "variance": _run_variance}
+RUNNERS = {"memory": _run_memory, "speed": _run_speed, "batch": _run_batch, "variance": _run_variance,
+           "merge": _run_merge}
