@@ -1,0 +1,5 @@
+import sys
+
+from wtacrs.cli import main
+
+sys.exit(main())
