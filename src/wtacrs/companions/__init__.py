@@ -65,8 +65,8 @@ def _with_mixin(mixin: type, cls: type[nn.Module]) -> type[nn.Module]:
     return type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {_ORIGINAL: cls, "__module__": cls.__module__})
 
 
-RegeneratedDropout._wtacrs_companion_of = nn.Dropout
-LeanLayerNorm._wtacrs_companion_of = nn.LayerNorm
+setattr(RegeneratedDropout, _ORIGINAL, nn.Dropout)
+setattr(LeanLayerNorm, _ORIGINAL, nn.LayerNorm)
 
 
 def _is_swapped(module: nn.Module) -> bool:
