@@ -12,7 +12,8 @@ from torch.utils.checkpoint import checkpoint
 
 from models import CASES_BY_NAME
 from stats import max_z, unbiased_violations
-from wtacrs.attention_ops import _sample_slices, _winner_counts, sample_rows_batched, sampled_matmul
+from wtacrs.attention_ops import _sample_slices, sampled_matmul
+from wtacrs.estimators import _winner_counts, sample_rows_batched
 from wtacrs.estimators import num_winners
 from wtacrs.integrations.attention import (
     ATTN_IMPLEMENTATION,

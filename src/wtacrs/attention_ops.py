@@ -12,7 +12,7 @@ attention matmuls ("score" QKᵀ and "attout" PV), every leading index (batch, h
 distribution over the contracted index. dC is unknown in forward, so the scores are ‖B[:, n]‖ and
 ‖A[m, :]‖ alone (`wtacrs.estimators.column_row_scores` without gradient norms).
 
-The sampler here is the batched form of `wtacrs.estimators.sample_rows`: one call draws for all
+The sampler, `wtacrs.estimators.sample_rows_batched`, is the batched form of `sample_rows`: one call draws for all
 leading indices at once. Calling `sample_rows` per (batch, head) gives the same estimators but,
 for 8 × 12 heads × 128 rows with WTA-CRS, took 62 ms against 1.4 ms batched, while the whole
 8 × 12 × 128 × 64 QKᵀ forward and backward takes 27 ms (one CPU thread, best of 5-15 runs):
@@ -30,89 +30,11 @@ from wtacrs.estimators import (
     Estimator,
     column_row_scores,
     sample_budget,
+    sample_rows_batched,
     validate_estimator,
     validate_ratio,
 )
-from wtacrs.functional import _autocast_dtype
-
-
-def _winner_counts(sorted_probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """|C| per row minimising (1 − Σ_{j≤i} p_(j)) / (k − i) over i < k (Liu et al. 2023, Sec. 3.2).
-
-    Args:
-        sorted_probs: (L, N) probabilities, each row in descending order, N > k.
-    Returns:
-        counts (L,) int64 (first minimum, as `estimators.num_winners`) and the remaining mass
-        Σ_{j≥|C|} p_(j) (L,) float64, summed from the tail to avoid 1 − Σ cancellation.
-    """
-    residual = sorted_probs.flip(1).cumsum(1).flip(1)[:, :k]  # (L, k)
-    bound = residual / torch.arange(k, 0, -1, dtype=residual.dtype, device=residual.device)
-    counts = bound.argmin(1)  # argmin returns the first minimum
-    return counts, residual.gather(1, counts.unsqueeze(1)).squeeze(1)
-
-
-def _column_row_batched(
-    probs: Tensor, k: int, winners: bool, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
-    """CRS (winners=False) or WTA-CRS per row of probs (L, N); see `estimators.crs`/`wta_crs`.
-
-    Slot j < |C| holds the j-th winner with weight 1; the other k − |C| slots hold i.i.d. draws from
-    the non-winners in proportion to p, each weighted (Σ_{non-winners} p) / ((k − |C|) p_j).
-    """
-    sorted_probs, order = torch.sort(probs, dim=1, descending=True, stable=True)  # (L, N)
-    num_rows, n = probs.shape
-    if winners:
-        counts, mass = _winner_counts(sorted_probs, k)
-    else:
-        counts, mass = torch.zeros(num_rows, dtype=torch.int64, device=probs.device), sorted_probs.sum(1)
-    positions = torch.arange(n, device=probs.device)
-    rest = torch.where(positions >= counts.unsqueeze(1), sorted_probs, 0.0)  # (L, N)
-    drawable = (mass > 0).unsqueeze(1)  # False: winners hold all the mass (or every score is 0)
-    draws = torch.multinomial(torch.where(drawable, rest, 1.0), k, replacement=True, generator=generator)
-    slots = torch.arange(k, device=probs.device)
-    is_winner = slots < counts.unsqueeze(1)  # (L, k)
-    picked = torch.where(is_winner, slots, draws)  # positions in sorted order
-    p = sorted_probs.gather(1, picked)
-    draw_weight = mass.unsqueeze(1) / ((k - counts).unsqueeze(1) * p)
-    weights = torch.where(is_winner, 1.0, torch.where(drawable, draw_weight, 0.0))
-    return order.gather(1, picked), weights
-
-
-def sample_rows_batched(
-    scores: Tensor, k: int, estimator: Estimator = "wta-crs", generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """`wtacrs.estimators.sample_rows` for L independent distributions at once, k slots each.
-
-    Args:
-        scores: (L, N) non-negative unnormalised scores; row l is the distribution of index l.
-        k: draws per row, 1 <= k < N (k >= N means keep everything: the caller's exact path).
-        estimator: "wta-crs" | "crs" | "uniform" (unbiased) or "topk" (biased, ablation).
-    Returns:
-        indices (L, k) int64 and weights (L, k) float64 such that
-        Σ_j weights[l, j] · term[l, indices[l, j]] estimates Σ_i term[l, i] for each l.
-        Indices may repeat within a row; unused slots carry weight 0.
-    """
-    validate_estimator(estimator)
-    num_rows, n = scores.shape
-    if estimator == "exact" or not 1 <= k < n:
-        raise ValueError(f"sample_rows_batched needs 1 <= k < N = {n} and a sampling estimator, got k={k}, {estimator!r}")
-    if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
-        raise ValueError("sampling scores must be finite and non-negative (non-finite activations?)")
-    if estimator == "uniform":  # the first k of a uniformly random order: inclusion probability k / N
-        keys = torch.rand(num_rows, n, generator=generator, device=scores.device)
-        indices = keys.argsort(1)[:, :k]
-        return indices, torch.full(indices.shape, n / k, dtype=torch.float64, device=scores.device)
-    if estimator == "topk":
-        indices = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-        return indices, torch.ones(indices.shape, dtype=torch.float64, device=scores.device)
-    total = scores.double().sum(1, keepdim=True)
-    probs = scores.double() / torch.where(total > 0, total, 1.0)  # an all-zero row stays zero: weight 0
-    return _column_row_batched(probs, k, estimator == "wta-crs", generator)
-
-
-def _vector_norms(x: Tensor, dim: int) -> Tensor:
-    """Norms along `dim`, accumulated in at least float32 (half-precision sums overflow)."""
-    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.promote_types(x.dtype, torch.float32))
+from wtacrs.functional import autocast_dtype, row_norms
 
 
 def _sample_slices(
@@ -130,7 +52,7 @@ def _sample_slices(
     k = max(1, sample_budget(ratio, live_count))  # k = 1 with nothing live: an all-zero row, weight 0
     if k >= count:
         return x, None, None
-    norms = _vector_norms(x.detach(), dim=-1 if dim == -2 else -2)  # (..., count)
+    norms = row_norms(x.detach(), dim=-1 if dim == -2 else -2)  # (..., count)
     if live is not None:
         norms = norms * live  # a zero score is never drawn
     lead = norms.shape[:-1]
@@ -234,7 +156,7 @@ def sampled_matmul(
     wants_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     if not wants_grad or estimator == "exact" or ratio >= 1.0:
         return torch.matmul(a, b)
-    dtype = _autocast_dtype(a)
+    dtype = autocast_dtype(a)
     if dtype is not None:  # cast like autocast would, outside the op, so autograd casts the grads back
         a, b = a.to(dtype), b.to(dtype)
     if live_columns is not None and live_columns.shape != (*b.shape[:-2], b.shape[-1]):

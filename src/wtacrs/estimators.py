@@ -104,10 +104,8 @@ def num_winners(sorted_probs: Tensor, k: int) -> int:
     Args:
         sorted_probs: (N,) probabilities in descending order, N >= k.
     """
-    # residual[i] = Σ_{j>i} p_(j), summed from the tail so no 1 − Σ cancellation creeps in.
-    residual = sorted_probs.flip(0).cumsum(0).flip(0)[:k]
-    bound = residual / torch.arange(k, 0, -1, dtype=residual.dtype, device=residual.device)
-    return int(torch.argmin(bound))  # first minimum: the fewest winners among equals
+    counts, _ = _winner_counts(sorted_probs.unsqueeze(0), k)
+    return int(counts[0])
 
 
 def crs(probs: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -180,3 +178,80 @@ def sample_rows(
         return empty, torch.empty(0, dtype=torch.float64, device=scores.device)
     probs = scores.double() / total
     return (wta_crs if estimator == "wta-crs" else crs)(probs, k, generator)
+
+
+# -- batched form: one distribution per leading index (the attention matmuls' (batch, head)) ----
+
+
+def _winner_counts(sorted_probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """|C| per row minimising (1 − Σ_{j≤i} p_(j)) / (k − i) over i < k (Liu et al. 2023, Sec. 3.2).
+
+    Args:
+        sorted_probs: (L, N) probabilities, each row in descending order, N > k.
+    Returns:
+        counts (L,) int64 (the first minimum: the fewest winners among equals) and the remaining mass
+        Σ_{j≥|C|} p_(j) (L,) float64, summed from the tail to avoid 1 − Σ cancellation.
+    """
+    residual = sorted_probs.flip(1).cumsum(1).flip(1)[:, :k]  # (L, k)
+    bound = residual / torch.arange(k, 0, -1, dtype=residual.dtype, device=residual.device)
+    counts = bound.argmin(1)  # argmin returns the first minimum
+    return counts, residual.gather(1, counts.unsqueeze(1)).squeeze(1)
+
+
+def _column_row_batched(
+    probs: Tensor, k: int, winners: bool, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """CRS (winners=False) or WTA-CRS per row of probs (L, N); see `crs`/`wta_crs`.
+
+    Slot j < |C| holds the j-th winner with weight 1; the other k − |C| slots hold i.i.d. draws from
+    the non-winners in proportion to p, each weighted (Σ_{non-winners} p) / ((k − |C|) p_j).
+    """
+    sorted_probs, order = torch.sort(probs, dim=1, descending=True, stable=True)  # (L, N)
+    num_rows, n = probs.shape
+    if winners:
+        counts, mass = _winner_counts(sorted_probs, k)
+    else:
+        counts, mass = torch.zeros(num_rows, dtype=torch.int64, device=probs.device), sorted_probs.sum(1)
+    positions = torch.arange(n, device=probs.device)
+    rest = torch.where(positions >= counts.unsqueeze(1), sorted_probs, 0.0)  # (L, N)
+    drawable = (mass > 0).unsqueeze(1)  # False: winners hold all the mass (or every score is 0)
+    draws = torch.multinomial(torch.where(drawable, rest, 1.0), k, replacement=True, generator=generator)
+    slots = torch.arange(k, device=probs.device)
+    is_winner = slots < counts.unsqueeze(1)  # (L, k)
+    picked = torch.where(is_winner, slots, draws)  # positions in sorted order
+    p = sorted_probs.gather(1, picked)
+    draw_weight = mass.unsqueeze(1) / ((k - counts).unsqueeze(1) * p)
+    weights = torch.where(is_winner, 1.0, torch.where(drawable, draw_weight, 0.0))
+    return order.gather(1, picked), weights
+
+
+def sample_rows_batched(
+    scores: Tensor, k: int, estimator: Estimator = "wta-crs", generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """`sample_rows` for L independent distributions at once, k slots each (no duplicate merging).
+
+    Args:
+        scores: (L, N) non-negative unnormalised scores; row l is the distribution of index l.
+        k: draws per row, 1 <= k < N (k >= N means keep everything: the caller's exact path).
+        estimator: "wta-crs" | "crs" | "uniform" (unbiased) or "topk" (biased, ablation).
+    Returns:
+        indices (L, k) int64 and weights (L, k) float64 such that
+        Σ_j weights[l, j] · term[l, indices[l, j]] estimates Σ_i term[l, i] for each l.
+        Indices may repeat within a row; unused slots carry weight 0.
+    """
+    validate_estimator(estimator)
+    num_rows, n = scores.shape
+    if estimator == "exact" or not 1 <= k < n:
+        raise ValueError(f"sample_rows_batched needs 1 <= k < N = {n} and a sampling estimator, got k={k}, {estimator!r}")
+    if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
+        raise ValueError("sampling scores must be finite and non-negative (non-finite activations?)")
+    if estimator == "uniform":  # the first k of a uniformly random order: inclusion probability k / N
+        keys = torch.rand(num_rows, n, generator=generator, device=scores.device)
+        indices = keys.argsort(1)[:, :k]
+        return indices, torch.full(indices.shape, n / k, dtype=torch.float64, device=scores.device)
+    if estimator == "topk":
+        indices = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        return indices, torch.ones(indices.shape, dtype=torch.float64, device=scores.device)
+    total = scores.double().sum(1, keepdim=True)
+    probs = scores.double() / torch.where(total > 0, total, 1.0)  # an all-zero row stays zero: weight 0
+    return _column_row_batched(probs, k, estimator == "wta-crs", generator)

@@ -42,9 +42,9 @@ class RowSample:
     num_rows: int
 
 
-def _row_norms(rows: Tensor) -> Tensor:
-    """(N, d) → (N,) norms accumulated in at least float32 (half-precision sums overflow)."""
-    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.promote_types(rows.dtype, torch.float32))
+def row_norms(x: Tensor, dim: int = -1) -> Tensor:
+    """Norms along `dim`, accumulated in at least float32 (half-precision sums overflow)."""
+    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 def draw_row_sample(
@@ -80,7 +80,7 @@ def draw_row_sample(
         norms = None if grad_norm is None else grad_norm.reshape(-1)
         if norms is not None and valid is not None:
             norms = norms.index_select(0, valid)
-        scores = column_row_scores(_row_norms(candidates), norms)
+        scores = column_row_scores(row_norms(candidates), norms)
         indices, weights = sample_rows(scores, k, estimator, generator)
         if valid is not None:
             indices = valid.index_select(0, indices)
@@ -90,7 +90,7 @@ def draw_row_sample(
 
 def gather_rows(x: Tensor, indices: Tensor) -> Tensor:
     """(M, in_features) copy of rows `indices` of x (..., in_features), in the dtype the op computes in."""
-    return x.detach().reshape(-1, x.shape[-1]).index_select(0, indices).to(_autocast_dtype(x) or x.dtype)
+    return x.detach().reshape(-1, x.shape[-1]).index_select(0, indices).to(autocast_dtype(x) or x.dtype)
 
 
 class _LinearWithRowSample(torch.autograd.Function):
@@ -115,7 +115,8 @@ class _LinearWithRowSample(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast would compute in on x's device, or None when autocast is off."""
     device_type = x.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -131,7 +132,7 @@ def linear_with_sample(x: Tensor, weight: Tensor, bias: Tensor | None, sample: R
     """
     if sample.num_rows != x.numel() // x.shape[-1]:
         raise ValueError(f"sample was drawn from {sample.num_rows} rows, x has {x.numel() // x.shape[-1]}")
-    dtype = _autocast_dtype(x)
+    dtype = autocast_dtype(x)
     if dtype is None:
         return _LinearWithRowSample.apply(x, weight, bias, sample.rows, sample.indices, sample.weights)
     cast = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
