@@ -115,6 +115,7 @@ def test_default_run_smoke_full_vs_wtacrs(tiny_model, tmp_path, capsys):
     assert list(tmp_path.glob("*/*/full/seed0/runs/*"))  # TensorBoard logs
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume_or_overwrite(tiny_model, tmp_path):
     argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--method", "full", *FAST]
     assert main(argv) == 0
