@@ -38,12 +38,15 @@ class Setup:
         return make_trial(self.size, method, batch or self.batch, self.seq, device=self.device, dtype=self.dtype, seed=self.seed)
 
 
-def _per_method(setup: Setup, desc: str, measure: Callable[[Trial], dict]) -> list[dict]:
+RowsCallback = Callable[[list[dict]], None]
+
+
+def _per_method(setup: Setup, desc: str, measure: Callable[[Trial], dict], on_row: RowsCallback | None) -> list[dict]:
     """One row per method: {"method", **measure(trial)} on a fresh trial, or the error it raised.
 
     A method this installation cannot run, or one that runs out of memory, must not end the whole
     run: its error is recorded and the next method goes on. Each trial is freed before the next
-    one is built.
+    one is built. `on_row(rows so far)` is called after each method (e.g. to save partial results).
     """
     rows = []
     for method in tqdm(setup.methods, desc=desc, unit="method", file=sys.stderr):
@@ -54,6 +57,8 @@ def _per_method(setup: Setup, desc: str, measure: Callable[[Trial], dict]) -> li
             row["error"] = f"{type(e).__name__}: {e}"
         release()
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -63,17 +68,21 @@ def _memory_of(trial: Trial) -> dict:
     return {**memory_breakdown(trial), **measure_step_memory(trial)}
 
 
-def run_memory(setup: Setup, rss: bool) -> list[dict]:
+def run_memory(setup: Setup, rss: bool, on_row: RowsCallback | None = None) -> list[dict]:
     """Per method: weights/gradients/optimizer bytes, bytes saved for backward, peak of a full
     step (see `measure_step_memory`) and, if `rss`, peak RSS of one step in a fresh process."""
-    rows = _per_method(setup, "memory", _memory_of)
+    rows = _per_method(setup, "memory", _memory_of, on_row)
     for row in tqdm(rows if rss else [], desc="peak RSS", unit="method", file=sys.stderr):
         if "error" not in row:
             row.update(peak_rss_of_step(setup.size, row["method"], setup.batch, setup.seq, setup.seed))
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
-def run_speed(setup: Setup, warmup: int, steps: int, peak: bool, profile: bool = False) -> list[dict]:
+def run_speed(
+    setup: Setup, warmup: int, steps: int, peak: bool, profile: bool = False, on_row: RowsCallback | None = None
+) -> list[dict]:
     """Per method: median step seconds after warm-up and samples/s; with `peak`, one more
     (tracked) step's peak memory, for the memory/time plane; with `profile`, one more step
     under cProfile, per library function (see `profile_components`)."""
@@ -84,7 +93,7 @@ def run_speed(setup: Setup, warmup: int, steps: int, peak: bool, profile: bool =
             row["peak_bytes"] = measure_step_memory(trial)["peak_bytes"]
         return {**row, **(profile_components(trial) if profile else {})}
 
-    return _per_method(setup, "speed", measure)
+    return _per_method(setup, "speed", measure, on_row)
 
 
 def add_ratio_to_full(rows: list[dict], key: str, name: str, inverse: bool = False) -> None:

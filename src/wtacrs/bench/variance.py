@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from wtacrs.config import DEFAULT_EXCLUDES
+from wtacrs.estimators import column_row_scores, num_winners, sample_budget
 from wtacrs.functional import draw_row_sample
 
 UNBIASED = ("wta-crs", "crs", "uniform")
@@ -72,6 +73,27 @@ def layer_variance(x: Tensor, dy: Tensor, ratio: float, draws: int, generator: t
     return result
 
 
+def exact_variances(x: Tensor, dy: Tensor, ratio: float) -> dict[str, float]:
+    """Closed-form E‖dŴ − dW‖² / ‖dW‖² of CRS and WTA-CRS for these X, dY (no sampling noise).
+
+    With s_i = ‖X_i‖‖dY_i‖ = ‖dY_iᵀX_i‖, S = Σ s_i and p_i = s_i / S, one CRS draw Z = g_j / p_j
+    has E‖Z‖² = S², so CRS with k draws has variance (S² − ‖dW‖²) / k. WTA-CRS keeps the set C
+    exactly and spends m = k − |C| draws on the rest (mass P = 1 − Σ_C p): (S²P² − ‖dW_rest‖²) / m.
+    |C| is the library's choice (`estimators.num_winners`); k its `sample_budget`.
+    """
+    scores = column_row_scores(torch.linalg.vector_norm(x.float(), dim=1), dy.norm(dim=1))
+    k = sample_budget(ratio, x.shape[0])
+    total = float(scores.sum())
+    order = torch.sort(scores, descending=True, stable=True).indices
+    c = num_winners(scores[order] / total, k)
+    rest = order[c:]
+    exact2 = float((dy.mT @ x).pow(2).sum())
+    rest2 = float((dy[rest].mT @ x[rest]).pow(2).sum())
+    mass = float(scores[rest].sum()) / total
+    return {"crs": (total**2 - exact2) / k / exact2, "wta-crs": (total**2 * mass**2 - rest2) / (k - c) / exact2,
+            "winners": c}
+
+
 def run_variance(captured: dict[str, tuple[Tensor, Tensor]], ratios, draws: int, seed: int) -> list[dict]:
     """One row per (layer, ratio, estimator) with relative variance, bias² and their sum (MSE)."""
     if draws < 2:
@@ -81,15 +103,18 @@ def run_variance(captured: dict[str, tuple[Tensor, Tensor]], ratios, draws: int,
     jobs = [(name, ratio) for name in captured for ratio in ratios]
     for name, ratio in tqdm(jobs, desc="variance", unit="layer·ratio", file=sys.stderr):
         x, dy = captured[name]
+        exact = exact_variances(x, dy, ratio)
         for estimator, stats in layer_variance(x, dy, ratio, draws, generator).items():
             rows.append({"layer": name, "ratio": ratio, "estimator": estimator, **stats,
-                         "mse": stats["variance"] + stats["bias2"]})
+                         "mse": stats["variance"] + stats["bias2"], "exact_variance": exact.get(estimator),
+                         "winners": exact["winners"]})
     return rows
 
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Per (ratio, estimator): median relative MSE over layers; per ratio, the layers where
-    WTA-CRS's variance is at most CRS's."""
+    WTA-CRS's variance is at most CRS's, measured and in closed form, and the largest closed-form
+    ratio var(WTA-CRS) / var(CRS) over layers."""
     summary = []
     for ratio in sorted({r["ratio"] for r in rows}):
         at = [r for r in rows if r["ratio"] == ratio]
@@ -99,6 +124,9 @@ def summarize(rows: list[dict]) -> list[dict]:
         wta = {r["layer"]: r["variance"] for r in at if r["estimator"] == "wta-crs"}
         crs = {r["layer"]: r["variance"] for r in at if r["estimator"] == "crs"}
         entry["wta_le_crs"] = sum(wta[k] <= crs[k] for k in wta)
+        exact = {(r["layer"], r["estimator"]): r["exact_variance"] for r in at}
+        entry["exact_wta_le_crs"] = sum(exact[(k, "wta-crs")] <= exact[(k, "crs")] for k in wta)
+        entry["exact_wta_over_crs_max"] = max(exact[(k, "wta-crs")] / exact[(k, "crs")] for k in wta)
         entry["layers"] = len(wta)
         summary.append(entry)
     return summary

@@ -149,8 +149,14 @@ SPEED_COLUMNS = [("method", "method", ""), ("step_s", "median step (s)", ".3f"),
 def _run_memory(args: argparse.Namespace, device: torch.device) -> int:
     rss = args.rss and device.type == "cpu"
     peak_kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "exact peak of live tensor bytes"
-    _report_memory(args.out, _meta(args, device, peak=peak_kind), run_memory(_setup(args, device), rss))
+    meta = _meta(args, device, peak=peak_kind)
+    run_memory(_setup(args, device), rss, on_row=lambda rows: _report_memory(args.out, meta, _copies(rows)))
     return 0
+
+
+def _copies(rows: list[dict]) -> list[dict]:
+    """Shallow copies, so that a partial report does not add its ratios to the rows being measured."""
+    return [dict(r) for r in rows]
 
 
 def _report_memory(out: Path, meta: dict, rows: list[dict]) -> None:
@@ -169,8 +175,8 @@ def _report_memory(out: Path, meta: dict, rows: list[dict]) -> None:
 
 def _run_speed(args: argparse.Namespace, device: torch.device) -> int:
     meta = _meta(args, device, warmup=args.warmup, steps=args.steps)
-    rows = run_speed(_setup(args, device), args.warmup, args.steps, args.peak, args.profile)
-    _report_speed(args.out, meta, rows)
+    rows = run_speed(_setup(args, device), args.warmup, args.steps, args.peak, args.profile,
+                     on_row=lambda rows: _report_speed(args.out, meta, _copies(rows)))
     if args.profile:
         write_text(args.out / "speed_profile.md", _profile_report(rows))
     return 0
@@ -254,10 +260,14 @@ def _run_variance(args: argparse.Namespace, device: torch.device) -> int:
     summary = summarize(rows)
     columns = [("ratio", "ratio", ".1f"), ("wta-crs", "WTA-CRS", ".3g"), ("crs", "CRS", ".3g"),
                ("uniform", "uniform", ".3g"), ("topk", "top-k bias²", ".3g"),
-               ("wta_le_crs", "layers var WTA ≤ CRS", "d"), ("layers", "layers", "d")]
+               ("wta_le_crs", "layers var WTA ≤ CRS (measured)", "d"),
+               ("exact_wta_le_crs", "layers var WTA ≤ CRS (closed form)", "d"),
+               ("exact_wta_over_crs_max", "max var WTA / var CRS (closed form)", ".3f"), ("layers", "layers", "d")]
     notes = ["Median over layers of the relative MSE E‖dŴ − dW‖²/‖dW‖² (variance + bias²; top-k: bias² only); "
              "per-layer variance and bias² are in variance.json.",
-             f"{args.draws} independent estimates per layer, ratio and estimator; scores use the true ‖dY_i‖."]
+             f"{args.draws} independent estimates per layer, ratio and estimator; scores use the true ‖dY_i‖.",
+             "Closed form: the exact variances of CRS and WTA-CRS for the captured X and dY "
+             "(`wtacrs.bench.variance.exact_variances`); the measured counts carry sampling noise."]
     shapes = {name: [list(x.shape), list(dy.shape)] for name, (x, dy) in captured.items()}
     _write(args.out, "variance", f"Weight-gradient estimator error: {args.model}, batch {args.batch}, seq {args.seq}",
            _meta(args, device, draws=args.draws, ratios=args.ratios, layer_shapes=shapes), summary, columns, notes,
