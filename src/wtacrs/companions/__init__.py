@@ -22,7 +22,9 @@ on CPU the attention-probability dropout happens inside the kernel and is not co
 
 Modules are changed by swapping their class in place, as torchao does: the module object, its
 parameters (state_dict keys, `data_ptr`s) and `isinstance` checks are unchanged, and
-`remove_companions` swaps the original class back.
+`remove_companions` swaps the original class back. Activation and attention modules get
+classes made at run time (one per original class): state_dicts and `copy.deepcopy` work, pickling
+the whole module object (`torch.save(model)`) does not; remove the companions first.
 """
 
 from __future__ import annotations

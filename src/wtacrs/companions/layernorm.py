@@ -23,6 +23,9 @@ else) is no longer kept, one full (tokens × hidden) tensor per LayerNorm. When 
 WTA-CRS sampled linear it keeps only a copy of sampled rows, so this op keeps y instead of x: no
 saving. The embedding LayerNorm's y goes through dropout first; with `RegeneratedDropout`
 nothing else saves it either.
+
+Since y is saved, code that later modifies y in place gets autograd's "modified by an inplace
+operation" error (the ordinary LayerNorm would not); transformers' BERT-family layers do not.
 """
 
 from __future__ import annotations
