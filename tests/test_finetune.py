@@ -154,6 +154,24 @@ def test_squad_single_file_split_by_article(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_decoder_model_gpt2_with_wtacrs(tmp_path):
+    """A unidirectional decoder (GPT-2 layout, Conv1D layers) through the same path."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2Model
+
+    from wtacrs.cli.finetune import packaged_model_dir
+
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(tmp_path / "gpt")
+    AutoTokenizer.from_pretrained(packaged_model_dir()).save_pretrained(tmp_path / "gpt")
+    argv = ["finetune", "--model", str(tmp_path / "gpt"), "--output-dir", str(tmp_path / "out"), "--method", "wtacrs",
+            *FAST]
+    assert main(argv) == 0
+    record = results_of(tmp_path / "out", "wtacrs-0.3")
+    assert record["model_kind"] == "decoder" and record["model_name"] == "gpt"
+
+
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tiny_model, tmp_path):
     argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--method", "wtacrs",
             *FAST, "--epochs", "2"]

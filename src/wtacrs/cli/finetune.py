@@ -196,7 +196,8 @@ def comparison_table(results: list[dict]) -> str:
         label = r["method"] + (f"@{r['ratio']:g}" if r["ratio"] is not None else "")
         lines.append(
             f"{label:<16} {r['seed']:>4} {r['score']:>7.4f} {r['peak_memory_bytes'] / 2**20:>9.0f} "
-            f"{r['saved_activation_bytes'] / 2**20:>9.2f} {r['train_samples_per_second']:>9.1f} {r['wall_seconds']:>7.0f}"
+            f"{r['saved_activation_bytes'] / 2**20:>9.2f} {r['train_samples_per_second'] or math.nan:>9.1f} "
+            f"{r['wall_seconds']:>7.0f}"
         )
     metric = results[0]["score_name"] if results else "score"
     lines.append(f"score = {metric} on {results[0]['eval_examples'] if results else 0} validation examples; "
@@ -253,9 +254,9 @@ def _prepare_run_dir(args: argparse.Namespace, method: str, seed: int) -> Path:
 
 
 def _last_checkpoint(out: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    from wtacrs.integrations.checkpoints import last_complete_checkpoint
 
-    return get_last_checkpoint(str(out))
+    return last_complete_checkpoint(out)  # skips a checkpoint a killed run left half-written
 
 
 def load_model(name_or_path: str, task):
