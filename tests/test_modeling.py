@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import json
+import threading
 
 import pytest
 import torch
@@ -228,3 +228,26 @@ def test_bert_base_sampling_removes_most_linear_input_bytes(batch_size, layers, 
         print(f"\n  BERT-base width, {layers} layers, batch {batch_size}: saved {full / 2**20:.0f} MiB -> {sampled / 2**20:.0f} MiB; "
               f"linear inputs {linear_inputs / 2**20:.0f} MiB, {removed:.3f} of them removed")
     assert removed >= 0.66
+
+
+def test_checkpoint_recompute_on_another_thread_samples_the_same_rows():
+    """CUDA autograd runs backward (and so checkpoint recomputation) on a device thread, where
+    the `wtacrs.batch` context is not set; the recompute must still score rows as forward did."""
+    case = CASES_BY_NAME["bert"]
+    model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    errors = []
+    for _ in range(2):  # the second step scores with cached norms
+        with wtacrs.batch(torch.arange(3)):
+            loss = model(**case.batch()).loss
+            thread = threading.Thread(target=lambda: _backward_into(loss, errors))
+            thread.start()
+            thread.join(timeout=60)
+    assert not errors, errors[0]
+
+
+def _backward_into(loss, errors):
+    try:
+        loss.backward()
+    except Exception as e:  # noqa: BLE001 - reported by the test
+        errors.append(e)

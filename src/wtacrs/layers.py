@@ -109,6 +109,7 @@ class SamplingState:
         self._draws: dict[int, _Draw] = {}  # id(tensor) -> draw
         self._groups: dict[int, set[int]] = {}  # leader slot -> slots that reused its draw
         self._masks: dict[str, Tensor | None] = {}
+        self._batch_ids: Tensor | None = None  # example ids of the current forward, if known
         self._first_records: list[tuple[int, Tensor, Tensor, Tensor]] = []  # before the cache exists
         self._warned_no_ids = False
         self.hook: torch.utils.hooks.RemovableHandle | None = None  # set by wtacrs.apply
@@ -128,6 +129,9 @@ class SamplingState:
         batch_context = _current_batch.get()
         if batch_context is not None and self not in batch_context.states:
             batch_context.states.append(self)
+        # Read the ids now: a checkpoint recompute runs inside backward, which autograd runs on
+        # a device thread for CUDA tensors, where the context variable is not set.
+        self._batch_ids = None if batch_context is None else batch_context.example_ids
         if torch.is_grad_enabled():
             self.step += 1
 
@@ -162,15 +166,14 @@ class SamplingState:
     # -- gradient-norm cache -------------------------------------------------------------------
     def _batch_rows(self, x: Tensor, row_mask: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """(example ids (B,), mask (B, T)) when x's rows are (example, token) of the current batch."""
-        context = _current_batch.get()
         if self.config.grad_norm != "cache":
             return None
-        if context is None:
+        if self._batch_ids is None:
             if not self._warned_no_ids:
                 logger.warning("wtacrs: no example ids (use wtacrs.batch(ids)); sampling by activation norms only")
                 self._warned_no_ids = True
             return None
-        ids = context.example_ids
+        ids = self._batch_ids
         if x.dim() != 3 or x.shape[0] != ids.numel():
             return None
         mask = row_mask if row_mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
