@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", nargs="+", choices=METHODS, help="one run per method (default: full wtacrs)")
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of token rows kept by sampling methods")
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']}, LoRA {DEFAULTS['lora_lr']})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']}; offline default task "
+                   f"{OFFLINE_DEFAULTS['lr']}; LoRA methods {DEFAULTS['lora_lr']})")
     p.add_argument("--epochs", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-length", type=int, help="tokens per sequence (SQuAD: per window)")
@@ -199,9 +200,10 @@ def comparison_table(results: list[dict]) -> str:
             f"{r['saved_activation_bytes'] / 2**20:>9.2f} {r['train_samples_per_second'] or math.nan:>9.1f} "
             f"{r['wall_seconds']:>7.0f}"
         )
-    metric = results[0]["score_name"] if results else "score"
-    lines.append(f"score = {metric} on {results[0]['eval_examples'] if results else 0} validation examples; "
-                 f"peak = {results[0]['peak_memory_kind'] if results else ''}; act. = bytes saved for backward in one step")
+    if results:
+        first = results[0]
+        lines.append(f"score = {first['score_name']} on {first['eval_examples']} validation examples; peak = "
+                     f"{first['peak_memory_kind']}; act. = bytes saved for backward in one training step")
     return "\n".join(lines)
 
 
@@ -465,7 +467,8 @@ def collect_results(args, method, seed, task, trainer, timer, num_train, eval_ex
     epochs_timed = timer.steps / math.ceil(num_train / args.batch_size)
     first = next(iter(eval_examples))
     return {
-        "task": args.task, "model": args.model, "model_name": model_name(args.model),"model_kind": _model_kind(trainer.model), "method": method,
+        "task": args.task, "model": args.model, "model_name": model_name(args.model),
+        "model_kind": _model_kind(trainer.model), "method": method,
         "ratio": args.ratio if method in SAMPLED_ESTIMATOR else None, "estimator": SAMPLED_ESTIMATOR.get(method),
         "seed": seed, "metrics": metrics, "score": metrics[first]["score"], "score_name": task.score_name,
         "best_epoch": best_epoch, "history": history,

@@ -155,7 +155,8 @@ def _draw_ratio(ax, records: list[dict]) -> None:
     for method in ("full", "lora", "checkpointing"):
         mean = _mean_by([r for r in records if r["method"] == method], lambda r: method)
         if mean:
-            ax.axhline(mean[method], linestyle="--", linewidth=1, label=method, color="gray" if method == "full" else None)
+            color = "gray" if method == "full" else None
+            ax.axhline(mean[method], linestyle="--", linewidth=1, label=method, color=color)
     ax.set_xlabel("ratio (fraction of rows kept)")
     ax.set_ylabel("score (%)")
 

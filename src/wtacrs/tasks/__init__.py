@@ -18,7 +18,10 @@ from wtacrs.tasks.tweets import TWEETS, load_tweets
 DEFAULT_TASK = TWEETS.name
 TASK_NAMES: tuple[str, ...] = (DEFAULT_TASK, *GLUE_LAYOUTS, *SQUAD_TASKS)
 
-__all__ = ["DEFAULT_TASK", "TASK_NAMES", "DataError", "DataUnavailableError", "Task", "get_task", "load_task", "tokenize_sequences"]
+__all__ = [
+    "DEFAULT_TASK", "TASK_NAMES", "DataError", "DataUnavailableError", "Task", "get_task", "load_task",
+    "tokenize_sequences",
+]
 
 
 def get_task(name: str) -> Task:

@@ -124,7 +124,7 @@ def load_squad(task: str, data_dir: str | Path | None = None):
     else:
         train_name, dev_name = OFFICIAL_FILES[task]
         if not (data_dir / train_name).is_file():
-            raise DataError(data_dir / train_name, "file not found; pass a single JSON file instead to split it by article")
+            raise DataError(data_dir / train_name, "file not found; or pass one JSON file to split it by article")
         train = [r for a in read_squad_json(data_dir / train_name) for r in a]
         validation = [r for a in read_squad_json(data_dir / dev_name) for r in a]
     return datasets.DatasetDict({
