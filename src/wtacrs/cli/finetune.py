@@ -48,24 +48,23 @@ OFFLINE_DEFAULTS = {"epochs": 2.0, "max_length": 64, "max_train_samples": 1000, 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from wtacrs.tasks import DEFAULT_TASK, TASK_NAMES
 
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("--task", choices=TASK_NAMES, default=DEFAULT_TASK)
     p.add_argument("--data-dir", help="local data: a GLUE folder, SQuAD JSON folder or file (default: hub / bundled)")
     p.add_argument("--model", help="Hugging Face model name or local path (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--method", nargs="+", choices=METHODS, help="one run per method (default: full wtacrs)")
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of token rows kept by sampling methods")
-    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed")
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of token rows kept by sampling methods (default 0.3)")
+    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed (default 0)")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']}; offline default task "
                    f"{OFFLINE_DEFAULTS['lr']}; LoRA methods {DEFAULTS['lora_lr']})")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-length", type=int, help="tokens per sequence (SQuAD: per window)")
-    p.add_argument("--warmup-ratio", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--max-train-samples", type=int, help="train on a fixed random subset of this size")
-    p.add_argument("--max-eval-samples", type=int, help="evaluate on a fixed random subset of this size")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--epochs", type=float, help=_default_help("epochs"))
+    p.add_argument("--batch-size", type=int, help=_default_help("batch_size"))
+    p.add_argument("--max-length", type=int, help="tokens per sequence (SQuAD: per window); " + _default_help("max_length"))
+    p.add_argument("--warmup-ratio", type=float, help=_default_help("warmup_ratio"))
+    p.add_argument("--weight-decay", type=float, help=_default_help("weight_decay"))
+    p.add_argument("--max-train-samples", type=int, help="train on a fixed random subset of this size; " + _default_help("max_train_samples"))
+    p.add_argument("--max-eval-samples", type=int, help="evaluate on a fixed random subset of this size; " + _default_help("max_eval_samples"))
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA scaling numerator (default 16)")
     p.add_argument("--doc-stride", type=int, default=128, help="SQuAD: overlap of context windows")
     p.add_argument("--n-best", type=int, default=20, help="SQuAD: candidate starts/ends per window")
     p.add_argument("--max-answer-length", type=int, default=30, help="SQuAD: longest answer in tokens")
@@ -78,6 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="run all runs in this process (peak memory is then shared with earlier runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _default_help(name: str) -> str:
+    found = [f"{where} {table[name]}" for where, table in
+             (("default", DEFAULTS), ("SQuAD", QA_DEFAULTS), ("offline default task", OFFLINE_DEFAULTS)) if name in table]
+    return "; ".join(found)
 
 
 # -- options -----------------------------------------------------------------------------------
