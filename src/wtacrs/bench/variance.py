@@ -125,7 +125,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         crs = {r["layer"]: r["variance"] for r in at if r["estimator"] == "crs"}
         entry["wta_le_crs"] = sum(wta[k] <= crs[k] for k in wta)
         exact = {(r["layer"], r["estimator"]): r["exact_variance"] for r in at}
-        entry["exact_wta_le_crs"] = sum(exact[(k, "wta-crs")] <= exact[(k, "crs")] for k in wta)
+        # With no winners (|C| = 0) WTA-CRS is CRS: equal up to float rounding, counted as ≤.
+        entry["exact_wta_le_crs"] = sum(exact[(k, "wta-crs")] <= exact[(k, "crs")] * (1 + 1e-9) for k in wta)
         entry["exact_wta_over_crs_max"] = max(exact[(k, "wta-crs")] / exact[(k, "crs")] for k in wta)
         entry["layers"] = len(wta)
         summary.append(entry)
