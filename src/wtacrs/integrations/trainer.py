@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
+from wtacrs.integrations.checkpoints import last_complete_checkpoint, verify_checkpoint
 from wtacrs.integrations.distributed import enable_data_parallel
 from wtacrs.layers import batch
 from wtacrs.modeling import sampling_state
@@ -45,6 +46,17 @@ class WTACRSTrainer(Trainer):
         super()._set_signature_columns_if_needed()
         if EXAMPLE_ID_COLUMN not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, EXAMPLE_ID_COLUMN]
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, checking the whole checkpoint before loading any of it (True = the
+        newest complete checkpoint in output_dir)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from")
+        if resume_from_checkpoint:
+            verify_checkpoint(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, **kwargs)
 
     def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         enable_data_parallel(self._unwrapped())  # no-op unless torch.distributed runs several ranks
