@@ -68,8 +68,8 @@ CASES = {
 def test_expected_weight_of_every_live_row_is_one(case, estimator):
     scores, k = CASES[case]
     w = dense_weights(scores, k, estimator, samples=2 if estimator == "exact" else SAMPLES)
-    # Rows with zero score have zero product by precondition; uniform and exact ignore scores.
-    live = scores > 0 if estimator in ("wta-crs", "crs") else torch.ones_like(scores, dtype=torch.bool)
+    # Rows with zero score have zero product by precondition and are never drawn; exact keeps all.
+    live = scores > 0 if estimator != "exact" else torch.ones_like(scores, dtype=torch.bool)
     bad = unbiased_violations(w[:, live], torch.ones(int(live.sum())))
     assert not bad.any(), f"{case}/{estimator}: rows {bad.nonzero().flatten().tolist()} biased, max z={max_z(w[:, live], torch.ones(int(live.sum()))):.1f}"
     assert (w[:, ~live] == 0).all()

@@ -24,7 +24,8 @@ _CODES_PER_OCTAVE = 4.0
 _MISSING = 0
 _INDEX_BYTES_PER_EXAMPLE = 12  # int64 offset + int32 length
 
-# A buffered record: (slot, example ids (B,) int64, row mask (B, T) bool, codes (B, T) uint8).
+# A buffered record: (slot, example ids (B,) int64, row mask (B, T) bool, codes (B, T) uint8);
+# until materialised, the mask may sit on a GPU and the last entry holds float norms there.
 PendingRecord = tuple[int, Tensor, Tensor, Tensor]
 
 
@@ -93,7 +94,8 @@ class GradNormCache:
         Returns:
             (B, T) float32 on the CPU, NaN where unknown (padding, first visit, length changed).
         """
-        ids, mask = self._check(slot, example_ids, row_mask)
+        ids = self._check(slot, example_ids, row_mask)
+        mask = row_mask.detach().cpu().to(torch.bool)
         offset, length = self._entries(ids)
         known = (offset >= 0) & (length == mask.sum(1))
         index = offset.unsqueeze(1) + slot * length.unsqueeze(1) + mask.cumsum(1) - 1
@@ -104,11 +106,21 @@ class GradNormCache:
 
     # -- updates -------------------------------------------------------------------------------
     def record(self, slot: int, example_ids: Tensor, row_mask: Tensor, norms: Tensor) -> None:
-        """Buffer (B, T) norms of one layer's output gradient; written at the next `commit`."""
-        ids, mask = self._check(slot, example_ids, row_mask)
-        if norms.shape != mask.shape:
-            raise ValueError(f"norms shape {tuple(norms.shape)} does not match row_mask {tuple(mask.shape)}")
-        self._pending.append((slot, ids, mask, encode_norms(norms.detach().cpu())))
+        """Buffer (B, T) norms of one layer's output gradient (any device); written at the next `commit`."""
+        ids = self._check(slot, example_ids, row_mask)
+        if norms.shape != row_mask.shape:
+            raise ValueError(f"norms shape {tuple(norms.shape)} does not match row_mask {tuple(row_mask.shape)}")
+        # Kept where they are (maybe a GPU) until commit: a copy to the host here would stall
+        # every backward step on every sampled layer.
+        self._pending.append((slot, ids, row_mask.detach(), norms.detach()))
+
+    def _materialize_pending(self) -> list[PendingRecord]:
+        """Pending records as host tensors: (slot, ids, bool mask, uint8 codes)."""
+        self._pending = [
+            (slot, ids, mask.cpu().to(torch.bool), codes if codes.dtype == torch.uint8 else encode_norms(codes.cpu()))
+            for slot, ids, mask, codes in self._pending
+        ]
+        return self._pending
 
     def discard_pending(self) -> None:
         """Drop buffered records (e.g. a step skipped for non-finite gradients)."""
@@ -117,11 +129,11 @@ class GradNormCache:
     def exchange_pending(self, exchange: Callable[[list[PendingRecord]], list[PendingRecord]]) -> None:
         """Replace the buffered records by `exchange(records)` before a commit (data-parallel
         training passes an all-gather, so every rank commits every rank's records)."""
-        self._pending = list(exchange(self._pending))
+        self._pending = list(exchange(self._materialize_pending()))
 
     def commit(self) -> None:
         """Write all buffered records."""
-        for slot, ids, mask, codes in self._pending:
+        for slot, ids, mask, codes in self._materialize_pending():
             length = mask.sum(1).to(torch.int32)
             offset = self._allocate(ids, length)
             index = offset.unsqueeze(1) + slot * length.unsqueeze(1) + mask.cumsum(1) - 1
@@ -147,7 +159,8 @@ class GradNormCache:
         self._pending.clear()
 
     # -- internals -----------------------------------------------------------------------------
-    def _check(self, slot: int, example_ids: Tensor, row_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _check(self, slot: int, example_ids: Tensor, row_mask: Tensor) -> Tensor:
+        """Validated host int64 ids; the mask is checked for shape only (it may live on a GPU)."""
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
         if example_ids.dim() != 1 or example_ids.dtype.is_floating_point or example_ids.dtype == torch.bool:
@@ -160,7 +173,7 @@ class GradNormCache:
         ids = example_ids.detach().cpu().to(torch.int64)
         if bool((ids < 0).any()):
             raise ValueError("example_ids must be non-negative")
-        return ids, row_mask.detach().cpu().to(torch.bool)
+        return ids
 
     def _entries(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         inside = ids < self._offset.numel()

@@ -117,13 +117,14 @@ def crs(probs: Tensor, k: int, generator: torch.Generator | None = None) -> tupl
 def wta_crs(probs: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Winners kept with weight 1, the other k − |C| draws from the rest in proportion to p."""
     sorted_probs, order = torch.sort(probs, descending=True, stable=True)
-    c = num_winners(sorted_probs, k)
+    counts, residual = _winner_counts(sorted_probs.unsqueeze(0), k)
+    c, mass = torch.stack([counts[0].double(), residual[0]]).tolist()  # one host sync
+    c = int(c)
     if c == 0:
         return crs(probs, k, generator)
     winners, rest, rest_probs = order[:c], order[c:], sorted_probs[c:]
-    mass = rest_probs.sum()
     winner_weights = torch.ones(c, dtype=probs.dtype, device=probs.device)
-    if float(mass) <= 0.0:  # the winners hold all the mass: the estimate is exact
+    if mass <= 0.0:  # the winners hold all the mass: the estimate is exact
         return merge_duplicates(winners, winner_weights)
     m = k - c
     draws = torch.multinomial(rest_probs / mass, m, replacement=True, generator=generator)
@@ -137,10 +138,15 @@ def topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return merge_duplicates(idx, torch.ones(k, dtype=scores.dtype, device=scores.device))
 
 
-def uniform(num_rows: int, k: int, generator: torch.Generator | None = None, device=None) -> tuple[Tensor, Tensor]:
-    """k rows without replacement, each weighted N / k (inclusion probability k / N)."""
-    idx = torch.randperm(num_rows, generator=generator, device=device)[:k].sort().values
-    return idx, torch.full((k,), num_rows / k, dtype=torch.float64, device=device)
+def uniform(scores: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """k of the N' rows with a positive score, without replacement, each weighted N' / k
+    (inclusion probability k / N'); zero-score rows have a zero product and are skipped."""
+    live = (scores > 0).nonzero().squeeze(1)
+    k = min(k, live.numel())
+    if k == 0:
+        return live, torch.empty(0, dtype=torch.float64, device=scores.device)
+    pick = torch.randperm(live.numel(), generator=generator, device=scores.device)[:k]
+    return live[pick].sort().values, torch.full((k,), live.numel() / k, dtype=torch.float64, device=scores.device)
 
 
 def sample_rows(
@@ -164,18 +170,21 @@ def sample_rows(
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     n = scores.numel()
-    if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=scores.device), torch.empty(0, dtype=torch.float64, device=scores.device)
+    total = scores.double().sum()
+    # One host sync checks everything: a NaN or Inf score makes the total non-finite.
+    total_value, minimum = torch.stack([total, scores.double().min()]).tolist()
+    if not math.isfinite(total_value) or minimum < 0:
         raise ValueError("sampling scores must be finite and non-negative (non-finite activations or gradient norms?)")
     if estimator == "exact" or k >= n:
         return torch.arange(n, device=scores.device), torch.ones(n, dtype=torch.float64, device=scores.device)
     if estimator == "uniform":
-        return uniform(n, k, generator, scores.device)
+        return uniform(scores, k, generator)
     if estimator == "topk":
         return topk(scores, k)
-    total = scores.double().sum()
-    if float(total) == 0.0:  # every row product is zero: an empty sum is the exact gradient
-        empty = torch.empty(0, dtype=torch.int64, device=scores.device)
-        return empty, torch.empty(0, dtype=torch.float64, device=scores.device)
+    if total_value == 0.0:  # every row product is zero: an empty sum is the exact gradient
+        return torch.empty(0, dtype=torch.int64, device=scores.device), torch.empty(0, dtype=torch.float64, device=scores.device)
     probs = scores.double() / total
     return (wta_crs if estimator == "wta-crs" else crs)(probs, k, generator)
 

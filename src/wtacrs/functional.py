@@ -71,21 +71,18 @@ def draw_row_sample(
     for name, t in (("row_mask", row_mask), ("grad_norm", grad_norm)):
         if t is not None and t.shape != lead:
             raise ValueError(f"{name} must have shape {tuple(lead)} (x.shape[:-1]), got {tuple(t.shape)}")
-    valid = None if row_mask is None else row_mask.reshape(-1).to(torch.bool).nonzero().squeeze(1)
-    candidates = flat if valid is None else flat.index_select(0, valid)
-    k = sample_budget(ratio, candidates.shape[0])
+    scores = column_row_scores(row_norms(flat), None if grad_norm is None else grad_norm.reshape(-1))
+    if row_mask is None:
+        k = sample_budget(ratio, flat.shape[0])
+    else:  # masked rows get a zero score, so they are never drawn
+        mask = row_mask.reshape(-1).to(torch.bool)
+        scores = scores * mask
+        k = sample_budget(ratio, int(mask.sum()))
     if k == 0:  # no sampleable rows: dW = 0 under the row_mask precondition
-        indices, weights = torch.empty(0, dtype=torch.int64), torch.empty(0)
+        indices, weights = torch.empty(0, dtype=torch.int64, device=x.device), torch.empty(0, device=x.device)
     else:
-        norms = None if grad_norm is None else grad_norm.reshape(-1)
-        if norms is not None and valid is not None:
-            norms = norms.index_select(0, valid)
-        scores = column_row_scores(row_norms(candidates), norms)
         indices, weights = sample_rows(scores, k, estimator, generator)
-        if valid is not None:
-            indices = valid.index_select(0, indices)
-    indices = indices.to(x.device)
-    return RowSample(indices, weights.to(device=x.device, dtype=torch.float32), gather_rows(x, indices), flat.shape[0])
+    return RowSample(indices, weights.to(torch.float32), gather_rows(x, indices), flat.shape[0])
 
 
 def gather_rows(x: Tensor, indices: Tensor) -> Tensor:

@@ -110,6 +110,7 @@ class SamplingState:
         self._groups: dict[int, set[int]] = {}  # leader slot -> slots that reused its draw
         self._masks: dict[str, Tensor | None] = {}
         self._batch_ids: Tensor | None = None  # example ids of the current forward, if known
+        self._host_masks: dict[tuple[int, int], Tensor] = {}
         self._first_records: list[tuple[int, Tensor, Tensor, Tensor]] = []  # before the cache exists
         self._warned_no_ids = False
         self.hook: torch.utils.hooks.RemovableHandle | None = None  # set by wtacrs.apply
@@ -125,7 +126,8 @@ class SamplingState:
     def begin_forward(self, masks: dict[str, Tensor | None]) -> None:
         """Called before each top-level forward of the model."""
         self._draws.clear()
-        self._masks = masks
+        self._host_masks.clear()
+        self._masks = {k: None if m is None else m.to(torch.bool) for k, m in masks.items()}
         batch_context = _current_batch.get()
         if batch_context is not None and self not in batch_context.states:
             batch_context.states.append(self)
@@ -137,7 +139,7 @@ class SamplingState:
 
     def row_mask(self, stream: str, x: Tensor) -> Tensor | None:
         mask = self._masks.get(stream)
-        return mask.to(torch.bool) if mask is not None and mask.shape == x.shape[:-1] else None
+        return mask if mask is not None and mask.shape == x.shape[:-1] else None
 
     def sample_for(self, slot: int, x: Tensor, row_mask: Tensor | None) -> RowSample:
         """The shared draw for `x`, drawing it if this is the first layer to read `x`."""
@@ -176,7 +178,7 @@ class SamplingState:
         ids = self._batch_ids
         if x.dim() != 3 or x.shape[0] != ids.numel():
             return None
-        mask = row_mask if row_mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        mask = row_mask if row_mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)  # host: no copy later
         return ids, mask
 
     def _cached_grad_norm(self, slot: int, x: Tensor, row_mask: Tensor | None) -> Tensor | None:
@@ -186,10 +188,24 @@ class SamplingState:
         members = [s for s in self._groups.get(slot, {slot}) if s < self.cache.num_slots]
         if not members:
             return None
-        norms = torch.stack([self.cache.lookup(s, *rows) for s in members])  # (members, B, T)
+        ids, mask = rows
+        mask = self._host_mask(mask)
+        norms = torch.stack([self.cache.lookup(s, ids, mask) for s in members])  # (members, B, T)
         # Shared draws serve several layers: p_i ∝ ‖X_i‖·(Σ_layers ‖dY_i‖²)^½ minimises their summed variance.
         combined = norms.nan_to_num(0.0).square().sum(0).sqrt()
-        return torch.where(norms.isnan().all(0), torch.nan, combined).to(x.device)
+        combined = torch.where(norms.isnan().all(0), torch.nan, combined)
+        if x.device.type == "cuda":  # pinned + non_blocking: no wait for the GPU's queue
+            return combined.pin_memory().to(x.device, non_blocking=True)
+        return combined.to(x.device)
+
+    def _host_mask(self, mask: Tensor) -> Tensor:
+        """A host copy of a (B, T) mask, made once per forward: every layer sees the same few masks."""
+        if mask.device.type == "cpu":
+            return mask
+        key = (id(mask), mask.data_ptr())
+        if key not in self._host_masks:
+            self._host_masks[key] = mask.cpu()
+        return self._host_masks[key]
 
     def watch_output(self, slot: int, x: Tensor, row_mask: Tensor | None, y: Tensor) -> None:
         """Record ‖dY_i‖ of this call's output in backward, for the next visit of these examples."""
@@ -200,7 +216,7 @@ class SamplingState:
         y.register_hook(lambda grad: self._record(slot, ids, mask, grad))
 
     def _record(self, slot: int, ids: Tensor, mask: Tensor, grad: Tensor) -> None:
-        norms = torch.linalg.vector_norm(grad, dim=-1, dtype=torch.float32).cpu()  # (B, T)
+        norms = torch.linalg.vector_norm(grad, dim=-1, dtype=torch.float32)  # (B, T), on grad's device
         if self.cache is None:
             self._first_records.append((slot, ids, mask, norms))
         elif slot < self.cache.num_slots:  # a layer added after the cache was sized
