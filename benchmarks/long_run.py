@@ -33,7 +33,7 @@ import time
 import torch
 
 DEFAULTS = dict(steps=2000, ratio=0.1, layers=2, batch_size=16, max_length=64, train_examples=4000,
-                eval_examples=1000, lr=1e-4, warmup=0.06, seed=0, window=250)
+                eval_examples=1000, lr=1e-4, warmup=0.06, seed=0, window=250, threads=1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +70,9 @@ def build_model(args, method: str):
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(packaged_model_dir(), num_labels=3,
                                                                num_hidden_layers=args.layers)
+    # Frozen word embeddings (both methods): their dense 30522×384 gradient and AdamW update would
+    # cost more than the rest of the step, and no sampled layer touches them.
+    model.get_input_embeddings().weight.requires_grad_(False)
     if method == "wtacrs":
         wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=args.ratio, seed=args.seed))
     return model
@@ -115,10 +118,10 @@ def train_run(args, method: str, queue) -> None:
 
     import wtacrs
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    torch.set_num_threads(args.threads)
     train, evaluation, tokenizer = load_data(args)
     model = build_model(args, method).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     warmup = int(args.warmup * args.steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (args.steps - s) / max(args.steps - warmup, 1))))
@@ -207,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ctx = multiprocessing.get_context("spawn")
     runs = {}
-    for method in ("wtacrs", "full"):  # one process each: RSS and caches of one run only
+    children = {}
+    for method in ("wtacrs", "full"):  # one process each (RSS of one run only), side by side
         queue = ctx.Queue()
-        child = ctx.Process(target=train_run, args=(args, method, queue))
-        child.start()
+        children[method] = (ctx.Process(target=train_run, args=(args, method, queue)), queue)
+        children[method][0].start()
+    for method, (child, queue) in children.items():
         runs[method] = _result_of(child, queue)
         child.join()
     record = {"args": vars(args), "command": " ".join(sys.argv), "runs": runs, "windows": compare(runs, args.window)}

@@ -113,33 +113,19 @@ def _shared_cache(rank: int, out: dict) -> None:
 
 
 def _trainer_writes_once(rank: int, out: dict, output_dir: str) -> None:
-    from datasets import Dataset
+    from test_integrations import _collate, _dataset
+    from wtacrs.integrations import WTACRSTrainer
 
-    from wtacrs.integrations import WTACRSTrainer, add_example_ids
-
-    g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(3, 99, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g).tolist(),
-             "labels": i % 2} for i in range(16)]
     args = hf.TrainingArguments(
         output_dir, per_device_train_batch_size=2, max_steps=4, save_steps=2, report_to=[], use_cpu=True,
         disable_tqdm=True, logging_steps=1000, ddp_backend="gloo", seed=0,
     )
     trainer = WTACRSTrainer(model=wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=0.3)), args=args,
-                            train_dataset=add_example_ids(Dataset.from_list(rows)), data_collator=_collate)
+                            train_dataset=_dataset(16), data_collator=_collate)
     trainer.train()
     state = wtacrs.sampling_state(trainer.model)
     out.update(num_examples=state.cache.num_examples, data=state.cache.state_dict()["data"], step=state.step,
                world=trainer.args.world_size)
-
-
-def _collate(features):
-    width = max(len(f["input_ids"]) for f in features)
-    return {
-        "input_ids": torch.tensor([f["input_ids"] + [0] * (width - len(f["input_ids"])) for f in features]),
-        "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features]),
-        "labels": torch.tensor([f["labels"] for f in features]),
-        "example_id": torch.tensor([f["example_id"] for f in features]),
-    }
 
 
 def _all_checks(rank: int, out: dict, run_dir: str) -> None:

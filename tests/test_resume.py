@@ -19,36 +19,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
 import wtacrs
 from models import CASES_BY_NAME
-from wtacrs.integrations import WTACRSTrainer, add_example_ids
+from test_integrations import _collate as collate
+from test_integrations import _dataset as dataset
+from wtacrs.integrations import WTACRSTrainer
 from wtacrs.integrations.checkpoints import last_complete_checkpoint
 
 EXAMPLES, BATCH, EPOCHS, SAVE_STEPS = 24, 6, 3, 3  # 4 steps per epoch: checkpoints 3, 6, 9 are mid-epoch
 TOTAL_STEPS = EXAMPLES // BATCH * EPOCHS
-
-
-def dataset() -> Dataset:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(EXAMPLES):
-        length = int(torch.randint(4, 10, (1,), generator=g))
-        rows.append({"input_ids": torch.randint(3, 99, (length,), generator=g).tolist(), "labels": i % 2})
-    return add_example_ids(Dataset.from_list(rows))
-
-
-def collate(features):
-    width = max(len(f["input_ids"]) for f in features)
-    pad = [width - len(f["input_ids"]) for f in features]
-    return {
-        "input_ids": torch.tensor([f["input_ids"] + [0] * p for f, p in zip(features, pad)]),
-        "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * p for f, p in zip(features, pad)]),
-        "labels": torch.tensor([f["labels"] for f in features]),
-        "example_id": torch.tensor([f["example_id"] for f in features]),
-    }
 
 
 class PauseAt(TrainerCallback):
@@ -71,7 +52,7 @@ def trainer(output_dir: Path, callbacks=()) -> WTACRSTrainer:
         learning_rate=1e-3, warmup_steps=2, lr_scheduler_type="linear", seed=0, report_to=[], use_cpu=True,
         disable_tqdm=True, logging_steps=1,
     )
-    return WTACRSTrainer(model=model, args=args, train_dataset=dataset(), data_collator=collate,
+    return WTACRSTrainer(model=model, args=args, train_dataset=dataset(EXAMPLES), data_collator=collate,
                          callbacks=list(callbacks))
 
 
