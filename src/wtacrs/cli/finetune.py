@@ -42,7 +42,7 @@ DEFAULTS = {
     "max_train_samples": None, "max_eval_samples": None, "lr": 5e-5, "lora_lr": 5e-4,
 }
 QA_DEFAULTS = {"epochs": 2.0, "batch_size": 16, "max_length": 384}
-OFFLINE_DEFAULTS = {"epochs": 2.0, "max_length": 64, "max_train_samples": 1000, "max_eval_samples": 500, "lr": 1e-4}
+OFFLINE_DEFAULTS = {"epochs": 2.0, "max_length": 64, "max_train_samples": 500, "max_eval_samples": 250, "lr": 1e-4}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
