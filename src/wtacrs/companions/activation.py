@@ -20,6 +20,10 @@ random head on [CLS] (torch 2.13 CPU; script in the companions hand-over, measur
     bf16   0.9e-3 … 1.4e-3                             7.3e-4                1.5e-3
     int8   3.9e-3 … 5.1e-3                             2.8e-3                6.3e-3
 
+Fine-tuning the same model on the first 2048 SST-2 training sentences (one epoch, AdamW 5e-5,
+batch 32, seed 0, dropout on, finetune_accuracy.py in the hand-over): dev accuracy 0.8050
+(702/872) with and without "int8", last-10-step train loss 0.4591 in both ("bf16" not run).
+
 Native GELU saves its input (4 bytes per fp32 element). Formula-based modules save more, all of
 which this replaces: transformers' `NewGELUActivation` (GPT-2's "gelu_new") saves 4 input-sized
 fp32 tensors and `FastGELUActivation` 7 (counted with `wtacrs.memory.SavedTensorBytes`).
