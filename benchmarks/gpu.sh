@@ -30,9 +30,9 @@ bench() { timeout "$1" "$PY" -m wtacrs.cli bench "${@:2}" --model bert-base --se
 {
     "$PY" -c 'import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())'
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-    bench 120 memory --batch 64 || echo "gpu.sh: memory failed ($?)"
-    bench 150 speed --batch 64 --warmup 3 --steps 10 || echo "gpu.sh: speed failed ($?)"
+    bench 100 memory --batch 64 || echo "gpu.sh: memory failed ($?)"
+    bench 130 speed --batch 64 --warmup 3 --steps 10 || echo "gpu.sh: speed failed ($?)"
     # The budget, 12 GB, on a subset of methods (each probe is a fresh model).
-    bench 180 batch --batch 64 --budget-gb 12 --multiple 16 --methods full checkpointing lora wtacrs@0.3 \
+    bench 220 batch --batch 64 --budget-gb 12 --multiple 16 --methods full checkpointing lora wtacrs@0.3 \
         lora+wtacrs@0.3+companions wtacrs@0.3+companions+checkpointing || echo "gpu.sh: batch failed ($?)"
 } 2>&1 | tee "$OUT/log.txt"
