@@ -22,7 +22,7 @@ def run_metadata(device: torch.device, dtype: torch.dtype, seed: int, **shapes) 
     import transformers
 
     return {
-        "command": " ".join(["wtacrs", *sys.argv[1:]]) if Path(sys.argv[0]).name == "wtacrs" else " ".join(sys.argv),
+        "command": _command_line(),
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "torch": torch.__version__,
@@ -35,6 +35,13 @@ def run_metadata(device: torch.device, dtype: torch.dtype, seed: int, **shapes) 
         "seed": seed,
         **shapes,
     }
+
+
+def _command_line() -> str:
+    """The command as typed: `wtacrs ...` for the console script and `python -m wtacrs.cli`."""
+    if Path(sys.argv[0]).name == "wtacrs" or sys.argv[0].endswith(("wtacrs/cli/__init__.py", "wtacrs/cli/__main__.py")):
+        return " ".join(["wtacrs", *sys.argv[1:]])
+    return " ".join(sys.argv)
 
 
 def device_name(device: torch.device) -> str:
