@@ -1,6 +1,7 @@
 """Numerical health under load: 2,000 steps of WTA-CRS@0.1 with bf16 autocast vs full fine-tuning.
 
-Fine-tunes a small pre-trained model (all-MiniLM-L6-v2 cut to its first --layers blocks) on the
+Fine-tunes a small pre-trained model (all-MiniLM-L6-v2 cut to its first --layers blocks; with
+--hidden H instead a randomly initialised BERT of width H on MiniLM's vocabulary) on the
 offline tweet-sentiment task, on a fixed subset small enough that examples come back every epoch
 (so the gradient-norm cache is read as well as written), once with WTA-CRS and once with full
 fine-tuning, each in its own process with the same seed, data order and schedule. Checks:
@@ -33,7 +34,8 @@ import time
 import torch
 
 DEFAULTS = dict(steps=2000, ratio=0.1, layers=2, batch_size=16, max_length=64, train_examples=4000,
-                eval_examples=1000, lr=1e-4, warmup=0.06, seed=0, window=250, threads=1)
+                eval_examples=1000, lr=1e-4, warmup=0.06, seed=0, window=250, threads=1,
+                hidden=0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,8 +70,15 @@ def build_model(args, method: str):
     from wtacrs.cli.finetune import packaged_model_dir
 
     torch.manual_seed(args.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(packaged_model_dir(), num_labels=3,
-                                                               num_hidden_layers=args.layers)
+    if args.hidden:  # a randomly initialised small BERT on MiniLM's vocabulary (fits a busy CPU)
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=2,
+                            intermediate_size=4 * args.hidden, num_labels=3)
+        model = BertForSequenceClassification(config)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(packaged_model_dir(), num_labels=3,
+                                                                   num_hidden_layers=args.layers)
     # Frozen word embeddings (both methods): their dense 30522×384 gradient and AdamW update would
     # cost more than the rest of the step, and no sampled layer touches them.
     model.get_input_embeddings().weight.requires_grad_(False)
@@ -174,7 +183,8 @@ def compare(runs: dict[str, dict], window: int) -> list[dict]:
 
 def markdown(record: dict) -> str:
     a = record["args"]
-    lines = [f"WTA-CRS@{a['ratio']} vs full, {a['steps']} steps, bf16 autocast, MiniLM-L6 first {a['layers']} layers, "
+    model = f"random BERT hidden {a['hidden']}, {a['layers']} layers" if a["hidden"] else f"MiniLM-L6 first {a['layers']} layers"
+    lines = [f"WTA-CRS@{a['ratio']} vs full, {a['steps']} steps, bf16 autocast, {model}, "
              f"batch {a['batch_size']}, {a['train_examples']} train examples", "",
              "| steps | full loss | WTA-CRS loss | diff / s.e. |", "|---|---|---|---|"]
     lines += [f"| {r['steps']} | {r['full']:.4f} | {r['wtacrs']:.4f} | {r['z']:+.2f} |" for r in record["windows"]]
