@@ -7,7 +7,8 @@ estimator stays unbiased for any positive distribution (see `estimators.column_r
 
 Storage, per example: one byte per real (unpadded) token per sampled layer slot, as a log-scale
 code (4 codes per octave, 2^-40 … 2^23.5; relative error <= 9%, which moves the sampling
-probabilities but not the mean), plus 12 bytes of index. The reference code keeps bf16 for every
+probabilities but not the mean), plus 12 bytes of index. The index is a dense array over ids
+0 … max id, so ids should be dense (dataset indices are); sparse ids cost 12 bytes per unused id. The reference code keeps bf16 for every
 padded position of every layer. Positions are keyed by the ordinal of the real token in its
 example, so left and right padding and dynamic padding find the same entry.
 """

@@ -113,6 +113,7 @@ class SamplingState:
         self._host_masks: dict[tuple[int, int], Tensor] = {}
         self._first_records: list[tuple[int, Tensor, Tensor, Tensor]] = []  # before the cache exists
         self._warned_no_ids = False
+        self._warned_id_count = False
         self.hook: torch.utils.hooks.RemovableHandle | None = None  # set by wtacrs.apply
         self.num_layers = 0  # sampled layers (slots) so far
         self.num_modules = 0  # modules in the model when its layers were last swapped
@@ -177,6 +178,12 @@ class SamplingState:
             return None
         ids = self._batch_ids
         if x.dim() != 3 or x.shape[0] != ids.numel():
+            if x.dim() == 3 and not self._warned_id_count:
+                logger.warning(
+                    "wtacrs: %d example ids for a batch of %d; this layer samples by activation norms only",
+                    ids.numel(), x.shape[0],
+                )
+                self._warned_id_count = True
             return None
         mask = row_mask if row_mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)  # host: no copy later
         return ids, mask
