@@ -17,8 +17,9 @@ from wtacrs.estimators import ESTIMATORS, validate_ratio
 CONFIG_NAME = "wtacrs_config.json"
 
 # Task heads and poolers read one summary vector per example: tiny activations, and sampling
-# their input would only add variance. Matched as whole name components.
-DEFAULT_EXCLUDES: tuple[str, ...] = ("classifier", "pooler", "lm_head", "qa_outputs", "score", "pre_classifier")
+# their input would only add variance. LoRA's up-projection reads the rank-r output of the
+# down-projection: r numbers per token, too few to be worth a draw. Matched as name components.
+DEFAULT_EXCLUDES: tuple[str, ...] = ("classifier", "pooler", "lm_head", "qa_outputs", "score", "pre_classifier", "lora_B")
 
 ModuleFilter = Callable[[Any, str], bool]
 TargetSpec = Union[list[str], tuple[str, ...], str, ModuleFilter, None]
