@@ -95,14 +95,21 @@ class GradNormCache:
         Returns:
             (B, T) float32 on the CPU, NaN where unknown (padding, first visit, length changed).
         """
-        ids = self._check(slot, example_ids, row_mask)
+        return self.lookup_slots([slot], example_ids, row_mask)[0]
+
+    def lookup_slots(self, slots: list[int], example_ids: Tensor, row_mask: Tensor) -> Tensor:
+        """`lookup` for several slots at once (layers sharing one draw): (S, B, T) float32."""
+        ids = self._check_ids(example_ids, row_mask)
+        for slot in slots:
+            self._check_slot(slot)
         mask = row_mask.detach().cpu().to(torch.bool)
         offset, length = self._entries(ids)
-        known = (offset >= 0) & (length == mask.sum(1))
-        index = offset.unsqueeze(1) + slot * length.unsqueeze(1) + mask.cumsum(1) - 1
-        use = mask & known.unsqueeze(1)
-        codes = torch.zeros(mask.shape, dtype=torch.uint8)
-        codes[use] = self._data[index[use]]
+        use = mask & ((offset >= 0) & (length == mask.sum(1))).unsqueeze(1)
+        base = (offset.unsqueeze(1) + mask.cumsum(1) - 1)[use]  # (U,) first-slot positions
+        step = length.unsqueeze(1).expand_as(mask)[use].to(torch.int64)  # (U,) bytes per slot
+        codes = torch.zeros((len(slots), *mask.shape), dtype=torch.uint8)
+        for i, slot in enumerate(slots):
+            codes[i][use] = self._data[base + slot * step]
         return decode_norms(codes)
 
     # -- updates -------------------------------------------------------------------------------
@@ -116,10 +123,24 @@ class GradNormCache:
         self._pending.append((slot, ids, row_mask.detach(), norms.detach()))
 
     def _materialize_pending(self) -> list[PendingRecord]:
-        """Pending records as host tensors: (slot, ids, bool mask, uint8 codes)."""
+        """Pending records as host tensors: (slot, ids, bool mask, uint8 codes).
+
+        Norms are encoded where they are and moved in one transfer per (device, shape): one
+        copy per layer would cost a device round trip each."""
+        on_device: dict[tuple, list[int]] = {}
+        for i, (_, _, _, values) in enumerate(self._pending):
+            if values.dtype != torch.uint8:
+                on_device.setdefault((values.device, values.shape), []).append(i)
+        records = list(self._pending)
+        for positions in on_device.values():
+            codes = torch.stack([encode_norms(self._pending[i][3]) for i in positions]).cpu()
+            for i, code in zip(positions, codes):
+                slot, ids, mask, _ = records[i]
+                records[i] = (slot, ids, mask, code)
+        host_masks: dict[int, Tensor] = {}  # layers of one forward share a few mask tensors
         self._pending = [
-            (slot, ids, mask.cpu().to(torch.bool), codes if codes.dtype == torch.uint8 else encode_norms(codes.cpu()))
-            for slot, ids, mask, codes in self._pending
+            (slot, ids, host_masks.setdefault(id(mask), mask.cpu().to(torch.bool)), codes)
+            for slot, ids, mask, codes in records
         ]
         return self._pending
 
@@ -134,11 +155,16 @@ class GradNormCache:
 
     def commit(self) -> None:
         """Write all buffered records."""
+        positions: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # the layers of a step share ids and mask
         for slot, ids, mask, codes in self._materialize_pending():
-            length = mask.sum(1).to(torch.int32)
-            offset = self._allocate(ids, length)
-            index = offset.unsqueeze(1) + slot * length.unsqueeze(1) + mask.cumsum(1) - 1
-            self._data[index[mask]] = codes[mask]
+            key = (id(ids), id(mask))
+            if key not in positions:
+                length = mask.sum(1).to(torch.int32)
+                offset = self._allocate(ids, length)
+                first = (offset.unsqueeze(1) + mask.cumsum(1) - 1)[mask]  # (U,) slot-0 positions
+                positions[key] = (first, length.unsqueeze(1).expand_as(mask)[mask].to(torch.int64))
+            first, step = positions[key]
+            self._data[first + slot * step] = codes[mask]
         self._pending.clear()
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -162,8 +188,14 @@ class GradNormCache:
     # -- internals -----------------------------------------------------------------------------
     def _check(self, slot: int, example_ids: Tensor, row_mask: Tensor) -> Tensor:
         """Validated host int64 ids; the mask is checked for shape only (it may live on a GPU)."""
+        self._check_slot(slot)
+        return self._check_ids(example_ids, row_mask)
+
+    def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+
+    def _check_ids(self, example_ids: Tensor, row_mask: Tensor) -> Tensor:
         if example_ids.dim() != 1 or example_ids.dtype.is_floating_point or example_ids.dtype == torch.bool:
             raise ValueError(f"example_ids must be a 1-D integer tensor, got {example_ids.dtype} {tuple(example_ids.shape)}")
         if row_mask.dim() != 2 or row_mask.shape[0] != example_ids.shape[0]:

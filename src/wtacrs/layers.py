@@ -197,7 +197,7 @@ class SamplingState:
             return None
         ids, mask = rows
         mask = self._host_mask(mask)
-        norms = torch.stack([self.cache.lookup(s, ids, mask) for s in members])  # (members, B, T)
+        norms = self.cache.lookup_slots(members, ids, mask)  # (members, B, T)
         # Shared draws serve several layers: p_i ∝ ‖X_i‖·(Σ_layers ‖dY_i‖²)^½ minimises their summed variance.
         combined = norms.nan_to_num(0.0).square().sum(0).sqrt()
         combined = torch.where(norms.isnan().all(0), torch.nan, combined)
