@@ -105,7 +105,9 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, uninterrupted):
 @pytest.mark.timeout(300)
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, uninterrupted):
     marker = tmp_path / "paused"
-    child = subprocess.Popen([sys.executable, __file__, str(tmp_path / "run"), "--pause-at", "7", "--marker", str(marker)],
+    # The same thread count as this process (conftest sets 1): other reduction orders change the bits.
+    child = subprocess.Popen([sys.executable, __file__, str(tmp_path / "run"), "--pause-at", "7", "--marker", str(marker),
+                              "--threads", str(torch.get_num_threads())],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
@@ -131,7 +133,9 @@ def main() -> None:
     p.add_argument("output_dir", type=Path)
     p.add_argument("--pause-at", type=int)
     p.add_argument("--marker", type=Path)
+    p.add_argument("--threads", type=int, required=True)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     callbacks = [PauseAt(args.pause_at, args.marker)] if args.pause_at else []
     trainer(args.output_dir, callbacks).train()
 
