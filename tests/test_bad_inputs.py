@@ -1,7 +1,7 @@
 """Bad inputs across the library and the CLI: each gets a clear, specific error (or a documented
 fallback), and nothing written earlier (results, checkpoints) is lost.
 
-Test ids are numbered b01 … b47 (47 distinct bad inputs).
+Test ids are numbered b01 … b48 (48 distinct bad inputs).
 """
 
 from __future__ import annotations
@@ -254,8 +254,29 @@ def test_b39_unwritable_results_location_keeps_the_earlier_results(tmp_path):
     with pytest.raises(NotADirectoryError):
         write_json_atomic(results / "results.json", {"score": 0.1})  # "folder" is a file
     with pytest.raises(TypeError):
-        write_json_atomic(results, {"score": object()})  # fails half-way through writing
+        write_json_atomic(results, {"score": object()})  # not serialisable
     assert json.loads(results.read_text()) == {"score": 0.9}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"], "a temp file was left behind"
+
+
+def test_b48_results_write_failing_half_way_leaves_no_temp_file(tmp_path, monkeypatch):
+    from wtacrs.cli import finetune
+
+    results = tmp_path / "results.json"
+    finetune.write_json_atomic(results, {"score": 0.9})
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(finetune.os, "fsync", disk_full)  # the temp file exists and holds the new text
+    with pytest.raises(OSError, match="No space left"):
+        finetune.write_json_atomic(results, {"score": 0.1})
+    monkeypatch.undo()
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError):  # the rename itself fails
+        finetune.write_json_atomic(tmp_path / "folder", {"score": 0.1})
+    assert json.loads(results.read_text()) == {"score": 0.9}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "results.json"], "a temp file was left behind"
 
 
 def test_b40_cli_refuses_to_overwrite_an_earlier_run(tmp_path):

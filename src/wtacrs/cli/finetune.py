@@ -491,11 +491,17 @@ def collect_results(args, method, seed, task, trainer, timer, num_train, eval_ex
 
 def write_json_atomic(path: Path, record: dict) -> None:
     """Write JSON to a temp file in the same folder, fsync, then os.replace: a reader sees the old
-    file or the new one, never half of one."""
+    file or the new one, never half of one. On any failure the temp file is removed and the old
+    file is left as it was."""
     path = Path(path)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        json.dump(record, tmp, indent=2, sort_keys=True)
-        tmp.write("\n")
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"  # serialise first: a bad record writes nothing
+    tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False)
+    try:
+        with tmp:
+            tmp.write(text)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, path)
+    except BaseException:  # disk full, Ctrl-C, `path` a folder: leave no stray temp file behind
+        Path(tmp.name).unlink(missing_ok=True)
+        raise
