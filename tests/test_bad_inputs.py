@@ -1,7 +1,7 @@
 """Bad inputs across the library and the CLI: each gets a clear, specific error (or a documented
 fallback), and nothing written earlier (results, checkpoints) is lost.
 
-Test ids are numbered b01 … b48 (48 distinct bad inputs).
+Test ids are numbered b01 … b49 (49 distinct bad inputs).
 """
 
 from __future__ import annotations
@@ -237,6 +237,27 @@ def test_cli_rejects(argv, message, capsys, tmp_path, monkeypatch):
     assert run(_cli_args(*argv)) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "a rejected command wrote something"
+
+
+def test_b49_cli_max_length_beyond_the_models_positions_fails_before_touching_the_run(capsys, tmp_path):
+    """Not an IndexError in the first forward pass: an error naming both numbers, before
+    --overwrite deletes the earlier run."""
+    from transformers import BertConfig, GPT2Config, RobertaConfig
+
+    from wtacrs.cli.finetune import max_model_length, run, run_dir
+
+    BertConfig(max_position_embeddings=64).save_pretrained(tmp_path / "bert")
+    args = _cli_args("--model", str(tmp_path / "bert"), "--max-length", "80", "--output-dir", str(tmp_path / "out"),
+                     "--method", "full", "--overwrite")
+    earlier = run_dir(args, "full", 0)
+    earlier.mkdir(parents=True)
+    (earlier / "results.json").write_text('{"score": 0.9}')
+    assert run(args) == 2
+    assert "--max-length 80 is longer than bert allows: at most 64 tokens" in capsys.readouterr().err
+    assert (earlier / "results.json").read_text() == '{"score": 0.9}'
+    # RoBERTa's positions start after the padding index; GPT-2 calls them n_positions
+    assert max_model_length(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert max_model_length(GPT2Config(n_positions=256)) == 256
 
 
 def test_b38_cli_unknown_method_is_an_argparse_error(capsys):

