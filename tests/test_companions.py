@@ -23,7 +23,7 @@ from wtacrs.companions import (
     remove_companions,
 )
 from wtacrs.companions.activation import elementwise_activation_types
-from wtacrs.memory import SavedTensorBytes, parameter_tensors
+from wtacrs.memory import LiveTensorPeak, SavedTensorBytes, parameter_tensors
 
 transformers = pytest.importorskip("transformers")
 
@@ -388,3 +388,79 @@ def test_dropout_free_model_saves_no_masks():
     # which the probabilities @ values matmul saves besides the softmax output (one per layer).
     batch, length = input_ids.shape
     assert with_dropout.total == without_dropout.total + 2 * batch * 2 * length * length * 4
+
+
+# ---------------------------------------------------------------- attention
+
+
+def test_sdpa_on_cpu_saves_probabilities_without_the_companion():
+    """The premise of the attention companion: plain CPU SDPA with dropout keeps L² tensors."""
+    model, input_ids = tiny_bert("sdpa", dropout=0.1), torch.randint(0, 100, (2, 9))
+    assert attention_probability_bytes(model, input_ids) > 0
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_recomputed_attention_is_bitwise_sdpa_and_saves_no_probabilities(dropout):
+    model, input_ids = tiny_bert("sdpa", dropout=dropout), torch.randint(0, 100, (2, 9))
+    torch.manual_seed(1)
+    expected_out = model(input_ids=input_ids).last_hidden_state
+    expected = train_step_grads(model, input_ids)
+    names = apply_companions(model, dropout=False, layernorm=False, activation=None, attention=True)
+    assert names == ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
+    torch.manual_seed(1)
+    assert torch.equal(model(input_ids=input_ids).last_hidden_state, expected_out)
+    for grad, reference in zip(train_step_grads(model, input_ids), expected):
+        assert torch.equal(grad, reference)  # recompute restores the RNG: the same dropout mask
+
+
+def step_peak(model: nn.Module, input_ids: torch.Tensor) -> int:
+    with LiveTensorPeak(baseline=[*parameter_tensors(model), input_ids]) as live:
+        model(input_ids=input_ids).last_hidden_state.square().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return live.peak - live.baseline
+
+
+def test_recomputed_attention_lowers_the_live_peak():
+    """The probabilities leave the peak, not just the autograd graph's view: checkpoint keeps its
+    inputs in a closure that saved-tensor hooks do not see, so this counts every live tensor.
+    Plain CPU SDPA with dropout keeps 3 (B, H, L, L) float tensors per layer (softmax output,
+    dropout noise, dropped probabilities); the companion keeps none past its layer's forward but
+    rebuilds one layer's three in backward, so the peak falls by (layers − 1) · 3 of them."""
+    model, input_ids = tiny_bert("sdpa", dropout=0.1), torch.randint(0, 100, (2, 64))
+    one = 2 * 2 * 64 * 64 * 4  # one (B, H, L, L) float32 tensor
+    plain = step_peak(model, input_ids)
+    apply_companions(model, dropout=False, layernorm=False, activation=None, attention=True)
+    lean = step_peak(model, input_ids)
+    assert plain - lean >= (2 - 1) * 3 * one
+
+
+def test_recomputed_attention_inside_gradient_checkpointing():
+    """Nested non-reentrant checkpoints: the block recompute runs the attention recompute again."""
+    model, input_ids = tiny_bert("sdpa", dropout=0.3), torch.randint(0, 100, (2, 9))
+    apply_companions(model, dropout=True, layernorm=True, activation=None, attention=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    grads = train_step_grads(model, input_ids)
+    # lean dropout draws other masks than nn.Dropout, so compare against itself without checkpointing
+    model.gradient_checkpointing_disable()
+    for grad, reference in zip(grads, train_step_grads(model, input_ids)):
+        torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_companion_flags_and_removal():
+    model = tiny_bert("sdpa")
+    apply_companions(model, dropout=True, layernorm=False, activation=None, attention=False)
+    attention = model.encoder.layer[0].attention.self
+    assert attention.regenerate_dropout and not attention.recompute_attention
+    remove_companions(model)
+    assert type(attention) is transformers.models.bert.modeling_bert.BertSelfAttention
+    assert not hasattr(attention, "regenerate_dropout") and not hasattr(attention, "recompute_attention")
+
+
+def test_recomputed_attention_in_eval_and_no_grad_is_plain():
+    model, input_ids = tiny_bert("sdpa", dropout=0.1), torch.randint(0, 100, (2, 9))
+    apply_companions(model, dropout=False, layernorm=False, activation=None, attention=True)
+    with torch.no_grad():
+        out = model(input_ids=input_ids).last_hidden_state
+    model.eval()
+    assert not torch.equal(out, model(input_ids=input_ids).last_hidden_state)  # training-mode dropout ran
+    assert attention_probability_bytes(model, input_ids) == 0

@@ -47,6 +47,8 @@ class WTACRSConfig:
         seed: base seed of the per-(step, layer) sampling generators.
         lean_dropout: dropout regenerates its mask in backward instead of storing it (exact).
         lean_layernorm: LayerNorm backward from its saved output, not its input (exact).
+        lean_attention: SDPA attention recomputes its probabilities in backward instead of
+            saving them (exact; one more attention forward per layer).
         activation_compression: None (exact) or a compact storage of the activation-function
             input (an approximation; see `wtacrs.companions.ACTIVATION_MODES`).
     """
@@ -60,6 +62,7 @@ class WTACRSConfig:
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     lean_dropout: bool = field(default=False, metadata={"help": "dropout without stored masks"})
     lean_layernorm: bool = field(default=False, metadata={"help": "LayerNorm backward from its output"})
+    lean_attention: bool = field(default=False, metadata={"help": "SDPA without stored probabilities"})
     activation_compression: str | None = field(default=None, metadata={"help": "compact activation input (approximate)"})
 
     def __post_init__(self) -> None:
@@ -69,7 +72,7 @@ class WTACRSConfig:
             raise WTACRSConfigError(f"WTACRSConfig.ratio: {e}") from None
         self._check_choice("estimator", ESTIMATORS)
         self._check_choice("grad_norm", ("cache", "none"))
-        for name in ("attention", "lean_dropout", "lean_layernorm"):
+        for name in ("attention", "lean_dropout", "lean_layernorm", "lean_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise WTACRSConfigError(f"WTACRSConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

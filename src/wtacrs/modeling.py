@@ -149,7 +149,11 @@ def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
             # seed=None: draws from the global RNG, which gradient checkpointing restores on recompute.
             enable_sampled_attention(model, config.ratio, config.estimator, seed=None)
         state.companions = apply_companions(
-            model, dropout=config.lean_dropout, layernorm=config.lean_layernorm, activation=config.activation_compression
+            model,
+            dropout=config.lean_dropout,
+            layernorm=config.lean_layernorm,
+            activation=config.activation_compression,
+            attention=config.lean_attention,
         )
     except Exception:
         remove(model)  # never leave a half-applied model behind

@@ -5,7 +5,7 @@ Components, joined by "+":
     checkpointing        Hugging Face gradient checkpointing (non-reentrant)
     lora                 PEFT LoRA (r=8, alpha=16, all linear layers; the head is trained fully)
     wtacrs@R | crs@R | topk@R | uniform@R    `wtacrs.apply` with that estimator at ratio R
-    companions           lean dropout and lean LayerNorm (exact)
+    companions           lean dropout, lean LayerNorm and lean (recomputed) attention, all exact
     act=MODE             activation compression MODE (an approximation)
     attention            sampled attention matmuls
 """
@@ -143,6 +143,7 @@ def wtacrs_config(method: Method, seed: int = 0):
         seed=seed,
         lean_dropout=method.companions,
         lean_layernorm=method.companions,
+        lean_attention=method.companions,
         activation_compression=method.activation_compression,
     )
 
@@ -166,7 +167,7 @@ def _ensure_companions(model: nn.Module, method: Method) -> None:
     from wtacrs.companions import apply_companions
 
     apply_companions(model, dropout=method.companions, layernorm=method.companions,
-                     activation=method.activation_compression)
+                     activation=method.activation_compression, attention=method.companions)
 
 
 def batch_context(method: Method, example_ids: Tensor) -> contextlib.AbstractContextManager:

@@ -5,6 +5,8 @@
 - LayerNorm (`layernorm=True`): backward from the saved output, not the input. Exact up to
   rounding; a real saving only where the next op saves the output anyway (see
   `wtacrs.companions.layernorm`).
+- Attention (`attention=True`): SDPA saves no (batch, heads, L, L) probabilities or dropout
+  mask; backward recomputes them (exact, bitwise). See `wtacrs.companions.attention`.
 - Activation (`activation="bf16"` or `"int8"`): the input of GELU-like activations is kept
   compressed. An approximation (stated bounds in `wtacrs.companions.activation`); off by default.
 
@@ -41,12 +43,14 @@ from wtacrs.companions.activation import (
     elementwise_activation_types,
     validate_activation_mode,
 )
-from wtacrs.companions.dropout import InterceptsFunctionalDropout, RegeneratedDropout, regenerated_dropout
+from wtacrs.companions.attention import AttentionCompanion, RecomputedAttentionMode
+from wtacrs.companions.dropout import RegeneratedDropout, regenerated_dropout
 from wtacrs.companions.layernorm import LeanLayerNorm, ill_conditioned_columns, layer_norm_from_output
 
 __all__ = [
     "ACTIVATION_MODES",
     "LeanLayerNorm",
+    "RecomputedAttentionMode",
     "RegeneratedDropout",
     "apply_companions",
     "compressed_activation",
@@ -58,7 +62,7 @@ __all__ = [
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 _ORIGINAL = "_wtacrs_companion_of"  # class attribute of every swapped-in class: the class it replaced
-_MODULE_STATE = ("activation_compression", "_kept_columns_cache")  # instance attributes the companions add
+_MODULE_STATE = ("activation_compression", "_kept_columns_cache", "regenerate_dropout", "recompute_attention")  # instance attributes the companions add
 
 
 @cache
@@ -82,7 +86,9 @@ def _is_innermost_attention(module: nn.Module) -> bool:
     )
 
 
-def _companion_class(module: nn.Module, *, dropout: bool, layernorm: bool, activation: str | None) -> type | None:
+def _companion_class(
+    module: nn.Module, *, dropout: bool, layernorm: bool, activation: str | None, attention: bool
+) -> type | None:
     """The class to swap `module` to, or None to leave it alone."""
     cls = type(module)
     if dropout and cls is nn.Dropout:
@@ -91,8 +97,8 @@ def _companion_class(module: nn.Module, *, dropout: bool, layernorm: bool, activ
         return LeanLayerNorm
     if activation and cls in elementwise_activation_types() and not getattr(module, "inplace", False):
         return _with_mixin(CompressesActivationInput, cls)
-    if dropout and _is_innermost_attention(module):
-        return _with_mixin(InterceptsFunctionalDropout, cls)
+    if (dropout or attention) and _is_innermost_attention(module):
+        return _with_mixin(AttentionCompanion, cls)
     return None
 
 
@@ -102,9 +108,10 @@ def apply_companions(
     dropout: bool,
     layernorm: bool,
     activation: str | None,
+    attention: bool = False,
     module_filter: ModuleFilter | None = None,
 ) -> list[str]:
-    """Swap the classes of `model`'s dropout, LayerNorm and activation modules in place.
+    """Swap the classes of `model`'s dropout, LayerNorm, activation and attention modules in place.
 
     Args:
         model: any module tree (a transformers model, a block, ...).
@@ -113,6 +120,8 @@ def apply_companions(
         layernorm: exact `nn.LayerNorm` modules → `LeanLayerNorm`.
         activation: None, or one of ACTIVATION_MODES for the elementwise activation modules
             listed by `elementwise_activation_types()` (in-place ones are skipped).
+        attention: SDPA calls inside the innermost "…Attention" modules recompute their
+            probabilities in backward instead of saving them (`RecomputedAttentionMode`).
         module_filter: optional (module, qualified name) → bool; modules it rejects are skipped.
     Returns:
         Qualified names of the modules swapped. Already swapped modules are skipped, so applying
@@ -126,12 +135,14 @@ def apply_companions(
     for name, module in model.named_modules():
         if _is_swapped(module) or (module_filter is not None and not module_filter(module, name)):
             continue
-        new_cls = _companion_class(module, dropout=dropout, layernorm=layernorm, activation=activation)
+        new_cls = _companion_class(module, dropout=dropout, layernorm=layernorm, activation=activation, attention=attention)
         if new_cls is None:
             continue
         module.__class__ = new_cls
         if issubclass(new_cls, CompressesActivationInput):
             module.activation_compression = activation
+        if issubclass(new_cls, AttentionCompanion):
+            module.regenerate_dropout, module.recompute_attention = dropout, attention
         swapped.append(name)
     return swapped
 

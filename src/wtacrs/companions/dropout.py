@@ -111,12 +111,3 @@ class RegeneratedDropoutMode(TorchFunctionMode):
         if func is torch.dropout:
             return regenerated_dropout(*_torch_dropout_arguments(*args, **kwargs))
         return func(*args, **kwargs)
-
-
-class InterceptsFunctionalDropout:
-    """Mixin for attention modules: the forward runs inside `RegeneratedDropoutMode`, so the
-    functional dropout that eager attention applies to the probabilities saves no mask."""
-
-    def forward(self, *args, **kwargs):  # noqa: D102
-        with RegeneratedDropoutMode():
-            return super().forward(*args, **kwargs)
