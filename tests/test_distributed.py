@@ -6,6 +6,7 @@ failure comes back as its traceback.
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import traceback
@@ -128,10 +129,43 @@ def _trainer_writes_once(rank: int, out: dict, output_dir: str) -> None:
                world=trainer.args.world_size)
 
 
-def _all_checks(rank: int, out: dict, run_dir: str) -> None:
+def _cli_options(output_dir: str, **flags) -> argparse.Namespace:
+    return argparse.Namespace(output_dir=output_dir, task="rte", model="tiny", ratio=0.3, **flags)
+
+
+def _cli_run_folder(rank: int, out: dict, output_dir: str) -> None:
+    """`wtacrs finetune`'s run-folder handling on every rank: rank 0 alone deletes, the others
+    wait for it, and a refusal stops both ranks."""
+    from wtacrs.cli import finetune
+    from wtacrs.integrations.distributed import on_rank_zero
+
+    deleted, rmtree = [], finetune.shutil.rmtree
+    finetune.shutil.rmtree = lambda path, *a, **k: (deleted.append(str(path)), rmtree(path, *a, **k))
+    try:
+        folder = finetune.prepare_run_dir(_cli_options(output_dir, overwrite=True, resume=False), "full", 0)
+    finally:
+        finetune.shutil.rmtree = rmtree
+    out.update(folder=str(folder), deleted=deleted, contents=sorted(os.listdir(folder)))
+    dist.barrier()  # both ranks have looked at the emptied folder; now it holds a finished run
+    if rank == 0:
+        (folder / "results.json").write_text("{}")
+    dist.barrier()
+    try:
+        finetune.prepare_run_dir(_cli_options(output_dir, overwrite=False, resume=False), "full", 0)
+    except SystemExit as e:
+        out["refused"] = str(e.code)
+    out["value"] = on_rank_zero(lambda: f"from rank {dist.get_rank()}")
+    try:
+        on_rank_zero(lambda: 1 / 0)
+    except (ZeroDivisionError, RuntimeError) as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+
+
+def _all_checks(rank: int, out: dict, run_dir: str, cli_dir: str) -> None:
     """Everything the tests check, in one pair of processes (spawning costs seconds)."""
     for name, body, args in (("ratio_one", _ratio_one_gradients, ()), ("sampled", _sampled_mean_gradient, ()),
-                             ("cache", _shared_cache, ()), ("trainer", _trainer_writes_once, (run_dir,))):
+                             ("cache", _shared_cache, ()), ("trainer", _trainer_writes_once, (run_dir,)),
+                             ("cli", _cli_run_folder, (cli_dir,))):
         out[name] = {}
         body(rank, out[name], *args)
 
@@ -182,8 +216,13 @@ def run_ranks(result_dir, body, *args) -> list[dict]:
 # -- tests ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
+    from wtacrs.cli.finetune import run_dir
+
     root = tmp_path_factory.mktemp("ddp")
-    outs = run_ranks(root, _all_checks, str(root / "run"))
+    earlier = run_dir(_cli_options(str(root / "cli")), "full", 0)  # a finished run that --overwrite deletes
+    earlier.mkdir(parents=True)
+    (earlier / "results.json").write_text('{"score": 0.9}')
+    outs = run_ranks(root, _all_checks, str(root / "run"), str(root / "cli"))
     for out in outs:
         out["run_dir"] = root / "run"
     return outs
@@ -240,6 +279,19 @@ def test_trainer_on_two_ranks_shares_the_cache_and_writes_checkpoints_once(ranks
         files = sorted(p.name for p in (run / name).iterdir())
         assert files.count("wtacrs_state.safetensors") == 1 and "model.safetensors" in files
         assert not [f for f in files if f.endswith(".tmp")]
+
+
+@pytest.mark.timeout(JOIN_TIMEOUT_S + 30)
+def test_cli_run_folder_is_prepared_by_rank_zero_alone(ranks):
+    rank0, rank1 = (r["cli"] for r in ranks)
+    assert rank0["folder"] == rank1["folder"]
+    assert len(rank0["deleted"]) == 1 and rank1["deleted"] == [], "--overwrite must delete once, on rank 0"
+    assert rank0["contents"] == rank1["contents"] == [], "rank 1 saw the folder before rank 0 had emptied it"
+    for rank in (rank0, rank1):  # the refusal reaches every rank instead of leaving rank 1 waiting
+        assert "already holds a run; pass --resume" in rank["refused"]
+        assert rank["value"] == "from rank 0"
+    assert rank0["error"] == "ZeroDivisionError: division by zero"
+    assert rank1["error"] == "RuntimeError: rank 0 failed: ZeroDivisionError: division by zero"
 
 
 def test_wire_format_round_trips_with_any_padding():

@@ -198,20 +198,28 @@ def model_name(model: str) -> str:
 
 # -- entry point -------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
+    from wtacrs.integrations.distributed import is_rank_zero, join_launched_process_group, on_rank_zero
+
     try:
         resolve_options(args)
         check_max_length(args.model, args.max_length)
     except ValueError as e:
         print(f"wtacrs finetune: error: {e}", file=sys.stderr)
         return 2
+    # Under torchrun every rank runs this: they train each run together, in this process (a
+    # child would have to rejoin the group), in rank 0's folder (the default name is its clock).
+    distributed = join_launched_process_group()
+    if distributed:
+        args.output_dir = on_rank_zero(lambda: args.output_dir)
     runs = [(method, seed) for seed in args.seed for method in args.method]
     results = []
     for method, seed in runs:
-        if args.in_process or len(runs) == 1:
+        if args.in_process or len(runs) == 1 or distributed:
             results.append(train_one_or_exit(args, method, seed))
         else:
             results.append(_train_in_child(args, method, seed))
-    print(comparison_table(results))
+    if is_rank_zero():
+        print(comparison_table(results))
     return 0
 
 
@@ -264,10 +272,11 @@ def train_one(args: argparse.Namespace, method: str, seed: int) -> dict:
     """Train, evaluate and write results.json for one (method, seed); returns the results."""
     from transformers import set_seed
 
+    from wtacrs.integrations.distributed import on_rank_zero
     from wtacrs.tasks import get_task, load_task
 
     start = time.perf_counter()
-    out = _prepare_run_dir(args, method, seed)
+    out = prepare_run_dir(args, method, seed)
     task = get_task(args.task)
     set_seed(seed)
     data = load_task(args.task, args.data_dir)
@@ -276,13 +285,22 @@ def train_one(args: argparse.Namespace, method: str, seed: int) -> dict:
     train_set, eval_sets, compute_metrics, eval_examples = build_datasets(args, task, data, tokenizer)
     timer = step_timer()
     trainer = build_trainer(args, method, seed, out, model, tokenizer, train_set, eval_sets, compute_metrics, timer)
-    trainer.train(resume_from_checkpoint=_last_checkpoint(out) if args.resume else None)
+    trainer.train(resume_from_checkpoint=on_rank_zero(lambda: _last_checkpoint(out)) if args.resume else None)
     results = collect_results(args, method, seed, task, trainer, timer, len(train_set), eval_examples)
     results["wall_seconds"] = time.perf_counter() - start
     if trainer.is_world_process_zero():  # under torchrun every rank gets here; one writes
         write_json_atomic(out / RESULTS_FILE, results)
         print(f"wtacrs finetune: wrote {out / RESULTS_FILE}")
     return results
+
+
+def prepare_run_dir(args: argparse.Namespace, method: str, seed: int) -> Path:
+    """The run's folder, emptied by --overwrite or refused when it holds an earlier run without
+    --resume. Under torch.distributed rank 0 alone looks and deletes while the others wait, so
+    no rank deletes what another has begun to write, and a refusal stops every rank."""
+    from wtacrs.integrations.distributed import on_rank_zero
+
+    return on_rank_zero(lambda: _prepare_run_dir(args, method, seed))
 
 
 def _prepare_run_dir(args: argparse.Namespace, method: str, seed: int) -> Path:

@@ -26,10 +26,15 @@ Because all ranks hold the same cache, rank 0 alone saves it with the checkpoint
 resume on any number of ranks (the step counter is global; ranks are assigned at start-up).
 
 Rank 0 alone writes checkpoints and results (`Trainer.args.should_save`, and `wtacrs finetune`
-writes results.json on the main process only).
+writes results.json on the main process only). Filesystem work that must happen once before
+training (`wtacrs finetune`'s --overwrite of a run folder, the check for an earlier run) goes
+through `on_rank_zero`: rank 0 does it while the others wait, and an error stops every rank.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -39,6 +44,7 @@ from wtacrs.cache import PendingRecord
 from wtacrs.modeling import sampling_state
 
 _HEADER_FIELDS = 3  # per record: slot, examples, real tokens
+T = TypeVar("T")
 
 
 class CacheSync:
@@ -86,6 +92,64 @@ def enable_data_parallel(model: nn.Module, group: dist.ProcessGroup | None = Non
     if state.config.grad_norm == "cache" and not isinstance(state.sync, CacheSync):
         state.sync = CacheSync(group)
     return state.sync
+
+
+# -- doing things once ------------------------------------------------------------------------------
+def distributed_world() -> bool:
+    """True inside an initialised torch.distributed job of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_rank_zero() -> bool:
+    """True on rank 0 of a distributed job, and always when not distributed."""
+    return not distributed_world() or dist.get_rank() == 0
+
+
+def join_launched_process_group() -> bool:
+    """Join the process group a launcher (torchrun, `accelerate launch`) describes in the
+    environment, if any; returns whether this is a multi-rank run.
+
+    `wtacrs finetune` needs the group before the Trainer exists (which would create it), so the
+    ranks can agree on the run folder first. accelerate picks the backend the Trainer would
+    (NCCL on GPUs, gloo on the CPU), and the Trainer then reuses this group.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+    return distributed_world()
+
+
+def on_rank_zero(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 only and return its result on every rank (just `fn()` when not distributed).
+
+    The other ranks wait until rank 0 is done (the broadcast is the barrier), so none reads a
+    folder rank 0 is still deleting or creating. When `fn` raises on rank 0, every rank raises:
+    SystemExit with the same code, anything else as RuntimeError naming rank 0's error, instead
+    of the other ranks hanging in their next collective. The result must be picklable.
+    """
+    if not distributed_world():
+        return fn()
+    outcome: list = [None]
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = ("ok", fn())
+        except BaseException as e:
+            error = e
+            # plain values only: the exception itself might not pickle
+            outcome[0] = ("exit", e.code) if isinstance(e, SystemExit) else ("error", f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if error is not None:
+        raise error
+    if kind == "exit":
+        raise SystemExit(value)
+    if kind == "error":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
 
 
 # -- wire format: one uint8 buffer per rank and step ---------------------------------------------
