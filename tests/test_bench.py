@@ -66,6 +66,20 @@ def test_step_peak_includes_weights_gradients_and_optimizer_state():
     assert 0 < measured["saved_bytes"] < measured["peak_bytes"]
 
 
+def test_backward_fused_adamw_updates_like_adamw_and_frees_gradients_during_backward():
+    plain, fused = (make_trial("bert-tiny", spec, batch=2, seq=8) for spec in ("full", "full+fused-adamw"))
+    for step in range(2):
+        for trial in (plain, fused):
+            torch.manual_seed(step)  # the same dropout masks
+            trial.step()
+    for (name, p), q in zip(plain.model.named_parameters(), fused.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-7, msg=name)  # same update, order of ops aside
+    assert all(p.grad is None for p in fused.model.parameters())
+    assert memory_breakdown(fused)["optimizer_bytes"] == memory_breakdown(plain)["optimizer_bytes"]
+    peaks = [measure_step_memory(trial)["peak_bytes"] for trial in (plain, fused)]
+    assert peaks[0] - peaks[1] >= memory_breakdown(plain)["gradients_bytes"] // 2  # most gradients never coexist
+
+
 # -- the batch search -------------------------------------------------------------------------
 @pytest.mark.parametrize("base, per_example, budget, expected", [(100, 10, 1000, 88), (0, 1, 4096, 4096), (50, 7, 40, 0)])
 def test_largest_fitting_batch_on_an_affine_peak(base, per_example, budget, expected):
@@ -88,6 +102,7 @@ def test_parse_method_composes_components():
     m = parse_method("lora+wtacrs@0.1+companions+checkpointing")
     assert (m.lora, m.checkpointing, m.companions, m.estimator, m.ratio) == (True, True, True, "wta-crs", 0.1)
     assert parse_method("topk@0.3").estimator == "topk" and not parse_method("full").uses_wtacrs
+    assert parse_method("full+fused-adamw").fused_optimizer and not parse_method("full+fused-adamw").uses_wtacrs
 
 
 @pytest.mark.parametrize("spec", ["wtacrs", "wtacrs@1.5", "wtacrs@x", "crs@0.3+topk@0.3", "full+lora", "lora+magic"])

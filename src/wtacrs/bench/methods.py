@@ -1,13 +1,17 @@
 """Training methods to compare, named by composable specs such as "lora+wtacrs@0.3+checkpointing".
 
 Components, joined by "+":
-    full                 plain fine-tuning of every weight (alone)
+    full                 plain fine-tuning of every weight (alone, or with fused-adamw)
     checkpointing        Hugging Face gradient checkpointing (non-reentrant)
     lora                 PEFT LoRA (r=8, alpha=16, all linear layers; the head is trained fully)
     wtacrs@R | crs@R | topk@R | uniform@R    `wtacrs.apply` with that estimator at ratio R
     companions           lean dropout, lean LayerNorm and lean (recomputed) attention, all exact
     act=MODE             activation compression MODE (an approximation)
     attention            sampled attention matmuls
+    fused-adamw          each parameter's AdamW step runs in backward as soon as its gradient is
+                         complete, which then is freed (`wtacrs.bench.training.BackwardFusedAdamW`):
+                         no full set of gradients ever exists; not a WTA-CRS technique, applies to
+                         any method (compare against full+fused-adamw too)
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class Method:
     companions: bool = False
     activation_compression: str | None = None
     attention: bool = False
+    fused_optimizer: bool = False
 
     @property
     def uses_wtacrs(self) -> bool:
@@ -67,6 +72,8 @@ def parse_method(spec: str) -> Method:
     if parts == ["full"]:
         return Method(spec)
     method = Method(spec)
+    if "full" in parts and "lora" in parts:
+        raise MethodError(f"method {spec!r} names both full fine-tuning and LoRA")
     for part in parts:
         method = _with_component(method, part, spec)
     return method
@@ -74,17 +81,22 @@ def parse_method(spec: str) -> Method:
 
 def _with_component(method: Method, part: str, spec: str) -> Method:
     name, _, value = part.partition("@")
+    if part == "full":  # all weights trained: the default, named only to combine with fused-adamw
+        return method
     if name in SAMPLERS and value:
         if method.estimator is not None:
             raise MethodError(f"method {spec!r} names two samplers")
         return replace(method, estimator=SAMPLERS[name], ratio=_ratio(value, spec))
     if part.startswith("act="):
         return replace(method, activation_compression=part[4:])
-    flags = {"lora": "lora", "checkpointing": "checkpointing", "companions": "companions", "attention": "attention"}
+    flags = {
+        "lora": "lora", "checkpointing": "checkpointing", "companions": "companions", "attention": "attention",
+        "fused-adamw": "fused_optimizer",
+    }
     if part in flags and not value:
         return replace(method, **{flags[part]: True})
     raise MethodError(
-        f"bad component {part!r} in method {spec!r}; use full, lora, checkpointing, companions, attention, "
+        f"bad component {part!r} in method {spec!r}; use full, lora, checkpointing, companions, attention, fused-adamw, "
         f"act=MODE or SAMPLER@RATIO with SAMPLER in {', '.join(SAMPLERS)}"
     )
 

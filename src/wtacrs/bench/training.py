@@ -39,9 +39,40 @@ class Trial:
             with saved if saved is not None else torch.autograd.graph.saved_tensors_hooks(_same, _same):
                 loss = self.model(**self.inputs).loss
             loss.backward()
-        self.optimizer.step()
+        self.optimizer.step()  # BackwardFusedAdamW: already done inside backward, nothing left
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
+
+
+class BackwardFusedAdamW(torch.optim.Optimizer):
+    """AdamW whose update of each parameter runs inside backward, as soon as that parameter's
+    gradient is accumulated, and then frees the gradient (PyTorch's tutorial "How to save memory
+    by fusing the optimizer step into the backward pass"): the full set of gradients never exists
+    at once, which takes one model's worth of fp32 bytes off the peak. The update is AdamW's; what
+    the loop loses is anything needing all gradients first (global-norm clipping, accumulation)."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float):
+        self.per_parameter = {p: torch.optim.AdamW([p], lr=lr) for p in params}
+        super().__init__(params, {"lr": lr})
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._update)
+
+    def _update(self, p: nn.Parameter) -> None:
+        self.per_parameter[p].step()
+        self.per_parameter[p].zero_grad(set_to_none=True)
+
+    def step(self, closure=None) -> None:  # noqa: D102 - updates parameters that still hold a gradient
+        for p, optimizer in self.per_parameter.items():
+            if p.grad is not None:
+                self._update(p)
+
+    @property
+    def state(self):  # noqa: D102 - the moments live in the per-parameter optimizers
+        return {p: optimizer.state[p] for p, optimizer in self.per_parameter.items() if p in optimizer.state}
+
+    @state.setter
+    def state(self, value) -> None:  # torch.optim.Optimizer.__init__ assigns an empty state
+        pass
 
 
 def _same(t: Tensor) -> Tensor:
@@ -59,7 +90,8 @@ def make_trial(size: str, method: str | Method, batch: int, seq: int, *, device=
     model = build_model(size, seed, device).to(dtype=dtype)
     model = prepare(model, method, seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
+    optimizer_class = BackwardFusedAdamW if method.fused_optimizer else torch.optim.AdamW
+    optimizer = optimizer_class(trainable, lr=LEARNING_RATE)
     _allocate_optimizer_state(optimizer)
     inputs = make_batch(model, batch, seq, seed, device)
     return Trial(method, model, optimizer, inputs, torch.arange(batch))
