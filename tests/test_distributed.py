@@ -113,16 +113,49 @@ def _shared_cache(rank: int, out: dict) -> None:
         out["found_from_rank1"] = state.cache.lookup(0, torch.tensor([12, 13]), other["attention_mask"].bool())
 
 
-def _trainer_writes_once(rank: int, out: dict, output_dir: str) -> None:
+def _trainer(output_dir: str, max_steps: int = 4, callbacks=()):
+    """WTACRSTrainer on 16 examples, 2 per rank and step, a checkpoint every 2 steps."""
     from test_integrations import _collate, _dataset
     from wtacrs.integrations import WTACRSTrainer
 
     args = hf.TrainingArguments(
-        output_dir, per_device_train_batch_size=2, max_steps=4, save_steps=2, report_to=[], use_cpu=True,
-        disable_tqdm=True, logging_steps=1000, ddp_backend="gloo", seed=0,
+        output_dir, per_device_train_batch_size=2, max_steps=max_steps, save_steps=2, report_to=[], use_cpu=True,
+        disable_tqdm=True, logging_steps=1000, ddp_backend="gloo" if dist.is_initialized() else None, seed=0,
     )
-    trainer = WTACRSTrainer(model=wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=0.3)), args=args,
-                            train_dataset=_dataset(16), data_collator=_collate)
+    return WTACRSTrainer(model=wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=0.3)), args=args,
+                         train_dataset=_dataset(16), data_collator=_collate, callbacks=list(callbacks))
+
+
+class _SamplingStateAtFirstStep(hf.TrainerCallback):
+    """Copies the sampling state when the first step (after a resume: the first new one) begins,
+    i.e. what the resume loaded."""
+
+    def __init__(self):
+        self.step, self.cache = None, None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.step is None:
+            sampling = wtacrs.sampling_state(model)
+            self.step = sampling.step
+            self.cache = {k: v.clone() for k, v in sampling.cache.state_dict().items()}
+
+
+def _resumed_state(output_dir: str, checkpoint: str) -> dict:
+    """Resume `checkpoint` to step 4: the sampling state it loaded, and the state at the end."""
+    loaded = _SamplingStateAtFirstStep()
+    trainer = _trainer(output_dir, callbacks=[loaded])
+    trainer.train(resume_from_checkpoint=checkpoint)
+    state = wtacrs.sampling_state(trainer.model)
+    return dict(loaded_step=loaded.step, loaded_cache=loaded.cache, step=state.step,
+                num_examples=state.cache.num_examples, world=trainer.args.world_size)
+
+
+def _resume_on_two_ranks(rank: int, out: dict, output_dir: str, checkpoint: str) -> None:
+    out.update(_resumed_state(output_dir, checkpoint))
+
+
+def _trainer_writes_once(rank: int, out: dict, output_dir: str) -> None:
+    trainer = _trainer(output_dir)
     trainer.train()
     state = wtacrs.sampling_state(trainer.model)
     out.update(num_examples=state.cache.num_examples, data=state.cache.state_dict()["data"], step=state.step,
@@ -161,11 +194,11 @@ def _cli_run_folder(rank: int, out: dict, output_dir: str) -> None:
         out["error"] = f"{type(e).__name__}: {e}"
 
 
-def _all_checks(rank: int, out: dict, run_dir: str, cli_dir: str) -> None:
+def _all_checks(rank: int, out: dict, run_dir: str, cli_dir: str, resume_dirs: tuple[str, str]) -> None:
     """Everything the tests check, in one pair of processes (spawning costs seconds)."""
     for name, body, args in (("ratio_one", _ratio_one_gradients, ()), ("sampled", _sampled_mean_gradient, ()),
                              ("cache", _shared_cache, ()), ("trainer", _trainer_writes_once, (run_dir,)),
-                             ("cli", _cli_run_folder, (cli_dir,))):
+                             ("cli", _cli_run_folder, (cli_dir,)), ("resume", _resume_on_two_ranks, resume_dirs)):
         out[name] = {}
         body(rank, out[name], *args)
 
@@ -222,9 +255,12 @@ def ranks(tmp_path_factory) -> list[dict]:
     earlier = run_dir(_cli_options(str(root / "cli")), "full", 0)  # a finished run that --overwrite deletes
     earlier.mkdir(parents=True)
     (earlier / "results.json").write_text('{"score": 0.9}')
-    outs = run_ranks(root, _all_checks, str(root / "run"), str(root / "cli"))
+    one_rank = _trainer(str(root / "one-rank"), max_steps=2)  # a checkpoint for two ranks to resume
+    one_rank.train()
+    checkpoint = root / "one-rank" / "checkpoint-2"
+    outs = run_ranks(root, _all_checks, str(root / "run"), str(root / "cli"), (str(root / "resumed"), str(checkpoint)))
     for out in outs:
-        out["run_dir"] = root / "run"
+        out.update(run_dir=root / "run", one_rank_checkpoint=checkpoint)
     return outs
 
 
@@ -292,6 +328,43 @@ def test_cli_run_folder_is_prepared_by_rank_zero_alone(ranks):
         assert rank["value"] == "from rank 0"
     assert rank0["error"] == "ZeroDivisionError: division by zero"
     assert rank1["error"] == "RuntimeError: rank 0 failed: ZeroDivisionError: division by zero"
+
+
+def _saved_cache(checkpoint) -> tuple[int, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    state = load_file(str(checkpoint / "wtacrs_state.safetensors"))
+    return int(state["step"]), {k.removeprefix("cache."): v for k, v in state.items() if k.startswith("cache.")}
+
+
+def _assert_loaded(resumed: dict, checkpoint) -> None:
+    step, cache = _saved_cache(checkpoint)
+    assert resumed["loaded_step"] == step
+    assert resumed["loaded_cache"].keys() == cache.keys()
+    for key, value in cache.items():
+        assert torch.equal(resumed["loaded_cache"][key], value), key
+
+
+@pytest.mark.timeout(JOIN_TIMEOUT_S + 60)
+def test_two_rank_checkpoint_resumes_on_one_rank_with_the_cache(ranks, tmp_path):
+    checkpoint = ranks[0]["run_dir"] / "checkpoint-2"
+    assert int((_saved_cache(checkpoint)[1]["offset"] >= 0).sum()) == 8  # 2 steps × 2 ranks × 2 examples
+    resumed = _resumed_state(str(tmp_path), str(checkpoint))
+    assert resumed["world"] == 1
+    _assert_loaded(resumed, checkpoint)
+    assert resumed["step"] == 4 and resumed["num_examples"] >= 8
+
+
+@pytest.mark.timeout(JOIN_TIMEOUT_S + 30)
+def test_one_rank_checkpoint_resumes_on_two_ranks_with_the_cache(ranks):
+    rank0, rank1 = (r["resume"] for r in ranks)
+    checkpoint = ranks[0]["one_rank_checkpoint"]
+    assert int((_saved_cache(checkpoint)[1]["offset"] >= 0).sum()) == 4  # 2 steps × 2 examples
+    for rank in (rank0, rank1):
+        assert rank["world"] == 2
+        _assert_loaded(rank, checkpoint)
+        assert rank["step"] == 4
+    assert rank0["num_examples"] == rank1["num_examples"] >= 4
 
 
 def test_wire_format_round_trips_with_any_padding():
