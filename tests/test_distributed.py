@@ -7,10 +7,14 @@ failure comes back as its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
+import subprocess
+import sys
 import traceback
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,10 +25,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 import wtacrs
 from stats import unbiased_violations
+from test_finetune import tiny_model  # noqa: F401 (a fixture: the 2-layer BERT saved like a hub model)
 from wtacrs.integrations.distributed import enable_data_parallel, pack_records, unpack_records
 
 WORLD = 2
 JOIN_TIMEOUT_S = 120
+TORCHRUN_TIMEOUT_S = 120
 
 
 def _free_port() -> int:
@@ -388,3 +394,30 @@ def test_single_process_needs_no_sync():
     model = wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=0.3))
     assert enable_data_parallel(model) is None
     assert wtacrs.sampling_state(model).sync is None
+
+
+# -- `wtacrs finetune` under torchrun -----------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(TORCHRUN_TIMEOUT_S + 30)
+def test_finetune_under_torchrun_writes_the_results_once(tiny_model, tmp_path):
+    """Two CPU ranks (gloo, loopback) through the real launcher: rank 0 alone empties the earlier
+    run (--overwrite) and writes one valid results.json; the table is printed once."""
+    from test_finetune import FAST, check_schema
+
+    earlier = tmp_path / "tweet_sentiment" / Path(tiny_model).name / "wtacrs-0.3" / "seed0"
+    earlier.mkdir(parents=True)
+    (earlier / "results.json").write_text('{"score": -1}')
+    (earlier / "stale.txt").write_text("from an earlier run")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "wtacrs.cli", "finetune", "--model", tiny_model, "--output-dir", str(tmp_path),
+               "--method", "wtacrs", "--overwrite", *FAST]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    (results,) = tmp_path.glob("*/*/wtacrs-0.3/seed0/results.json")
+    assert results.parent == earlier
+    record = json.loads(results.read_text())
+    check_schema(record)
+    assert record["world_size"] == 2 and record["train_examples"] == 16
+    assert sorted(p.name for p in earlier.iterdir() if p.is_file()) == ["results.json"], "stale or temp files left"
+    assert done.stdout.count("wrote ") == 1 and done.stdout.count("wtacrs@0.3") == 1

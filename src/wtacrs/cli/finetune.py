@@ -540,6 +540,7 @@ def collect_results(args, method, seed, task, trainer, timer, num_train, eval_ex
             "epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "lora_r", "lora_alpha",
             "max_train_samples", "max_eval_samples", "bf16", "fp16")} | {"lr": trainer.args.learning_rate},
         "device": "cuda" if peak_kind.startswith("cuda") else "cpu", "versions": _versions(),
+        "world_size": trainer.args.world_size,  # data-parallel ranks; peak memory is rank 0's
     }
 
 
