@@ -111,6 +111,7 @@ class SamplingState:
         self._masks: dict[str, Tensor | None] = {}
         self._batch_ids: Tensor | None = None  # example ids of the current forward, if known
         self._host_masks: dict[tuple[int, int], Tensor] = {}
+        self._cached_norms: dict[tuple[int, int], Tensor] = {}  # per mask: every slot's norms, on x's device
         self._first_records: list[tuple[int, Tensor, Tensor, Tensor]] = []  # before the cache exists
         self._warned_no_ids = False
         self._warned_id_count = False
@@ -128,6 +129,7 @@ class SamplingState:
         """Called before each top-level forward of the model."""
         self._draws.clear()
         self._host_masks.clear()
+        self._cached_norms.clear()
         self._masks = {k: None if m is None else m.to(torch.bool) for k, m in masks.items()}
         batch_context = _current_batch.get()
         if batch_context is not None and self not in batch_context.states:
@@ -185,8 +187,14 @@ class SamplingState:
                 )
                 self._warned_id_count = True
             return None
-        mask = row_mask if row_mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)  # host: no copy later
-        return ids, mask
+        return ids, row_mask if row_mask is not None else self._all_rows(x.shape[0], x.shape[1])
+
+    def _all_rows(self, batch: int, length: int) -> Tensor:
+        """A host all-True (batch, length) mask, one per shape and forward (so lookups can key on it)."""
+        key = (-batch, -length)  # ids of live tensors are positive: no clash with _host_mask's keys
+        if key not in self._host_masks:
+            self._host_masks[key] = torch.ones(batch, length, dtype=torch.bool)
+        return self._host_masks[key]
 
     def _cached_grad_norm(self, slot: int, x: Tensor, row_mask: Tensor | None) -> Tensor | None:
         rows = self._batch_rows(x, row_mask)
@@ -195,15 +203,22 @@ class SamplingState:
         members = [s for s in self._groups.get(slot, {slot}) if s < self.cache.num_slots]
         if not members:
             return None
-        ids, mask = rows
-        mask = self._host_mask(mask)
-        norms = self.cache.lookup_slots(members, ids, mask)  # (members, B, T)
+        norms = self._all_cached_norms(*rows, x.device)[members]  # (members, B, T)
         # Shared draws serve several layers: p_i ∝ ‖X_i‖·(Σ_layers ‖dY_i‖²)^½ minimises their summed variance.
         combined = norms.nan_to_num(0.0).square().sum(0).sqrt()
-        combined = torch.where(norms.isnan().all(0), torch.nan, combined)
-        if x.device.type == "cuda":  # pinned + non_blocking: no wait for the GPU's queue
-            return combined.pin_memory().to(x.device, non_blocking=True)
-        return combined.to(x.device)
+        return torch.where(norms.isnan().all(0), torch.nan, combined)
+
+    def _all_cached_norms(self, ids: Tensor, mask: Tensor, device: torch.device) -> Tensor:
+        """(slots, B, T) cached norms of every slot for this forward's rows, looked up once per
+        forward and row mask: one host gather and one transfer instead of one per draw (on a
+        GPU each per-draw lookup cost host work and a transfer; profiled in GPU_H200.md)."""
+        key = (id(mask), mask.data_ptr())
+        if key not in self._cached_norms:
+            norms = self.cache.lookup_slots(list(range(self.cache.num_slots)), ids, self._host_mask(mask))
+            if device.type == "cuda":  # pinned + non_blocking: no wait for the GPU's queue
+                norms = norms.pin_memory().to(device, non_blocking=True)
+            self._cached_norms[key] = norms.to(device)
+        return self._cached_norms[key]
 
     def _host_mask(self, mask: Tensor) -> Tensor:
         """A host copy of a (B, T) mask, made once per forward: every layer sees the same few masks."""
