@@ -168,6 +168,42 @@ def _trainer_writes_once(rank: int, out: dict, output_dir: str) -> None:
                world=trainer.args.world_size)
 
 
+def _fsdp2_bert(ratio: float) -> torch.nn.Module:
+    """The tiny BERT with WTA-CRS applied first, then FSDP2 per encoder block and at the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=ratio))
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def _train_two_steps(model: torch.nn.Module, batch, ids: torch.Tensor) -> dict:
+    """Two AdamW steps on one batch: the first step's gradients and the final weights (full
+    tensors, gathered from the FSDP2 shards)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        with wtacrs.batch(ids):
+            model(**batch).loss.backward()
+        first = first or {n: _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+    return {"grads": first, "weights": {n: _full(p.detach()) for n, p in model.named_parameters()}}
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.clone()  # DTensor shard → whole
+
+
+def _fsdp2_training(rank: int, out: dict) -> None:
+    for ratio in (1.0, 0.3):
+        model = _fsdp2_bert(ratio)
+        enable_data_parallel(model)
+        out[ratio] = _train_two_steps(model, _local(_global_batch(), rank), torch.arange(2) + 2 * rank)
+        out[ratio]["num_examples"] = wtacrs.sampling_state(model).cache.num_examples if ratio < 1 else None
+
+
 def _cli_options(output_dir: str, **flags) -> argparse.Namespace:
     return argparse.Namespace(output_dir=output_dir, task="rte", model="tiny", ratio=0.3, **flags)
 
@@ -204,7 +240,8 @@ def _all_checks(rank: int, out: dict, run_dir: str, cli_dir: str, resume_dirs: t
     """Everything the tests check, in one pair of processes (spawning costs seconds)."""
     for name, body, args in (("ratio_one", _ratio_one_gradients, ()), ("sampled", _sampled_mean_gradient, ()),
                              ("cache", _shared_cache, ()), ("trainer", _trainer_writes_once, (run_dir,)),
-                             ("cli", _cli_run_folder, (cli_dir,)), ("resume", _resume_on_two_ranks, resume_dirs)):
+                             ("cli", _cli_run_folder, (cli_dir,)), ("resume", _resume_on_two_ranks, resume_dirs),
+                             ("fsdp2", _fsdp2_training, ())):
         out[name] = {}
         body(rank, out[name], *args)
 
@@ -334,6 +371,28 @@ def test_cli_run_folder_is_prepared_by_rank_zero_alone(ranks):
         assert rank["value"] == "from rank 0"
     assert rank0["error"] == "ZeroDivisionError: division by zero"
     assert rank1["error"] == "RuntimeError: rank 0 failed: ZeroDivisionError: division by zero"
+
+
+@pytest.mark.timeout(JOIN_TIMEOUT_S + 30)
+def test_fsdp2_ratio_one_training_equals_one_process_on_the_whole_batch(ranks):
+    reference = _train_two_steps(wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=1.0)), _global_batch(), torch.arange(4))
+    for rank in (r["fsdp2"][1.0] for r in ranks):
+        for kind in ("grads", "weights"):
+            assert rank[kind].keys() == reference[kind].keys()
+            for name, value in reference[kind].items():
+                torch.testing.assert_close(rank[kind][name], value, rtol=1e-4, atol=1e-6, msg=f"{kind} {name}")
+
+
+@pytest.mark.timeout(JOIN_TIMEOUT_S + 30)
+def test_fsdp2_samples_like_ddp_and_shares_the_cache(ranks):
+    """Same seeds, same local batches: FSDP2's reduce-scattered sampled gradient is DDP's
+    all-reduced one (so it is unbiased for the same reason), and the cache is replicated."""
+    rank0, rank1 = (r["fsdp2"][0.3] for r in ranks)
+    name = "bert.encoder.layer.0.intermediate.dense.weight"
+    torch.testing.assert_close(rank0["grads"][name], ranks[0]["sampled"]["samples"][0], rtol=1e-4, atol=1e-6)
+    for key, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][key]), key
+    assert rank0["num_examples"] == rank1["num_examples"] == 4
 
 
 def _saved_cache(checkpoint) -> tuple[int, dict[str, torch.Tensor]]:

@@ -79,7 +79,8 @@ def enable_data_parallel(model: nn.Module, group: dist.ProcessGroup | None = Non
     collective.
 
     Args:
-        model: the model, or its DistributedDataParallel wrapper.
+        model: the model (also after FSDP2's `fully_shard`, which keeps the module), or its
+            DistributedDataParallel wrapper.
         group: process group of the data-parallel ranks (default: the world).
     Returns:
         the CacheSync (with its byte counters), or None when not distributed (world size 1) or
