@@ -464,3 +464,43 @@ def test_recomputed_attention_in_eval_and_no_grad_is_plain():
     model.eval()
     assert not torch.equal(out, model(input_ids=input_ids).last_hidden_state)  # training-mode dropout ran
     assert attention_probability_bytes(model, input_ids) == 0
+
+
+# ---------------------------------------------------------------- activation recompute
+
+
+def sampled_step(recompute: bool, input_ids: torch.Tensor):
+    """Grads and live peak of one step of tiny BERT under WTA-CRS@0.3 with the exact companions."""
+    import wtacrs
+
+    model = tiny_bert("sdpa", dropout=0.1)
+    config = wtacrs.WTACRSConfig(
+        ratio=0.3, lean_dropout=True, lean_layernorm=True, lean_attention=True, recompute_activation=recompute
+    )
+    wtacrs.apply(model, config)
+    torch.manual_seed(1)
+    with wtacrs.batch(torch.arange(input_ids.shape[0])):
+        with LiveTensorPeak(baseline=[*parameter_tensors(model), input_ids]) as live:
+            model(input_ids=input_ids).last_hidden_state.square().sum().backward()
+    return model, [p.grad for p in model.parameters()], live.peak - live.baseline
+
+
+def test_recomputed_activation_input_is_exact_and_lowers_the_peak():
+    input_ids = torch.randint(0, 100, (4, 32))
+    _, expected, peak = sampled_step(False, input_ids)
+    model, grads, lean_peak = sampled_step(True, input_ids)
+    assert type(model.encoder.layer[0].intermediate).__name__ == "RecomputesActivationInputBertIntermediate"
+    for grad, reference in zip(grads, expected):
+        assert torch.equal(grad, reference)  # same draws, same dropout masks, same matmuls
+    activation_input = 4 * 32 * 64 * 4  # (B, T, intermediate) fp32, one per layer
+    assert peak - lean_peak >= (2 - 1) * activation_input  # every layer's but the one being recomputed
+
+
+def test_recompute_applies_only_to_linear_then_activation_modules():
+    model = tiny_bert("sdpa")
+    names = apply_companions(model, dropout=False, layernorm=False, activation=None, recompute_activation=True)
+    assert names == ["encoder.layer.0.intermediate", "encoder.layer.1.intermediate"]
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 100, (2, 9)))  # eval and no-grad run the plain forward
+    assert remove_companions(model) == names

@@ -49,6 +49,8 @@ class WTACRSConfig:
         lean_layernorm: LayerNorm backward from its saved output, not its input (exact).
         lean_attention: SDPA attention recomputes its probabilities in backward instead of
             saving them (exact; one more attention forward per layer).
+        recompute_activation: the activation input of `act(dense(x))` modules (BERT's
+            intermediate) is recomputed in backward (exact; one more matmul per block).
         activation_compression: None (exact) or a compact storage of the activation-function
             input (an approximation; see `wtacrs.companions.ACTIVATION_MODES`).
     """
@@ -63,6 +65,7 @@ class WTACRSConfig:
     lean_dropout: bool = field(default=False, metadata={"help": "dropout without stored masks"})
     lean_layernorm: bool = field(default=False, metadata={"help": "LayerNorm backward from its output"})
     lean_attention: bool = field(default=False, metadata={"help": "SDPA without stored probabilities"})
+    recompute_activation: bool = field(default=False, metadata={"help": "recompute the activation input in backward"})
     activation_compression: str | None = field(default=None, metadata={"help": "compact activation input (approximate)"})
 
     def __post_init__(self) -> None:
@@ -72,7 +75,7 @@ class WTACRSConfig:
             raise WTACRSConfigError(f"WTACRSConfig.ratio: {e}") from None
         self._check_choice("estimator", ESTIMATORS)
         self._check_choice("grad_norm", ("cache", "none"))
-        for name in ("attention", "lean_dropout", "lean_layernorm", "lean_attention"):
+        for name in ("attention", "lean_dropout", "lean_layernorm", "lean_attention", "recompute_activation"):
             if not isinstance(getattr(self, name), bool):
                 raise WTACRSConfigError(f"WTACRSConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -154,6 +154,7 @@ def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
             layernorm=config.lean_layernorm,
             activation=config.activation_compression,
             attention=config.lean_attention,
+            recompute_activation=config.recompute_activation,
         )
     except Exception:
         remove(model)  # never leave a half-applied model behind

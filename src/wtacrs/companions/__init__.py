@@ -7,6 +7,9 @@
   `wtacrs.companions.layernorm`).
 - Attention (`attention=True`): SDPA saves no (batch, heads, L, L) probabilities or dropout
   mask; backward recomputes them (exact, bitwise). See `wtacrs.companions.attention`.
+- Activation recompute (`recompute_activation=True`): the input of the activation in
+  `act(dense(x))` modules is recomputed in backward. Exact; one more matmul per block. See
+  `wtacrs.companions.recompute`.
 - Activation (`activation="bf16"` or `"int8"`): the input of GELU-like activations is kept
   compressed. An approximation (stated bounds in `wtacrs.companions.activation`); off by default.
 
@@ -46,6 +49,7 @@ from wtacrs.companions.activation import (
 from wtacrs.companions.attention import AttentionCompanion, RecomputedAttentionMode
 from wtacrs.companions.dropout import RegeneratedDropout, regenerated_dropout
 from wtacrs.companions.layernorm import LeanLayerNorm, ill_conditioned_columns, layer_norm_from_output
+from wtacrs.companions.recompute import RecomputesActivationInput, is_linear_then_activation
 
 __all__ = [
     "ACTIVATION_MODES",
@@ -62,7 +66,8 @@ __all__ = [
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 _ORIGINAL = "_wtacrs_companion_of"  # class attribute of every swapped-in class: the class it replaced
-_MODULE_STATE = ("activation_compression", "_kept_columns_cache", "regenerate_dropout", "recompute_attention")  # instance attributes the companions add
+# instance attributes the companions add
+_MODULE_STATE = ("activation_compression", "_kept_columns_cache", "regenerate_dropout", "recompute_attention")
 
 
 @cache
@@ -87,7 +92,7 @@ def _is_innermost_attention(module: nn.Module) -> bool:
 
 
 def _companion_class(
-    module: nn.Module, *, dropout: bool, layernorm: bool, activation: str | None, attention: bool
+    module: nn.Module, *, dropout: bool, layernorm: bool, activation: str | None, attention: bool, recompute: bool
 ) -> type | None:
     """The class to swap `module` to, or None to leave it alone."""
     cls = type(module)
@@ -97,6 +102,8 @@ def _companion_class(
         return LeanLayerNorm
     if activation and cls in elementwise_activation_types() and not getattr(module, "inplace", False):
         return _with_mixin(CompressesActivationInput, cls)
+    if recompute and is_linear_then_activation(module):
+        return _with_mixin(RecomputesActivationInput, cls)
     if (dropout or attention) and _is_innermost_attention(module):
         return _with_mixin(AttentionCompanion, cls)
     return None
@@ -109,6 +116,7 @@ def apply_companions(
     layernorm: bool,
     activation: str | None,
     attention: bool = False,
+    recompute_activation: bool = False,
     module_filter: ModuleFilter | None = None,
 ) -> list[str]:
     """Swap the classes of `model`'s dropout, LayerNorm, activation and attention modules in place.
@@ -122,6 +130,8 @@ def apply_companions(
             listed by `elementwise_activation_types()` (in-place ones are skipped).
         attention: SDPA calls inside the innermost "…Attention" modules recompute their
             probabilities in backward instead of saving them (`RecomputedAttentionMode`).
+        recompute_activation: `act(dense(x))` modules recompute the activation's input in
+            backward (`RecomputesActivationInput`).
         module_filter: optional (module, qualified name) → bool; modules it rejects are skipped.
     Returns:
         Qualified names of the modules swapped. Already swapped modules are skipped, so applying
@@ -135,7 +145,10 @@ def apply_companions(
     for name, module in model.named_modules():
         if _is_swapped(module) or (module_filter is not None and not module_filter(module, name)):
             continue
-        new_cls = _companion_class(module, dropout=dropout, layernorm=layernorm, activation=activation, attention=attention)
+        new_cls = _companion_class(
+            module, dropout=dropout, layernorm=layernorm, activation=activation, attention=attention,
+            recompute=recompute_activation,
+        )
         if new_cls is None:
             continue
         module.__class__ = new_cls
