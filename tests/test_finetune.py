@@ -115,6 +115,16 @@ def test_default_run_smoke_full_vs_wtacrs(tiny_model, tmp_path, capsys):
     assert list(tmp_path.glob("*/*/full/seed0/runs/*"))  # TensorBoard logs
 
 
+def test_lean_companions_are_recorded_and_labelled(tiny_model, tmp_path, capsys):
+    argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--in-process", "--method", "wtacrs",
+            "full", "--lean", "--recompute-activation", *FAST]
+    assert main(argv) == 0
+    assert "wtacrs@0.3+lean+recompute" in capsys.readouterr().out
+    sampled, full = results_of(tmp_path, "wtacrs-0.3+lean+recompute"), results_of(tmp_path, "full")
+    check_schema(sampled)
+    assert (sampled["companions"], full["companions"]) == (["lean", "recompute"], [])  # only sampling runs take them
+
+
 @pytest.mark.slow
 def test_existing_run_needs_resume_or_overwrite(tiny_model, tmp_path):
     argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--method", "full", *FAST]

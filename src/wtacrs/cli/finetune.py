@@ -28,6 +28,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from wtacrs.cli.report import row_label
+
 METHODS = ("full", "lora", "wtacrs", "lora+wtacrs", "crs", "topk", "checkpointing")
 SAMPLED_ESTIMATOR = {"wtacrs": "wta-crs", "lora+wtacrs": "wta-crs", "crs": "crs", "topk": "topk"}
 LORA_METHODS = ("lora", "lora+wtacrs")
@@ -53,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face model name or local path (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--method", nargs="+", choices=METHODS, help="one run per method (default: full wtacrs)")
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of token rows kept by sampling methods (default 0.3)")
+    p.add_argument("--lean", action="store_true",
+                   help="sampling methods: also the exact memory companions (dropout masks regenerated, LayerNorm "
+                        "backward from its output, attention probabilities recomputed): lower peak, same training")
+    p.add_argument("--recompute-activation", action="store_true",
+                   help="sampling methods: recompute BERT's intermediate activation input in backward (exact; "
+                        "lower peak, one more matmul per block)")
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed (default 0)")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']}; offline default task "
                    f"{OFFLINE_DEFAULTS['lr']}; LoRA methods {DEFAULTS['lora_lr']})")
@@ -188,6 +196,7 @@ def packaged_model_dir() -> Path:
 def run_dir(args: argparse.Namespace, method: str, seed: int) -> Path:
     """<output-dir>/<task>/<model>/<method>[-<ratio>]/seed<seed>."""
     label = f"{method}-{args.ratio:g}" if method in SAMPLED_ESTIMATOR else method
+    label += "".join(f"+{name}" for name in companions(args, method))
     return Path(args.output_dir) / args.task / model_name(args.model) / label / f"seed{seed}"
 
 
@@ -243,7 +252,7 @@ def comparison_table(results: list[dict]) -> str:
     header = f"{'method':<16} {'seed':>4} {'score':>7} {'peak MiB':>9} {'act. MiB':>9} {'samples/s':>9} {'wall s':>7}"
     lines = [header, "-" * len(header)]
     for r in results:
-        label = r["method"] + (f"@{r['ratio']:g}" if r["ratio"] is not None else "")
+        label = row_label(r)[1]
         lines.append(
             f"{label:<16} {r['seed']:>4} {r['score']:>7.4f} {r['peak_memory_bytes'] / 2**20:>9.0f} "
             f"{r['saved_activation_bytes'] / 2**20:>9.2f} {r['train_samples_per_second'] or math.nan:>9.1f} "
@@ -351,8 +360,20 @@ def prepare_method(model, method: str, args: argparse.Namespace, seed: int, task
     if method in SAMPLED_ESTIMATOR:
         import wtacrs
 
-        wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=args.ratio, estimator=SAMPLED_ESTIMATOR[method], seed=seed))
+        lean, recompute = args.lean, args.recompute_activation
+        wtacrs.apply(model, wtacrs.WTACRSConfig(
+            ratio=args.ratio, estimator=SAMPLED_ESTIMATOR[method], seed=seed, lean_dropout=lean,
+            lean_layernorm=lean, lean_attention=lean, recompute_activation=recompute,
+        ))
     return model
+
+
+def companions(args: argparse.Namespace, method: str) -> list[str]:
+    """The memory companions a run of `method` uses ("lean", "recompute"); only sampling methods take them."""
+    if method not in SAMPLED_ESTIMATOR:
+        return []
+    flags = {"lean": getattr(args, "lean", False), "recompute": getattr(args, "recompute_activation", False)}
+    return [name for name, on in flags.items() if on]
 
 
 def _subset(dataset, limit: int | None):
@@ -529,6 +550,7 @@ def collect_results(args, method, seed, task, trainer, timer, num_train, eval_ex
         "task": args.task, "model": args.model, "model_name": model_name(args.model),
         "model_kind": _model_kind(trainer.model), "method": method,
         "ratio": args.ratio if method in SAMPLED_ESTIMATOR else None, "estimator": SAMPLED_ESTIMATOR.get(method),
+        "companions": companions(args, method),
         "seed": seed, "metrics": metrics, "score": metrics[first]["score"], "score_name": task.score_name,
         "best_epoch": best_epoch, "history": history,
         "peak_memory_bytes": peak_bytes, "peak_memory_kind": peak_kind,
