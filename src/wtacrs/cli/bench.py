@@ -165,7 +165,7 @@ def _report_memory(out: Path, meta: dict, rows: list[dict]) -> None:
     rows = _gb(rows, "saved_bytes", "peak_bytes", "peak_rss_bytes", "weights_bytes", "optimizer_bytes")
     notes = [f"Peak of step: {meta['peak']} over one full training step (forward, backward, AdamW step), "
              "including weights, gradients and AdamW state.",
-             "Peak RSS: ru_maxrss of a fresh process that builds the model and runs one step (CPU only).",
+             "Peak RSS: VmHWM (peak resident set) of a fresh process that builds the model and runs one step (CPU only).",
              "Saved for backward: distinct storages packed by autograd in forward, parameters excluded; tensors "
              "kept by non-reentrant checkpointing's recompute closures are not packed and so not counted here."]
     title = f"Memory per method: {meta['model']}, batch {meta['batch']}, seq {meta['seq']}"
