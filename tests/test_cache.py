@@ -36,7 +36,7 @@ def test_lookup_returns_what_was_recorded_by_real_token_ordinal():
 
 
 def test_changed_length_is_missing_and_reallocated():
-    cache = GradNormCache(1)
+    cache = GradNormCache(1, position_prior=False)
     cache.record(0, torch.tensor([0]), torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3))
     cache.commit()
     longer = torch.ones(1, 5, dtype=torch.bool)
@@ -61,7 +61,8 @@ def test_size_is_one_byte_per_real_token_per_slot():
     compact = cache.state_dict()
     stored = sum(t.numel() * t.element_size() for t in compact.values())
     assert compact["data"].numel() == 72 * total_tokens
-    assert stored <= 72 * total_tokens + 12 * 256 + 64
+    prior = 72 * 128 * 4  # float32 per slot and position, independent of the number of examples
+    assert stored <= 72 * total_tokens + 12 * 256 + prior + 64
     assert cache.nbytes <= 2 * stored + 64  # growable buffers at most double
     assert cache.bytes_per_example(128) == 72 * 128 + 12
 
@@ -97,3 +98,43 @@ def test_bad_arguments():
         cache.record(0, torch.tensor([0, 1]), mask, torch.ones(2, 4))
     with pytest.raises(ValueError, match="num_slots"):
         GradNormCache(0)
+
+
+def test_unseen_examples_get_the_per_position_prior():
+    cache = GradNormCache(2)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    cache.record(0, torch.tensor([0, 1]), mask, torch.tensor([[4.0, 1.0, 2.0], [8.0, 3.0, 99.0]]))
+    cache.commit()
+    unseen = torch.tensor([[0, 1, 1, 1, 1]], dtype=torch.bool)  # left padding, one position never seen
+    got = cache.lookup(0, torch.tensor([5]), unseen)[0]
+    torch.testing.assert_close(got[1:4], torch.tensor([6.0, 2.0, 2.0]), rtol=0.1, atol=0)  # mean per ordinal
+    assert got[0].isnan() and got[4].isnan()  # padding; an ordinal no record reached
+    assert cache.lookup(1, torch.tensor([5]), unseen).isnan().all()  # slot 1 has recorded nothing
+    cache.record(0, torch.tensor([2]), mask[:1], torch.tensor([[16.0, 1.0, 2.0]]))
+    cache.commit()
+    first = cache.lookup(0, torch.tensor([5]), unseen)[0, 1]
+    torch.testing.assert_close(first, torch.tensor(0.9 * 6.0 + 0.1 * 16.0), rtol=0.1, atol=0)  # moving average
+    seen = cache.lookup(0, torch.tensor([2]), mask[:1])[0]
+    torch.testing.assert_close(seen, torch.tensor([16.0, 1.0, 2.0]), rtol=0.1, atol=0)  # own record wins
+
+
+def test_prior_off_and_old_checkpoints():
+    cache = GradNormCache(1, position_prior=False)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    cache.record(0, torch.tensor([0]), mask, torch.ones(1, 2))
+    cache.commit()
+    assert cache.lookup(0, torch.tensor([1]), mask).isnan().all()
+    state = {k: v for k, v in GradNormCache(1).state_dict().items() if k != "prior"}  # saved before the prior
+    restored = GradNormCache(1)
+    restored.load_state_dict(state)
+    assert restored.lookup(0, torch.tensor([1]), mask).isnan().all()
+    with_prior = GradNormCache(1)
+    with_prior.load_state_dict(_with_prior_state())
+    assert not with_prior.lookup(0, torch.tensor([9]), mask).isnan().any()
+
+
+def _with_prior_state() -> dict:
+    cache = GradNormCache(1)
+    cache.record(0, torch.tensor([0]), torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 2))
+    cache.commit()
+    return cache.state_dict()
