@@ -33,6 +33,8 @@ def run_metadata(device: torch.device, dtype: torch.dtype, seed: int, **shapes) 
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).removeprefix("torch."),
         "seed": seed,
+        # glibc's allocator settings change peak RSS a lot on the CPU (freed blocks it keeps; RESULTS.md)
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         **shapes,
     }
 
@@ -128,5 +130,6 @@ def _cell(value, spec: str) -> str:
 def markdown_report(title: str, metadata: dict, table: str, notes: Sequence[str] = ()) -> str:
     """A Markdown page: title, the command and setup, the table, notes."""
     setup = (f"`{metadata['command']}`\n\n{metadata['device_name']}, torch {metadata['torch']}, "
-             f"{metadata['dtype']}, {metadata['threads']} threads, seed {metadata['seed']}, {metadata['time_utc']}\n")
+             f"{metadata['dtype']}, {metadata['threads']} threads, seed {metadata['seed']}, {metadata['time_utc']}"
+             + "".join(f", {k}={v}" for k, v in metadata.get("malloc_env", {}).items()) + "\n")
     return f"# {title}\n\n{setup}\n{table}\n" + "".join(f"- {note}\n" for note in notes)
