@@ -504,3 +504,13 @@ def test_recompute_applies_only_to_linear_then_activation_modules():
     with torch.no_grad():
         model(input_ids=torch.randint(0, 100, (2, 9)))  # eval and no-grad run the plain forward
     assert remove_companions(model) == names
+
+
+def test_recompute_finds_lora_wrapped_intermediate_layers():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_bert("sdpa"), peft.LoraConfig(r=2, target_modules=["dense"]))
+    names = apply_companions(model, dropout=False, layernorm=False, activation=None, recompute_activation=True)
+    assert [n.split("model.")[-1] for n in names] == ["encoder.layer.0.intermediate", "encoder.layer.1.intermediate"]
+    input_ids = torch.randint(0, 100, (2, 9))
+    model(input_ids=input_ids).last_hidden_state.sum().backward()  # recompute through the adapters
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)

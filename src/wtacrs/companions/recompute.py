@@ -9,8 +9,9 @@ the activation in backward: one more hidden → 4·hidden matmul per block, a th
 forward matmul flops. Sampled layers inside redo the same draw (draws are keyed by the input
 tensor and regathered), and the recompute restores the RNG state.
 
-Applies to modules whose children are exactly one linear layer and one elementwise activation
-(`BertIntermediate` and its copies in RoBERTa, ELECTRA, ...). Other MLPs (T5, GPT-2, LLaMA,
+Applies to modules whose children are exactly one linear layer (plain or LoRA-wrapped) and one
+elementwise activation (`BertIntermediate` and its copies in RoBERTa, ELECTRA, ...). With LoRA the
+recompute runs the frozen matmul and the adapter again. Other MLPs (T5, GPT-2, LLaMA,
 DistilBERT) also contain their output projection, which a checkpoint would recompute too; they
 are left alone.
 """
@@ -24,12 +25,18 @@ from torch.utils.checkpoint import checkpoint
 from wtacrs.companions.activation import elementwise_activation_types
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or an adapter wrapping one (PEFT's LoRA layers keep it as `base_layer`)."""
+    return isinstance(module, nn.Linear) or isinstance(getattr(module, "base_layer", None), nn.Linear)
+
+
 def is_linear_then_activation(module: nn.Module) -> bool:
-    """Whether `module`'s children are exactly one nn.Linear and one elementwise activation."""
+    """Whether `module`'s children are exactly one linear layer (maybe LoRA-wrapped) and one
+    elementwise activation."""
     children = list(module.children())
     return (
         len(children) == 2
-        and sum(isinstance(c, nn.Linear) for c in children) == 1
+        and sum(_is_linear(c) for c in children) == 1
         and sum(isinstance(c, elementwise_activation_types()) for c in children) == 1
     )
 
