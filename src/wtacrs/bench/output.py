@@ -34,7 +34,7 @@ def run_metadata(device: torch.device, dtype: torch.dtype, seed: int, **shapes) 
         "dtype": str(dtype).removeprefix("torch."),
         "seed": seed,
         # glibc's allocator settings change peak RSS a lot on the CPU (freed blocks it keeps; RESULTS.md)
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
         **shapes,
     }
 
