@@ -1,0 +1,1 @@
+X=1 python -m wtacrs.bench.rss '{"size": "bert-base", "method": "full", "batch": 64, "seq": 128, "seed": 0, "threads": 2}'
