@@ -253,3 +253,13 @@ def _backward_into(loss, errors):
         loss.backward()
     except Exception as e:  # noqa: BLE001 - reported by the test
         errors.append(e)
+
+
+def test_position_prior_can_be_switched_off():
+    case = CASES_BY_NAME["bert"]
+    batch = case.batch()
+    for prior in (True, False):
+        model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3, position_prior=prior))
+        step(model, batch, ids=torch.tensor([10, 11, 12]))
+        unseen = wtacrs.sampling_state(model).cache.lookup(0, torch.tensor([13]), torch.ones(1, 2, dtype=torch.bool))
+        assert bool(torch.isfinite(unseen).all()) is prior

@@ -44,6 +44,9 @@ class WTACRSConfig:
         attention: also sample the attention score (QKᵀ) and output (P·V) matmuls.
         grad_norm: "cache" uses ‖dY‖ from each example's previous visit (needs example ids via
             `wtacrs.batch`); "none" uses activation norms only.
+        position_prior: with the cache, examples not seen yet are scored with each layer's
+            moving-average norm per token position (`wtacrs.cache`); False: activation norms
+            only, as the paper's cache.
         seed: base seed of the per-(step, layer) sampling generators.
         lean_dropout: dropout regenerates its mask in backward instead of storing it (exact).
         lean_layernorm: LayerNorm backward from its saved output, not its input (exact).
@@ -61,6 +64,7 @@ class WTACRSConfig:
     exclude_modules: list[str] | str | None = field(default_factory=lambda: list(DEFAULT_EXCLUDES), metadata={"help": "never sampled"})
     attention: bool = field(default=False, metadata={"help": "sample the two attention matmuls"})
     grad_norm: Literal["cache", "none"] = field(default="cache", metadata={"help": "score source for ‖dY‖"})
+    position_prior: bool = field(default=True, metadata={"help": "score unseen examples by per-position norms"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     lean_dropout: bool = field(default=False, metadata={"help": "dropout without stored masks"})
     lean_layernorm: bool = field(default=False, metadata={"help": "LayerNorm backward from its output"})
@@ -75,7 +79,7 @@ class WTACRSConfig:
             raise WTACRSConfigError(f"WTACRSConfig.ratio: {e}") from None
         self._check_choice("estimator", ESTIMATORS)
         self._check_choice("grad_norm", ("cache", "none"))
-        for name in ("attention", "lean_dropout", "lean_layernorm", "lean_attention", "recompute_activation"):
+        for name in ("attention", "lean_dropout", "lean_layernorm", "lean_attention", "recompute_activation", "position_prior"):
             if not isinstance(getattr(self, name), bool):
                 raise WTACRSConfigError(f"WTACRSConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -248,7 +248,7 @@ class SamplingState:
         """End of a training step: write the recorded norms. The cache is created at the first
         commit, so layers PEFT adds between `apply` and training get a slot."""
         if self.cache is None and (self._first_records or self.sync is not None):
-            self.cache = GradNormCache(self.num_layers)
+            self.cache = GradNormCache(self.num_layers, position_prior=self.config.position_prior)
         for record in self._first_records:
             self.cache.record(*record)
         self._first_records = []
@@ -282,7 +282,7 @@ class SamplingState:
         self._groups = {leader: members for leader, members in self._groups.items() if len(members) > 1}
         cache = {k.removeprefix("cache."): v for k, v in state.items() if k.startswith("cache.")}
         if cache:
-            self.cache = GradNormCache(int(cache["num_slots"]))
+            self.cache = GradNormCache(int(cache["num_slots"]), position_prior=self.config.position_prior)
             self.cache.load_state_dict(cache)
 
 
