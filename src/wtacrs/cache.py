@@ -184,17 +184,21 @@ class GradNormCache:
             if key not in positions:
                 length = mask.sum(1).to(torch.int32)
                 offset = self._allocate(ids, length)
-                first = (offset.unsqueeze(1) + mask.cumsum(1) - 1)[mask]  # (U,) slot-0 positions
-                positions[key] = (first, length.unsqueeze(1).expand_as(mask)[mask].to(torch.int64))
-            first, step = positions[key]
+                ordinal = (mask.cumsum(1) - 1)[mask]  # (U,) real-token ordinals
+                step = length.unsqueeze(1).expand_as(mask)[mask].to(torch.int64)
+                positions[key] = (offset.unsqueeze(1).expand_as(mask)[mask] + ordinal, step, ordinal)
+            first, step, ordinal = positions[key]  # first: (U,) slot-0 positions
             self._data[first + slot * step] = codes[mask]
-            self._update_prior(slot, mask, codes)
+            self._update_prior(slot, ordinal, codes[mask])
         self._pending.clear()
 
-    def _update_prior(self, slot: int, mask: Tensor, codes: Tensor) -> None:
-        """Fold this record's per-position mean norm into the slot's moving average."""
-        positions = (mask.cumsum(1) - 1)[mask]  # (U,) real-token ordinals
-        norms = decode_norms(codes[mask]).nan_to_num(0.0)
+    def _update_prior(self, slot: int, positions: Tensor, codes: Tensor) -> None:
+        """Fold one record's per-position mean norm into the slot's moving average.
+
+        Args:
+            positions: (U,) real-token ordinals of the record's tokens; codes: (U,) their codes.
+        """
+        norms = decode_norms(codes).nan_to_num(0.0)
         size = int(positions.max()) + 1 if positions.numel() else 0
         if size > self._prior.shape[1]:
             grown = torch.full((self.num_slots, size), torch.nan)
