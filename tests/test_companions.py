@@ -450,10 +450,10 @@ def test_attention_companion_flags_and_removal():
     model = tiny_bert("sdpa")
     apply_companions(model, dropout=True, layernorm=False, activation=None, attention=False)
     attention = model.encoder.layer[0].attention.self
-    assert attention.regenerate_dropout and not attention.recompute_attention
+    assert attention.regenerate_dropout and not attention.recompute_sdpa
     remove_companions(model)
     assert type(attention) is transformers.models.bert.modeling_bert.BertSelfAttention
-    assert not hasattr(attention, "regenerate_dropout") and not hasattr(attention, "recompute_attention")
+    assert not hasattr(attention, "regenerate_dropout") and not hasattr(attention, "recompute_sdpa")
 
 
 def test_recomputed_attention_in_eval_and_no_grad_is_plain():
@@ -469,15 +469,19 @@ def test_recomputed_attention_in_eval_and_no_grad_is_plain():
 # ---------------------------------------------------------------- activation recompute
 
 
-def sampled_step(recompute: bool, input_ids: torch.Tensor):
+def sampled_step(recompute: bool, input_ids: torch.Tensor, *, recompute_attention: bool = False, row_recipe: bool = True):
     """Grads and live peak of one step of tiny BERT under WTA-CRS@0.3 with the exact companions."""
     import wtacrs
 
     model = tiny_bert("sdpa", dropout=0.1)
     config = wtacrs.WTACRSConfig(
-        ratio=0.3, lean_dropout=True, lean_layernorm=True, lean_attention=True, recompute_activation=recompute
+        ratio=0.3, lean_dropout=True, lean_layernorm=True, lean_attention=True, recompute_activation=recompute,
+        recompute_attention=recompute_attention,
     )
     wtacrs.apply(model, config)
+    for layer in model.encoder.layer:
+        if recompute:
+            layer.intermediate.row_recipe = row_recipe
     torch.manual_seed(1)
     with wtacrs.batch(torch.arange(input_ids.shape[0])):
         with LiveTensorPeak(baseline=[*parameter_tensors(model), input_ids]) as live:
@@ -489,11 +493,72 @@ def test_recomputed_activation_input_is_exact_and_lowers_the_peak():
     input_ids = torch.randint(0, 100, (4, 32))
     _, expected, peak = sampled_step(False, input_ids)
     model, grads, lean_peak = sampled_step(True, input_ids)
-    assert type(model.encoder.layer[0].intermediate).__name__ == "RecomputesActivationInputBertIntermediate"
+    assert type(model.encoder.layer[0].intermediate).__name__ == "RecomputedBertIntermediate"
     for grad, reference in zip(grads, expected):
         assert torch.equal(grad, reference)  # same draws, same dropout masks, same matmuls
     activation_input = 4 * 32 * 64 * 4  # (B, T, intermediate) fp32, one per layer
     assert peak - lean_peak >= (2 - 1) * activation_input  # every layer's but the one being recomputed
+
+
+def test_recomputed_activation_rows_leave_the_peak():
+    """With the row recipe, the output projection keeps indices, not its M sampled rows of the
+    4·hidden activation: the peak falls by every layer's rows but the one in backward."""
+    input_ids = torch.randint(0, 100, (4, 32))
+    _, gathered, peak = sampled_step(True, input_ids, row_recipe=False)
+    _, recomputed, lean_peak = sampled_step(True, input_ids)
+    for grad, reference in zip(recomputed, gathered):
+        torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-7)  # same rows up to rounding
+    sampled_rows = math.ceil(0.3 * 4 * 32) * 64 * 4  # at most k rows of (B·T, intermediate) fp32 per layer
+    assert peak - lean_peak >= (2 - 1) * sampled_rows // 2  # duplicates merge: at least half of k distinct
+
+
+def test_recomputed_attention_is_exact_and_lowers_the_peak():
+    input_ids = torch.randint(0, 100, (4, 32))
+    _, expected, peak = sampled_step(True, input_ids)
+    model, grads, lean_peak = sampled_step(True, input_ids, recompute_attention=True)
+    attention = model.encoder.layer[0].attention
+    assert type(attention).__name__ == "RecomputedBertAttention"
+    assert type(attention.self).__name__ == "AttentionCompanionBertSelfAttention"  # lean SDPA inside
+    for grad, reference in zip(grads, expected):
+        assert torch.equal(grad, reference)  # the RNG is restored: same draws, same dropout masks
+    q_k_v = 3 * 4 * 32 * 32 * 4  # q, k, v of (B, T, hidden) fp32 per layer
+    assert peak - lean_peak >= (2 - 1) * q_k_v
+
+
+def test_recompute_attention_takes_the_outermost_attention_modules():
+    model = tiny_bert("sdpa")
+    names = apply_companions(model, dropout=False, layernorm=False, activation=None, recompute_attention=True)
+    assert names == ["encoder.layer.0.attention", "encoder.layer.1.attention"]
+    assert remove_companions(model) == names
+    assert type(model.encoder.layer[0].attention) is transformers.models.bert.modeling_bert.BertAttention
+
+
+def test_recompute_attention_skips_calls_with_a_key_value_cache():
+    """GPT-2 trains with use_cache=True by default: the attention appends to the cache, which a
+    recompute would do twice, so those calls run plain (and still train correctly)."""
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).train()
+    input_ids = torch.randint(0, 100, (2, 9))
+    expected = train_step_grads_lm(model, input_ids, use_cache=False)
+    names = apply_companions(model, dropout=False, layernorm=False, activation=None, attention=True,
+                             recompute_attention=True)
+    assert names == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert type(model.transformer.h[0].attn).__name__ == "RecomputedAttentionCompanionGPT2Attention"
+    calls = []
+    model.transformer.h[0].attn.c_attn.register_forward_hook(lambda *_: calls.append(1))
+    for use_cache, runs in ((False, 2), (True, 1)):  # forward and recompute; forward only
+        calls.clear()
+        for grad, reference in zip(train_step_grads_lm(model, input_ids, use_cache=use_cache), expected):
+            torch.testing.assert_close(grad, reference)
+        assert len(calls) == runs
+
+
+def train_step_grads_lm(model: nn.Module, input_ids: torch.Tensor, use_cache: bool) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(input_ids=input_ids, labels=input_ids, use_cache=use_cache).loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
 
 
 def test_recompute_applies_only_to_linear_then_activation_modules():
@@ -514,3 +579,12 @@ def test_recompute_finds_lora_wrapped_intermediate_layers():
     input_ids = torch.randint(0, 100, (2, 9))
     model(input_ids=input_ids).last_hidden_state.sum().backward()  # recompute through the adapters
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+    assert model.base_model.model.encoder.layer[0].intermediate.row_recipe  # no adapter dropout
+
+
+def test_no_row_recipe_through_adapter_dropout():
+    """Rows recomputed in backward would draw another dropout mask than forward did."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_bert("sdpa"), peft.LoraConfig(r=2, target_modules=["dense"], lora_dropout=0.1))
+    apply_companions(model, dropout=False, layernorm=False, activation=None, recompute_activation=True)
+    assert not model.base_model.model.encoder.layer[0].intermediate.row_recipe

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from stats import max_z, unbiased_violations
-from wtacrs.functional import draw_row_sample, sampled_linear
+from wtacrs.functional import attach_row_recipe, draw_row_sample, sampled_linear
 from wtacrs.memory import SavedTensorBytes
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -201,3 +201,53 @@ def test_bad_arguments():
     bad[0, 0, 0] = math.nan
     with pytest.raises(ValueError, match="finite"):
         sampled_linear(bad, w, b, ratio=0.3)
+
+
+# ---------------------------------------------------------------- rows recomputed from a kept tensor
+
+
+def recipe_case(seed=0):
+    """x = tanh(s U) row by row, with s kept by the caller; the layer reads x."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(4, 16, 8, generator=g, dtype=torch.float64)
+    u = torch.randn(8, 24, generator=g, dtype=torch.float64)
+    w = torch.randn(12, 24, generator=g, dtype=torch.float64).requires_grad_()
+    dy = torch.randn(4, 16, 12, generator=g, dtype=torch.float64)
+    return s, u, w, dy
+
+
+def test_row_recipe_gives_the_gathered_rows_weight_gradient_and_saves_no_rows():
+    s, u, w, dy = recipe_case()
+    grads_and_saved = []
+    for with_recipe in (False, True):
+        x = torch.tanh(s @ u)
+        if with_recipe:
+            attach_row_recipe(x, s, lambda rows: torch.tanh(rows @ u))
+        torch.manual_seed(5)
+        with SavedTensorBytes(exclude=[w, s]) as saved:
+            y = sampled_linear(x, w, None, ratio=0.3)
+        (grad,) = torch.autograd.grad(y, w, dy)
+        grads_and_saved.append((grad, saved.total))
+    (gathered, gathered_bytes), (recomputed, recipe_bytes) = grads_and_saved
+    torch.testing.assert_close(recomputed, gathered, rtol=1e-12, atol=1e-12)  # same draw, same rows
+    drawn = recipe_bytes // (8 + 4)  # s is kept by the caller: only int64 indices and fp32 weights remain
+    assert 0 < drawn <= math.ceil(0.3 * 64) and recipe_bytes == drawn * (8 + 4)
+    assert gathered_bytes - recipe_bytes == drawn * 24 * 8  # the float64 rows
+
+
+def test_row_recipe_is_void_after_an_in_place_change():
+    s, u, w, dy = recipe_case()
+    x = torch.tanh(s @ u)
+    attach_row_recipe(x, s, lambda rows: torch.tanh(rows @ u))
+    x.mul_(2.0)  # x is no longer tanh(s U): the rows must be gathered
+    torch.manual_seed(5)
+    (grad,) = torch.autograd.grad(sampled_linear(x, w, None, ratio=0.3), w, dy)
+    torch.manual_seed(5)
+    (expected,) = torch.autograd.grad(sampled_linear(x.detach().clone(), w, None, ratio=0.3), w, dy)
+    assert torch.equal(grad, expected)
+
+
+def test_row_recipe_source_must_have_the_same_rows():
+    s, u, _, _ = recipe_case()
+    with pytest.raises(ValueError, match="source rows"):
+        attach_row_recipe(torch.tanh(s @ u), s[:, :8], lambda rows: rows)

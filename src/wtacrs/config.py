@@ -54,6 +54,9 @@ class WTACRSConfig:
             saving them (exact; one more attention forward per layer).
         recompute_activation: the activation input of `act(dense(x))` modules (BERT's
             intermediate) is recomputed in backward (exact; one more matmul per block).
+        recompute_attention: the attention sub-blocks (projections, attention, output
+            projection) keep only their input and run again in backward (exact; a third of a
+            BERT block's forward matmuls once more).
         activation_compression: None (exact) or a compact storage of the activation-function
             input (an approximation; see `wtacrs.companions.ACTIVATION_MODES`).
     """
@@ -70,6 +73,7 @@ class WTACRSConfig:
     lean_layernorm: bool = field(default=False, metadata={"help": "LayerNorm backward from its output"})
     lean_attention: bool = field(default=False, metadata={"help": "SDPA without stored probabilities"})
     recompute_activation: bool = field(default=False, metadata={"help": "recompute the activation input in backward"})
+    recompute_attention: bool = field(default=False, metadata={"help": "recompute the attention sub-blocks in backward"})
     activation_compression: str | None = field(default=None, metadata={"help": "compact activation input (approximate)"})
 
     def __post_init__(self) -> None:
@@ -79,7 +83,9 @@ class WTACRSConfig:
             raise WTACRSConfigError(f"WTACRSConfig.ratio: {e}") from None
         self._check_choice("estimator", ESTIMATORS)
         self._check_choice("grad_norm", ("cache", "none"))
-        for name in ("attention", "lean_dropout", "lean_layernorm", "lean_attention", "recompute_activation", "position_prior"):
+        flags = ("attention", "lean_dropout", "lean_layernorm", "lean_attention", "recompute_activation",
+                 "recompute_attention", "position_prior")
+        for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise WTACRSConfigError(f"WTACRSConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -3,11 +3,13 @@
 Forward Y = X Wᵀ + b, the input gradient dX = dY W and the bias gradient Σ_i dY_i are exact.
 Only dW = dYᵀ X is replaced by Σ_m w_m dY_{i_m}ᵀ X_{i_m} over the rows drawn by
 `wtacrs.estimators.sample_rows` (Liu et al. 2023, arXiv:2305.15265, Sec. 3), so only those rows
-of X are saved for backward.
+of X are saved for backward. Where X = f(S) row by row and S is kept anyway (`RowRecipe`), not
+even those: backward recomputes f(S_{i_m}).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,35 @@ from wtacrs.estimators import (
 
 
 @dataclass(frozen=True)
+class RowRecipe:
+    """How to recompute rows of an activation X = f(S) from the same rows of a tensor S that
+    other ops keep for backward anyway, where f maps each row on its own (X_i = f(S_i); e.g.
+    f = act(dense(·)), whose output is the input of BERT's output projection). Saving S and the
+    indices instead of X's sampled rows stores no new bytes; backward pays f on M rows.
+
+    Attributes:
+        source: (N, in_source) S, flattened.
+        fn: (M, in_source) rows of S → (M, in_features) the same rows of X, without autograd.
+        version: X's version counter when attached (an in-place change of X voids the recipe).
+    """
+
+    source: Tensor
+    fn: Callable[[Tensor], Tensor]
+    version: int
+
+
+_RECIPE = "_wtacrs_row_recipe"  # attribute of an activation tensor holding its RowRecipe
+
+
+def attach_row_recipe(x: Tensor, source: Tensor, fn: Callable[[Tensor], Tensor]) -> None:
+    """Declare x (..., in_features) = fn(source) row by row, with source (..., in_source) kept
+    alive by other ops; sampled layers reading x then save no rows of it."""
+    if source.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"source rows {tuple(source.shape[:-1])} do not match x's {tuple(x.shape[:-1])}")
+    setattr(x, _RECIPE, RowRecipe(source.detach().reshape(-1, source.shape[-1]), fn, x._version))
+
+
+@dataclass(frozen=True)
 class RowSample:
     """The rows of one activation kept for backward; several linear layers reading the same
     activation (q, k and v read one hidden-states tensor) can share it.
@@ -32,13 +63,14 @@ class RowSample:
     Attributes:
         indices: (M,) int64 row indices into the activation flattened to (N, in_features).
         weights: (M,) float32 importance weights.
-        rows: (M, in_features) the selected rows, a copy that does not keep X alive.
+        rows: (M, in_features) the selected rows, a copy that does not keep X alive; or the
+            activation's `RowRecipe`, recomputing them in backward.
         num_rows: N.
     """
 
     indices: Tensor
     weights: Tensor
-    rows: Tensor
+    rows: Tensor | RowRecipe
     num_rows: int
 
 
@@ -85,16 +117,21 @@ def draw_row_sample(
     return RowSample(indices, weights.to(torch.float32), gather_rows(x, indices), flat.shape[0])
 
 
-def gather_rows(x: Tensor, indices: Tensor) -> Tensor:
-    """(M, in_features) copy of rows `indices` of x (..., in_features), in the dtype the op computes in."""
+def gather_rows(x: Tensor, indices: Tensor) -> Tensor | RowRecipe:
+    """(M, in_features) copy of rows `indices` of x (..., in_features), in the dtype the op
+    computes in; or x's `RowRecipe` if it has a valid one (no copy: backward recomputes them)."""
+    recipe = getattr(x, _RECIPE, None)
+    if recipe is not None and recipe.version == x._version:
+        return recipe
     return x.detach().reshape(-1, x.shape[-1]).index_select(0, indices).to(autocast_dtype(x) or x.dtype)
 
 
 class _LinearWithRowSample(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, indices, weights):  # noqa: D102
+    def forward(ctx, x, weight, bias, rows, indices, weights, recompute_rows):  # noqa: D102
+        # rows: the sampled rows (M, in), or with `recompute_rows` the recipe's source (N, in_source)
         ctx.save_for_backward(weight, rows, indices, weights)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.recompute_rows = bias is not None, recompute_rows
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -105,11 +142,14 @@ class _LinearWithRowSample(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(weight)
         if ctx.needs_input_grad[1]:
+            if ctx.recompute_rows is not None:
+                with torch.no_grad():
+                    rows = ctx.recompute_rows(rows.index_select(0, indices)).to(weight.dtype)
             picked = flat.index_select(0, indices) * weights.to(flat.dtype).unsqueeze(1)  # (M, out)
             grad_w = picked.mT.mm(rows)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -129,12 +169,15 @@ def linear_with_sample(x: Tensor, weight: Tensor, bias: Tensor | None, sample: R
     """
     if sample.num_rows != x.numel() // x.shape[-1]:
         raise ValueError(f"sample was drawn from {sample.num_rows} rows, x has {x.numel() // x.shape[-1]}")
+    recipe = sample.rows if isinstance(sample.rows, RowRecipe) else None
+    rows, recompute_rows = (sample.rows, None) if recipe is None else (recipe.source, recipe.fn)
     dtype = autocast_dtype(x)
     if dtype is None:
-        return _LinearWithRowSample.apply(x, weight, bias, sample.rows, sample.indices, sample.weights)
+        return _LinearWithRowSample.apply(x, weight, bias, rows, sample.indices, sample.weights, recompute_rows)
     cast = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
+    rows = rows if recipe is not None else rows.to(dtype)  # the recipe's fn computes in its own dtypes
     with torch.autocast(x.device.type, enabled=False):
-        return _LinearWithRowSample.apply(*cast, sample.rows.to(dtype), sample.indices, sample.weights)
+        return _LinearWithRowSample.apply(*cast, rows, sample.indices, sample.weights, recompute_rows)
 
 
 def needs_sampling(weight: Tensor, ratio: float, estimator: str) -> bool:

@@ -155,6 +155,7 @@ def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
             activation=config.activation_compression,
             attention=config.lean_attention,
             recompute_activation=config.recompute_activation,
+            recompute_attention=config.recompute_attention,
         )
     except Exception:
         remove(model)  # never leave a half-applied model behind

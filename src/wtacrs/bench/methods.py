@@ -8,6 +8,7 @@ Components, joined by "+":
     companions           lean dropout, lean LayerNorm and lean (recomputed) attention, all exact
     act=MODE             activation compression MODE (an approximation)
     recompute            the activation input of BERT's intermediate recomputed in backward (exact)
+    recompute-attention  the attention sub-blocks recomputed in backward (exact)
     attention            sampled attention matmuls
     fused-adamw          each parameter's AdamW step runs in backward as soon as its gradient is
                          complete, which then is freed (`wtacrs.bench.training.BackwardFusedAdamW`):
@@ -64,12 +65,13 @@ class Method:
     attention: bool = False
     fused_optimizer: bool = False
     recompute_activation: bool = False
+    recompute_attention: bool = False
 
     @property
     def uses_wtacrs(self) -> bool:
         return (
             self.estimator is not None or self.companions or self.attention or self.recompute_activation
-            or self.activation_compression is not None
+            or self.recompute_attention or self.activation_compression is not None
         )
 
 
@@ -98,12 +100,13 @@ def _with_component(method: Method, part: str, spec: str) -> Method:
         return replace(method, activation_compression=part[4:])
     flags = {
         "lora": "lora", "checkpointing": "checkpointing", "companions": "companions", "attention": "attention",
-        "fused-adamw": "fused_optimizer", "recompute": "recompute_activation",
+        "fused-adamw": "fused_optimizer", "recompute": "recompute_activation", "recompute-attention": "recompute_attention",
     }
     if part in flags and not value:
         return replace(method, **{flags[part]: True})
     raise MethodError(
         f"bad component {part!r} in method {spec!r}; use full, lora, checkpointing, companions, attention, fused-adamw, recompute, "
+        f"recompute-attention, "
         f"act=MODE or SAMPLER@RATIO with SAMPLER in {', '.join(SAMPLERS)}"
     )
 
@@ -164,6 +167,7 @@ def wtacrs_config(method: Method, seed: int = 0):
         lean_layernorm=method.companions,
         lean_attention=method.companions,
         recompute_activation=method.recompute_activation,
+        recompute_attention=method.recompute_attention,
         activation_compression=method.activation_compression,
     )
 
@@ -176,7 +180,7 @@ def _with_wtacrs(model: nn.Module, method: Method, seed: int) -> nn.Module:
         model = wtacrs.apply(model, config) or model
     except (TypeError, NotImplementedError) as e:
         raise MethodError(f"method {method.name!r} is not supported by this installation: {e}") from e
-    if method.companions or method.activation_compression or method.recompute_activation:
+    if method.companions or method.activation_compression or method.recompute_activation or method.recompute_attention:
         _ensure_companions(model, method)
     return model
 
@@ -188,7 +192,8 @@ def _ensure_companions(model: nn.Module, method: Method) -> None:
 
     apply_companions(model, dropout=method.companions, layernorm=method.companions,
                      activation=method.activation_compression, attention=method.companions,
-                     recompute_activation=method.recompute_activation)
+                     recompute_activation=method.recompute_activation,
+                     recompute_attention=method.recompute_attention)
 
 
 def batch_context(method: Method, example_ids: Tensor) -> contextlib.AbstractContextManager:

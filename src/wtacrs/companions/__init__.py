@@ -10,6 +10,9 @@
 - Activation recompute (`recompute_activation=True`): the input of the activation in
   `act(dense(x))` modules is recomputed in backward. Exact; one more matmul per block. See
   `wtacrs.companions.recompute`.
+- Attention recompute (`recompute_attention=True`): the attention sub-block (projections,
+  attention, output projection) keeps only its input and runs again in backward. Exact; 4 of
+  BERT's 12 per-token matmuls once more. See `wtacrs.companions.recompute`.
 - Activation (`activation="bf16"` or `"int8"`): the input of GELU-like activations is kept
   compressed. An approximation (stated bounds in `wtacrs.companions.activation`); off by default.
 
@@ -49,7 +52,7 @@ from wtacrs.companions.activation import (
 from wtacrs.companions.attention import AttentionCompanion, RecomputedAttentionMode
 from wtacrs.companions.dropout import RegeneratedDropout, regenerated_dropout
 from wtacrs.companions.layernorm import LeanLayerNorm, ill_conditioned_columns, layer_norm_from_output
-from wtacrs.companions.recompute import RecomputesActivationInput, is_linear_then_activation
+from wtacrs.companions.recompute import Recomputed, is_linear_then_activation, maps_rows_alone, outermost_attention_names
 
 __all__ = [
     "ACTIVATION_MODES",
@@ -67,13 +70,15 @@ __all__ = [
 ModuleFilter = Callable[[nn.Module, str], bool]
 _ORIGINAL = "_wtacrs_companion_of"  # class attribute of every swapped-in class: the class it replaced
 # instance attributes the companions add
-_MODULE_STATE = ("activation_compression", "_kept_columns_cache", "regenerate_dropout", "recompute_attention")
+_MODULE_STATE = ("activation_compression", "_kept_columns_cache", "regenerate_dropout", "recompute_sdpa", "row_recipe")
 
 
 @cache
-def _with_mixin(mixin: type, cls: type[nn.Module]) -> type[nn.Module]:
-    """A subclass of `cls` whose forward is `mixin`'s, named after both; one per (mixin, cls)."""
-    return type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {_ORIGINAL: cls, "__module__": cls.__module__})
+def _with_mixins(mixins: tuple[type, ...], cls: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of `cls` whose forward is the mixins' (outermost first), named after all of
+    them; one per (mixins, cls)."""
+    name = "".join(m.__name__ for m in mixins) + cls.__name__
+    return type(name, (*mixins, cls), {_ORIGINAL: cls, "__module__": cls.__module__})
 
 
 setattr(RegeneratedDropout, _ORIGINAL, nn.Dropout)
@@ -92,21 +97,24 @@ def _is_innermost_attention(module: nn.Module) -> bool:
 
 
 def _companion_class(
-    module: nn.Module, *, dropout: bool, layernorm: bool, activation: str | None, attention: bool, recompute: bool
+    module: nn.Module, *, dropout: bool, layernorm: bool, activation: str | None, attention: bool,
+    recompute_activation: bool, recompute: bool,
 ) -> type | None:
-    """The class to swap `module` to, or None to leave it alone."""
+    """The class to swap `module` to, or None to leave it alone. `recompute`: `module` is an
+    outermost attention module to recompute."""
     cls = type(module)
     if dropout and cls is nn.Dropout:
         return RegeneratedDropout
     if layernorm and cls is nn.LayerNorm:
         return LeanLayerNorm
     if activation and cls in elementwise_activation_types() and not getattr(module, "inplace", False):
-        return _with_mixin(CompressesActivationInput, cls)
-    if recompute and is_linear_then_activation(module):
-        return _with_mixin(RecomputesActivationInput, cls)
+        return _with_mixins((CompressesActivationInput,), cls)
+    if recompute_activation and is_linear_then_activation(module):
+        recompute = True
+    mixins = (Recomputed,) if recompute else ()
     if (dropout or attention) and _is_innermost_attention(module):
-        return _with_mixin(AttentionCompanion, cls)
-    return None
+        mixins += (AttentionCompanion,)
+    return _with_mixins(mixins, cls) if mixins else None
 
 
 def apply_companions(
@@ -117,6 +125,7 @@ def apply_companions(
     activation: str | None,
     attention: bool = False,
     recompute_activation: bool = False,
+    recompute_attention: bool = False,
     module_filter: ModuleFilter | None = None,
 ) -> list[str]:
     """Swap the classes of `model`'s dropout, LayerNorm, activation and attention modules in place.
@@ -131,7 +140,9 @@ def apply_companions(
         attention: SDPA calls inside the innermost "…Attention" modules recompute their
             probabilities in backward instead of saving them (`RecomputedAttentionMode`).
         recompute_activation: `act(dense(x))` modules recompute the activation's input in
-            backward (`RecomputesActivationInput`).
+            backward (`Recomputed`).
+        recompute_attention: the outermost "…Attention" modules keep only their inputs and run
+            again in backward (`Recomputed`).
         module_filter: optional (module, qualified name) → bool; modules it rejects are skipped.
     Returns:
         Qualified names of the modules swapped. Already swapped modules are skipped, so applying
@@ -141,13 +152,14 @@ def apply_companions(
     """
     if activation is not None:
         validate_activation_mode(activation)
+    recomputed_attention = outermost_attention_names(model) if recompute_attention else set()
     swapped = []
     for name, module in model.named_modules():
         if _is_swapped(module) or (module_filter is not None and not module_filter(module, name)):
             continue
         new_cls = _companion_class(
             module, dropout=dropout, layernorm=layernorm, activation=activation, attention=attention,
-            recompute=recompute_activation,
+            recompute_activation=recompute_activation, recompute=name in recomputed_attention,
         )
         if new_cls is None:
             continue
@@ -155,7 +167,9 @@ def apply_companions(
         if issubclass(new_cls, CompressesActivationInput):
             module.activation_compression = activation
         if issubclass(new_cls, AttentionCompanion):
-            module.regenerate_dropout, module.recompute_attention = dropout, attention
+            module.regenerate_dropout, module.recompute_sdpa = dropout, attention
+        if issubclass(new_cls, Recomputed):
+            module.row_recipe = recompute_activation and maps_rows_alone(module)
         swapped.append(name)
     return swapped
 

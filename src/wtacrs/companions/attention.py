@@ -52,12 +52,12 @@ class RecomputedAttentionMode(TorchFunctionMode):
 class AttentionCompanion:
     """Mixin for the innermost attention modules: forward runs inside the modes its instance
     flags ask for (`regenerate_dropout`: functional dropout saves no mask, for eager attention;
-    `recompute_attention`: SDPA saves no probabilities)."""
+    `recompute_sdpa`: SDPA saves no probabilities)."""
 
     def forward(self, *args, **kwargs):  # noqa: D102
         with contextlib.ExitStack() as modes:
             if self.__dict__.get("regenerate_dropout", False):
                 modes.enter_context(RegeneratedDropoutMode())
-            if self.__dict__.get("recompute_attention", False):
+            if self.__dict__.get("recompute_sdpa", False):
                 modes.enter_context(RecomputedAttentionMode())
             return super().forward(*args, **kwargs)

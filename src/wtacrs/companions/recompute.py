@@ -1,19 +1,34 @@
-"""Recompute an activation function's input in backward instead of saving it. Exact.
+"""Recompute parts of a block in backward instead of saving their tensors (selective
+recomputation, Korthikanti et al. 2022, arXiv 2205.05198, §4.2). Exact.
 
-In BERT-style blocks the intermediate module is `act(dense(x))`. The activation's input (4 ·
-hidden per token) is the largest tensor a step still saves once the linear inputs are sampled
-and dropout, LayerNorm and attention are lean, and only the activation's backward reads it.
-Running that module under non-reentrant `torch.utils.checkpoint` saves only x, which the
-preceding LayerNorm keeps anyway (its output, with lean LayerNorm), and recomputes dense(x) and
-the activation in backward: one more hidden → 4·hidden matmul per block, a third of the block's
-forward matmul flops. Sampled layers inside redo the same draw (draws are keyed by the input
-tensor and regathered), and the recompute restores the RNG state.
+A module marked here runs its forward under non-reentrant `torch.utils.checkpoint`: forward
+keeps only the module's inputs, and backward runs the module again. Checkpoint restores the
+RNG state first, so dropout draws the same masks, and sampled layers inside redo the same draw
+(draws are keyed by the input tensor and regathered): the gradients are bitwise those without
+recompute. Two kinds of module are worth it:
 
-Applies to modules whose children are exactly one linear layer (plain or LoRA-wrapped) and one
-elementwise activation (`BertIntermediate` and its copies in RoBERTa, ELECTRA, ...). With LoRA the
-recompute runs the frozen matmul and the adapter again. Other MLPs (T5, GPT-2, LLaMA,
-DistilBERT) also contain their output projection, which a checkpoint would recompute too; they
-are left alone.
+- Activation (`recompute_activation`): modules whose children are exactly one linear layer
+  (plain or LoRA-wrapped) and one elementwise activation, `act(dense(x))` (`BertIntermediate`
+  and its copies in RoBERTa, ELECTRA, ...). Once the linear inputs are sampled, the activation's
+  input (4 · hidden per token) is the largest tensor a step saves, and only the activation's
+  backward reads it. The module's input x is the preceding LayerNorm's output, which lean
+  LayerNorm keeps anyway. Cost: one more hidden → 4·hidden matmul per block. The output is
+  tagged with a `RowRecipe`, so the sampled projection reading it (BERT's output dense) saves
+  no rows either: backward recomputes act(dense(x_i)) for its M sampled rows (the same values
+  up to rounding), a 4·hidden-wide matmul on M rows. Other MLPs (T5,
+  GPT-2, LLaMA, DistilBERT) also contain their output projection, which would be recomputed
+  too; they are left alone.
+- Attention (`recompute_attention`): the outermost module whose class name contains
+  "Attention" (`BertAttention`: q/k/v projections, attention, output projection, dropout and
+  LayerNorm; `GPT2Attention`, `T5LayerSelfAttention`, ...). Without it a block keeps q, k and v
+  for the attention matmuls (three hidden-size tensors) besides the sampled rows of the
+  projections' inputs; with it, only the module's input, which the previous block's LayerNorm
+  keeps anyway. Cost: the attention sub-block's forward once more (4 of a BERT block's 12
+  hidden² matmuls per token, plus the attention itself).
+
+A call given a key/value cache (a keyword argument named like `cache`, `past_key_values` or
+`layer_past` holding an object) runs without checkpoint: the recompute would append to the cache
+a second time. Decoders trained with `use_cache=True` keep their attention tensors.
 """
 
 from __future__ import annotations
@@ -23,6 +38,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from wtacrs.companions.activation import elementwise_activation_types
+from wtacrs.functional import attach_row_recipe
+
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -41,10 +58,54 @@ def is_linear_then_activation(module: nn.Module) -> bool:
     )
 
 
-class RecomputesActivationInput:
-    """Mixin: in training, forward runs under non-reentrant checkpoint (see module docstring)."""
+def outermost_attention_names(model: nn.Module) -> set[str]:
+    """Qualified names of the modules whose class name contains "Attention" while no enclosing
+    module's does (`BertAttention`, not the `BertSelfAttention` inside it)."""
+    names = [name for name, module in model.named_modules() if "Attention" in type(module).__name__]
+    return {name for name in names if not any(_encloses(other, name) for other in names if other != name)}
+
+
+def _encloses(outer: str, inner: str) -> bool:
+    return outer == "" or inner.startswith(outer + ".")
+
+
+def maps_rows_alone(module: nn.Module) -> bool:
+    """Whether a linear-then-activation `module` computes each output row from its input row
+    alone and deterministically (no dropout, e.g. in a LoRA adapter), so rows can be recomputed."""
+    return is_linear_then_activation(module) and not any(
+        isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules()
+    )
+
+
+class Recomputed:
+    """Mixin: in training, forward runs under non-reentrant checkpoint (see module docstring).
+    Instances with `row_recipe` set also tag their output with a `RowRecipe`."""
 
     def forward(self, *args, **kwargs):  # noqa: D102
-        if self.training and torch.is_grad_enabled():
-            return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
-        return super().forward(*args, **kwargs)
+        if not (self.training and torch.is_grad_enabled()) or _passes_a_cache(kwargs):
+            return super().forward(*args, **kwargs)
+        output = checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+        rowwise = len(args) == 1 and not kwargs and output.shape[:-1] == args[0].shape[:-1]  # not a pooler
+        if self.__dict__.get("row_recipe", False) and rowwise:
+            attach_row_recipe(output, args[0], _without_autograd(super().forward, args[0].device.type))
+        return output
+
+
+def _passes_a_cache(kwargs: dict) -> bool:
+    """A key/value cache object among the keyword arguments (`use_cache` flags and
+    `cache_position` tensors are not caches)."""
+    return any(
+        ("cache" in name or "past" in name) and value is not None and not isinstance(value, (bool, torch.Tensor))
+        for name, value in kwargs.items()
+    )
+
+
+def _without_autograd(forward, device_type: str):
+    """`forward` for backward's recompute of rows, under the autocast state of this forward."""
+    enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+    def rows_again(rows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return forward(rows)
+
+    return rows_again
