@@ -149,6 +149,16 @@ def test_bench_speed_writes_the_memory_time_plane(tmp_path):
     assert "## wtacrs@0.3" in (tmp_path / "speed_profile.md").read_text()
 
 
+def test_bench_speed_interleaved_times_every_method_each_round(tmp_path):
+    assert main(["bench", "speed", *TINY, "--batch", "2", "--methods", "full", "wtacrs@0.3", "--warmup", "1",
+                 "--steps", "3", "--interleave", "--out", str(tmp_path)]) == 0
+    record = _record(tmp_path / "speed.json")
+    full, sampled = record["rows"]
+    assert len(full["step_times_s"]) == len(sampled["step_times_s"]) == 3 and sampled["peak_bytes"] > 0
+    assert full["time_vs_full"] == 1.0
+    assert record["meta"]["interleave"] and "round-robin" in (tmp_path / "speed.md").read_text()
+
+
 def test_bench_batch_finds_a_batch_under_the_budget(tmp_path):
     assert main(["bench", "batch", *TINY, "--methods", "full", "--budget-gb", "0.004", "--out", str(tmp_path)]) == 0
     (row,) = _record(tmp_path / "batch.json")["rows"]

@@ -117,12 +117,14 @@ def test_default_run_smoke_full_vs_wtacrs(tiny_model, tmp_path, capsys):
 
 def test_lean_companions_are_recorded_and_labelled(tiny_model, tmp_path, capsys):
     argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--in-process", "--method", "wtacrs",
-            "full", "--lean", "--recompute-activation", *FAST]
+            "full", "--lean", "--recompute-activation", "--recompute-attention", *FAST]
     assert main(argv) == 0
-    assert "wtacrs@0.3+lean+recompute" in capsys.readouterr().out
-    sampled, full = results_of(tmp_path, "wtacrs-0.3+lean+recompute"), results_of(tmp_path, "full")
+    label = "wtacrs@0.3+lean+recompute+recompute-attention"
+    assert label in capsys.readouterr().out
+    sampled, full = results_of(tmp_path, "wtacrs-0.3+lean+recompute+recompute-attention"), results_of(tmp_path, "full")
     check_schema(sampled)
-    assert (sampled["companions"], full["companions"]) == (["lean", "recompute"], [])  # only sampling runs take them
+    companions = ["lean", "recompute", "recompute-attention"]
+    assert (sampled["companions"], full["companions"]) == (companions, [])  # only sampling runs take them
 
 
 @pytest.mark.slow

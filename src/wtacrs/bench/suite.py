@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,19 +82,51 @@ def run_memory(setup: Setup, rss: bool, on_row: RowsCallback | None = None) -> l
 
 
 def run_speed(
-    setup: Setup, warmup: int, steps: int, peak: bool, profile: bool = False, on_row: RowsCallback | None = None
+    setup: Setup, warmup: int, steps: int, peak: bool, profile: bool = False, on_row: RowsCallback | None = None,
+    interleave: bool = False,
 ) -> list[dict]:
     """Per method: median step seconds after warm-up and samples/s; with `peak`, one more
     (tracked) step's peak memory, for the memory/time plane; with `profile`, one more step
-    under cProfile, per library function (see `profile_components`)."""
+    under cProfile, per library function (see `profile_components`).
 
-    def measure(trial: Trial) -> dict:
-        row = measure_step_time(trial, warmup, steps)
-        if peak:
-            row["peak_bytes"] = measure_step_memory(trial)["peak_bytes"]
+    With `interleave`, every method's model is built first and the timed steps go round-robin
+    (one step of each method per round), so a machine whose speed drifts during the run slows
+    every method alike; costs every method's weights and optimizer state held at once."""
+
+    def extras(trial: Trial) -> dict:
+        row = {"peak_bytes": measure_step_memory(trial)["peak_bytes"]} if peak else {}
         return {**row, **(profile_components(trial) if profile else {})}
 
-    return _per_method(setup, "speed", measure, on_row)
+    if interleave:
+        return _interleaved_speed(setup, warmup, steps, extras, on_row)
+    return _per_method(setup, "speed", lambda trial: {**measure_step_time(trial, warmup, steps), **extras(trial)}, on_row)
+
+
+def _interleaved_speed(setup: Setup, warmup: int, steps: int, extras: Callable[[Trial], dict],
+                       on_row: RowsCallback | None) -> list[dict]:
+    rows, trials = [{"method": method} for method in setup.methods], {}
+    for row in rows:
+        try:
+            trials[row["method"]] = trial = setup.trial(row["method"])
+            for _ in range(warmup):
+                trial.step()
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            trials.pop(row["method"], None)
+    times: dict[str, list[float]] = {method: [] for method in trials}
+    for _ in tqdm(range(steps), desc="speed rounds", unit="round", file=sys.stderr):
+        for method, trial in trials.items():
+            times[method].append(measure_step_time(trial, 0, 1)["step_s"])
+    for row in rows:
+        if row["method"] in trials:
+            median = statistics.median(times[row["method"]])
+            row.update(step_s=median, step_times_s=times[row["method"]], samples_per_s=setup.batch / median,
+                       **extras(trials[row["method"]]))
+    trials.clear()
+    release()
+    if on_row is not None:
+        on_row(rows)
+    return rows
 
 
 def add_ratio_to_full(rows: list[dict], key: str, name: str, inverse: bool = False) -> None:

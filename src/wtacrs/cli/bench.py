@@ -85,6 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     speed.add_argument("--steps", type=_positive_int, default=3, help="timed steps (median reported)")
     speed.add_argument("--no-peak", dest="peak", action="store_false", help="skip the peak step for the plane")
     speed.add_argument("--profile", action="store_true", help="one more step under cProfile: time per component")
+    speed.add_argument("--interleave", action="store_true",
+                       help="build every method's model first and time the steps round-robin (drift hits all alike)")
     batch = sub.add_parser("batch", parents=[_common(8)], help="largest batch under a memory budget (--batch: first probe)")
     _with_methods(batch)
     batch.add_argument("--budget-gb", type=_positive_float, default=None,
@@ -174,9 +176,9 @@ def _report_memory(out: Path, meta: dict, rows: list[dict]) -> None:
 
 
 def _run_speed(args: argparse.Namespace, device: torch.device) -> int:
-    meta = _meta(args, device, warmup=args.warmup, steps=args.steps)
+    meta = _meta(args, device, warmup=args.warmup, steps=args.steps, interleave=args.interleave)
     rows = run_speed(_setup(args, device), args.warmup, args.steps, args.peak, args.profile,
-                     on_row=lambda rows: _report_speed(args.out, meta, _copies(rows)))
+                     on_row=lambda rows: _report_speed(args.out, meta, _copies(rows)), interleave=args.interleave)
     if args.profile:
         write_text(args.out / "speed_profile.md", _profile_report(rows))
     return 0
@@ -185,8 +187,10 @@ def _run_speed(args: argparse.Namespace, device: torch.device) -> int:
 def _report_speed(out: Path, meta: dict, rows: list[dict]) -> None:
     add_ratio_to_full(rows, "step_s", "time_vs_full")
     add_ratio_to_full(rows, "peak_bytes", "peak_reduction", inverse=True)
-    notes = [f"Median of {meta['steps']} timed steps after {meta['warmup']} warm-up step(s), methods run one after "
-             "another in one process. Peak: one more step, measured as in `wtacrs bench memory`."]
+    order = ("round-robin (one step of each method per round)" if meta.get("interleave")
+             else "methods run one after another")
+    notes = [f"Median of {meta['steps']} timed steps after {meta['warmup']} warm-up step(s), {order}, in one process. "
+             "Peak: one more step, measured as in `wtacrs bench memory`."]
     title = f"Step time per method: {meta['model']}, batch {meta['batch']}, seq {meta['seq']}"
     _write(out, "speed", title, meta, _gb(rows, "peak_bytes"), SPEED_COLUMNS, notes)
     plot_memory_time_plane(_gb(rows, "peak_bytes"), out / "memory_time_plane.png")

@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recompute-activation", action="store_true",
                    help="sampling methods: recompute BERT's intermediate activation input in backward (exact; "
                         "lower peak, one more matmul per block)")
+    p.add_argument("--recompute-attention", action="store_true",
+                   help="sampling methods: keep only the attention sub-blocks' inputs and recompute them in backward "
+                        "(exact; lower peak, a third of each block's forward matmuls once more)")
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed (default 0)")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']}; offline default task "
                    f"{OFFLINE_DEFAULTS['lr']}; LoRA methods {DEFAULTS['lora_lr']})")
@@ -360,19 +363,25 @@ def prepare_method(model, method: str, args: argparse.Namespace, seed: int, task
     if method in SAMPLED_ESTIMATOR:
         import wtacrs
 
-        lean, recompute = args.lean, args.recompute_activation
+        lean = args.lean
         wtacrs.apply(model, wtacrs.WTACRSConfig(
             ratio=args.ratio, estimator=SAMPLED_ESTIMATOR[method], seed=seed, lean_dropout=lean,
-            lean_layernorm=lean, lean_attention=lean, recompute_activation=recompute,
+            lean_layernorm=lean, lean_attention=lean, recompute_activation=args.recompute_activation,
+            recompute_attention=args.recompute_attention,
         ))
     return model
 
 
 def companions(args: argparse.Namespace, method: str) -> list[str]:
-    """The memory companions a run of `method` uses ("lean", "recompute"); only sampling methods take them."""
+    """The memory companions a run of `method` uses ("lean", "recompute", "recompute-attention");
+    only sampling methods take them."""
     if method not in SAMPLED_ESTIMATOR:
         return []
-    flags = {"lean": getattr(args, "lean", False), "recompute": getattr(args, "recompute_activation", False)}
+    flags = {
+        "lean": getattr(args, "lean", False),
+        "recompute": getattr(args, "recompute_activation", False),
+        "recompute-attention": getattr(args, "recompute_attention", False),
+    }
     return [name for name, on in flags.items() if on]
 
 
