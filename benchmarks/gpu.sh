@@ -34,5 +34,6 @@ bench() { timeout "$1" "$PY" -m wtacrs.cli bench "${@:2}" --model bert-base --se
     bench 130 speed --batch 64 --warmup 3 --steps 10 || echo "gpu.sh: speed failed ($?)"
     # The budget, 12 GB, on a subset of methods (each probe is a fresh model).
     bench 220 batch --batch 64 --budget-gb 12 --multiple 16 --methods full checkpointing lora wtacrs@0.3 \
-        lora+wtacrs@0.3+companions wtacrs@0.3+companions+checkpointing || echo "gpu.sh: batch failed ($?)"
+        lora+wtacrs@0.3+companions wtacrs@0.3+companions+checkpointing \
+        wtacrs@0.3+companions+recompute+recompute-attention || echo "gpu.sh: batch failed ($?)"
 } 2>&1 | tee "$OUT/log.txt"

@@ -40,6 +40,8 @@ DEFAULT_METHODS: tuple[str, ...] = (
     "lora+wtacrs@0.3+companions",
     "wtacrs@0.3+companions+recompute",
     "lora+wtacrs@0.3+companions+recompute",
+    "wtacrs@0.3+companions+recompute+recompute-attention",
+    "lora+wtacrs@0.3+companions+recompute+recompute-attention",
     "wtacrs@0.3+checkpointing",
     "wtacrs@0.3+companions+checkpointing",
     "crs@0.3",
