@@ -512,6 +512,27 @@ def test_recomputed_activation_rows_leave_the_peak():
     assert peak - lean_peak >= (2 - 1) * sampled_rows // 2  # duplicates merge: at least half of k distinct
 
 
+def test_recompute_companions_compose_with_gradient_checkpointing_and_autocast():
+    """Both recomputes and the row recipes nested inside HF gradient checkpointing, under bf16
+    autocast: the same gradients as without checkpointing (same draws, same masks)."""
+    import wtacrs
+
+    input_ids = torch.randint(0, 100, (4, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_bert("sdpa", dropout=0.1)
+        wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, lean_dropout=True, lean_layernorm=True, lean_attention=True,
+                                                recompute_activation=True, recompute_attention=True))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(1)
+        with wtacrs.batch(torch.arange(4)), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=input_ids).last_hidden_state.float().square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for grad, reference in zip(*grads):
+        torch.testing.assert_close(grad, reference)
+
+
 def test_recomputed_attention_is_exact_and_lowers_the_peak():
     input_ids = torch.randint(0, 100, (4, 32))
     _, expected, peak = sampled_step(True, input_ids)
