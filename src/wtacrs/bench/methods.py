@@ -107,9 +107,8 @@ def _with_component(method: Method, part: str, spec: str) -> Method:
     if part in flags and not value:
         return replace(method, **{flags[part]: True})
     raise MethodError(
-        f"bad component {part!r} in method {spec!r}; use full, lora, checkpointing, companions, attention, fused-adamw, recompute, "
-        f"recompute-attention, "
-        f"act=MODE or SAMPLER@RATIO with SAMPLER in {', '.join(SAMPLERS)}"
+        f"bad component {part!r} in method {spec!r}; use {', '.join(['full', *flags])}, act=MODE or SAMPLER@RATIO "
+        f"with SAMPLER in {', '.join(SAMPLERS)}"
     )
 
 

@@ -97,11 +97,10 @@ def _is_innermost_attention(module: nn.Module) -> bool:
 
 
 def _companion_class(
-    module: nn.Module, *, dropout: bool, layernorm: bool, activation: str | None, attention: bool,
-    recompute_activation: bool, recompute: bool,
+    module: nn.Module, *, dropout: bool, layernorm: bool, activation: str | None, attention: bool, recompute: bool
 ) -> type | None:
-    """The class to swap `module` to, or None to leave it alone. `recompute`: `module` is an
-    outermost attention module to recompute."""
+    """The class to swap `module` to, or None to leave it alone. `recompute`: run `module` under
+    checkpoint (`Recomputed`)."""
     cls = type(module)
     if dropout and cls is nn.Dropout:
         return RegeneratedDropout
@@ -109,8 +108,6 @@ def _companion_class(
         return LeanLayerNorm
     if activation and cls in elementwise_activation_types() and not getattr(module, "inplace", False):
         return _with_mixins((CompressesActivationInput,), cls)
-    if recompute_activation and is_linear_then_activation(module):
-        recompute = True
     mixins = (Recomputed,) if recompute else ()
     if (dropout or attention) and _is_innermost_attention(module):
         mixins += (AttentionCompanion,)
@@ -157,9 +154,9 @@ def apply_companions(
     for name, module in model.named_modules():
         if _is_swapped(module) or (module_filter is not None and not module_filter(module, name)):
             continue
+        recompute = name in recomputed_attention or (recompute_activation and is_linear_then_activation(module))
         new_cls = _companion_class(
-            module, dropout=dropout, layernorm=layernorm, activation=activation, attention=attention,
-            recompute_activation=recompute_activation, recompute=name in recomputed_attention,
+            module, dropout=dropout, layernorm=layernorm, activation=activation, attention=attention, recompute=recompute
         )
         if new_cls is None:
             continue
@@ -169,7 +166,7 @@ def apply_companions(
         if issubclass(new_cls, AttentionCompanion):
             module.regenerate_dropout, module.recompute_sdpa = dropout, attention
         if issubclass(new_cls, Recomputed):
-            module.row_recipe = recompute_activation and maps_rows_alone(module)
+            module.row_recipe = maps_rows_alone(module)  # activation modules; never an attention block
         swapped.append(name)
     return swapped
 

@@ -41,7 +41,6 @@ from wtacrs.companions.activation import elementwise_activation_types
 from wtacrs.functional import attach_row_recipe
 
 
-
 def _is_linear(module: nn.Module) -> bool:
     """nn.Linear, or an adapter wrapping one (PEFT's LoRA layers keep it as `base_layer`)."""
     return isinstance(module, nn.Linear) or isinstance(getattr(module, "base_layer", None), nn.Linear)
