@@ -127,6 +127,23 @@ def test_lean_companions_are_recorded_and_labelled(tiny_model, tmp_path, capsys)
     assert (sampled["companions"], full["companions"]) == (companions, [])  # only sampling runs take them
 
 
+def test_paper_budget_and_max_padding_are_recorded_and_labelled(tiny_model, tmp_path, capsys, monkeypatch):
+    """--budget all --pad-to-max-length: the paper's counting; every batch is padded to --max-length."""
+    from transformers import DataCollatorWithPadding
+
+    lengths = []
+    collate = DataCollatorWithPadding.__call__
+    monkeypatch.setattr(DataCollatorWithPadding, "__call__",
+                        lambda self, features: lengths.append((out := collate(self, features))["input_ids"].shape[1]) or out)
+    argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--in-process", "--method", "wtacrs",
+            "full", "--budget", "all", "--pad-to-max-length", *FAST]
+    assert main(argv) == 0
+    assert "wtacrs@0.3+budget-all+pad-max" in capsys.readouterr().out
+    sampled, full = results_of(tmp_path, "wtacrs-0.3+budget-all+pad-max"), results_of(tmp_path, "full+pad-max")
+    assert (sampled["variants"], full["variants"]) == (["budget-all", "pad-max"], ["pad-max"])
+    assert lengths and set(lengths) == {32}  # FAST's --max-length
+
+
 @pytest.mark.slow
 def test_existing_run_needs_resume_or_overwrite(tiny_model, tmp_path):
     argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--method", "full", *FAST]

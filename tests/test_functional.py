@@ -107,6 +107,30 @@ def test_row_mask_padding_is_unbiased_and_never_sampled():
     assert sample.indices.numel() <= math.ceil(0.3 * int(mask.sum()))
 
 
+def test_budget_all_counts_padding_rows():
+    """budget="all": k = ceil(ratio · every row), capped at the live rows. Here 0.3 · 60 = 18 rows
+    cover sequences 2 and 3 (4 + 7 live rows) but not all 21 live rows of the batch; a batch of
+    short sequences gets every live row, exactly (the paper's setting on SST-2)."""
+    x, w, b, dy = make(dtype=torch.float64, shape=(3, 20, 8), out=6)
+    mask = torch.arange(20) < torch.tensor([[10], [4], [7]])
+    dy = dy * mask.unsqueeze(-1)
+    truth = dy.reshape(-1, 6).T @ x.detach().reshape(-1, 8)
+    live_only = draw_row_sample(x, ratio=0.3, row_mask=mask, generator=torch.Generator().manual_seed(0))
+    all_rows = draw_row_sample(x, ratio=0.3, row_mask=mask, budget="all", generator=torch.Generator().manual_seed(0))
+    assert live_only.indices.numel() <= 7 < all_rows.indices.numel() <= 18
+    assert bool(mask.reshape(-1)[all_rows.indices].all())
+    est = monte_carlo_weight_grads(x, w, b, dy, 1500, ratio=0.3, row_mask=mask, budget="all")
+    assert not unbiased_violations(est, truth).any(), f"max z {max_z(est, truth):.1f}"
+
+    short = torch.arange(20) < torch.tensor([[5], [4], [6]])  # 15 live rows <= 18: all kept
+    w.grad = None
+    sampled_linear(x, w, b, ratio=0.3, row_mask=short, budget="all").backward(dy * short.unsqueeze(-1))
+    exact = (dy * short.unsqueeze(-1)).reshape(-1, 6).T @ x.detach().reshape(-1, 8)
+    assert torch.allclose(w.grad, exact, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown budget 'padded'; choose one of live, all"):
+        draw_row_sample(x, ratio=0.3, row_mask=mask, budget="padded")
+
+
 def test_all_padding_batch_gives_zero_weight_grad():
     x, w, b, dy = make()
     mask = torch.zeros(x.shape[:-1], dtype=torch.bool)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Literal, Union
 
 from wtacrs.companions.activation import ACTIVATION_MODES
 from wtacrs.estimators import ESTIMATORS, validate_ratio
+from wtacrs.functional import BUDGETS
 
 CONFIG_NAME = "wtacrs_config.json"
 
@@ -35,6 +36,11 @@ class WTACRSConfig:
 
     Attributes:
         ratio: fraction of token rows kept for each weight gradient, in (0, 1].
+        budget: what `ratio` is a fraction of. "live" (default): the rows inside the attention
+            mask, so the ratio is the share of real tokens kept. "all": every row of the padded
+            batch, as the paper's code counts (its batches are padded to the maximum length, so
+            on short sentences its "0.3" keeps every real token; see benchmarks/ACCURACY.md).
+            Applies to the linear layers; the attention matmuls always count live keys.
         estimator: "wta-crs" (default), "crs", "uniform", "topk" (biased, ablation) or "exact".
         target_modules: None = every nn.Linear / GPT-2 Conv1D inside the model's repeated blocks
             (any nn.ModuleList); a list of name suffixes (PEFT-style: "query" matches
@@ -62,6 +68,7 @@ class WTACRSConfig:
     """
 
     ratio: float = field(default=0.3, metadata={"help": "fraction of token rows kept, in (0, 1]"})
+    budget: Literal["live", "all"] = field(default="live", metadata={"help": "ratio of live (non-padding) rows or of all rows"})
     estimator: Literal["wta-crs", "crs", "uniform", "topk", "exact"] = field(default="wta-crs", metadata={"help": "row estimator"})
     target_modules: TargetSpec = field(default=None, metadata={"help": "modules to sample (None = all block linears)"})
     exclude_modules: list[str] | str | None = field(default_factory=lambda: list(DEFAULT_EXCLUDES), metadata={"help": "never sampled"})
@@ -82,6 +89,7 @@ class WTACRSConfig:
         except ValueError as e:
             raise WTACRSConfigError(f"WTACRSConfig.ratio: {e}") from None
         self._check_choice("estimator", ESTIMATORS)
+        self._check_choice("budget", BUDGETS)
         self._check_choice("grad_norm", ("cache", "none"))
         flags = ("attention", "lean_dropout", "lean_layernorm", "lean_attention", "recompute_activation",
                  "recompute_attention", "position_prior")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,16 @@ from wtacrs.estimators import (
     validate_estimator,
     validate_ratio,
 )
+
+Budget = Literal["live", "all"]
+BUDGETS: tuple[str, ...] = ("live", "all")
+
+
+def validate_budget(budget: str) -> str:
+    """Return `budget`, or raise ValueError naming the valid choices."""
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    return budget
 
 
 @dataclass(frozen=True)
@@ -87,33 +98,39 @@ def draw_row_sample(
     row_mask: Tensor | None = None,
     grad_norm: Tensor | None = None,
     generator: torch.Generator | None = None,
+    budget: Budget = "live",
 ) -> RowSample:
-    """Draw k = ceil(ratio · N_valid) rows of `x` (..., in_features) for the weight gradient.
+    """Draw k rows of `x` (..., in_features) for the weight gradient: k = ceil(ratio · N_live)
+    with budget "live", ceil(ratio · N) capped at N_live with "all".
 
     Args:
         row_mask: bool (...) matching x.shape[:-1]; rows outside it are never sampled. The caller
             guarantees those rows receive a zero output gradient (e.g. padding tokens), otherwise
             their contribution to dW is silently dropped.
         grad_norm: (...) estimates of ‖dY_i‖ per row for the scores ‖X_i‖·‖dY_i‖; NaN = unknown.
+        budget: what `ratio` is a fraction of: "live" the rows inside `row_mask`; "all" every row,
+            padding included (the paper's code, whose batches are padded to the maximum length:
+            a budget covering all live rows keeps them all, exactly).
     """
     validate_ratio(ratio)
     validate_estimator(estimator)
+    validate_budget(budget)
     lead = x.shape[:-1]
     flat = x.detach().reshape(-1, x.shape[-1])
     for name, t in (("row_mask", row_mask), ("grad_norm", grad_norm)):
         if t is not None and t.shape != lead:
             raise ValueError(f"{name} must have shape {tuple(lead)} (x.shape[:-1]), got {tuple(t.shape)}")
     scores = column_row_scores(row_norms(flat), None if grad_norm is None else grad_norm.reshape(-1))
-    if row_mask is None:
-        k = sample_budget(ratio, flat.shape[0])
-    else:  # masked rows get a zero score, so they are never drawn
-        mask = row_mask.reshape(-1).to(torch.bool)
-        scores = scores * mask
-        k = sample_budget(ratio, int(mask.sum()))
+    mask = None if row_mask is None else row_mask.reshape(-1).to(torch.bool)
+    live = flat.shape[0] if mask is None else int(mask.sum())
+    k = min(live, sample_budget(ratio, live if budget == "live" else flat.shape[0]))
     if k == 0:  # no sampleable rows: dW = 0 under the row_mask precondition
         indices, weights = torch.empty(0, dtype=torch.int64, device=x.device), torch.empty(0, device=x.device)
-    else:
-        indices, weights = sample_rows(scores, k, estimator, generator)
+    elif mask is not None and k == live:  # every live row kept: the exact product
+        indices = mask.nonzero().squeeze(1)
+        weights = torch.ones(live, device=x.device)
+    else:  # masked rows get a zero score, so they are never drawn
+        indices, weights = sample_rows(scores if mask is None else scores * mask, k, estimator, generator)
     return RowSample(indices, weights.to(torch.float32), gather_rows(x, indices), flat.shape[0])
 
 
@@ -195,6 +212,7 @@ def sampled_linear(
     row_mask: Tensor | None = None,
     grad_norm: Tensor | None = None,
     generator: torch.Generator | None = None,
+    budget: Budget = "live",
 ) -> Tensor:
     """Linear layer with an unbiased row-sampled weight gradient (WTA-CRS by default).
 
@@ -211,6 +229,8 @@ def sampled_linear(
         grad_norm: (...) = x.shape[:-1] estimates of ‖dY_i‖ (NaN where unknown).
         generator: torch.Generator on x's device for reproducible draws; None uses the global RNG
             (which torch.utils.checkpoint restores for its recompute).
+        budget: "live" (k counts the rows inside `row_mask`) or "all" (every row; see
+            `draw_row_sample`).
     Returns:
         (..., out_features), identical to F.linear(x, weight, bias).
 
@@ -222,6 +242,6 @@ def sampled_linear(
     if not needs_sampling(weight, ratio, estimator):
         return F.linear(x, weight, bias)
     sample = draw_row_sample(
-        x, ratio=ratio, estimator=estimator, row_mask=row_mask, grad_norm=grad_norm, generator=generator
+        x, ratio=ratio, estimator=estimator, row_mask=row_mask, grad_norm=grad_norm, generator=generator, budget=budget
     )
     return linear_with_sample(x, weight, bias, sample)

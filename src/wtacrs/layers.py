@@ -166,6 +166,7 @@ class SamplingState:
             row_mask=row_mask,
             grad_norm=self._cached_grad_norm(slot, x, row_mask),
             generator=generator,
+            budget=self.config.budget,
         )
 
     # -- gradient-norm cache -------------------------------------------------------------------

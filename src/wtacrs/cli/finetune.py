@@ -48,6 +48,7 @@ OFFLINE_DEFAULTS = {"epochs": 2.0, "max_length": 64, "max_train_samples": 500, "
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from wtacrs.functional import BUDGETS
     from wtacrs.tasks import DEFAULT_TASK, TASK_NAMES
 
     p.add_argument("--task", choices=TASK_NAMES, default=DEFAULT_TASK)
@@ -55,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face model name or local path (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--method", nargs="+", choices=METHODS, help="one run per method (default: full wtacrs)")
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of token rows kept by sampling methods (default 0.3)")
+    p.add_argument("--budget", choices=BUDGETS, default="live",
+                   help="sampling methods: what --ratio is a fraction of: live = the real (non-padding) tokens "
+                        "(default), all = every row of the padded batch, as the paper's code counts")
     p.add_argument("--lean", action="store_true",
                    help="sampling methods: also the exact memory companions (dropout masks regenerated, LayerNorm "
                         "backward from its output, attention probabilities recomputed): lower peak, same training")
@@ -64,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recompute-attention", action="store_true",
                    help="sampling methods: keep only the attention sub-blocks' inputs and recompute them in backward "
                         "(exact; lower peak, a third of each block's forward matmuls once more)")
+    p.add_argument("--pad-to-max-length", action="store_true",
+                   help="pad every batch to --max-length (run_glue.py's flag; the paper's runs did) instead of "
+                        "to its longest sequence")
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed (default 0)")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']}; offline default task "
                    f"{OFFLINE_DEFAULTS['lr']}; LoRA methods {DEFAULTS['lora_lr']})")
@@ -199,7 +206,7 @@ def packaged_model_dir() -> Path:
 def run_dir(args: argparse.Namespace, method: str, seed: int) -> Path:
     """<output-dir>/<task>/<model>/<method>[-<ratio>]/seed<seed>."""
     label = f"{method}-{args.ratio:g}" if method in SAMPLED_ESTIMATOR else method
-    label += "".join(f"+{name}" for name in companions(args, method))
+    label += "".join(f"+{name}" for name in companions(args, method) + variants(args, method))
     return Path(args.output_dir) / args.task / model_name(args.model) / label / f"seed{seed}"
 
 
@@ -365,7 +372,7 @@ def prepare_method(model, method: str, args: argparse.Namespace, seed: int, task
 
         lean = args.lean
         wtacrs.apply(model, wtacrs.WTACRSConfig(
-            ratio=args.ratio, estimator=SAMPLED_ESTIMATOR[method], seed=seed, lean_dropout=lean,
+            ratio=args.ratio, budget=args.budget, estimator=SAMPLED_ESTIMATOR[method], seed=seed, lean_dropout=lean,
             lean_layernorm=lean, lean_attention=lean, recompute_activation=args.recompute_activation,
             recompute_attention=args.recompute_attention,
         ))
@@ -383,6 +390,12 @@ def companions(args: argparse.Namespace, method: str) -> list[str]:
         "recompute-attention": getattr(args, "recompute_attention", False),
     }
     return [name for name, on in flags.items() if on]
+
+
+def variants(args: argparse.Namespace, method: str) -> list[str]:
+    """Setting changes a run's label carries besides its companions ("budget-all", "pad-max")."""
+    tags = ["budget-all"] if method in SAMPLED_ESTIMATOR and getattr(args, "budget", "live") == "all" else []
+    return tags + (["pad-max"] if getattr(args, "pad_to_max_length", False) else [])
 
 
 def _subset(dataset, limit: int | None):
@@ -470,7 +483,8 @@ def build_trainer(args, method, seed, out, model, tokenizer, train_set, eval_set
     return trainer_class(
         model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_sets,
         processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[timer],
-        data_collator=default_data_collator if padded else DataCollatorWithPadding(tokenizer),
+        data_collator=default_data_collator if padded else DataCollatorWithPadding(
+            tokenizer, padding="max_length" if args.pad_to_max_length else True, max_length=args.max_length),
     )
 
 
@@ -559,7 +573,7 @@ def collect_results(args, method, seed, task, trainer, timer, num_train, eval_ex
         "task": args.task, "model": args.model, "model_name": model_name(args.model),
         "model_kind": _model_kind(trainer.model), "method": method,
         "ratio": args.ratio if method in SAMPLED_ESTIMATOR else None, "estimator": SAMPLED_ESTIMATOR.get(method),
-        "companions": companions(args, method),
+        "companions": companions(args, method), "variants": variants(args, method),
         "seed": seed, "metrics": metrics, "score": metrics[first]["score"], "score_name": task.score_name,
         "best_epoch": best_epoch, "history": history,
         "peak_memory_bytes": peak_bytes, "peak_memory_kind": peak_kind,

@@ -59,7 +59,7 @@ def load_result(path: Path) -> dict:
 def row_label(r: dict) -> tuple[str, str]:
     model = r.get("model_name") or Path(r["model"]).name
     method = r["method"] + (f"@{r['ratio']:g}" if r["ratio"] is not None else "")
-    return model, method + "".join(f"+{name}" for name in r.get("companions", []))
+    return model, method + "".join(f"+{name}" for name in r.get("companions", []) + r.get("variants", []))
 
 
 def percent(r: dict) -> float:
