@@ -72,6 +72,21 @@ def test_ratio_one_matches_exactly_and_remove_restores(case):
     assert not hasattr(model, "wtacrs_state")
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_budget_all_covering_the_live_rows_is_exact(name):
+    """Ratio 0.8 of all 30 rows (padding included) covers the 24 live rows: the paper's counting
+    then keeps every real token and every gradient is the exact one; of the live rows it samples."""
+    case = CASES_BY_NAME[name]
+    reference, batch = case.model(), case.batch()
+    _, exact = step(reference, batch)
+    for budget, equal in (("all", True), ("live", False)):
+        model = case.model()
+        wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.8, budget=budget))
+        _, grads = step(model, batch, ids=torch.arange(3))
+        same = [torch.allclose(grads[n], g, rtol=1e-4, atol=1e-6) for n, g in exact.items()]
+        assert all(same) if equal else not all(same), budget
+
+
 def test_gradient_norm_cache_fills_and_is_used():
     case = CASES_BY_NAME["bert"]
     model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3))
