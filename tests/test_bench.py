@@ -159,6 +159,28 @@ def test_bench_speed_interleaved_times_every_method_each_round(tmp_path):
     assert record["meta"]["interleave"] and "round-robin" in (tmp_path / "speed.md").read_text()
 
 
+def test_bench_speed_interleaved_goes_on_when_a_method_fails_midway(tmp_path, monkeypatch):
+    """A method failing in round 2 (say, out of memory) keeps its error and first time; the
+    others finish every round, and the rows on disk after each round are complete JSON."""
+    from wtacrs.bench import suite
+
+    calls = {"n": 0}
+    timed = suite.measure_step_time
+
+    def failing_second_round(trial, warmup, steps):
+        calls["n"] += 1
+        if calls["n"] == 4:  # round 2, second method
+            raise RuntimeError("out of memory (simulated)")
+        return timed(trial, warmup, steps)
+
+    monkeypatch.setattr(suite, "measure_step_time", failing_second_round)
+    assert main(["bench", "speed", *TINY, "--batch", "2", "--methods", "full", "wtacrs@0.3", "--warmup", "0",
+                 "--steps", "3", "--interleave", "--out", str(tmp_path)]) == 0
+    full, sampled = _record(tmp_path / "speed.json")["rows"]
+    assert len(full["step_times_s"]) == 3 and "error" not in full
+    assert sampled["error"] == "RuntimeError: out of memory (simulated)" and len(sampled["step_times_s"]) == 1
+
+
 def test_bench_batch_finds_a_batch_under_the_budget(tmp_path):
     assert main(["bench", "batch", *TINY, "--methods", "full", "--budget-gb", "0.004", "--out", str(tmp_path)]) == 0
     (row,) = _record(tmp_path / "batch.json")["rows"]

@@ -104,29 +104,47 @@ def run_speed(
 
 def _interleaved_speed(setup: Setup, warmup: int, steps: int, extras: Callable[[Trial], dict],
                        on_row: RowsCallback | None) -> list[dict]:
-    rows, trials = [{"method": method} for method in setup.methods], {}
-    for row in rows:
+    """Round-robin timing; a method that fails (e.g. out of memory) keeps its error and leaves
+    the rounds, the others go on. Rows are reported after every round."""
+    rows, trials = {method: {"method": method} for method in setup.methods}, {}
+
+    def drop(method: str, error: Exception) -> None:
+        rows[method].update(error=f"{type(error).__name__}: {error}")  # times so far stay
+        trials.pop(method, None)
+        release()
+
+    def attempt(method: str, action: Callable[[Trial], object]) -> object:
         try:
-            trials[row["method"]] = trial = setup.trial(row["method"])
-            for _ in range(warmup):
-                trial.step()
+            return action(trials[method])
         except Exception as e:
-            row["error"] = f"{type(e).__name__}: {e}"
-            trials.pop(row["method"], None)
-    times: dict[str, list[float]] = {method: [] for method in trials}
+            drop(method, e)
+
+    for method in rows:
+        try:
+            trials[method] = setup.trial(method)
+        except Exception as e:
+            drop(method, e)
+            continue
+        for _ in range(warmup):
+            if method in trials:
+                attempt(method, lambda trial: trial.step())
     for _ in tqdm(range(steps), desc="speed rounds", unit="round", file=sys.stderr):
-        for method, trial in trials.items():
-            times[method].append(measure_step_time(trial, 0, 1)["step_s"])
-    for row in rows:
-        if row["method"] in trials:
-            median = statistics.median(times[row["method"]])
-            row.update(step_s=median, step_times_s=times[row["method"]], samples_per_s=setup.batch / median,
-                       **extras(trials[row["method"]]))
+        for method in list(trials):
+            seconds = attempt(method, lambda trial: measure_step_time(trial, 0, 1)["step_s"])
+            if method in trials:
+                times = rows[method].setdefault("step_times_s", [])
+                times.append(seconds)
+                median = statistics.median(times)
+                rows[method].update(step_s=median, samples_per_s=setup.batch / median)
+        if on_row is not None:
+            on_row(list(rows.values()))
+    for method in list(trials):
+        rows[method].update(attempt(method, extras) or {})
     trials.clear()
     release()
     if on_row is not None:
-        on_row(rows)
-    return rows
+        on_row(list(rows.values()))
+    return list(rows.values())
 
 
 def add_ratio_to_full(rows: list[dict], key: str, name: str, inverse: bool = False) -> None:
