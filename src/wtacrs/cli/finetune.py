@@ -462,7 +462,7 @@ def step_timer():
 def build_trainer(args, method, seed, out, model, tokenizer, train_set, eval_sets, compute_metrics, timer):
     """A Trainer (WTACRSTrainer for sampling methods) evaluating and checkpointing every epoch."""
     import torch
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator
+    from transformers import Trainer, TrainingArguments, default_data_collator
 
     from wtacrs.integrations import WTACRSTrainer
 
@@ -483,9 +483,17 @@ def build_trainer(args, method, seed, out, model, tokenizer, train_set, eval_set
     return trainer_class(
         model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_sets,
         processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[timer],
-        data_collator=default_data_collator if padded else DataCollatorWithPadding(
-            tokenizer, padding="max_length" if args.pad_to_max_length else True, max_length=args.max_length),
+        data_collator=default_data_collator if padded else _padding_collator(args, tokenizer),
     )
+
+
+def _padding_collator(args, tokenizer):
+    """Pads each batch to its longest sequence, or to --max-length with --pad-to-max-length."""
+    from transformers import DataCollatorWithPadding
+
+    if args.pad_to_max_length:
+        return DataCollatorWithPadding(tokenizer, padding="max_length", max_length=args.max_length)
+    return DataCollatorWithPadding(tokenizer)
 
 
 def _learning_rate(args, method: str) -> float:
