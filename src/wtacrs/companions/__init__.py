@@ -16,17 +16,11 @@
 - Activation (`activation="bf16"` or `"int8"`): the input of GELU-like activations is kept
   compressed. An approximation (stated bounds in `wtacrs.companions.activation`); off by default.
 
-Saved-for-backward bytes of one training step, BERT-base sizes (random weights), batch 4,
-sequence 128, fp32, CPU, torch 2.13, transformers 5.24, parameters excluded (MiB):
-
-    linear layers   attention   plain   dropout   layernorm   act bf16   act int8   all (int8)
-    full            eager       436.6   363.1     400.6       400.6      382.6      273.1 (0.63×)
-    full            sdpa        436.6   399.1     400.6       400.6      382.6      309.1 (0.71×)
-    WTA-CRS@0.3     eager       343.3   269.7     341.7       307.3      289.3      214.1 (0.62×)
-    WTA-CRS@0.3     sdpa        343.3   305.8     341.7       307.3      289.3      250.2 (0.73×)
-
-(The LayerNorm companion saves nothing next to sampled linears: see `.layernorm`. With sdpa
-on CPU the attention-probability dropout happens inside the kernel and is not covered.)
+What each companion saves is measured in `benchmarks/`: bytes per autograd op in
+SAVED_TENSORS.md, live-tensor peaks of a whole step per combination in RESULTS.md (compare the
+recomputes by peaks: saved-tensor hooks do not see what a checkpoint keeps in its closure). The
+LayerNorm companion saves nothing next to sampled linears (see `.layernorm`); with sdpa on CPU
+the attention-probability dropout happens inside the kernel and is not covered.
 
 Modules are changed by swapping their class in place, as torchao does: the module object, its
 parameters (state_dict keys, `data_ptr`s) and `isinstance` checks are unchanged, and
