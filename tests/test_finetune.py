@@ -54,6 +54,7 @@ def check_schema(record):
         (["--ratio", "0"], "--ratio must be in (0, 1]"),
         (["--ratio", "1.5"], "--ratio must be in (0, 1]"),
         (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1)"),
+        (["--lora-dropout", "1"], "--lora-dropout must be in [0, 1)"),
         (["--epochs", "0"], "--epochs must be positive"),
         (["--max-train-samples", "0"], "--max-train-samples must be at least 1"),
         (["--resume"], "--resume needs --output-dir"),
@@ -159,9 +160,10 @@ def test_glue_folder_lora_and_checkpointing(tiny_model, tmp_path):
     data = write_glue(tmp_path / "glue")
     out = tmp_path / "out"
     argv = ["finetune", "--task", "stsb", "--data-dir", str(data), "--model", tiny_model, "--output-dir", str(out),
-            "--method", "lora", "checkpointing", "--in-process", *FAST]
+            "--method", "lora", "checkpointing", "--in-process", "--lora-dropout", "0", *FAST]
     assert main(argv) == 0
     lora, checkpointing = results_of(out, "lora"), results_of(out, "checkpointing")
+    assert lora["hyperparameters"]["lora_dropout"] == 0.0
     assert set(lora["metrics"]["validation"]) >= {"pearson", "spearman", "score"}
     assert lora["trainable_parameters"] < checkpointing["trainable_parameters"]
     assert checkpointing["saved_activation_bytes"] < lora["saved_activation_bytes"]

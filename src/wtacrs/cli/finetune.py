@@ -83,6 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-eval-samples", type=int, help="evaluate on a fixed random subset of this size; " + _default_help("max_eval_samples"))
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=int, default=16, help="LoRA scaling numerator (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.1,
+                   help="dropout on the LoRA branch's input (default 0.1)")
     p.add_argument("--doc-stride", type=int, default=128, help="SQuAD: overlap of context windows")
     p.add_argument("--n-best", type=int, default=20, help="SQuAD: candidate starts/ends per window")
     p.add_argument("--max-answer-length", type=int, default=30, help="SQuAD: longest answer in tokens")
@@ -141,6 +143,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--ratio must be in (0, 1], got {args.ratio}")
     if not 0.0 <= args.warmup_ratio < 1.0:
         raise ValueError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if get_task(args.task).kind == "qa" and not 0 <= args.doc_stride < args.max_length:
         raise ValueError(f"--doc-stride must be in [0, --max-length={args.max_length}), got {args.doc_stride}")
     if args.fp16 and not _cuda_available():
@@ -365,7 +369,7 @@ def prepare_method(model, method: str, args: argparse.Namespace, seed: int, task
         from peft import LoraConfig, TaskType, get_peft_model
 
         task_type = TaskType.QUESTION_ANS if task.kind == "qa" else TaskType.SEQ_CLS
-        lora = LoraConfig(task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.1)
+        lora = LoraConfig(task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
         model = get_peft_model(model, lora)
     if method in SAMPLED_ESTIMATOR:
         import wtacrs
@@ -590,7 +594,7 @@ def collect_results(args, method, seed, task, trainer, timer, num_train, eval_ex
         "train_examples": num_train, "eval_examples": eval_examples,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "hyperparameters": {k: getattr(args, k) for k in (
-            "epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "lora_r", "lora_alpha",
+            "epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "lora_r", "lora_alpha", "lora_dropout",
             "max_train_samples", "max_eval_samples", "bf16", "fp16")} | {"lr": trainer.args.learning_rate},
         "device": "cuda" if peak_kind.startswith("cuda") else "cpu", "versions": _versions(),
         "world_size": trainer.args.world_size,  # data-parallel ranks; peak memory is rank 0's
