@@ -37,7 +37,7 @@ run() {  # task method ratio seed [finetune flags: --budget all, --pad-to-max-le
 }
 
 # Order: most information per CPU hour first. SST-2 runs take ~3 min on an idle 2-core machine,
-# RTE ~25 min, SQuAD ~20 min: the targets' methods get two SST-2 seeds, then SQuAD, then the
+# RTE 11–15 min, SQuAD ~20 min: the targets' methods get two SST-2 seeds, then SQuAD, then the
 # third seed, LoRA and RTE. "Paper" = the paper's code's budget: batches padded to 128 tokens and
 # the ratio counting padding rows (ACCURACY.md, "What the paper's 0.3 means").
 KEY=("full 1" "wtacrs 0.3" "wtacrs 0.1" "crs 0.3" "topk 0.3")
