@@ -49,5 +49,5 @@ for spec in "${KEY[@]}"; do run sst2 $spec 2; done
 for seed in 1 2; do for spec in "${LORA[@]}"; do run sst2 $spec "$seed"; done; done
 run sst2 wtacrs 0.3 0 $PAPER
 for seed in 0 1 2; do run rte full 1 "$seed"; run rte wtacrs 0.3 "$seed"; done
-for seed in 0 1 2; do run rte wtacrs 0.3 "$seed" $PAPER; done
 for seed in 0 1 2; do for spec in "wtacrs 0.1" "crs 0.3" "topk 0.3" "${LORA[@]}"; do run rte $spec "$seed"; done; done
+for seed in 0 1 2; do run rte wtacrs 0.3 "$seed" $PAPER; done
