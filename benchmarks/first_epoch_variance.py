@@ -75,7 +75,8 @@ def main() -> None:
         cache.record(slot, torch.arange(32), mask_b, norms)
     cache.commit()
     print(f"# WTA-CRS@{args.ratio} variance where the gradient-norm cache is empty\n")
-    print(f"Command: `python benchmarks/first_epoch_variance.py --ratio {args.ratio}` (torch {torch.__version__}, CPU).")
+    print(f"Command: `python benchmarks/first_epoch_variance.py --ratio {args.ratio}` "
+          f"(torch {torch.__version__}, CPU).")
     print("Relative variance E‖dŴ − dW‖² / ‖dW‖² per linear layer of all-MiniLM-L6-v2 on SST-2 batch A (rows 0–31),")
     print("closed form; the prior comes from batch B (rows 1000–1031). See the script's docstring.\n")
     print("| layer | no norms (epoch 1, no prior) | position prior (epoch 1) | cached ‖dY‖ (epoch ≥ 2) |")

@@ -39,7 +39,8 @@ DEFAULTS = dict(steps=2000, ratio=0.1, layers=2, batch_size=16, max_length=64, t
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, value in DEFAULTS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     p.add_argument("--out", default="benchmarks/results/long_run.json")
@@ -144,7 +145,8 @@ def train_run(args, method: str, queue) -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(**inputs).loss
             loss.backward()
-        finite = math.isfinite(loss.item()) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        finite = math.isfinite(loss.item()) and all(
+            torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
         non_finite += not finite
         losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -183,14 +185,16 @@ def compare(runs: dict[str, dict], window: int) -> list[dict]:
 
 def markdown(record: dict) -> str:
     a = record["args"]
-    model = f"random BERT hidden {a['hidden']}, {a['layers']} layers" if a["hidden"] else f"MiniLM-L6 first {a['layers']} layers"
+    model = (f"random BERT hidden {a['hidden']}, {a['layers']} layers" if a["hidden"]
+             else f"MiniLM-L6 first {a['layers']} layers")
     lines = [f"WTA-CRS@{a['ratio']} vs full, {a['steps']} steps, bf16 autocast, {model}, "
              f"batch {a['batch_size']}, {a['train_examples']} train examples", "",
              "| steps | full loss | WTA-CRS loss | diff / s.e. |", "|---|---|---|---|"]
     lines += [f"| {r['steps']} | {r['full']:.4f} | {r['wtacrs']:.4f} | {r['z']:+.2f} |" for r in record["windows"]]
     for method, run in record["runs"].items():
         rss = [m["rss_bytes"] / 2**20 for m in run["memory"]]
-        lines.append(f"\n{method}: non-finite steps {run['non_finite_steps']}, eval accuracy {run['eval_accuracy']:.4f}, "
+        lines.append(f"\n{method}: non-finite steps {run['non_finite_steps']}, "
+                     f"eval accuracy {run['eval_accuracy']:.4f}, "
                      f"RSS {rss[0]:.0f} → {rss[-1]:.0f} MiB, {run['seconds']:.0f} s")
     caches = [m["cache"] for m in record["runs"]["wtacrs"]["memory"]]
     lines.append(f"cache: {caches[0]} after {a['window']} steps → {caches[-1]} at the end")

@@ -20,7 +20,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     peaks = {r["method"]: r["peak_bytes"] for path in args.memory for r in json.loads(path.read_text())["rows"]}
-    rows = [dict(r, peak_bytes=peaks[r["method"]]) for r in json.loads(args.speed.read_text())["rows"] if r["method"] in peaks]
+    rows = [dict(r, peak_bytes=peaks[r["method"]])
+            for r in json.loads(args.speed.read_text())["rows"] if r["method"] in peaks]
     plot_memory_time_plane(rows, args.out)
     for r in rows:
         print(f"{r['method']}: {r['step_s']:.1f} s, {r['peak_bytes'] / 1e9:.3f} GB")

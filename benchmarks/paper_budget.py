@@ -21,18 +21,19 @@ import math
 
 import numpy as np
 
-from wtacrs.cli.finetune import _subset, packaged_model_dir
-from wtacrs.tasks import get_task, load_task, tokenize_sequences
+from wtacrs.cli.finetune import packaged_model_dir
+from wtacrs.tasks import fixed_subset, get_task, load_task, tokenize_sequences
 
 
 def live_lengths(task_name: str, split: str, glue: str, tokenizer, max_length: int, limit: int | None) -> np.ndarray:
     """Token counts (after truncation to max_length) of a split, optionally the study's subset."""
-    data = _subset(load_task(task_name, glue)[split], limit)  # finetune's fixed subset
+    data = fixed_subset(load_task(task_name, glue)[split], limit)  # finetune's fixed subset
     encoded = tokenize_sequences(data, get_task(task_name), tokenizer, max_length)
     return np.array([len(ids) for ids in encoded["input_ids"]])
 
 
-def budget_coverage(lengths: np.ndarray, ratio: float, padded_to: int, batch: int, seed: int = 0) -> tuple[float, float]:
+def budget_coverage(lengths: np.ndarray, ratio: float, padded_to: int, batch: int,
+                    seed: int = 0) -> tuple[float, float]:
     """(share of real rows kept, share of batches kept whole) with k = int(ratio · batch · padded_to)."""
     order = np.random.default_rng(seed).permutation(len(lengths))
     kept = live = whole = batches = 0

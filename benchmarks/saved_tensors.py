@@ -21,7 +21,8 @@ from wtacrs.memory import parameter_tensors, saved_bytes_by_op, saved_tensors_by
 METHODS = {
     "full fine-tuning": None,
     "WTA-CRS@0.3": wtacrs.WTACRSConfig(ratio=0.3),
-    "WTA-CRS@0.3 + lean dropout + lean LayerNorm": wtacrs.WTACRSConfig(ratio=0.3, lean_dropout=True, lean_layernorm=True),
+    "WTA-CRS@0.3 + lean dropout + lean LayerNorm": wtacrs.WTACRSConfig(
+        ratio=0.3, lean_dropout=True, lean_layernorm=True),
 }
 
 
@@ -32,8 +33,10 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     args = parser.parse_args()
     torch.manual_seed(0)
-    inputs = {"input_ids": torch.randint(0, 30522, (args.batch, args.seq)), "labels": torch.zeros(args.batch, dtype=torch.long)}
-    print(f"# Saved-for-backward tensors by op: BERT-base, batch {args.batch}, seq {args.seq}, fp32, attn={args.attn}\n")
+    inputs = {"input_ids": torch.randint(0, 30522, (args.batch, args.seq)),
+              "labels": torch.zeros(args.batch, dtype=torch.long)}
+    print(f"# Saved-for-backward tensors by op: BERT-base, batch {args.batch}, seq {args.seq}, "
+          f"fp32, attn={args.attn}\n")
     print(f"Command: `python benchmarks/saved_tensors.py --batch {args.batch} --seq {args.seq} --attn {args.attn}` "
           f"(torch {torch.__version__}, CPU). Bytes are distinct storages; parameters excluded.\n")
     for title, config in METHODS.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 # |mean − truth| <= Z · standard error. With a few hundred entries per test, a per-entry false

@@ -10,7 +10,6 @@ import torch
 
 import wtacrs
 from models import CASES, CASES_BY_NAME
-from wtacrs.layers import SampledLayerMixin
 from wtacrs.memory import SavedTensorBytes, parameter_tensors
 from wtacrs.modeling import find_target_modules, sampled_modules
 

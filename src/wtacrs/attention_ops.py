@@ -97,7 +97,8 @@ class _SampledMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # dA = Σ_n dC[:, n] ⊗ B[:, n] over the kept columns n
             picked = grad_c
             if b_indices is not None:
-                picked = grad_c.gather(-1, _column_index(b_indices, grad_c.shape[-2])) * b_weights.to(grad_c.dtype).unsqueeze(-2)
+                picked = (grad_c.gather(-1, _column_index(b_indices, grad_c.shape[-2]))
+                          * b_weights.to(grad_c.dtype).unsqueeze(-2))
             grad_a = picked.matmul(b_kept.mT)
         if ctx.needs_input_grad[1]:  # dB = Σ_m A[m, :] ⊗ dC[m, :] over the kept rows m
             picked = grad_c
@@ -160,7 +161,8 @@ def sampled_matmul(
     if dtype is not None:  # cast like autocast would, outside the op, so autograd casts the grads back
         a, b = a.to(dtype), b.to(dtype)
     if live_columns is not None and live_columns.shape != (*b.shape[:-2], b.shape[-1]):
-        raise ValueError(f"live_columns must have shape {(*b.shape[:-2], b.shape[-1])}, got {tuple(live_columns.shape)}")
+        raise ValueError(f"live_columns must have shape {(*b.shape[:-2], b.shape[-1])}, "
+                         f"got {tuple(live_columns.shape)}")
     sampling = dict(ratio=ratio, estimator=estimator, generator=generator)
     a_part = _saved_for_backward(a, -2, b.requires_grad, keep_a, None, **sampling)  # feeds dB
     b_part = _saved_for_backward(b, -1, a.requires_grad, False, live_columns, **sampling)  # feeds dA

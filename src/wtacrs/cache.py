@@ -8,9 +8,10 @@ estimator stays unbiased for any positive distribution (see `estimators.column_r
 Storage, per example: one byte per real (unpadded) token per sampled layer slot, as a log-scale
 code (4 codes per octave, 2^-40 … 2^23.5; relative error <= 9%, which moves the sampling
 probabilities but not the mean), plus 12 bytes of index. The index is a dense array over ids
-0 … max id, so ids should be dense (dataset indices are); sparse ids cost 12 bytes per unused id. The reference code keeps bf16 for every
-padded position of every layer. Positions are keyed by the ordinal of the real token in its
-example, so left and right padding and dynamic padding find the same entry.
+0 … max id, so ids should be dense (dataset indices are); sparse ids cost 12 bytes per unused
+id. The reference code keeps bf16 for every padded position of every layer. Positions are keyed
+by the ordinal of the real token in its example, so left and right padding and dynamic padding
+find the same entry.
 
 Examples not seen yet (the whole first epoch) get a prior instead of nothing: per slot, the mean
 norm at each token position over the examples of recent steps (an exponential moving average,
@@ -243,7 +244,8 @@ class GradNormCache:
 
     def _check_ids(self, example_ids: Tensor, row_mask: Tensor) -> Tensor:
         if example_ids.dim() != 1 or example_ids.dtype.is_floating_point or example_ids.dtype == torch.bool:
-            raise ValueError(f"example_ids must be a 1-D integer tensor, got {example_ids.dtype} {tuple(example_ids.shape)}")
+            raise ValueError("example_ids must be a 1-D integer tensor, "
+                             f"got {example_ids.dtype} {tuple(example_ids.shape)}")
         if row_mask.dim() != 2 or row_mask.shape[0] != example_ids.shape[0]:
             raise ValueError(
                 f"row_mask must be (batch, seq) with batch = len(example_ids) = {example_ids.shape[0]}, "

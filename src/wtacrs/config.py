@@ -20,7 +20,8 @@ CONFIG_NAME = "wtacrs_config.json"
 # Task heads and poolers read one summary vector per example: tiny activations, and sampling
 # their input would only add variance. LoRA's up-projection reads the rank-r output of the
 # down-projection: r numbers per token, too few to be worth a draw. Matched as name components.
-DEFAULT_EXCLUDES: tuple[str, ...] = ("classifier", "pooler", "lm_head", "qa_outputs", "score", "pre_classifier", "lora_B")
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    "classifier", "pooler", "lm_head", "qa_outputs", "score", "pre_classifier", "lora_B")
 
 ModuleFilter = Callable[[Any, str], bool]
 TargetSpec = Union[list[str], tuple[str, ...], str, ModuleFilter, None]
@@ -68,10 +69,13 @@ class WTACRSConfig:
     """
 
     ratio: float = field(default=0.3, metadata={"help": "fraction of token rows kept, in (0, 1]"})
-    budget: Literal["live", "all"] = field(default="live", metadata={"help": "ratio of live (non-padding) rows or of all rows"})
-    estimator: Literal["wta-crs", "crs", "uniform", "topk", "exact"] = field(default="wta-crs", metadata={"help": "row estimator"})
+    budget: Literal["live", "all"] = field(
+        default="live", metadata={"help": "ratio of live (non-padding) rows or of all rows"})
+    estimator: Literal["wta-crs", "crs", "uniform", "topk", "exact"] = field(
+        default="wta-crs", metadata={"help": "row estimator"})
     target_modules: TargetSpec = field(default=None, metadata={"help": "modules to sample (None = all block linears)"})
-    exclude_modules: list[str] | str | None = field(default_factory=lambda: list(DEFAULT_EXCLUDES), metadata={"help": "never sampled"})
+    exclude_modules: list[str] | str | None = field(
+        default_factory=lambda: list(DEFAULT_EXCLUDES), metadata={"help": "never sampled"})
     attention: bool = field(default=False, metadata={"help": "sample the two attention matmuls"})
     grad_norm: Literal["cache", "none"] = field(default="cache", metadata={"help": "score source for ‖dY‖"})
     position_prior: bool = field(default=True, metadata={"help": "score unseen examples by per-position norms"})
@@ -80,8 +84,10 @@ class WTACRSConfig:
     lean_layernorm: bool = field(default=False, metadata={"help": "LayerNorm backward from its output"})
     lean_attention: bool = field(default=False, metadata={"help": "SDPA without stored probabilities"})
     recompute_activation: bool = field(default=False, metadata={"help": "recompute the activation input in backward"})
-    recompute_attention: bool = field(default=False, metadata={"help": "recompute the attention sub-blocks in backward"})
-    activation_compression: str | None = field(default=None, metadata={"help": "compact activation input (approximate)"})
+    recompute_attention: bool = field(
+        default=False, metadata={"help": "recompute the attention sub-blocks in backward"})
+    activation_compression: str | None = field(
+        default=None, metadata={"help": "compact activation input (approximate)"})
 
     def __post_init__(self) -> None:
         try:
@@ -109,7 +115,8 @@ class WTACRSConfig:
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)
         if value not in choices:
-            raise WTACRSConfigError(f"WTACRSConfig.{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            raise WTACRSConfigError(f"WTACRSConfig.{name} must be one of {', '.join(map(repr, choices))}, "
+                                    f"got {value!r}")
 
     # -- JSON round trip ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -132,7 +139,8 @@ class WTACRSConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise WTACRSConfigError(f"unknown WTACRSConfig field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise WTACRSConfigError(f"unknown WTACRSConfig field(s): {', '.join(unknown)}; "
+                                    f"known: {', '.join(sorted(known))}")
         return cls(**values)
 
     @classmethod

@@ -171,7 +171,8 @@ def sample_rows(
         raise ValueError(f"k must be a positive int, got {k!r}")
     n = scores.numel()
     if n == 0:
-        return torch.empty(0, dtype=torch.int64, device=scores.device), torch.empty(0, dtype=torch.float64, device=scores.device)
+        return (torch.empty(0, dtype=torch.int64, device=scores.device),
+                torch.empty(0, dtype=torch.float64, device=scores.device))
     total = scores.double().sum()
     # One host sync checks everything: a NaN or Inf score makes the total non-finite.
     total_value, minimum = torch.stack([total, scores.double().min()]).tolist()
@@ -184,7 +185,8 @@ def sample_rows(
     if estimator == "topk":
         return topk(scores, k)
     if total_value == 0.0:  # every row product is zero: an empty sum is the exact gradient
-        return torch.empty(0, dtype=torch.int64, device=scores.device), torch.empty(0, dtype=torch.float64, device=scores.device)
+        return (torch.empty(0, dtype=torch.int64, device=scores.device),
+                torch.empty(0, dtype=torch.float64, device=scores.device))
     probs = scores.double() / total
     return (wta_crs if estimator == "wta-crs" else crs)(probs, k, generator)
 
@@ -251,7 +253,8 @@ def sample_rows_batched(
     validate_estimator(estimator)
     num_rows, n = scores.shape
     if estimator == "exact" or not 1 <= k < n:
-        raise ValueError(f"sample_rows_batched needs 1 <= k < N = {n} and a sampling estimator, got k={k}, {estimator!r}")
+        raise ValueError(f"sample_rows_batched needs 1 <= k < N = {n} and a sampling estimator, "
+                         f"got k={k}, {estimator!r}")
     if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
         raise ValueError("sampling scores must be finite and non-negative (non-finite activations?)")
     if estimator == "uniform":  # the first k of a uniformly random order: inclusion probability k / N

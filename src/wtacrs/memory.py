@@ -165,7 +165,8 @@ def saved_tensors_by_op(output: torch.Tensor, exclude=()) -> list[SavedTensor]:
             ptr = t.untyped_storage().data_ptr()
             if ptr in excluded or t.numel() == 0:
                 continue
-            records.append(SavedTensor(node.name(), role, tuple(t.shape), 0 if ptr in counted else t.untyped_storage().nbytes()))
+            records.append(SavedTensor(node.name(), role, tuple(t.shape),
+                                       0 if ptr in counted else t.untyped_storage().nbytes()))
             counted.add(ptr)
     return records
 

@@ -167,7 +167,8 @@ def _swap(model: nn.Module, state: SamplingState, targets: list[tuple[str, nn.Mo
     encoder_prefix = _encoder_prefix(model)
     for name, module in targets:
         module.__class__ = _sampled_class_for(module)
-        module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream = state, state.num_layers, _stream(name, encoder_prefix)
+        module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream = (
+            state, state.num_layers, _stream(name, encoder_prefix))
         state.num_layers += 1
     state.num_modules = sum(1 for _ in model.modules())
 
@@ -231,5 +232,6 @@ def summary(model: nn.Module) -> str:
             after += state.config.ratio * (nbytes + 12)
             drawn.add(leader)
         lines.append(f"  {name:<60} in={width:<6} {'shares input of layer ' + str(leader) if shares else ''}")
-    lines.append(f"saved input bytes per token: {before:.0f} before, {after:.0f} after ({before / max(after, 1):.1f}x less)")
+    lines.append(f"saved input bytes per token: {before:.0f} before, {after:.0f} after "
+                 f"({before / max(after, 1):.1f}x less)")
     return "\n".join(lines)

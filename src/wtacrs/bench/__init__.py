@@ -3,7 +3,8 @@
 Used by `wtacrs bench`; also importable, e.g.
 
     from wtacrs.bench import Setup, run_memory
-    rows = run_memory(Setup("bert-tiny", batch=4, seq=16, methods=("full", "lora"), device=torch.device("cpu")), rss=False)
+    rows = run_memory(Setup("bert-tiny", batch=4, seq=16, methods=("full", "lora"),
+                            device=torch.device("cpu")), rss=False)
 """
 
 from wtacrs.bench.methods import DEFAULT_METHODS, Method, MethodError, parse_method

@@ -102,7 +102,8 @@ def _with_component(method: Method, part: str, spec: str) -> Method:
         return replace(method, activation_compression=part[4:])
     flags = {
         "lora": "lora", "checkpointing": "checkpointing", "companions": "companions", "attention": "attention",
-        "fused-adamw": "fused_optimizer", "recompute": "recompute_activation", "recompute-attention": "recompute_attention",
+        "fused-adamw": "fused_optimizer", "recompute": "recompute_activation",
+        "recompute-attention": "recompute_attention",
     }
     if part in flags and not value:
         return replace(method, **{flags[part]: True})

@@ -43,7 +43,8 @@ def is_seq2seq(model: nn.Module) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
-def make_batch(model: nn.Module, batch: int, seq: int, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+def make_batch(model: nn.Module, batch: int, seq: int, seed: int = 0,
+               device: str | torch.device = "cpu") -> dict[str, Tensor]:
     """Random token ids (no padding) and labels for `model`: (batch, seq) inputs."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size

@@ -36,7 +36,8 @@ class Setup:
     seed: int = 0
 
     def trial(self, method: str, batch: int | None = None) -> Trial:
-        return make_trial(self.size, method, batch or self.batch, self.seq, device=self.device, dtype=self.dtype, seed=self.seed)
+        return make_trial(self.size, method, batch or self.batch, self.seq,
+                          device=self.device, dtype=self.dtype, seed=self.seed)
 
 
 RowsCallback = Callable[[list[dict]], None]
@@ -99,7 +100,8 @@ def run_speed(
 
     if interleave:
         return _interleaved_speed(setup, warmup, steps, extras, on_row)
-    return _per_method(setup, "speed", lambda trial: {**measure_step_time(trial, warmup, steps), **extras(trial)}, on_row)
+    return _per_method(setup, "speed",
+                       lambda trial: {**measure_step_time(trial, warmup, steps), **extras(trial)}, on_row)
 
 
 def _interleaved_speed(setup: Setup, warmup: int, steps: int, extras: Callable[[Trial], dict],
@@ -206,7 +208,8 @@ def run_batch(setup: Setup, budget_bytes: float, start: int, multiple: int, max_
     for method in tqdm(setup.methods, desc="batch", unit="method", file=sys.stderr):
         row: dict = {"method": method, "budget_bytes": budget_bytes, "probes": []}
         try:
-            best = largest_fitting_batch(lambda b: _probe(setup, method, b, row["probes"]), budget_bytes, start, multiple, max_batch)
+            best = largest_fitting_batch(lambda b: _probe(setup, method, b, row["probes"]),
+                                         budget_bytes, start, multiple, max_batch)
         except Exception as e:  # a method this installation cannot run
             row["error"] = f"{type(e).__name__}: {e}"
             release()

@@ -84,7 +84,8 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_trial(size: str, method: str | Method, batch: int, seq: int, *, device="cpu", dtype=torch.float32, seed=0) -> Trial:
+def make_trial(size: str, method: str | Method, batch: int, seq: int, *,
+               device="cpu", dtype=torch.float32, seed=0) -> Trial:
     """Build `size` with random weights (seed), apply `method`, allocate AdamW state, make a batch."""
     method = parse_method(method) if isinstance(method, str) else method
     model = build_model(size, seed, device).to(dtype=dtype)
@@ -181,5 +182,6 @@ def profile_components(trial: Trial, top: int = 12) -> dict:
         for (file, _, name), (_, calls, own, cumulative, _) in stats.items()
         if "/wtacrs/" in file and "/wtacrs/bench/" not in file
     ]
-    step = max((v[3] for (file, _, name), v in stats.items() if name == "step" and "/wtacrs/bench/" in file), default=0.0)
+    step = max((v[3] for (file, _, name), v in stats.items()
+                if name == "step" and "/wtacrs/bench/" in file), default=0.0)
     return {"profiled_step_s": step, "components": sorted(rows, key=lambda r: -r["cumulative_s"])[:top]}

@@ -26,7 +26,8 @@ UNBIASED = ("wta-crs", "crs", "uniform")
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
-def capture_linear_io(model: nn.Module, inputs: dict[str, Tensor], layers: str | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+def capture_linear_io(model: nn.Module, inputs: dict[str, Tensor],
+                      layers: str | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """{layer name: (X (N, in), dY (N, out))} for every trainable nn.Linear outside the task head
     and pooler (`wtacrs.config.DEFAULT_EXCLUDES`, which WTA-CRS does not sample), from one backward.
     `layers`: a regex; only names it finds (re.search) are captured."""

@@ -87,7 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     speed.add_argument("--profile", action="store_true", help="one more step under cProfile: time per component")
     speed.add_argument("--interleave", action="store_true",
                        help="build every method's model first and time the steps round-robin (drift hits all alike)")
-    batch = sub.add_parser("batch", parents=[_common(8)], help="largest batch under a memory budget (--batch: first probe)")
+    batch = sub.add_parser("batch", parents=[_common(8)],
+                           help="largest batch under a memory budget (--batch: first probe)")
     _with_methods(batch)
     batch.add_argument("--budget-gb", type=_positive_float, default=None,
                        help="GB (1e9 bytes); default 12 on CPU, the card's memory on CUDA")
@@ -167,7 +168,8 @@ def _report_memory(out: Path, meta: dict, rows: list[dict]) -> None:
     rows = _gb(rows, "saved_bytes", "peak_bytes", "peak_rss_bytes", "weights_bytes", "optimizer_bytes")
     notes = [f"Peak of step: {meta['peak']} over one full training step (forward, backward, AdamW step), "
              "including weights, gradients and AdamW state.",
-             "Peak RSS: VmHWM (peak resident set) of a fresh process that builds the model and runs one step (CPU only).",
+             "Peak RSS: VmHWM (peak resident set) of a fresh process that builds the model and runs one step "
+             "(CPU only).",
              "Saved for backward: distinct storages packed by autograd in forward, parameters excluded; tensors "
              "kept by non-reentrant checkpointing's recompute closures are not packed and so not counted here."]
     title = f"Memory per method: {meta['model']}, batch {meta['batch']}, seq {meta['seq']}"

@@ -35,7 +35,8 @@ def _weight_grad(x, w, dy, **kwargs) -> tuple[torch.Tensor, int]:
 
 def run(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, args.seq, 768, generator=g) * torch.exp(0.7 * torch.randn(args.batch, args.seq, 1, generator=g))
+    x = torch.randn(args.batch, args.seq, 768, generator=g) * torch.exp(
+        0.7 * torch.randn(args.batch, args.seq, 1, generator=g))
     w = (torch.randn(3072, 768, generator=g) / 768**0.5).requires_grad_()
     dy = torch.randn(args.batch, args.seq, 3072, generator=g)
     exact, exact_bytes = _weight_grad(x, w, dy)
@@ -51,5 +52,6 @@ def run(args: argparse.Namespace) -> int:
                 errors.append(float((est - exact).norm() / exact.norm()))
             ms = 1000 * (time.perf_counter() - start) / args.draws
             mean_error = sum(errors) / len(errors)
-            print(f"{estimator:>9} {ratio:>5.2f} {nbytes / 2**20:>9.1f} {exact_bytes / nbytes:>6.1f}x {mean_error:>16.3f} {ms:>7.1f}")
+            print(f"{estimator:>9} {ratio:>5.2f} {nbytes / 2**20:>9.1f} {exact_bytes / nbytes:>6.1f}x "
+                  f"{mean_error:>16.3f} {ms:>7.1f}")
     return 0

@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="local data: a GLUE folder, SQuAD JSON folder or file (default: hub / bundled)")
     p.add_argument("--model", help="Hugging Face model name or local path (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--method", nargs="+", choices=METHODS, help="one run per method (default: full wtacrs)")
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of token rows kept by sampling methods (default 0.3)")
+    p.add_argument("--ratio", type=float, default=0.3,
+                   help="fraction of token rows kept by sampling methods (default 0.3)")
     p.add_argument("--budget", choices=BUDGETS, default="live",
                    help="sampling methods: what --ratio is a fraction of: live = the real (non-padding) tokens "
                         "(default), all = every row of the padded batch, as the paper's code counts")
@@ -76,11 +77,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"{OFFLINE_DEFAULTS['lr']}; LoRA methods {DEFAULTS['lora_lr']})")
     p.add_argument("--epochs", type=float, help=_default_help("epochs"))
     p.add_argument("--batch-size", type=int, help=_default_help("batch_size"))
-    p.add_argument("--max-length", type=int, help="tokens per sequence (SQuAD: per window); " + _default_help("max_length"))
+    p.add_argument("--max-length", type=int,
+                   help="tokens per sequence (SQuAD: per window); " + _default_help("max_length"))
     p.add_argument("--warmup-ratio", type=float, help=_default_help("warmup_ratio"))
     p.add_argument("--weight-decay", type=float, help=_default_help("weight_decay"))
-    p.add_argument("--max-train-samples", type=int, help="train on a fixed random subset of this size; " + _default_help("max_train_samples"))
-    p.add_argument("--max-eval-samples", type=int, help="evaluate on a fixed random subset of this size; " + _default_help("max_eval_samples"))
+    p.add_argument("--max-train-samples", type=int,
+                   help="train on a fixed random subset of this size; " + _default_help("max_train_samples"))
+    p.add_argument("--max-eval-samples", type=int,
+                   help="evaluate on a fixed random subset of this size; " + _default_help("max_eval_samples"))
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=int, default=16, help="LoRA scaling numerator (default 16)")
     p.add_argument("--lora-dropout", type=float, default=0.1,
@@ -101,7 +105,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _default_help(name: str) -> str:
     found = [f"{where} {table[name]}" for where, table in
-             (("default", DEFAULTS), ("SQuAD", QA_DEFAULTS), ("offline default task", OFFLINE_DEFAULTS)) if name in table]
+             (("default", DEFAULTS), ("SQuAD", QA_DEFAULTS), ("offline default task", OFFLINE_DEFAULTS))
+             if name in table]
     return "; ".join(found)
 
 
@@ -369,7 +374,8 @@ def prepare_method(model, method: str, args: argparse.Namespace, seed: int, task
         from peft import LoraConfig, TaskType, get_peft_model
 
         task_type = TaskType.QUESTION_ANS if task.kind == "qa" else TaskType.SEQ_CLS
-        lora = LoraConfig(task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+        lora = LoraConfig(task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha,
+                          lora_dropout=args.lora_dropout)
         model = get_peft_model(model, lora)
     if method in SAMPLED_ESTIMATOR:
         import wtacrs
@@ -402,21 +408,14 @@ def variants(args: argparse.Namespace, method: str) -> list[str]:
     return tags + (["pad-max"] if getattr(args, "pad_to_max_length", False) else [])
 
 
-def _subset(dataset, limit: int | None):
-    """A fixed random subset (data seed 0, the same for every method and seed) of `limit` rows."""
-    if limit is None or limit >= len(dataset):
-        return dataset
-    return dataset.shuffle(seed=0).select(range(limit))
-
-
 def build_datasets(args: argparse.Namespace, task, data, tokenizer):
     """(train set with example ids, {split: eval set}, compute_metrics, {split: eval examples})
     ready for the Trainer (SQuAD eval sets hold windows; the counts are of questions)."""
     from wtacrs.integrations import add_example_ids
-    from wtacrs.tasks import tokenize_sequences
+    from wtacrs.tasks import fixed_subset, tokenize_sequences
 
-    train_raw = _subset(data["train"], args.max_train_samples)
-    evals_raw = {s: _subset(data[s], args.max_eval_samples) for s in task.eval_splits}
+    train_raw = fixed_subset(data["train"], args.max_train_samples)
+    evals_raw = {s: fixed_subset(data[s], args.max_eval_samples) for s in task.eval_splits}
     if task.kind == "qa":
         from wtacrs.tasks.squad import squad_datasets
 
@@ -594,8 +593,9 @@ def collect_results(args, method, seed, task, trainer, timer, num_train, eval_ex
         "train_examples": num_train, "eval_examples": eval_examples,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "hyperparameters": {k: getattr(args, k) for k in (
-            "epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "lora_r", "lora_alpha", "lora_dropout",
-            "max_train_samples", "max_eval_samples", "bf16", "fp16")} | {"lr": trainer.args.learning_rate},
+            "epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "lora_r", "lora_alpha",
+            "lora_dropout", "max_train_samples", "max_eval_samples", "bf16", "fp16",
+        )} | {"lr": trainer.args.learning_rate},
         "device": "cuda" if peak_kind.startswith("cuda") else "cpu", "versions": _versions(),
         "world_size": trainer.args.world_size,  # data-parallel ranks; peak memory is rank 0's
     }

@@ -46,7 +46,12 @@ from wtacrs.companions.activation import (
 from wtacrs.companions.attention import AttentionCompanion, RecomputedAttentionMode
 from wtacrs.companions.dropout import RegeneratedDropout, regenerated_dropout
 from wtacrs.companions.layernorm import LeanLayerNorm, ill_conditioned_columns, layer_norm_from_output
-from wtacrs.companions.recompute import Recomputed, is_linear_then_activation, maps_rows_alone, outermost_attention_names
+from wtacrs.companions.recompute import (
+    Recomputed,
+    is_linear_then_activation,
+    maps_rows_alone,
+    outermost_attention_names,
+)
 
 __all__ = [
     "ACTIVATION_MODES",
@@ -150,7 +155,8 @@ def apply_companions(
             continue
         recompute = name in recomputed_attention or (recompute_activation and is_linear_then_activation(module))
         new_cls = _companion_class(
-            module, dropout=dropout, layernorm=layernorm, activation=activation, attention=attention, recompute=recompute
+            module, dropout=dropout, layernorm=layernorm, activation=activation, attention=attention,
+            recompute=recompute
         )
         if new_cls is None:
             continue

@@ -44,7 +44,8 @@ ACTIVATION_MODES: tuple[str, ...] = ("bf16", "int8")
 def validate_activation_mode(mode: str) -> str:
     """Return `mode`, or raise ValueError naming the valid choices."""
     if mode not in ACTIVATION_MODES:
-        raise ValueError(f"unknown activation_compression {mode!r}; choose one of {', '.join(ACTIVATION_MODES)} or None")
+        raise ValueError(f"unknown activation_compression {mode!r}; "
+                         f"choose one of {', '.join(ACTIVATION_MODES)} or None")
     return mode
 
 

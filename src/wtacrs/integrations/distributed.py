@@ -209,7 +209,8 @@ def all_gather_bytes(payload: Tensor, group: dist.ProcessGroup | None = None) ->
     Two collectives: the sizes, then the payloads padded to the largest. NCCL needs the buffers
     on this rank's GPU; gloo takes CPU tensors.
     """
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
+              else torch.device("cpu"))
     world = dist.get_world_size(group)
     size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(size) for _ in range(world)]

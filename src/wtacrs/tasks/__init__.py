@@ -19,8 +19,8 @@ DEFAULT_TASK = TWEETS.name
 TASK_NAMES: tuple[str, ...] = (DEFAULT_TASK, *GLUE_LAYOUTS, *SQUAD_TASKS)
 
 __all__ = [
-    "DEFAULT_TASK", "TASK_NAMES", "DataError", "DataUnavailableError", "Task", "get_task", "load_task",
-    "tokenize_sequences",
+    "DEFAULT_TASK", "TASK_NAMES", "DataError", "DataUnavailableError", "Task", "fixed_subset", "get_task",
+    "load_task", "tokenize_sequences",
 ]
 
 
@@ -48,6 +48,15 @@ def load_task(name: str, data_dir: str | Path | None = None):
     if name in GLUE_LAYOUTS:
         return load_glue(name, data_dir)
     return load_squad(name, data_dir)
+
+
+def fixed_subset(dataset, limit: int | None):
+    """`limit` rows drawn with data seed 0, the same for every method and training seed, so runs
+    that differ only in method see the same examples; the whole split if `limit` is None or
+    not smaller than it."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=0).select(range(limit))
 
 
 def tokenize_sequences(dataset, task: Task, tokenizer, max_length: int):
