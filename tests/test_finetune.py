@@ -145,6 +145,16 @@ def test_paper_budget_and_max_padding_are_recorded_and_labelled(tiny_model, tmp_
     assert lengths and set(lengths) == {32}  # FAST's --max-length
 
 
+def test_saved_bytes_are_measured_on_one_probe_batch_for_every_seed(tiny_model, tmp_path):
+    """The probe batch is the first training rows in dataset order, so seeds (which shuffle the
+    training batches differently) report the same bytes for a deterministic method."""
+    argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--in-process", "--method", "full",
+            "--seed", "0", "1", *FAST, "--max-length", "128"]  # untruncated: batch lengths differ
+    assert main(argv) == 0
+    seed0, seed1 = (json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/*/full/seed*/results.json")))
+    assert seed0["saved_activation_bytes"] == seed1["saved_activation_bytes"] > 0
+
+
 @pytest.mark.slow
 def test_existing_run_needs_resume_or_overwrite(tiny_model, tmp_path):
     argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--method", "full", *FAST]

@@ -533,9 +533,10 @@ def peak_memory() -> tuple[int, str]:
 
 
 def saved_activation_bytes(trainer) -> int:
-    """Bytes autograd saves for backward in one training forward pass on the first train batch
-    (parameters and buffers excluded), measured with wtacrs.memory.SavedTensorBytes. Runs on a
-    forked RNG and without backward, so training state is unchanged."""
+    """Bytes autograd saves for backward in one training forward pass (parameters and buffers
+    excluded; wtacrs.memory.SavedTensorBytes) on a fixed probe batch: the first batch-size
+    training examples in dataset order, the same for every method and seed, so runs compare.
+    Runs on a forked RNG and without backward, so training state is unchanged."""
     import torch
 
     import wtacrs
@@ -544,8 +545,11 @@ def saved_activation_bytes(trainer) -> int:
 
     model = trainer.model
     model.train()
+    data = trainer.train_dataset
+    probe = data.select(range(min(trainer.args.per_device_train_batch_size, len(data))))
     with torch.random.fork_rng(devices=[]):
-        inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        # the evaluation loader: in order, with the Trainer's collator and column filter
+        inputs = trainer._prepare_inputs(next(iter(trainer.get_test_dataloader(probe))))
         ids = inputs.pop(EXAMPLE_ID_COLUMN, None)
         sampling = wtacrs.batch(ids) if ids is not None else nullcontext()
         with sampling, SavedTensorBytes(exclude=parameter_tensors(model)) as saved:
