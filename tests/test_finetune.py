@@ -265,6 +265,31 @@ def test_report_table_mean_std_over_seeds_and_plots(tmp_path, capsys):
         assert (tmp_path / "report" / name).stat().st_size > 0
 
 
+def test_report_splits_rows_by_a_varying_hyperparameter_and_refuses_duplicate_runs(tmp_path, capsys):
+    """An lr sweep: the lr joins the row label only where runs of one method and task differ in it;
+    the max length differs between tasks only and splits nothing."""
+    def run(task, method, seed, score, lr, max_length):
+        record = fake_result(task, method, None if method == "full" else 0.3, seed, score)
+        return record | {"hyperparameters": {"lr": lr, "max_length": max_length}}
+
+    records = [run("sst2", "full", 0, 0.90, 1e-4, 64), run("sst2", "full", 1, 0.92, 1e-4, 64),
+               run("sst2", "full", 0, 0.80, 1.5e-4, 64), run("rte", "full", 0, 0.60, 1e-4, 128),
+               run("sst2", "wtacrs", 0, 0.88, 1e-4, 64), fake_result("sst2", "wtacrs", 0.3, 0, 0.70) | {
+                   "variants": ["budget-all"], "hyperparameters": {"lr": 1e-4, "max_length": 64}}]
+    write_results(tmp_path / "results", records)
+    assert main(["report", str(tmp_path / "results"), "--output-dir", str(tmp_path / "report")]) == 0
+    text = capsys.readouterr().out
+    assert "| MiniLM | full+lr=0.0001 | 91.0 ± 1.4 (2) | 60.0 ± 0.0 (1) | 75.5 |" in text
+    assert "| MiniLM | full+lr=0.00015 | 80.0 ± 0.0 (1) | – | 80.0* |" in text
+    assert "| MiniLM | wtacrs@0.3+lr=0.0001 | 88.0 ± 0.0 (1) |" in text
+    assert "| MiniLM | wtacrs@0.3+budget-all+lr=0.0001 | 70.0 ± 0.0 (1) |" in text
+    write_results(tmp_path / "copy", records[:1])
+    assert main(["report", str(tmp_path / "results"), str(tmp_path / "copy")]) == 2
+    err = capsys.readouterr().err
+    assert "are the same run (MiniLM full+lr=0.0001, sst2, seed 0): report one of them" in err
+    assert str(tmp_path / "copy" / "run0" / "results.json") in err
+
+
 def test_report_errors_name_the_file(tmp_path, capsys):
     bad = tmp_path / "results.json"
     bad.write_text('{"task": "sst2",\n oops}')

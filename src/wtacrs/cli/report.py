@@ -6,6 +6,9 @@ for backward, peak memory and training throughput over the row's runs. Scores ar
 (GLUE and tweet metrics × 100; SQuAD F1 is already percent). A second table orders every row
 by peak memory with its architecture (bidirectional encoder or unidirectional decoder), the
 comparison at equal memory budget. Plots: score vs. ratio, and score vs. peak memory.
+
+Runs of one model, method and task that differ in a hyperparameter (a learning-rate sweep) get
+that hyperparameter in their row label ("full+lr=0.00015"), so no row averages two settings.
 """
 
 from __future__ import annotations
@@ -56,10 +59,43 @@ def load_result(path: Path) -> dict:
     return record
 
 
-def row_label(r: dict) -> tuple[str, str]:
+def setting(r: dict, varying: tuple[str, ...] = ()) -> str:
+    """What sets a run apart besides model, method and ratio: "+lean+budget-all+lr=0.00015"."""
+    hyperparameters = r.get("hyperparameters", {})
+    values = [f"{k}={_format(hyperparameters.get(k))}" for k in varying]
+    return "".join(f"+{part}" for part in [*r.get("companions", []), *r.get("variants", []), *values])
+
+
+def row_label(r: dict, varying: tuple[str, ...] = ()) -> tuple[str, str]:
     model = r.get("model_name") or Path(r["model"]).name
     method = r["method"] + (f"@{r['ratio']:g}" if r["ratio"] is not None else "")
-    return model, method + "".join(f"+{name}" for name in r.get("companions", []) + r.get("variants", []))
+    return model, method + setting(r, varying)
+
+
+def varying_hyperparameters(records: list[dict]) -> tuple[str, ...]:
+    """Hyperparameters that differ between runs of one model, method and task. Settings that
+    differ only between tasks (SST-2's max length against RTE's) do not split rows."""
+    values = defaultdict(set)
+    for r in records:
+        for k, v in r.get("hyperparameters", {}).items():
+            values[(row_label(r), r["task"], k)].add(json.dumps(v))
+    return tuple(sorted({k for (_, _, k), seen in values.items() if len(seen) > 1}))
+
+
+def _format(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def check_distinct_runs(paths: list[Path], records: list[dict], varying: tuple[str, ...]) -> None:
+    """Raise ValueError naming both files when two results are the same run (row, task, seed),
+    which a report would otherwise count as two seeds."""
+    seen: dict = {}
+    for path, r in zip(paths, records):
+        key = (row_label(r, varying), r["task"], r["seed"])
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {path} are the same run ({' '.join(key[0])}, {r['task']}, "
+                             f"seed {r['seed']}): report one of them")
+        seen[key] = path
 
 
 def percent(r: dict) -> float:
@@ -71,11 +107,11 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {std:.1f} ({len(values)})"
 
 
-def group(records: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]:
+def group(records: list[dict], varying: tuple[str, ...] = ()) -> dict[tuple[str, str], dict[str, list[dict]]]:
     """{(model, method label): {task: [records over seeds]}}."""
     rows: dict = defaultdict(lambda: defaultdict(list))
     for r in records:
-        rows[row_label(r)][r["task"]].append(r)
+        rows[row_label(r, varying)][r["task"]].append(r)
     return rows
 
 
@@ -91,9 +127,9 @@ def _row_stats(by_task: dict[str, list[dict]]) -> dict[str, float]:
     }
 
 
-def table1(records: list[dict]) -> str:
+def table1(records: list[dict], varying: tuple[str, ...] = ()) -> str:
     """Markdown: model × method rows, task columns (mean ± std (n)), average, memory, speed."""
-    rows = group(records)
+    rows = group(records, varying)
     tasks = [t for t in TASK_ORDER if any(t in by_task for by_task in rows.values())]
     tasks += sorted({r["task"] for r in records} - set(tasks))
     head = ["model", "method", *tasks, "avg", "act. MiB", "peak MiB", "samples/s"]
@@ -109,16 +145,16 @@ def table1(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def by_memory(records: list[dict]) -> str:
+def by_memory(records: list[dict], varying: tuple[str, ...] = ()) -> str:
     """Markdown: every row ordered by peak memory, with its architecture (encoder vs decoder)."""
-    rows = [(label, _row_stats(by_task)) for label, by_task in group(records).items()]
+    rows = [(label, _row_stats(by_task)) for label, by_task in group(records, varying).items()]
     lines = ["| peak MiB | model | kind | method | avg score |", "|---|---|---|---|---|"]
     for (model, method), s in sorted(rows, key=lambda item: item[1]["peak"]):
         lines.append(f"| {s['peak']:.0f} | {model} | {s['kind']} | {method} | {s['avg']:.1f} |")
     return "\n".join(lines)
 
 
-def plot(records: list[dict], output_dir: Path) -> list[Path]:
+def plot(records: list[dict], output_dir: Path, varying: tuple[str, ...] = ()) -> list[Path]:
     """score_vs_ratio.png and score_vs_memory.png, one panel per task."""
     import matplotlib
 
@@ -128,11 +164,11 @@ def plot(records: list[dict], output_dir: Path) -> list[Path]:
     tasks = sorted({r["task"] for r in records}, key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else 99)
     paths = []
     for name, draw in (("score_vs_ratio.png", _draw_ratio), ("score_vs_memory.png", _draw_memory)):
-        fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 6), squeeze=False)
         for ax, task in zip(axes[0], tasks):
-            draw(ax, [r for r in records if r["task"] == task])
+            draw(ax, [r for r in records if r["task"] == task], varying)
             ax.set_title(task)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)  # below: curves stay visible
         fig.tight_layout()
         paths.append(output_dir / name)
         _save_atomic(fig, paths[-1])
@@ -147,22 +183,24 @@ def _mean_by(records: list[dict], key) -> dict:
     return {k: statistics.mean(v) for k, v in values.items()}
 
 
-def _draw_ratio(ax, records: list[dict]) -> None:
-    for method in SAMPLED:
-        points = sorted(_mean_by([r for r in records if r["method"] == method], lambda r: r["ratio"]).items())
-        if points:
-            ax.plot(*zip(*points), marker="o", label=method)
-    for method in ("full", "lora", "checkpointing"):
-        mean = _mean_by([r for r in records if r["method"] == method], lambda r: method)
-        if mean:
-            color = "gray" if method == "full" else None
-            ax.axhline(mean[method], linestyle="--", linewidth=1, label=method, color=color)
+def _draw_ratio(ax, records: list[dict], varying: tuple[str, ...]) -> None:
+    """One curve per sampled method and setting; a dashed line per unsampled method and setting."""
+    from matplotlib import colormaps
+
+    curves = sorted({r["method"] + setting(r, varying) for r in records})
+    for i, curve in enumerate(curves):
+        runs = [r for r in records if r["method"] + setting(r, varying) == curve]
+        color = colormaps["tab10" if len(curves) <= 10 else "tab20"](i % 20)
+        if runs[0]["method"] in SAMPLED:
+            ax.plot(*zip(*sorted(_mean_by(runs, lambda r: r["ratio"]).items())), marker="o", label=curve, color=color)
+        else:
+            ax.axhline(_mean_by(runs, lambda r: 0)[0], linestyle="--", linewidth=1, label=curve, color=color)
     ax.set_xlabel("ratio (fraction of rows kept)")
     ax.set_ylabel("score (%)")
 
 
-def _draw_memory(ax, records: list[dict]) -> None:
-    for (model, method), by_task in group(records).items():
+def _draw_memory(ax, records: list[dict], varying: tuple[str, ...]) -> None:
+    for (model, method), by_task in group(records, varying).items():
         runs = [r for rs in by_task.values() for r in rs]
         peak = statistics.mean(r["peak_memory_bytes"] for r in runs) / 2**20
         ax.scatter([peak], [statistics.mean(map(percent, runs))], label=f"{model} {method}")
@@ -184,19 +222,22 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        records = [load_result(p) for p in find_results(args.paths)]
+        paths = find_results(args.paths)
+        records = [load_result(p) for p in paths]
+        varying = varying_hyperparameters(records)
+        check_distinct_runs(paths, records, varying)
     except ValueError as e:
         print(f"wtacrs report: error: {e}", file=sys.stderr)
         return 2
     if not records:
         print(f"wtacrs report: error: no results.json under {', '.join(args.paths)}", file=sys.stderr)
         return 2
-    text = f"{table1(records)}\n\n### By peak memory\n\n{by_memory(records)}\n"
+    text = f"{table1(records, varying)}\n\n### By peak memory\n\n{by_memory(records, varying)}\n"
     print(text)
     if args.output_dir:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         _write_atomic(out / "report.md", text)
-        for path in [out / "report.md", *plot(records, out)]:
+        for path in [out / "report.md", *plot(records, out, varying)]:
             print(f"wrote {path}")
     return 0
