@@ -145,6 +145,24 @@ def test_paper_budget_and_max_padding_are_recorded_and_labelled(tiny_model, tmp_
     assert lengths and set(lengths) == {32}  # FAST's --max-length
 
 
+def test_target_modules_sample_only_the_named_layers(tiny_model, tmp_path, capsys):
+    """The paper's GLUE choice (query/key/value exact) keeps more bytes than sampling every layer;
+    a suffix that matches nothing stops the run with a message naming it."""
+    base = ["finetune", "--model", tiny_model, "--in-process", "--method", "wtacrs", *FAST]
+    assert main([*base, "--output-dir", str(tmp_path / "all")]) == 0
+    assert main([*base, "--output-dir", str(tmp_path / "paper"), "--target-modules", "output.dense",
+                 "intermediate.dense"]) == 0
+    assert "wtacrs@0.3+targets=output.dense,intermediate.dense" in capsys.readouterr().out
+    every = results_of(tmp_path / "all", "wtacrs-0.3")
+    paper = results_of(tmp_path / "paper", "wtacrs-0.3+targets=output.dense,intermediate.dense")
+    assert paper["variants"] == ["targets=output.dense,intermediate.dense"]
+    assert paper["saved_activation_bytes"] > every["saved_activation_bytes"]
+    with pytest.raises(SystemExit) as stop:
+        main([*base, "--output-dir", str(tmp_path / "none"), "--target-modules", "qkv"])
+    assert stop.value.code == 2
+    assert "error: no nn.Linear/Conv1D layer matched target_modules=['qkv']" in capsys.readouterr().err
+
+
 def test_saved_bytes_are_measured_on_one_probe_batch_for_every_seed(tiny_model, tmp_path):
     """The probe batch is the first training rows in dataset order, so seeds (which shuffle the
     training batches differently) report the same bytes for a deterministic method."""

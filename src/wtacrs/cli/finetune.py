@@ -60,6 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", choices=BUDGETS, default="live",
                    help="sampling methods: what --ratio is a fraction of: live = the real (non-padding) tokens "
                         "(default), all = every row of the padded batch, as the paper's code counts")
+    p.add_argument("--target-modules", nargs="+", metavar="SUFFIX",
+                   help="sampling methods: sample only the linear layers whose names end with one of these "
+                        "(PEFT-style; 'output.dense intermediate.dense' is the paper's GLUE choice, query/key/value "
+                        "exact); default every linear layer of the repeated blocks")
     p.add_argument("--lean", action="store_true",
                    help="sampling methods: also the exact memory companions (dropout masks regenerated, LayerNorm "
                         "backward from its output, attention probabilities recomputed): lower peak, same training")
@@ -286,12 +290,14 @@ def comparison_table(results: list[dict]) -> str:
 
 # -- one run -----------------------------------------------------------------------------------
 def train_one_or_exit(args: argparse.Namespace, method: str, seed: int) -> dict:
-    """`train_one`, with data problems reported as one error line and exit status 2."""
+    """`train_one`, with data problems and --target-modules that match no layer reported as one
+    error line and exit status 2."""
+    from wtacrs import NoMatchingModulesError
     from wtacrs.tasks import DataError, DataUnavailableError
 
     try:
         return train_one(args, method, seed)
-    except (DataError, DataUnavailableError) as e:
+    except (DataError, DataUnavailableError, NoMatchingModulesError) as e:
         print(f"wtacrs finetune: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -382,7 +388,8 @@ def prepare_method(model, method: str, args: argparse.Namespace, seed: int, task
 
         lean = args.lean
         wtacrs.apply(model, wtacrs.WTACRSConfig(
-            ratio=args.ratio, budget=args.budget, estimator=SAMPLED_ESTIMATOR[method], seed=seed, lean_dropout=lean,
+            ratio=args.ratio, budget=args.budget, estimator=SAMPLED_ESTIMATOR[method], seed=seed,
+            target_modules=args.target_modules, lean_dropout=lean,
             lean_layernorm=lean, lean_attention=lean, recompute_activation=args.recompute_activation,
             recompute_attention=args.recompute_attention,
         ))
@@ -403,8 +410,13 @@ def companions(args: argparse.Namespace, method: str) -> list[str]:
 
 
 def variants(args: argparse.Namespace, method: str) -> list[str]:
-    """Setting changes a run's label carries besides its companions ("budget-all", "pad-max")."""
-    tags = ["budget-all"] if method in SAMPLED_ESTIMATOR and getattr(args, "budget", "live") == "all" else []
+    """Setting changes a run's label carries besides its companions ("budget-all", "pad-max",
+    "targets=output.dense,intermediate.dense")."""
+    tags = []
+    if method in SAMPLED_ESTIMATOR:
+        tags += ["budget-all"] if getattr(args, "budget", "live") == "all" else []
+        targets = getattr(args, "target_modules", None)
+        tags += [f"targets={','.join(targets)}"] if targets else []
     return tags + (["pad-max"] if getattr(args, "pad_to_max_length", False) else [])
 
 
