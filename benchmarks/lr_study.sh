@@ -3,7 +3,7 @@
 # rate".) Sampling noise with relative variance v ≈ 1.2 per layer (model_unbiasedness.py) enters
 # Adam's second moment and shrinks a sampled weight's steps by about 1/√(1+v) ≈ 0.67. Prediction:
 # full fine-tuning at lr 0.67e-4 lands near WTA-CRS@0.3 at 1e-4, and WTA-CRS@0.3 at 1.5e-4
-# recovers part of its gap, measured against full fine-tuning at 1.5e-4 too.
+# recovers part of its gap, measured against full fine-tuning at 1.5e-4 too; then both at 2.2e-4, and WTA-CRS at 3.2e-4.
 # The study's SST-2 setting otherwise (benchmarks/accuracy_study.sh); one folder per lr.
 #
 #   GLUE=../shared/data/glue benchmarks/lr_study.sh
@@ -30,3 +30,10 @@ for seed in 0 1 2; do
   run full 1 6.7e-5 "$seed"
   run full 1 1.5e-4 "$seed"
 done
+# then: does WTA-CRS keep gaining at a higher lr, and where is full fine-tuning's best?
+for seed in 0 1 2; do
+  run wtacrs 0.3 2.2e-4 "$seed"
+  run full 1 2.2e-4 "$seed"
+done
+# full fine-tuning peaked at 1.5e-4; WTA-CRS was still gaining at 2.2e-4
+for seed in 0 1 2; do run wtacrs 0.3 3.2e-4 "$seed"; done
