@@ -3,7 +3,8 @@
 # rate".) Sampling noise with relative variance v ≈ 1.2 per layer (model_unbiasedness.py) enters
 # Adam's second moment and shrinks a sampled weight's steps by about 1/√(1+v) ≈ 0.67. Prediction:
 # full fine-tuning at lr 0.67e-4 lands near WTA-CRS@0.3 at 1e-4, and WTA-CRS@0.3 at 1.5e-4
-# recovers part of its gap, measured against full fine-tuning at 1.5e-4 too; then both at 2.2e-4, and WTA-CRS at 3.2e-4.
+# recovers part of its gap, measured against full fine-tuning at 1.5e-4 too; then both at 2.2e-4, and WTA-CRS at 3.2e-4;
+# then top-k, CRS and WTA-CRS@0.1 at larger learning rates.
 # The study's SST-2 setting otherwise (benchmarks/accuracy_study.sh); one folder per lr.
 #
 #   GLUE=../shared/data/glue benchmarks/lr_study.sh
@@ -15,7 +16,7 @@ mkdir -p "$OUT/logs"
 
 run() {  # method ratio lr seed
   local method=$1 ratio=$2 lr=$3 seed=$4 label=$1
-  [[ $method == wtacrs ]] && label="$method-$ratio"
+  [[ $method =~ wtacrs|crs|topk ]] && label="$method-$ratio"
   local out="$OUT/lr$lr"
   if ls "$out"/sst2/*/"$label/seed$seed/results.json" >/dev/null 2>&1; then echo "skip $label lr$lr seed$seed"; return; fi
   echo "$(date -u +%FT%TZ) start $label lr$lr seed$seed"
@@ -37,3 +38,9 @@ for seed in 0 1 2; do
 done
 # full fine-tuning peaked at 1.5e-4; WTA-CRS was still gaining at 2.2e-4
 for seed in 0 1 2; do run wtacrs 0.3 3.2e-4 "$seed"; done
+# the other sampled methods of the targets at larger learning rates: top-k (less variance, so a
+# smaller best lr expected), CRS and WTA-CRS@0.1 (more variance, larger)
+for seed in 0 1 2; do
+  run topk 0.3 1.5e-4 "$seed"; run topk 0.3 2.2e-4 "$seed"
+  run crs 0.3 2.2e-4 "$seed"; run wtacrs 0.1 2.2e-4 "$seed"
+done
