@@ -3,8 +3,8 @@
 # rate".) Sampling noise with relative variance v ≈ 1.2 per layer (model_unbiasedness.py) enters
 # Adam's second moment and shrinks a sampled weight's steps by about 1/√(1+v) ≈ 0.67. Prediction:
 # full fine-tuning at lr 0.67e-4 lands near WTA-CRS@0.3 at 1e-4, and WTA-CRS@0.3 at 1.5e-4
-# recovers part of its gap, measured against full fine-tuning at 1.5e-4 too; then both at 2.2e-4, and WTA-CRS at 3.2e-4;
-# then top-k, CRS and WTA-CRS@0.1 at larger learning rates.
+# recovers part of its gap, measured against full fine-tuning at 1.5e-4 too; then both at
+# 2.2e-4, WTA-CRS at 3.2e-4, and top-k, CRS and WTA-CRS@0.1 at larger learning rates.
 # The study's SST-2 setting otherwise (benchmarks/accuracy_study.sh); one folder per lr.
 #
 #   GLUE=../shared/data/glue benchmarks/lr_study.sh
