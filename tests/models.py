@@ -10,7 +10,8 @@ import transformers as hf
 
 VOCAB = 99
 BATCH, SEQ = 3, 10
-_SMALL = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)
+_SMALL = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB,
+              max_position_embeddings=64)
 
 
 @dataclass
@@ -47,21 +48,25 @@ def _cls(config_cls, model_cls, **kwargs):
 
 CASES = [
     Case("bert", _cls(hf.BertConfig, hf.BertForSequenceClassification, hidden_size=32)),
-    Case("roberta", _cls(hf.RobertaConfig, hf.RobertaForSequenceClassification, hidden_size=32, bos_token_id=1, eos_token_id=2)),
+    Case("roberta", _cls(hf.RobertaConfig, hf.RobertaForSequenceClassification, hidden_size=32, bos_token_id=1,
+                         eos_token_id=2)),
     Case("distilbert", lambda: hf.DistilBertForSequenceClassification(
-        hf.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, pad_token_id=0))),
+        hf.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64,
+                            pad_token_id=0))),
     Case("albert", _cls(hf.AlbertConfig, hf.AlbertForSequenceClassification, hidden_size=32, embedding_size=16)),
     Case("electra", _cls(hf.ElectraConfig, hf.ElectraForSequenceClassification, hidden_size=32, embedding_size=16)),
     Case("mpnet", _cls(hf.MPNetConfig, hf.MPNetForSequenceClassification, hidden_size=32)),
     Case("deberta-v2", _cls(hf.DebertaV2Config, hf.DebertaV2ForSequenceClassification, hidden_size=32)),
     Case("t5", lambda: hf.T5ForConditionalGeneration(
-        hf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, pad_token_id=0, decoder_start_token_id=0)),
+        hf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, pad_token_id=0,
+                    decoder_start_token_id=0)),
         text_to_text=True),
     Case("gpt2", lambda: hf.GPT2ForSequenceClassification(
         hf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, pad_token_id=0, num_labels=2))),
     Case("llama", lambda: hf.LlamaForSequenceClassification(
-        hf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, num_labels=2)),
+        hf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
+                       num_labels=2)),
         padding="left"),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}

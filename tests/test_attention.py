@@ -81,7 +81,8 @@ def test_gradcheck_float64_exact_path():
 def test_backward_is_the_weighted_sum_of_the_drawn_terms():
     """Given the draw, dA = Σ_j w_j dC[:, n_j] ⊗ B[:, n_j] and dB = Σ_j w_j A[m_j] ⊗ dC[m_j], per (batch, head)."""
     a, b, dc = make()
-    _, da, db = grads(lambda a, b: sampled_matmul(a, b, ratio=0.5, generator=torch.Generator().manual_seed(5)), a, b, dc)
+    _, da, db = grads(lambda a, b: sampled_matmul(a, b, ratio=0.5, generator=torch.Generator().manual_seed(5)),
+                      a, b, dc)
     g = torch.Generator().manual_seed(5)  # the op draws rows of a first, then columns of b
     rows, row_w = sample_rows_batched(a.detach().norm(dim=-1).double().view(-1, 6), 3, generator=g)
     cols, col_w = sample_rows_batched(b.detach().norm(dim=-2).double().view(-1, 7), 4, generator=g)
@@ -233,7 +234,8 @@ def test_checkpoint_recompute_samples_the_same_entries():
     torch.manual_seed(3)
     ref = grads(lambda a, b: sampled_matmul(a, b, ratio=0.4), a, b, dc)
     torch.manual_seed(3)
-    out = grads(lambda a, b: checkpoint(lambda a, b: sampled_matmul(a, b, ratio=0.4), a, b, use_reentrant=False), a, b, dc)
+    out = grads(lambda a, b: checkpoint(lambda a, b: sampled_matmul(a, b, ratio=0.4), a, b, use_reentrant=False),
+                a, b, dc)
     assert all(torch.equal(r, o) for r, o in zip(ref, out))
 
 

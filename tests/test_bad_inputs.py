@@ -224,8 +224,10 @@ def _cli_args(*argv: str) -> argparse.Namespace:
         pytest.param(["--ratio", "0"], "--ratio must be in (0, 1]", id="b31-cli-ratio-zero"),
         pytest.param(["--epochs", "-1"], "--epochs must be positive", id="b32-cli-negative-epochs"),
         pytest.param(["--warmup-ratio", "1.5"], "--warmup-ratio must be in [0, 1)", id="b33-cli-warmup"),
-        pytest.param(["--data-dir", "/no/such/folder"], "--data-dir /no/such/folder does not exist", id="b34-cli-data-dir"),
-        pytest.param(["--resume", "--overwrite", "--output-dir", "x"], "exclude each other", id="b35-cli-resume-overwrite"),
+        pytest.param(["--data-dir", "/no/such/folder"], "--data-dir /no/such/folder does not exist",
+                     id="b34-cli-data-dir"),
+        pytest.param(["--resume", "--overwrite", "--output-dir", "x"], "exclude each other",
+                     id="b35-cli-resume-overwrite"),
         pytest.param(["--resume"], "--resume needs --output-dir", id="b36-cli-resume-without-folder"),
         pytest.param(["--max-train-samples", "0"], "--max-train-samples must be at least 1", id="b37-cli-zero-samples"),
     ],
@@ -350,11 +352,15 @@ def _flip_byte(name: str):
 @pytest.mark.parametrize(
     "damage, match",
     [
-        pytest.param(_truncate("model.safetensors"), r"model\.safetensors is corrupt or truncated", id="b41-truncated-model"),
-        pytest.param(_truncate("wtacrs_state.safetensors"), r"wtacrs_state\.safetensors is corrupt", id="b42-truncated-wtacrs-state"),
+        pytest.param(_truncate("model.safetensors"), r"model\.safetensors is corrupt or truncated",
+                     id="b41-truncated-model"),
+        pytest.param(_truncate("wtacrs_state.safetensors"), r"wtacrs_state\.safetensors is corrupt",
+                     id="b42-truncated-wtacrs-state"),
         pytest.param(_flip_byte("optimizer.pt"), r"optimizer\.pt is corrupt or truncated", id="b43-corrupt-optimizer"),
-        pytest.param(lambda f: (f / "trainer_state.json").unlink(), "incomplete: no trainer_state.json", id="b44-half-written-checkpoint"),
-        pytest.param(_truncate("trainer_state.json", 0.7), r"trainer_state\.json is corrupt", id="b45-truncated-trainer-state"),
+        pytest.param(lambda f: (f / "trainer_state.json").unlink(), "incomplete: no trainer_state.json",
+                     id="b44-half-written-checkpoint"),
+        pytest.param(_truncate("trainer_state.json", 0.7), r"trainer_state\.json is corrupt",
+                     id="b45-truncated-trainer-state"),
     ],
 )
 def test_damaged_checkpoint_is_refused_before_anything_loads(checkpoint, tmp_path, damage, match):

@@ -81,7 +81,8 @@ def test_backward_fused_adamw_updates_like_adamw_and_frees_gradients_during_back
 
 
 # -- the batch search -------------------------------------------------------------------------
-@pytest.mark.parametrize("base, per_example, budget, expected", [(100, 10, 1000, 88), (0, 1, 4096, 4096), (50, 7, 40, 0)])
+@pytest.mark.parametrize("base, per_example, budget, expected",
+                         [(100, 10, 1000, 88), (0, 1, 4096, 4096), (50, 7, 40, 0)])
 def test_largest_fitting_batch_on_an_affine_peak(base, per_example, budget, expected):
     probed = []
 
@@ -117,7 +118,8 @@ def _record(path):
 
 
 def test_bench_memory_writes_json_markdown_and_plot(tmp_path):
-    assert main(["bench", "memory", *TINY, "--batch", "2", "--methods", "full", "lora", "--no-rss", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "memory", *TINY, "--batch", "2", "--methods", "full", "lora", "--no-rss",
+                 "--out", str(tmp_path)]) == 0
     record = _record(tmp_path / "memory.json")
     assert record["meta"]["torch"] == torch.__version__ and record["meta"]["seq"] == 8
     assert [r["method"] for r in record["rows"]] == ["full", "lora"]
@@ -135,7 +137,8 @@ def test_bench_merge_joins_runs_and_redoes_ratios(tmp_path):
     assert rows[1]["peak_reduction"] == pytest.approx(rows[0]["peak_bytes"] / rows[1]["peak_bytes"])
     with pytest.raises(SystemExit, match="differ in batch"):
         main(["bench", "memory", *TINY, "--batch", "3", "--methods", "full", "--no-rss", "--out", str(tmp_path / "c")])
-        main(["bench", "merge", str(tmp_path / "a/memory.json"), str(tmp_path / "c/memory.json"), "--out", str(tmp_path)])
+        main(["bench", "merge", str(tmp_path / "a/memory.json"), str(tmp_path / "c/memory.json"),
+              "--out", str(tmp_path)])
 
 
 def test_bench_speed_writes_the_memory_time_plane(tmp_path):
@@ -190,7 +193,8 @@ def test_bench_batch_finds_a_batch_under_the_budget(tmp_path):
 
 
 def test_bench_variance_reports_every_layer_and_estimator(tmp_path):
-    assert main(["bench", "variance", *TINY, "--batch", "2", "--ratios", "0.3", "--draws", "3", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "variance", *TINY, "--batch", "2", "--ratios", "0.3", "--draws", "3",
+                 "--out", str(tmp_path)]) == 0
     record = _record(tmp_path / "variance.json")
     layers = {r["layer"] for r in record["per_layer"]}
     assert len(layers) == 12  # 2 blocks × 6 linear layers; the pooler and classifier are not sampled
@@ -230,7 +234,8 @@ def test_closed_form_variances_match_monte_carlo():
     from wtacrs.bench.variance import exact_variances, layer_variance
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 8, dtype=torch.float64, generator=g) * torch.randn(64, 1, dtype=torch.float64, generator=g).exp()
+    x = (torch.randn(64, 8, dtype=torch.float64, generator=g)
+         * torch.randn(64, 1, dtype=torch.float64, generator=g).exp())
     dy = torch.randn(64, 5, dtype=torch.float64, generator=g)
     exact = exact_variances(x, dy, 0.2)
     measured = layer_variance(x, dy, 0.2, draws=1500, generator=g)

@@ -470,7 +470,8 @@ def test_recomputed_attention_in_eval_and_no_grad_is_plain():
 # ---------------------------------------------------------------- activation recompute
 
 
-def sampled_step(recompute: bool, input_ids: torch.Tensor, *, recompute_attention: bool = False, row_recipe: bool = True):
+def sampled_step(recompute: bool, input_ids: torch.Tensor, *, recompute_attention: bool = False,
+                 row_recipe: bool = True):
     """Grads and live peak of one step of tiny BERT under WTA-CRS@0.3 with the exact companions."""
     import wtacrs
 

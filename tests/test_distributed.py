@@ -375,7 +375,8 @@ def test_cli_run_folder_is_prepared_by_rank_zero_alone(ranks):
 
 @pytest.mark.timeout(JOIN_TIMEOUT_S + 30)
 def test_fsdp2_ratio_one_training_equals_one_process_on_the_whole_batch(ranks):
-    reference = _train_two_steps(wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=1.0)), _global_batch(), torch.arange(4))
+    reference = _train_two_steps(wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=1.0)), _global_batch(),
+                                 torch.arange(4))
     for rank in (r["fsdp2"][1.0] for r in ranks):
         for kind in ("grads", "weights"):
             assert rank[kind].keys() == reference[kind].keys()
@@ -458,7 +459,7 @@ def test_single_process_needs_no_sync():
 # -- `wtacrs finetune` under torchrun -----------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(TORCHRUN_TIMEOUT_S + 30)
-def test_finetune_under_torchrun_writes_the_results_once(tiny_model, tmp_path):
+def test_finetune_under_torchrun_writes_the_results_once(tiny_model, tmp_path):  # noqa: F811 (the fixture above)
     """Two CPU ranks (gloo, loopback) through the real launcher: rank 0 alone empties the earlier
     run (--overwrite) and writes one valid results.json; the table is printed once."""
     from test_finetune import FAST, check_schema

@@ -48,8 +48,10 @@ CASES = {
     "heavy_tailed": (heavy_tailed_scores(), 16),
     "zero_score_rows": (torch.cat([heavy_tailed_scores(40), torch.zeros(24, dtype=torch.float64)]), 16),
     "ties": (torch.tensor([5.0] * 10 + [1.0] * 30, dtype=torch.float64), 12),
-    "winners_hold_all_mass": (torch.cat([torch.rand(5, dtype=torch.float64) + 1, torch.zeros(30, dtype=torch.float64)]), 8),
-    "one_dominant_row": (torch.cat([torch.tensor([50.0], dtype=torch.float64), torch.ones(40, dtype=torch.float64)]), 10),
+    "winners_hold_all_mass": (
+        torch.cat([torch.rand(5, dtype=torch.float64) + 1, torch.zeros(30, dtype=torch.float64)]), 8),
+    "one_dominant_row": (
+        torch.cat([torch.tensor([50.0], dtype=torch.float64), torch.ones(40, dtype=torch.float64)]), 10),
     "k_at_least_n": (heavy_tailed_scores(10), 10),
     "k_one": (heavy_tailed_scores(20), 1),
     "first_epoch_no_grad_norm": (column_row_scores(heavy_tailed_scores(50, seed=3)), 15),
@@ -71,7 +73,8 @@ def test_expected_weight_of_every_live_row_is_one(case, estimator):
     # Rows with zero score have zero product by precondition and are never drawn; exact keeps all.
     live = scores > 0 if estimator != "exact" else torch.ones_like(scores, dtype=torch.bool)
     bad = unbiased_violations(w[:, live], torch.ones(int(live.sum())))
-    assert not bad.any(), f"{case}/{estimator}: rows {bad.nonzero().flatten().tolist()} biased, max z={max_z(w[:, live], torch.ones(int(live.sum()))):.1f}"
+    assert not bad.any(), (f"{case}/{estimator}: rows {bad.nonzero().flatten().tolist()} biased, "
+                           f"max z={max_z(w[:, live], torch.ones(int(live.sum()))):.1f}")
     assert (w[:, ~live] == 0).all()
     budget = scores.numel() if estimator == "exact" else min(k, scores.numel())
     assert ((w > 0).sum(1) <= budget).all(), "more rows stored than the budget"
@@ -87,7 +90,8 @@ def test_topk_is_biased():
 def test_unbiased_dw_on_random_matrices():
     g = torch.Generator().manual_seed(7)
     n, d, o = 48, 6, 5
-    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.exp(1.5 * torch.randn(n, 1, generator=g, dtype=torch.float64))
+    x = (torch.randn(n, d, generator=g, dtype=torch.float64)
+         * torch.exp(1.5 * torch.randn(n, 1, generator=g, dtype=torch.float64)))
     dy = torch.randn(n, o, generator=g, dtype=torch.float64)
     truth = dy.T @ x
     scores = column_row_scores(x.norm(dim=1), dy.norm(dim=1))
@@ -107,7 +111,8 @@ def total_variance(scores, x, dy, k, estimator, samples=2000):
 def test_wta_crs_variance_not_above_crs_on_heavy_tailed_rows(ratio, capsys):
     g = torch.Generator().manual_seed(3)
     n, d, o = 256, 16, 16
-    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.exp(2.0 * torch.randn(n, 1, generator=g, dtype=torch.float64))
+    x = (torch.randn(n, d, generator=g, dtype=torch.float64)
+         * torch.exp(2.0 * torch.randn(n, 1, generator=g, dtype=torch.float64)))
     dy = torch.randn(n, o, generator=g, dtype=torch.float64)
     scores = column_row_scores(x.norm(dim=1), dy.norm(dim=1))
     k = sample_budget(ratio, n)

@@ -135,7 +135,8 @@ def test_paper_budget_and_max_padding_are_recorded_and_labelled(tiny_model, tmp_
     lengths = []
     collate = DataCollatorWithPadding.__call__
     monkeypatch.setattr(DataCollatorWithPadding, "__call__",
-                        lambda self, features: lengths.append((out := collate(self, features))["input_ids"].shape[1]) or out)
+                        lambda self, features: lengths.append(
+                            (out := collate(self, features))["input_ids"].shape[1]) or out)
     argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--in-process", "--method", "wtacrs",
             "full", "--budget", "all", "--pad-to-max-length", *FAST]
     assert main(argv) == 0
@@ -221,7 +222,8 @@ def test_decoder_model_gpt2_with_wtacrs(tmp_path):
     from wtacrs.cli.finetune import packaged_model_dir
 
     torch.manual_seed(0)
-    GPT2Model(GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(tmp_path / "gpt")
+    GPT2Model(GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(
+        tmp_path / "gpt")
     AutoTokenizer.from_pretrained(packaged_model_dir()).save_pretrained(tmp_path / "gpt")
     argv = ["finetune", "--model", str(tmp_path / "gpt"), "--output-dir", str(tmp_path / "out"), "--method", "wtacrs",
             *FAST]

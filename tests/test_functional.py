@@ -203,8 +203,10 @@ def test_checkpoint_recompute_samples_the_same_rows():
 
 def test_reproducible_with_generator_and_shapes():
     x, w, b, dy = make(shape=(2, 3, 5, 16))
-    a = grads(lambda x, w, b: sampled_linear(x, w, b, ratio=0.3, generator=torch.Generator().manual_seed(9)), x, w, b, dy)
-    c = grads(lambda x, w, b: sampled_linear(x, w, b, ratio=0.3, generator=torch.Generator().manual_seed(9)), x, w, b, dy)
+    a = grads(lambda x, w, b: sampled_linear(x, w, b, ratio=0.3, generator=torch.Generator().manual_seed(9)),
+              x, w, b, dy)
+    c = grads(lambda x, w, b: sampled_linear(x, w, b, ratio=0.3, generator=torch.Generator().manual_seed(9)),
+              x, w, b, dy)
     assert all(torch.equal(p, q) for p, q in zip(a, c))
     assert a[0].shape == (2, 3, 5, 12)
 

@@ -117,7 +117,8 @@ def test_trainer_fills_cache_and_resumes_exactly(tmp_path):
 def test_trainer_without_ids_falls_back_and_warns_once(tmp_path, caplog):
     trainer = _trainer(tmp_path, epochs=1)
     trainer.train_dataset = trainer.train_dataset.remove_columns("example_id")
-    trainer.data_collator = lambda f: {k: v for k, v in _collate([{**x, "example_id": 0} for x in f]).items() if k != "example_id"}
+    trainer.data_collator = lambda f: {k: v for k, v in _collate([{**x, "example_id": 0} for x in f]).items()
+                                       if k != "example_id"}
     with caplog.at_level("WARNING"):
         trainer.train()
     assert sum("no example ids" in r.message for r in caplog.records) == 1
@@ -125,7 +126,8 @@ def test_trainer_without_ids_falls_back_and_warns_once(tmp_path, caplog):
 
 
 def test_config_flags_reach_companions_and_attention():
-    config = wtacrs.WTACRSConfig(ratio=0.3, attention=True, lean_dropout=True, lean_layernorm=True, activation_compression="bf16")
+    config = wtacrs.WTACRSConfig(ratio=0.3, attention=True, lean_dropout=True, lean_layernorm=True,
+                                 activation_compression="bf16")
     reference, model = BERT.model(), BERT.model()
     classes = {n: type(m) for n, m in model.named_modules()}
     wtacrs.apply(model, config)

@@ -225,7 +225,8 @@ def bert_base_memory(batch_size, layers):
     config = __import__("transformers").BertConfig(num_hidden_layers=layers, attn_implementation="sdpa")
     torch.manual_seed(0)
     model = __import__("transformers").BertForSequenceClassification(config).train()
-    batch = {"input_ids": torch.randint(0, 30000, (batch_size, 128)), "labels": torch.zeros(batch_size, dtype=torch.long)}
+    batch = {"input_ids": torch.randint(0, 30000, (batch_size, 128)),
+             "labels": torch.zeros(batch_size, dtype=torch.long)}
     linear_inputs = _linear_input_bytes(model, batch)
     full = _saved_bytes(model, batch)
     wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3))
@@ -241,7 +242,8 @@ def test_bert_base_sampling_removes_most_linear_input_bytes(batch_size, layers, 
     linear_inputs, full, sampled = bert_base_memory(batch_size, layers)
     removed = (full - sampled) / linear_inputs
     with capsys.disabled():
-        print(f"\n  BERT-base width, {layers} layers, batch {batch_size}: saved {full / 2**20:.0f} MiB -> {sampled / 2**20:.0f} MiB; "
+        print(f"\n  BERT-base width, {layers} layers, batch {batch_size}: "
+              f"saved {full / 2**20:.0f} MiB -> {sampled / 2**20:.0f} MiB; "
               f"linear inputs {linear_inputs / 2**20:.0f} MiB, {removed:.3f} of them removed")
     assert removed >= 0.66
 

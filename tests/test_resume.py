@@ -106,8 +106,8 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, uninterrupted):
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, uninterrupted):
     marker = tmp_path / "paused"
     # The same thread count as this process (conftest sets 1): other reduction orders change the bits.
-    child = subprocess.Popen([sys.executable, __file__, str(tmp_path / "run"), "--pause-at", "7", "--marker", str(marker),
-                              "--threads", str(torch.get_num_threads())],
+    child = subprocess.Popen([sys.executable, __file__, str(tmp_path / "run"), "--pause-at", "7",
+                              "--marker", str(marker), "--threads", str(torch.get_num_threads())],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240

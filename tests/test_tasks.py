@@ -59,7 +59,8 @@ def write_glue(root):
         write(root / f"RTE/{split}.tsv", tsv(("index", "sentence1", "sentence2", "label"),
                                               (0, "P.", "H.", "not_entailment"), (1, "P2.", "H2.", "entailment")))
         write(root / f"STS-B/{split}.tsv", tsv(
-            ("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"),
+            ("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
+             "score"),
             (0, "main-captions", "MSRvid", "2012test", 1, "none", "none", "A man.", "A man.", "5.000"),
             (1, "main-captions", "MSRvid", "2012test", 4, "none", "none", "A cat.", "A dog.", "0.5")))
     for name in ("train", "dev_matched", "dev_mismatched"):
@@ -99,7 +100,8 @@ def msr(path, rows):
 
 
 def test_mrpc_from_microsoft_files_split_by_dev_ids(tmp_path):
-    msr(tmp_path / "MRPC/msr_paraphrase_train.txt", [(1, 10, 11, "a", "b"), (0, 12, 13, "c", "d"), (1, 14, 15, "e", "f")])
+    msr(tmp_path / "MRPC/msr_paraphrase_train.txt",
+        [(1, 10, 11, "a", "b"), (0, 12, 13, "c", "d"), (1, 14, 15, "e", "f")])
     msr(tmp_path / "MRPC/msr_paraphrase_test.txt", [(0, 20, 21, "g", "h")])
     write(tmp_path / "MRPC/dev_ids.tsv", tsv((12, 13)))
     data = load_task("mrpc", tmp_path)
@@ -152,7 +154,8 @@ def test_missing_glue_folder_is_named(tmp_path):
 # -- metrics -----------------------------------------------------------------------------------
 def test_glue_metrics_known_values():
     cola = glue_metrics("cola", [1, 0, 0, 0], [1, 1, 0, 0])
-    assert cola["matthews_correlation"] == pytest.approx(2 / math.sqrt(12)) and cola["score"] == cola["matthews_correlation"]
+    assert cola["matthews_correlation"] == pytest.approx(2 / math.sqrt(12))
+    assert cola["score"] == cola["matthews_correlation"]
     mrpc = glue_metrics("mrpc", [1, 0, 1, 0, 1], [1, 1, 0, 0, 1])
     assert mrpc["accuracy"] == pytest.approx(0.6) and mrpc["f1"] == pytest.approx(2 / 3)
     assert mrpc["score"] == pytest.approx((0.6 + 2 / 3) / 2)
