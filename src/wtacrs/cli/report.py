@@ -194,7 +194,7 @@ def _draw_ratio(ax, records: list[dict], varying: tuple[str, ...]) -> None:
         if runs[0]["method"] in SAMPLED:
             ax.plot(*zip(*sorted(_mean_by(runs, lambda r: r["ratio"]).items())), marker="o", label=curve, color=color)
         else:
-            ax.axhline(_mean_by(runs, lambda r: 0)[0], linestyle="--", linewidth=1, label=curve, color=color)
+            ax.axhline(statistics.mean(map(percent, runs)), linestyle="--", linewidth=1, label=curve, color=color)
     ax.set_xlabel("ratio (fraction of rows kept)")
     ax.set_ylabel("score (%)")
 
