@@ -187,6 +187,31 @@ def test_live_columns_cut_the_budget_and_stay_unbiased():
     assert saved.total == 6 * (3 * 5 * b.element_size() + 3 * 12)  # k = ceil(0.3 · 7) columns per (batch, head)
 
 
+def test_budget_all_counts_padded_columns_capped_at_the_live_ones():
+    """budget="all" (the paper's counting): k = ceil(0.3 · 20) = 6 columns, not ceil(0.3 · 10) = 3;
+    still drawn among live columns only and unbiased. When k covers every live column, WTA-CRS
+    keeps them all and dA is exact; k never exceeds the largest live count."""
+    a, b, dc = make(lead=(2, 3), m=6, k=5, n=20)
+    live = torch.arange(20) < torch.tensor([[10, 10, 10], [4, 4, 4]]).unsqueeze(-1)  # (2, 3, 20)
+    dc = dc * live.unsqueeze(-2)
+    exact_da = dc @ b.detach().mT
+    for budget, k in (("live", 3), ("all", 6)):
+        kept, indices, weights = _sample_slices(b, -1, live, 0.3, "wta-crs", None, budget)
+        assert kept.shape[-1] == indices.shape[-1] == k
+        assert bool(live.gather(-1, indices)[weights > 0].all())
+    da, _ = replicated_estimates(a, b, dc, 4000, ratio=0.3, live_columns=live.expand(4000, 2, 3, 20), budget="all")
+    assert not unbiased_violations(da, exact_da).any(), f"dA max z {max_z(da, exact_da):.1f}"
+
+    short = torch.arange(20) < torch.tensor([[5, 5, 5], [4, 4, 4]]).unsqueeze(-1)  # 5 <= 6: all kept
+    kept, indices, _ = _sample_slices(b, -1, short, 0.3, "wta-crs", None, "all")
+    assert indices.shape[-1] == 5
+    a.grad = None
+    sampled_matmul(a, b, ratio=0.3, live_columns=short, budget="all").backward(dc * short.unsqueeze(-2))
+    assert torch.allclose(a.grad, (dc * short.unsqueeze(-2)) @ b.detach().mT, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown budget 'padded'"):
+        sampled_matmul(a, b, ratio=0.3, budget="padded")
+
+
 def test_only_what_a_wanted_gradient_needs_is_saved():
     a, b, dc = make(lead=(4,), m=64, k=32, n=64, dtype=torch.float32)
     b.requires_grad_(False)  # dB not wanted: no rows of a

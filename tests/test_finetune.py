@@ -164,6 +164,30 @@ def test_target_modules_sample_only_the_named_layers(tiny_model, tmp_path, capsy
     assert "error: no nn.Linear/Conv1D layer matched target_modules=['qkv']" in capsys.readouterr().err
 
 
+def test_sample_attention_samples_the_attention_matmuls_too(tiny_model, tmp_path, capsys):
+    """--sample-attention switches the model to the sampled attention (other saved bytes) and is
+    labelled; a model that computes attention itself (MPNet) stops with one error line."""
+    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
+
+    base = ["finetune", "--in-process", "--method", "wtacrs", "--budget", "all", *FAST]
+    assert main([*base, "--model", tiny_model, "--output-dir", str(tmp_path / "linear")]) == 0
+    assert main([*base, "--model", tiny_model, "--output-dir", str(tmp_path / "both"), "--sample-attention"]) == 0
+    assert "wtacrs@0.3+budget-all+attention" in capsys.readouterr().out
+    linear = results_of(tmp_path / "linear", "wtacrs-0.3+budget-all")
+    both = results_of(tmp_path / "both", "wtacrs-0.3+budget-all+attention")
+    assert both["variants"] == ["budget-all", "attention"]
+    assert both["saved_activation_bytes"] != linear["saved_activation_bytes"]
+
+    mpnet = tmp_path / "mpnet"
+    MPNetModel(MPNetConfig(vocab_size=30527, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64)).save_pretrained(mpnet)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(mpnet)
+    with pytest.raises(SystemExit) as stop:
+        main([*base, "--model", str(mpnet), "--output-dir", str(tmp_path / "mp"), "--sample-attention"])
+    assert stop.value.code == 2
+    assert "error: MPNetForSequenceClassification does not compute attention" in capsys.readouterr().err
+
+
 def test_saved_bytes_are_measured_on_one_probe_batch_for_every_seed(tiny_model, tmp_path):
     """The probe batch is the first training rows in dataset order, so seeds (which shuffle the
     training batches differently) report the same bytes for a deterministic method."""

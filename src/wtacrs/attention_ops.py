@@ -34,22 +34,30 @@ from wtacrs.estimators import (
     validate_estimator,
     validate_ratio,
 )
-from wtacrs.functional import autocast_dtype, row_norms
+from wtacrs.functional import Budget, autocast_dtype, row_norms, validate_budget
 
 
 def _sample_slices(
-    x: Tensor, dim: int, live: Tensor | None, ratio: float, estimator: Estimator, generator: torch.Generator | None
+    x: Tensor,
+    dim: int,
+    live: Tensor | None,
+    ratio: float,
+    estimator: Estimator,
+    generator: torch.Generator | None,
+    budget: Budget = "live",
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Sample slices of x (..., R, C) along `dim` (-2: rows, -1: columns), per leading index.
 
-    `live` (..., count) bool marks the slices that may be drawn (None: all); the budget is then
-    k = ceil(ratio · the largest live count), so saved shapes depend on the mask, never on the draw.
+    `live` (..., count) bool marks the slices that may be drawn (None: all). The budget k is
+    ceil(ratio · the largest live count) ("live") or ceil(ratio · count) capped at the largest
+    live count ("all", the paper's counting), so saved shapes depend on the mask, never on the draw.
     Returns (kept, indices, weights): the sampled slices (..., k, C) or (..., R, k), indices
     (..., k) int64 and weights (..., k) float32; or (x, None, None) when k covers every slice.
     """
     count = x.shape[dim]
     live_count = count if live is None else int(live.sum(-1).max())
-    k = max(1, sample_budget(ratio, live_count))  # k = 1 with nothing live: an all-zero row, weight 0
+    k = min(live_count, sample_budget(ratio, live_count if budget == "live" else count))
+    k = max(1, k)  # k = 1 with nothing live: an all-zero row, weight 0
     if k >= count:
         return x, None, None
     norms = row_norms(x.detach(), dim=-1 if dim == -2 else -2)  # (..., count)
@@ -128,6 +136,7 @@ def sampled_matmul(
     generator: torch.Generator | None = None,
     keep_a: bool = False,
     live_columns: Tensor | None = None,
+    budget: Budget = "live",
 ) -> Tensor:
     """torch.matmul(a, b) whose gradients are unbiased column-row estimates (WTA-CRS by default).
 
@@ -144,15 +153,19 @@ def sampled_matmul(
         keep_a: save a whole (dB exact) instead of sampled rows: right when another op saves a
             anyway (a softmax output), where a sample would add memory instead of saving it.
         live_columns: bool (..., N) = b.shape[:-2] + (N,), or None. Only these columns of b are
-            drawn for dA, and the budget is k = ceil(ratio · the largest live count). Unbiased
+            drawn for dA, and (budget "live") k = ceil(ratio · the largest live count). Unbiased
             only if dC is zero in the other columns (keys masked out of every query have zero
             attention probability, hence zero score gradient). "uniform" draws among all columns.
+        budget: what the columns' ratio counts: "live" the largest live count; "all" every
+            column (the paper's counting, padded keys included), capped at the largest live
+            count. A budget covering a row's live columns keeps them all (WTA-CRS: exactly).
     Returns:
         (..., M, N), identical to torch.matmul(a, b). With ratio 1, "exact", or no gradient
         needed, this is torch.matmul itself.
     """
     validate_ratio(ratio)
     validate_estimator(estimator)
+    validate_budget(budget)
     _check_shapes(a, b)
     wants_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     if not wants_grad or estimator == "exact" or ratio >= 1.0:
@@ -163,7 +176,7 @@ def sampled_matmul(
     if live_columns is not None and live_columns.shape != (*b.shape[:-2], b.shape[-1]):
         raise ValueError(f"live_columns must have shape {(*b.shape[:-2], b.shape[-1])}, "
                          f"got {tuple(live_columns.shape)}")
-    sampling = dict(ratio=ratio, estimator=estimator, generator=generator)
+    sampling = dict(ratio=ratio, estimator=estimator, generator=generator, budget=budget)
     a_part = _saved_for_backward(a, -2, b.requires_grad, keep_a, None, **sampling)  # feeds dB
     b_part = _saved_for_backward(b, -1, a.requires_grad, False, live_columns, **sampling)  # feeds dA
     with torch.autocast(a.device.type, enabled=False):

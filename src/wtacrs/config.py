@@ -41,7 +41,7 @@ class WTACRSConfig:
             mask, so the ratio is the share of real tokens kept. "all": every row of the padded
             batch, as the paper's code counts (its batches are padded to the maximum length, so
             on short sentences its "0.3" keeps every real token; see benchmarks/ACCURACY.md).
-            Applies to the linear layers; the attention matmuls always count live keys.
+            With `attention`, the score product's keys are counted the same way.
         estimator: "wta-crs" (default), "crs", "uniform", "topk" (biased, ablation) or "exact".
         target_modules: None = every nn.Linear / GPT-2 Conv1D inside the model's repeated blocks
             (any nn.ModuleList); a list of name suffixes (PEFT-style: "query" matches

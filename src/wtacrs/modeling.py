@@ -147,7 +147,7 @@ def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
             from wtacrs.integrations.attention import enable_sampled_attention
 
             # seed=None: draws from the global RNG, which gradient checkpointing restores on recompute.
-            enable_sampled_attention(model, config.ratio, config.estimator, seed=None)
+            enable_sampled_attention(model, config.ratio, config.estimator, seed=None, budget=config.budget)
         state.companions = apply_companions(
             model,
             dropout=config.lean_dropout,

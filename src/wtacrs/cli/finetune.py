@@ -64,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sampling methods: sample only the linear layers whose names end with one of these "
                         "(PEFT-style; 'output.dense intermediate.dense' is the paper's GLUE choice, query/key/value "
                         "exact); default every linear layer of the repeated blocks")
+    p.add_argument("--sample-attention", action="store_true",
+                   help="sampling methods: also sample the attention score (QK^T) and output (PV) matmuls at "
+                        "--ratio, as the paper's full configuration does (models whose attention goes through "
+                        "transformers' attention registry)")
     p.add_argument("--lean", action="store_true",
                    help="sampling methods: also the exact memory companions (dropout masks regenerated, LayerNorm "
                         "backward from its output, attention probabilities recomputed): lower peak, same training")
@@ -292,14 +296,15 @@ def comparison_table(results: list[dict]) -> str:
 
 # -- one run -----------------------------------------------------------------------------------
 def train_one_or_exit(args: argparse.Namespace, method: str, seed: int) -> dict:
-    """`train_one`, with data problems and --target-modules that match no layer reported as one
-    error line and exit status 2."""
+    """`train_one`, with data problems, --target-modules that match no layer and --sample-attention
+    on a model that computes attention itself reported as one error line and exit status 2."""
     from wtacrs import NoMatchingModulesError
+    from wtacrs.integrations.attention import AttentionNotSupportedError
     from wtacrs.tasks import DataError, DataUnavailableError
 
     try:
         return train_one(args, method, seed)
-    except (DataError, DataUnavailableError, NoMatchingModulesError) as e:
+    except (DataError, DataUnavailableError, NoMatchingModulesError, AttentionNotSupportedError) as e:
         print(f"wtacrs finetune: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -391,7 +396,7 @@ def prepare_method(model, method: str, args: argparse.Namespace, seed: int, task
         lean = args.lean
         wtacrs.apply(model, wtacrs.WTACRSConfig(
             ratio=args.ratio, budget=args.budget, estimator=SAMPLED_ESTIMATOR[method], seed=seed,
-            target_modules=args.target_modules, lean_dropout=lean,
+            target_modules=args.target_modules, attention=args.sample_attention, lean_dropout=lean,
             lean_layernorm=lean, lean_attention=lean, recompute_activation=args.recompute_activation,
             recompute_attention=args.recompute_attention,
         ))
@@ -417,6 +422,7 @@ def variants(args: argparse.Namespace, method: str) -> list[str]:
     tags = []
     if method in SAMPLED_ESTIMATOR:
         tags += ["budget-all"] if getattr(args, "budget", "live") == "all" else []
+        tags += ["attention"] if getattr(args, "sample_attention", False) else []
         targets = getattr(args, "target_modules", None)
         tags += [f"targets={','.join(targets)}"] if targets else []
     return tags + (["pad-max"] if getattr(args, "pad_to_max_length", False) else [])

@@ -28,6 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from wtacrs.attention_ops import sampled_matmul
 from wtacrs.estimators import Estimator, validate_estimator, validate_ratio
+from wtacrs.functional import Budget, validate_budget
 
 ATTN_IMPLEMENTATION = "wtacrs"
 _SETTINGS_ATTR = "wtacrs_attention"  # on each attention module: its AttentionSampling
@@ -35,6 +36,10 @@ _PREVIOUS_ATTR = "wtacrs_previous_attn_implementation"  # on the model: what dis
 # Keyword arguments some eager attentions honour (Gemma-2 soft-capping, GPT-OSS sinks) that the
 # BERT/LLaMA-style computation here does not: refused rather than silently ignored.
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
+
+
+class AttentionNotSupportedError(ValueError):
+    """The model computes attention outside transformers' attention registry (or refuses it)."""
 
 
 @dataclass
@@ -45,6 +50,7 @@ class AttentionSampling:
     ratio: float
     estimator: Estimator
     seed: int | None
+    budget: Budget = "live"
     generators: dict[torch.device, torch.Generator] = field(default_factory=dict, repr=False)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
@@ -92,6 +98,7 @@ def sampled_attention_forward(
         ratio=settings.ratio if module.training else 1.0,  # eval: the plain matmul
         estimator=settings.estimator,
         generator=settings.generator(query.device),
+        budget=settings.budget,
     )
     key, value = _repeat_kv_heads(query, key, value)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -163,7 +170,11 @@ def attention_module_names(model: nn.Module) -> list[str]:
 
 
 def enable_sampled_attention(
-    model: nn.Module, ratio: float, estimator: Estimator = "wta-crs", seed: int | None = None
+    model: nn.Module,
+    ratio: float,
+    estimator: Estimator = "wta-crs",
+    seed: int | None = None,
+    budget: Budget = "live",
 ) -> list[str]:
     """Sample the backward of every attention's QKᵀ and PV products of a transformers model.
 
@@ -174,17 +185,21 @@ def enable_sampled_attention(
         estimator: one of `wtacrs.estimators.ESTIMATORS`.
         seed: seeds one generator per attention module (seed + its ordinal); None uses the
             global RNG, which `torch.utils.checkpoint` restores for recomputation.
+        budget: what the ratio of keys counts, "live" (unmasked keys) or "all" (every key,
+            padding included: the paper's counting); see `sampled_matmul`.
     Returns:
         The qualified names of the attention modules that now sample.
     Raises:
-        ValueError: bad ratio/estimator, or the model does not dispatch attention through the
-            registry (e.g. MPNet, DeBERTa-v2), or it refused the new implementation.
+        ValueError: bad ratio/estimator/budget.
+        AttentionNotSupportedError (a ValueError): the model does not dispatch attention through
+            the registry (e.g. MPNet, DeBERTa-v2), or it refused the new implementation.
     """
     validate_ratio(ratio)
     validate_estimator(estimator)
+    validate_budget(budget)
     names = attention_module_names(model)
     if not names or not hasattr(model, "set_attn_implementation"):
-        raise ValueError(
+        raise AttentionNotSupportedError(
             f"{type(model).__name__} does not compute attention through transformers' AttentionInterface, "
             "so its attention matmuls cannot be sampled (the linear layers still can)"
         )
@@ -196,10 +211,11 @@ def enable_sampled_attention(
     refused = [name for name in names if modules[name].config._attn_implementation != ATTN_IMPLEMENTATION]
     if refused:
         disable_sampled_attention(model)
-        raise ValueError(f"{type(model).__name__} kept its attention implementation in {refused}")
+        raise AttentionNotSupportedError(
+            f"{type(model).__name__} kept its attention implementation in {refused}")
     for ordinal, name in enumerate(names):
         module_seed = None if seed is None else seed + ordinal
-        setattr(modules[name], _SETTINGS_ATTR, AttentionSampling(ratio, estimator, module_seed))
+        setattr(modules[name], _SETTINGS_ATTR, AttentionSampling(ratio, estimator, module_seed, budget))
     return names
 
 
