@@ -105,7 +105,7 @@ def replicated_estimates(a, b, dc, samples, **kwargs):
     return a_rep.grad, b_rep.grad
 
 
-@pytest.mark.parametrize("estimator", ["wta-crs", "crs", "uniform"])
+@pytest.mark.parametrize("estimator", ["wta-crs", "crs", "priority", "uniform"])
 def test_gradients_are_unbiased_per_batch_and_head(estimator):
     a, b, dc = make()
     da, db = replicated_estimates(a, b, dc, 4000, ratio=0.4, estimator=estimator)
@@ -144,6 +144,14 @@ def test_batched_sampler_matches_the_one_dimensional_estimator():
     for row in (0, 1, 2):  # winners come first, with weight 1
         c = int(counts[row])
         assert indices[row, :c].tolist() == winners[row, :c].tolist() and bool((weights[row, :c] == 1).all())
+
+
+def test_priority_draws_k_distinct_live_rows():
+    scores = torch.exp(2 * torch.randn(50, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    scores[7, 2:] = 0.0  # two live rows of 10: both kept exactly, the zero-score slot weighs 0
+    indices, weights = sample_rows_batched(scores, 3, "priority", torch.Generator().manual_seed(0))
+    assert all(len(set(row.tolist())) == 3 for row in indices) and bool((weights[weights > 0] >= 1).all())
+    assert sorted(indices[7][weights[7] > 0].tolist()) == [0, 1] and weights[7].tolist().count(1.0) == 2
 
 
 def test_uniform_draws_k_distinct_rows():

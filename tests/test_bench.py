@@ -198,7 +198,7 @@ def test_bench_variance_reports_every_layer_and_estimator(tmp_path):
     record = _record(tmp_path / "variance.json")
     layers = {r["layer"] for r in record["per_layer"]}
     assert len(layers) == 12  # 2 blocks × 6 linear layers; the pooler and classifier are not sampled
-    assert {r["estimator"] for r in record["per_layer"]} == {"wta-crs", "crs", "uniform", "topk"}
+    assert {r["estimator"] for r in record["per_layer"]} == {"wta-crs", "crs", "priority", "uniform", "topk"}
     assert (tmp_path / "variance.png").stat().st_size
 
 

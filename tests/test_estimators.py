@@ -65,7 +65,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("estimator", ["wta-crs", "crs", "uniform", "exact"])
+@pytest.mark.parametrize("estimator", ["wta-crs", "crs", "priority", "uniform", "exact"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_expected_weight_of_every_live_row_is_one(case, estimator):
     scores, k = CASES[case]
@@ -95,7 +95,7 @@ def test_unbiased_dw_on_random_matrices():
     dy = torch.randn(n, o, generator=g, dtype=torch.float64)
     truth = dy.T @ x
     scores = column_row_scores(x.norm(dim=1), dy.norm(dim=1))
-    for estimator in ("wta-crs", "crs", "uniform"):
+    for estimator in ("wta-crs", "crs", "priority", "uniform"):
         w = dense_weights(scores, 12, estimator, samples=2000)
         estimates = torch.einsum("sn,no,nd->sod", w, dy, x)
         assert not unbiased_violations(estimates, truth).any(), estimator
@@ -121,6 +121,20 @@ def test_wta_crs_variance_not_above_crs_on_heavy_tailed_rows(ratio, capsys):
         print(f"\n  ratio {ratio}: total variance WTA-CRS {v_wta:.4g}  CRS {v_crs:.4g}  ({v_crs / v_wta:.1f}x)")
     # Sample variances of 2000 draws are within a few % of the truth; require a clear margin.
     assert v_wta <= v_crs
+
+
+def test_priority_keeps_k_distinct_rows_and_large_scores_with_weight_one():
+    """Priority sampling fills the budget: exactly min(k, live rows) distinct rows, every weight
+    ≥ 1, and a row scoring above the threshold τ (here: far above every other) is kept at weight 1."""
+    scores = heavy_tailed_scores(48, seed=2)
+    scores[:6] = 0.0
+    scores[10] = 1e9
+    for seed in range(20):
+        idx, w = sample_rows(scores, 12, "priority", torch.Generator().manual_seed(seed))
+        assert idx.numel() == 12 and bool((scores[idx] > 0).all()) and bool((w >= 1).all())
+        assert 10 in idx.tolist() and float(w[idx == 10]) == 1.0
+    idx, w = sample_rows(scores, 42, "priority", torch.Generator().manual_seed(0))  # 42 live rows: all, exact
+    assert idx.tolist() == list(range(6, 48)) and bool((w == 1).all())
 
 
 def test_num_winners_matches_the_bound_and_never_reaches_k():
@@ -177,7 +191,7 @@ def test_all_zero_scores_store_nothing():
 
 def test_reproducible_with_generator():
     scores = heavy_tailed_scores()
-    for estimator in ("wta-crs", "crs", "uniform"):
+    for estimator in ("wta-crs", "crs", "priority", "uniform"):
         a = sample_rows(scores, 10, estimator, torch.Generator().manual_seed(5))
         b = sample_rows(scores, 10, estimator, torch.Generator().manual_seed(5))
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -187,7 +201,7 @@ def test_reproducible_with_generator():
 @given(
     scores=st.lists(st.floats(0, 1e6, allow_nan=False), min_size=1, max_size=50),
     ratio=st.floats(0.01, 1.0),
-    estimator=st.sampled_from(["wta-crs", "crs", "topk", "uniform", "exact"]),
+    estimator=st.sampled_from(["wta-crs", "crs", "priority", "topk", "uniform", "exact"]),
     seed=st.integers(0, 2**31),
 )
 @example(scores=[0.0, 1.0], ratio=1.0, estimator="wta-crs", seed=0)  # k = n: the zero-score row is kept, weight 1

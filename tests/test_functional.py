@@ -46,7 +46,7 @@ def test_ratio_one_and_exact_match_f_linear_bitwise(kwargs, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("estimator", ["wta-crs", "crs", "topk", "uniform"])
+@pytest.mark.parametrize("estimator", ["wta-crs", "crs", "priority", "topk", "uniform"])
 def test_forward_input_and_bias_grads_are_exact_when_sampling(estimator, device):
     x, w, b, dy = make(device=device)
     y0, dx0, dw0, db0 = grads(F.linear, x, w, b, dy)
@@ -78,7 +78,7 @@ def monte_carlo_weight_grads(x, w, b, dy, samples, **kwargs):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("estimator", ["wta-crs", "crs", "uniform"])
+@pytest.mark.parametrize("estimator", ["wta-crs", "crs", "priority", "uniform"])
 @pytest.mark.parametrize("with_grad_norm", [False, True])
 def test_weight_grad_is_unbiased(estimator, with_grad_norm):
     x, w, b, dy = make(dtype=torch.float64, shape=(2, 12, 8), out=6)

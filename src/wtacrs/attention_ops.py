@@ -146,7 +146,7 @@ def sampled_matmul(
         ratio: in (0, 1]. dA is estimated from k = ceil(ratio · N) columns of b and dB from
             ceil(ratio · M) rows of a, drawn separately for every leading index; only those are
             saved for backward (plus an int64 index and a float32 weight each).
-        estimator: "wta-crs" | "crs" | "uniform" (unbiased), "topk" (biased, ablation),
+        estimator: "wta-crs" | "crs" | "priority" | "uniform" (unbiased), "topk" (biased, ablation),
             "exact" (no sampling).
         generator: torch.Generator on a's device for reproducible draws; None uses the global RNG
             (which torch.utils.checkpoint restores for its recompute).

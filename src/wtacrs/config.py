@@ -42,7 +42,8 @@ class WTACRSConfig:
             batch, as the paper's code counts (its batches are padded to the maximum length, so
             on short sentences its "0.3" keeps every real token; see benchmarks/ACCURACY.md).
             With `attention`, the score product's keys are counted the same way.
-        estimator: "wta-crs" (default), "crs", "uniform", "topk" (biased, ablation) or "exact".
+        estimator: "wta-crs" (default), "crs", "priority" (k distinct rows, Duffield et al. 2007),
+            "uniform", "topk" (biased, ablation) or "exact".
         target_modules: None = every nn.Linear / GPT-2 Conv1D inside the model's repeated blocks
             (any nn.ModuleList); a list of name suffixes (PEFT-style: "query" matches
             "...attention.self.query"); a regex string matched against the full name; or a
@@ -71,7 +72,7 @@ class WTACRSConfig:
     ratio: float = field(default=0.3, metadata={"help": "fraction of token rows kept, in (0, 1]"})
     budget: Literal["live", "all"] = field(
         default="live", metadata={"help": "ratio of live (non-padding) rows or of all rows"})
-    estimator: Literal["wta-crs", "crs", "uniform", "topk", "exact"] = field(
+    estimator: Literal["wta-crs", "crs", "priority", "uniform", "topk", "exact"] = field(
         default="wta-crs", metadata={"help": "row estimator"})
     target_modules: TargetSpec = field(default=None, metadata={"help": "modules to sample (None = all block linears)"})
     exclude_modules: list[str] | str | None = field(

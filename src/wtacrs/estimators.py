@@ -27,6 +27,21 @@ argmin over i ∈ {0, …, k−1} of (1 − Σ_{j≤i} p_(j)) / (k − i) with p
 (i = 0 is plain CRS; i never reaches k, so there is no division by zero.)
 
 A row drawn several times is returned once with its weights summed, so at most k rows are stored.
+
+Priority sampling (Duffield, Lund & Thorup 2007, "Priority sampling for estimation of arbitrary
+subset sums", J. ACM 54(6)) draws k distinct rows instead, without replacement: with
+u_i ~ U(0, 1] and priority q_i = s_i / u_i (s_i ∝ p_i), it keeps the k rows of largest priority
+and, with τ the (k+1)-th largest priority, weights row i by max(1, τ / s_i):
+
+    dŴ_PRI = Σ_{i kept} max(1, τ / s_i) · dY_iᵀ X_i .
+
+Given the other priorities, row i is kept iff q_i > τ_i (the k-th largest of the others, which
+is then τ), with probability min(1, s_i / τ_i); so E[weight_i] = 1 and dŴ_PRI is unbiased for any
+positive scores. Rows with s_i ≥ τ come with weight 1: winners chosen by the draw. Its
+variance, s_i · E[max(0, τ_i − s_i)] per row, is finite for k ≥ 2 only (τ_i is then at least the
+second largest of the other priorities); a budget of one row is therefore drawn as CRS. Not part
+of WTA-CRS; offered because it fills the whole budget with distinct rows (Szegedy 2006: priority
+sampling with k + 1 rows is at least as good as any unbiased scheme with k).
 """
 
 from __future__ import annotations
@@ -37,9 +52,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Estimator = Literal["wta-crs", "crs", "topk", "uniform", "exact"]
-ESTIMATORS: tuple[str, ...] = ("wta-crs", "crs", "topk", "uniform", "exact")
-UNBIASED_ESTIMATORS: tuple[str, ...] = ("wta-crs", "crs", "uniform", "exact")
+Estimator = Literal["wta-crs", "crs", "priority", "topk", "uniform", "exact"]
+ESTIMATORS: tuple[str, ...] = ("wta-crs", "crs", "priority", "topk", "uniform", "exact")
+UNBIASED_ESTIMATORS: tuple[str, ...] = ("wta-crs", "crs", "priority", "uniform", "exact")
 
 
 def validate_ratio(ratio: float) -> float:
@@ -132,6 +147,27 @@ def wta_crs(probs: Tensor, k: int, generator: torch.Generator | None = None) -> 
     return merge_duplicates(torch.cat([winners, rest[draws]]), torch.cat([winner_weights, draw_weights]))
 
 
+def priority(scores: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Priority sampling: the k ≥ 2 rows of largest s_i / u_i, weighted max(1, τ / s_i), τ the
+    (k+1)-th largest priority (module docstring). Fewer than k + 1 positive scores: all of them,
+    exactly."""
+    indices, weights = _priority_batched(scores.double().unsqueeze(0), k, generator)
+    kept = weights[0] > 0
+    order = indices[0][kept].argsort()
+    return indices[0][kept][order], weights[0][kept][order]
+
+
+def _priority_batched(scores: Tensor, k: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Priority sampling per row of scores (L, N) float64, k < N: indices (L, k), weights (L, k),
+    weight 0 on a zero-score row (taken only when fewer than k rows of its row are positive)."""
+    u = 1.0 - torch.rand(scores.shape, generator=generator, dtype=torch.float64, device=scores.device)  # (0, 1]
+    top = torch.topk(scores / u, k + 1, dim=1)
+    indices, tau = top.indices[:, :k], top.values[:, k:]  # (L, k), (L, 1)
+    kept = scores.gather(1, indices)
+    weights = torch.where(kept > 0, torch.clamp(tau / torch.where(kept > 0, kept, 1.0), min=1.0), 0.0)
+    return indices, weights
+
+
 def topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Deterministic top-k rows with weight 1. Biased: an ablation baseline only."""
     idx = torch.sort(scores, descending=True, stable=True).indices[:k]
@@ -184,11 +220,13 @@ def sample_rows(
         return uniform(scores, k, generator)
     if estimator == "topk":
         return topk(scores, k)
+    if estimator == "priority" and k >= 2:
+        return priority(scores, k, generator)
     if total_value == 0.0:  # every row product is zero: an empty sum is the exact gradient
         return (torch.empty(0, dtype=torch.int64, device=scores.device),
                 torch.empty(0, dtype=torch.float64, device=scores.device))
     probs = scores.double() / total
-    return (wta_crs if estimator == "wta-crs" else crs)(probs, k, generator)
+    return (wta_crs if estimator == "wta-crs" else crs)(probs, k, generator)  # priority with k = 1: crs
 
 
 # -- batched form: one distribution per leading index (the attention matmuls' (batch, head)) ----
@@ -244,7 +282,7 @@ def sample_rows_batched(
     Args:
         scores: (L, N) non-negative unnormalised scores; row l is the distribution of index l.
         k: draws per row, 1 <= k < N (k >= N means keep everything: the caller's exact path).
-        estimator: "wta-crs" | "crs" | "uniform" (unbiased) or "topk" (biased, ablation).
+        estimator: "wta-crs" | "crs" | "priority" | "uniform" (unbiased) or "topk" (biased, ablation).
     Returns:
         indices (L, k) int64 and weights (L, k) float64 such that
         Σ_j weights[l, j] · term[l, indices[l, j]] estimates Σ_i term[l, i] for each l.
@@ -264,6 +302,8 @@ def sample_rows_batched(
     if estimator == "topk":
         indices = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
         return indices, torch.ones(indices.shape, dtype=torch.float64, device=scores.device)
+    if estimator == "priority" and k >= 2:
+        return _priority_batched(scores.double(), k, generator)
     total = scores.double().sum(1, keepdim=True)
     probs = scores.double() / torch.where(total > 0, total, 1.0)  # an all-zero row stays zero: weight 0
     return _column_row_batched(probs, k, estimator == "wta-crs", generator)

@@ -222,7 +222,7 @@ def sampled_linear(
         bias: (out_features,) or None.
         ratio: fraction of rows kept for the weight gradient, k = ceil(ratio · N) with N the
             number of rows (of rows inside `row_mask` when given). In (0, 1].
-        estimator: "wta-crs" | "crs" | "uniform" (unbiased), "topk" (biased, ablation),
+        estimator: "wta-crs" | "crs" | "priority" | "uniform" (unbiased), "topk" (biased, ablation),
             "exact" (no sampling).
         row_mask: bool (...) = x.shape[:-1]; only these rows are sampled. Precondition: rows
             outside it get a zero output gradient (padding), else their dW share is lost.

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from wtacrs.bench.models import is_seq2seq
 
-SAMPLERS = {"wtacrs": "wta-crs", "crs": "crs", "topk": "topk", "uniform": "uniform"}
+SAMPLERS = {"wtacrs": "wta-crs", "crs": "crs", "priority": "priority", "topk": "topk", "uniform": "uniform"}
 LORA_RANK = 8
 LORA_ALPHA = 16
 DEFAULT_METHODS: tuple[str, ...] = (

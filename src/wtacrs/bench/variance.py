@@ -22,7 +22,7 @@ from wtacrs.config import DEFAULT_EXCLUDES
 from wtacrs.estimators import column_row_scores, num_winners, sample_budget
 from wtacrs.functional import draw_row_sample
 
-UNBIASED = ("wta-crs", "crs", "uniform")
+UNBIASED = ("wta-crs", "crs", "priority", "uniform")
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 

@@ -265,7 +265,7 @@ def _run_variance(args: argparse.Namespace, device: torch.device) -> int:
     rows = run_variance(captured, args.ratios, args.draws, args.seed)
     summary = summarize(rows)
     columns = [("ratio", "ratio", ".1f"), ("wta-crs", "WTA-CRS", ".3g"), ("crs", "CRS", ".3g"),
-               ("uniform", "uniform", ".3g"), ("topk", "top-k bias²", ".3g"),
+               ("priority", "priority", ".3g"), ("uniform", "uniform", ".3g"), ("topk", "top-k bias²", ".3g"),
                ("wta_le_crs", "layers var WTA ≤ CRS (measured)", "d"),
                ("exact_wta_le_crs", "layers var WTA ≤ CRS (closed form)", "d"),
                ("exact_wta_over_crs_max", "max var WTA / var CRS (closed form)", ".3f"), ("layers", "layers", "d")]

