@@ -8,12 +8,13 @@ error of the mean is then its standard error), growing like sqrt(N) with a bias.
 is sampled (almost) exactly the variance is float rounding and the ratio says nothing; read the
 relative error of the mean there.
 
-    python benchmarks/model_unbiasedness.py --ratio 0.3 --draws 40 --cache
+    python benchmarks/model_unbiasedness.py --ratio 0.3 --draws 40 --cache [--estimator priority]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -38,6 +39,7 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--draws", type=int, default=40)
     p.add_argument("--cache", action="store_true", help="warm the gradient-norm cache with one pass first")
+    p.add_argument("--estimator", default="wta-crs", help="row estimator (default wta-crs)")
     args = p.parse_args()
     from transformers import AutoTokenizer
 
@@ -49,7 +51,7 @@ def main() -> None:
     reference(**batch).loss.backward()
     exact = {n: p.grad.clone() for n, p in reference.named_parameters() if p.dim() == 2 and ".encoder." in n}
 
-    model = wtacrs.apply(build(path), wtacrs.WTACRSConfig(ratio=args.ratio))
+    model = wtacrs.apply(build(path), wtacrs.WTACRSConfig(ratio=args.ratio, estimator=args.estimator))
     params, ids = dict(model.named_parameters()), torch.arange(32)
 
     def draw() -> dict[str, torch.Tensor]:
@@ -69,13 +71,16 @@ def main() -> None:
         for n, g in draw().items():
             total[n] += g
             squared_error[n] += float(((g - exact[n]) ** 2).sum()) / args.draws
-    print(f"ratio {args.ratio}, {args.draws} draws, {'cached norms' if args.cache else 'activation norms only'}")
+    print(f"{args.estimator}, ratio {args.ratio}, {args.draws} draws, "
+          f"{'cached norms' if args.cache else 'activation norms only'}")
     print("| layer | relative variance | relative error of the mean | error of the mean / its standard error |")
     print("|---|---:|---:|---:|")
     for n, g in exact.items():
         error, norm = float((total[n] / args.draws - g).norm()), float(g.norm())
         print(f"| {n.removeprefix('bert.encoder.')} | {squared_error[n] / norm ** 2:.3g} | {error / norm:.2g} "
               f"| {error / (squared_error[n] / args.draws) ** 0.5:.2f} |")
+    relative = [squared_error[n] / float(g.norm()) ** 2 for n, g in exact.items()]
+    print(f"median relative variance over the {len(relative)} layers: {statistics.median(relative):.3g}")
 
 
 if __name__ == "__main__":

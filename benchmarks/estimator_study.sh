@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Priority sampling against WTA-CRS (ACCURACY.md, "Priority sampling"): the study's SST-2 setting
+# (2,000 sentences, 2 epochs, max length 64), each sampled method at lr 2.2e-4 (WTA-CRS@0.3's best
+# in the lr study), both from the same code, so the comparison is not confounded by the position
+# prior that the lr study's snapshot (5883018) predates. Full fine-tuning at its best lr (1.5e-4)
+# once, to check that its lr-study numbers hold for this code.
+#
+#   GLUE=../shared/data/glue benchmarks/estimator_study.sh
+#   wtacrs report wtacrs-output/estimator-study --output-dir wtacrs-output/estimator-study/report
+set -u
+GLUE=${GLUE:-../shared/data/glue}
+OUT=${OUT:-wtacrs-output/estimator-study}
+mkdir -p "$OUT/logs"
+
+run() {  # method ratio lr seed
+  local method=$1 ratio=$2 lr=$3 seed=$4 label=$1
+  [[ $method != full ]] && label="$method-$ratio"
+  if ls "$OUT"/sst2/*/"$label/seed$seed/results.json" >/dev/null 2>&1; then echo "skip $label seed$seed"; return; fi
+  echo "$(date -u +%FT%TZ) start $label lr$lr seed$seed"
+  wtacrs finetune --task sst2 --data-dir "$GLUE" --max-train-samples 2000 --max-length 64 --epochs 2 \
+    --method "$method" --ratio "$ratio" --lr "$lr" --seed "$seed" --output-dir "$OUT" --no-progress \
+    --overwrite > "$OUT/logs/$label-lr$lr-seed$seed.log" 2>&1
+  echo "$(date -u +%FT%TZ) done  $label lr$lr seed$seed (exit $?)"
+}
+
+for seed in 0 1 2; do run priority 0.3 2.2e-4 "$seed"; run wtacrs 0.3 2.2e-4 "$seed"; done
+run full 1 1.5e-4 0
+for seed in 0 1 2; do run priority 0.1 2.2e-4 "$seed"; run wtacrs 0.1 2.2e-4 "$seed"; done
