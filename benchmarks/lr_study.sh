@@ -14,17 +14,7 @@ GLUE=${GLUE:-../shared/data/glue}
 OUT=${OUT:-wtacrs-output/lr-study}
 mkdir -p "$OUT/logs"
 
-run() {  # method ratio lr seed
-  local method=$1 ratio=$2 lr=$3 seed=$4 label=$1
-  [[ $method =~ wtacrs|crs|topk ]] && label="$method-$ratio"
-  local out="$OUT/lr$lr"
-  if ls "$out"/sst2/*/"$label/seed$seed/results.json" >/dev/null 2>&1; then echo "skip $label lr$lr seed$seed"; return; fi
-  echo "$(date -u +%FT%TZ) start $label lr$lr seed$seed"
-  wtacrs finetune --task sst2 --data-dir "$GLUE" --max-train-samples 2000 --max-length 64 --epochs 2 \
-    --method "$method" --ratio "$ratio" --lr "$lr" --seed "$seed" --output-dir "$out" --no-progress \
-    --overwrite > "$OUT/logs/$label-lr$lr-seed$seed.log" 2>&1
-  echo "$(date -u +%FT%TZ) done  $label lr$lr seed$seed (exit $?)"
-}
+. "$(dirname "$0")/sst2_run.sh"
 
 for seed in 0 1 2; do
   run wtacrs 0.3 1.5e-4 "$seed"
