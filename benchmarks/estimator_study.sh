@@ -22,3 +22,5 @@ for seed in 0 1 2; do run priority 0.1 2.2e-4 "$seed"; run wtacrs 0.1 2.2e-4 "$s
 for seed in 0 1 2; do run crs 0.3 2.2e-4 "$seed"; run topk 0.3 2.2e-4 "$seed"; done
 # priority sampling has about half WTA-CRS's variance, so its best lr should be smaller: full's best
 for seed in 0 1 2; do run priority 0.3 1.5e-4 "$seed"; done
+# WTA-CRS@0.1 has more variance than @0.3, so its best lr should be larger still
+for seed in 0 1 2; do run wtacrs 0.1 3.2e-4 "$seed"; done
