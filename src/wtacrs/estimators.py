@@ -38,8 +38,9 @@ and, with τ the (k+1)-th largest priority, weights row i by max(1, τ / s_i):
 Given the other priorities, row i is kept iff q_i > τ_i (the k-th largest of the others, which
 is then τ), with probability min(1, s_i / τ_i); so E[weight_i] = 1 and dŴ_PRI is unbiased for any
 positive scores. Rows with s_i ≥ τ come with weight 1: winners chosen by the draw. Its
-variance, s_i · E[max(0, τ_i − s_i)] per row, is finite for k ≥ 2 only (τ_i is then at least the
-second largest of the other priorities); a budget of one row is therefore drawn as CRS. Not part
+variance, s_i · E[max(0, τ_i − s_i)] per row (in score units), is finite for k ≥ 2 only: each
+priority's tail falls like 1/t, so the k-th largest of them has a finite mean only from k = 2 on;
+a budget of one row is therefore drawn as CRS. Not part
 of WTA-CRS; offered because it fills the whole budget with distinct rows (Szegedy 2006: priority
 sampling with k + 1 rows is at least as good as any unbiased scheme with k).
 """
