@@ -40,9 +40,9 @@ is then τ), with probability min(1, s_i / τ_i); so E[weight_i] = 1 and dŴ_PRI
 positive scores. Rows with s_i ≥ τ come with weight 1: winners chosen by the draw. Its
 variance, s_i · E[max(0, τ_i − s_i)] per row (in score units), is finite for k ≥ 2 only: each
 priority's tail falls like 1/t, so the k-th largest of them has a finite mean only from k = 2 on;
-a budget of one row is therefore drawn as CRS. Not part
-of WTA-CRS; offered because it fills the whole budget with distinct rows (Szegedy 2006: priority
-sampling with k + 1 rows is at least as good as any unbiased scheme with k).
+a budget of one row is therefore drawn as CRS. Not part of WTA-CRS; offered because it fills the
+whole budget with distinct rows (Szegedy 2006: priority sampling with k + 1 rows is at least as
+good as any unbiased scheme with k).
 """
 
 from __future__ import annotations
@@ -152,10 +152,11 @@ def priority(scores: Tensor, k: int, generator: torch.Generator | None = None) -
     """Priority sampling: the k ≥ 2 rows of largest s_i / u_i, weighted max(1, τ / s_i), τ the
     (k+1)-th largest priority (module docstring). Fewer than k + 1 positive scores: all of them,
     exactly."""
-    indices, weights = _priority_batched(scores.double().unsqueeze(0), k, generator)
-    kept = weights[0] > 0
-    order = indices[0][kept].argsort()
-    return indices[0][kept][order], weights[0][kept][order]
+    indices, weights = (t[0] for t in _priority_batched(scores.double().unsqueeze(0), k, generator))
+    kept = weights > 0  # a zero-score row is taken only when fewer than k rows are positive
+    indices, weights = indices[kept], weights[kept]
+    order = indices.argsort()
+    return indices[order], weights[order]
 
 
 def _priority_batched(scores: Tensor, k: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:

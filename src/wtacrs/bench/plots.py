@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from wtacrs.bench.output import GB, new_figure, save_figure
+from wtacrs.bench.variance import MEASURED
 
 
 def plot_memory(rows: list[dict], path: Path) -> None:
@@ -58,7 +59,7 @@ def plot_throughput_vs_batch(rows: list[dict], path: Path) -> None:
 def plot_variance(summary: list[dict], path: Path) -> None:
     """Median relative MSE of dŴ over layers against the sampling ratio, one line per estimator."""
     figure, ax = new_figure()
-    for estimator in ("wta-crs", "crs", "priority", "uniform", "topk"):
+    for estimator in MEASURED:
         label = "top-k (bias², deterministic)" if estimator == "topk" else estimator
         ax.plot([s["ratio"] for s in summary], [s[estimator] for s in summary], marker="o", label=label)
     ax.set_yscale("log")

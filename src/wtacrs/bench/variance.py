@@ -19,10 +19,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from wtacrs.config import DEFAULT_EXCLUDES
-from wtacrs.estimators import column_row_scores, num_winners, sample_budget
+from wtacrs.estimators import UNBIASED_ESTIMATORS, column_row_scores, num_winners, sample_budget
 from wtacrs.functional import draw_row_sample
 
-UNBIASED = ("wta-crs", "crs", "priority", "uniform")
+UNBIASED = tuple(e for e in UNBIASED_ESTIMATORS if e != "exact")
+MEASURED = (*UNBIASED, "topk")  # the columns of a summary row
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
@@ -120,7 +121,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for ratio in sorted({r["ratio"] for r in rows}):
         at = [r for r in rows if r["ratio"] == ratio]
         entry = {"ratio": ratio}
-        for estimator in (*UNBIASED, "topk"):
+        for estimator in MEASURED:
             entry[estimator] = _median([r["mse"] for r in at if r["estimator"] == estimator])
         wta = {r["layer"]: r["variance"] for r in at if r["estimator"] == "wta-crs"}
         crs = {r["layer"]: r["variance"] for r in at if r["estimator"] == "crs"}

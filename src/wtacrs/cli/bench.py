@@ -22,7 +22,7 @@ from wtacrs.bench.models import MODEL_SIZES, build_model, make_batch
 from wtacrs.bench.output import GB, markdown_report, markdown_table, run_metadata, write_json, write_text
 from wtacrs.bench.plots import plot_memory, plot_memory_time_plane, plot_throughput_vs_batch, plot_variance
 from wtacrs.bench.suite import Setup, add_ratio_to_full, run_batch, run_memory, run_speed
-from wtacrs.bench.variance import DEFAULT_RATIOS, capture_linear_io, run_variance, summarize
+from wtacrs.bench.variance import DEFAULT_RATIOS, UNBIASED, capture_linear_io, run_variance, summarize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_CPU_BUDGET_GB = 12.0
@@ -264,8 +264,9 @@ def _run_variance(args: argparse.Namespace, device: torch.device) -> int:
     del model
     rows = run_variance(captured, args.ratios, args.draws, args.seed)
     summary = summarize(rows)
-    columns = [("ratio", "ratio", ".1f"), ("wta-crs", "WTA-CRS", ".3g"), ("crs", "CRS", ".3g"),
-               ("priority", "priority", ".3g"), ("uniform", "uniform", ".3g"), ("topk", "top-k bias²", ".3g"),
+    names = {"wta-crs": "WTA-CRS", "crs": "CRS"}
+    columns = [("ratio", "ratio", ".1f"), *((e, names.get(e, e), ".3g") for e in UNBIASED),
+               ("topk", "top-k bias²", ".3g"),
                ("wta_le_crs", "layers var WTA ≤ CRS (measured)", "d"),
                ("exact_wta_le_crs", "layers var WTA ≤ CRS (closed form)", "d"),
                ("exact_wta_over_crs_max", "max var WTA / var CRS (closed form)", ".3f"), ("layers", "layers", "d")]
