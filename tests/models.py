@@ -10,7 +10,7 @@ import transformers as hf
 
 VOCAB = 99
 BATCH, SEQ = 3, 10
-_SMALL = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB,
+SMALL = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB,
               max_position_embeddings=64)
 
 
@@ -43,7 +43,7 @@ class Case:
 
 
 def _cls(config_cls, model_cls, **kwargs):
-    return lambda: model_cls(config_cls(**{**_SMALL, "num_labels": 2, "pad_token_id": 0, **kwargs}))
+    return lambda: model_cls(config_cls(**{**SMALL, "num_labels": 2, "pad_token_id": 0, **kwargs}))
 
 
 CASES = [

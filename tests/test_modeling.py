@@ -7,9 +7,11 @@ import threading
 
 import pytest
 import torch
+import transformers as hf
 
 import wtacrs
-from models import CASES, CASES_BY_NAME
+from models import CASES, CASES_BY_NAME, SMALL
+from stats import unbiased_violations
 from wtacrs.memory import SavedTensorBytes, parameter_tensors
 from wtacrs.modeling import find_target_modules, sampled_modules
 
@@ -279,3 +281,47 @@ def test_position_prior_can_be_switched_off():
         step(model, batch, ids=torch.tensor([10, 11, 12]))
         unseen = wtacrs.sampling_state(model).cache.lookup(0, torch.tensor([13]), torch.ones(1, 2, dtype=torch.bool))
         assert bool(torch.isfinite(unseen).all()) is prior
+
+
+def _qa_bert_and_batch():
+    """A tiny extractive-QA BERT and a padded batch: its start/end softmax spans every position,
+    padding included, so padding rows get a non-zero output gradient in most layers."""
+    torch.manual_seed(0)
+    model = hf.BertForQuestionAnswering(hf.BertConfig(**{**SMALL, "hidden_size": 32, "pad_token_id": 0})).train()
+    batch = CASES_BY_NAME["bert"].batch()
+    del batch["labels"]
+    batch.update(start_positions=torch.tensor([1, 2, 3]), end_positions=torch.tensor([4, 5, 5]))
+    return model, batch
+
+
+def test_padding_rows_with_a_gradient_raise_at_the_end_of_the_step():
+    model, batch = _qa_bert_and_batch()
+    wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3))
+    with pytest.raises(wtacrs.PaddingGradientError, match=r"skip_padding=False.*") as raised:
+        with wtacrs.batch(torch.arange(3)):
+            model(**batch).loss.backward()
+    assert "bert.encoder.layer." in str(raised.value)
+    model(**batch).loss.backward()  # without wtacrs.batch: the next forward checks
+    with pytest.raises(wtacrs.PaddingGradientError):
+        model(**batch)
+
+
+def test_sampling_padding_rows_keeps_a_padding_reading_loss_unbiased():
+    """skip_padding=False: padded rows are drawn like real ones, so dW stays unbiased for a loss
+    that reads padded positions (a QA head), where skipping them would raise."""
+    def grads(model, batch):  # dropout fixed by the seed; each step of the sampled model draws anew
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    reference, batch = _qa_bert_and_batch()
+    exact = grads(reference, batch)
+    model, _ = _qa_bert_and_batch()
+    wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, skip_padding=False, grad_norm="none"))
+    names = [n + ".weight" for n, _ in sampled_modules(model)]
+    draws = [grads(model, batch) for _ in range(300)]
+    for name in names:
+        samples = torch.stack([g[name] for g in draws])
+        assert not samples.std(0).eq(0).all(), f"{name}: nothing sampled"
+        assert not unbiased_violations(samples, exact[name]).any(), name

@@ -10,7 +10,7 @@ Model", NeurIPS 2023, arXiv:2305.15265.
 """
 
 from wtacrs.config import WTACRSConfig, WTACRSConfigError
-from wtacrs.layers import batch
+from wtacrs.layers import PaddingGradientError, batch
 from wtacrs.modeling import NoMatchingModulesError, apply, remove, sampling_state, summary
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "WTACRSConfig",
     "WTACRSConfigError",
     "NoMatchingModulesError",
+    "PaddingGradientError",
     "apply",
     "remove",
     "summary",

@@ -42,6 +42,12 @@ class WTACRSConfig:
             batch, as the paper's code counts (its batches are padded to the maximum length, so
             on short sentences its "0.3" keeps every real token; see benchmarks/ACCURACY.md).
             With `attention`, the score product's keys are counted the same way.
+        skip_padding: rows outside the attention mask (padding) are never sampled (default). Right
+            when the loss ignores padded positions, as classification and language-model losses
+            do; a padded row that receives a non-zero output gradient raises
+            `wtacrs.PaddingGradientError` at the end of the step. False: padded rows are sampled
+            like real ones, for losses that read them (extractive QA: the start/end softmax spans
+            every position) or models without an attention mask.
         estimator: "wta-crs" (default), "crs", "priority" (k distinct rows, Duffield et al. 2007),
             "uniform", "topk" (biased, ablation) or "exact".
         target_modules: None = every nn.Linear / GPT-2 Conv1D inside the model's repeated blocks
@@ -72,6 +78,7 @@ class WTACRSConfig:
     ratio: float = field(default=0.3, metadata={"help": "fraction of token rows kept, in (0, 1]"})
     budget: Literal["live", "all"] = field(
         default="live", metadata={"help": "ratio of live (non-padding) rows or of all rows"})
+    skip_padding: bool = field(default=True, metadata={"help": "never sample padding rows (zero-gradient check)"})
     estimator: Literal["wta-crs", "crs", "priority", "uniform", "topk", "exact"] = field(
         default="wta-crs", metadata={"help": "row estimator"})
     target_modules: TargetSpec = field(default=None, metadata={"help": "modules to sample (None = all block linears)"})
@@ -99,7 +106,7 @@ class WTACRSConfig:
         self._check_choice("budget", BUDGETS)
         self._check_choice("grad_norm", ("cache", "none"))
         flags = ("attention", "lean_dropout", "lean_layernorm", "lean_attention", "recompute_activation",
-                 "recompute_attention", "position_prior")
+                 "recompute_attention", "position_prior", "skip_padding")
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise WTACRSConfigError(f"WTACRSConfig.{name} must be True or False, got {getattr(self, name)!r}")

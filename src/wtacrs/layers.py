@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 _current_batch: contextvars.ContextVar["BatchContext | None"] = contextvars.ContextVar("wtacrs_batch", default=None)
 
 
+class PaddingGradientError(RuntimeError):
+    """A row outside the attention mask got a non-zero output gradient, so skipping it biased dW."""
+
+
 @dataclass
 class BatchContext:
     example_ids: Tensor  # (B,) int64
@@ -117,6 +121,10 @@ class SamplingState:
         self._warned_id_count = False
         self.hook: torch.utils.hooks.RemovableHandle | None = None  # set by wtacrs.apply
         self.num_layers = 0  # sampled layers (slots) so far
+        self.layer_names: list[str] = []  # by slot
+        # (slot, largest output-gradient norm of a row outside its mask), checked once per step:
+        # a device scalar each, so backward never waits for the GPU.
+        self._padding_grads: list[tuple[int, Tensor]] = []
         self.num_modules = 0  # modules in the model when its layers were last swapped
         # Data parallel (set by wtacrs.integrations.distributed): each rank draws its own rows,
         # and `sync` exchanges the step's cache records so every rank's cache holds all of them.
@@ -127,6 +135,7 @@ class SamplingState:
     # -- per forward pass ----------------------------------------------------------------------
     def begin_forward(self, masks: dict[str, Tensor | None]) -> None:
         """Called before each top-level forward of the model."""
+        self.check_padding_gradients()
         self._draws.clear()
         self._host_masks.clear()
         self._cached_norms.clear()
@@ -141,6 +150,8 @@ class SamplingState:
             self.step += 1
 
     def row_mask(self, stream: str, x: Tensor) -> Tensor | None:
+        if not self.config.skip_padding:
+            return None
         mask = self._masks.get(stream)
         return mask if mask is not None and mask.shape == x.shape[:-1] else None
 
@@ -231,23 +242,46 @@ class SamplingState:
         return self._host_masks[key]
 
     def watch_output(self, slot: int, x: Tensor, row_mask: Tensor | None, y: Tensor) -> None:
-        """Record ‖dY_i‖ of this call's output in backward, for the next visit of these examples."""
+        """In backward: check that rows outside `row_mask` get a zero output gradient, and record
+        ‖dY_i‖ of the rows inside it for the next visit of these examples."""
         rows = self._batch_rows(x, row_mask)
-        if rows is None or not y.requires_grad:
+        if not y.requires_grad or (rows is None and row_mask is None):
             return
-        ids, mask = rows
-        y.register_hook(lambda grad: self._record(slot, ids, mask, grad))
+        y.register_hook(lambda grad: self._on_output_grad(slot, row_mask, rows, grad))
 
-    def _record(self, slot: int, ids: Tensor, mask: Tensor, grad: Tensor) -> None:
+    def _on_output_grad(self, slot: int, row_mask: Tensor | None, rows: tuple[Tensor, Tensor] | None,
+                        grad: Tensor) -> None:
         norms = torch.linalg.vector_norm(grad, dim=-1, dtype=torch.float32)  # (B, T), on grad's device
+        if row_mask is not None:
+            self._padding_grads.append((slot, norms.masked_fill(row_mask, 0.0).amax()))
+        if rows is None:
+            return
         if self.cache is None:
-            self._first_records.append((slot, ids, mask, norms))
+            self._first_records.append((slot, *rows, norms))
         elif slot < self.cache.num_slots:  # a layer added after the cache was sized
-            self.cache.record(slot, ids, mask, norms)
+            self.cache.record(slot, *rows, norms)
+
+    def check_padding_gradients(self) -> None:
+        """Raise PaddingGradientError if a row skipped as padding got a non-zero output gradient
+        since the last check (the estimate then lacks that row's share of dW: biased)."""
+        if not self._padding_grads:
+            return
+        slots, largest = zip(*self._padding_grads)
+        self._padding_grads = []
+        leaking = (torch.stack([g.cpu() for g in largest]) > 0).nonzero().flatten().tolist()
+        if leaking:
+            names = sorted({self.layer_names[slots[i]] for i in leaking})
+            raise PaddingGradientError(
+                f"wtacrs: padding rows (outside attention_mask) got a non-zero output gradient in {len(names)} "
+                f"sampled layer(s), e.g. {names[0]}: the loss reads padded positions (an extractive-QA head's "
+                "softmax spans every position), so skipping them biases the weight gradient. Use "
+                "WTACRSConfig(skip_padding=False), or keep padded positions out of the loss."
+            )
 
     def commit(self) -> None:
         """End of a training step: write the recorded norms. The cache is created at the first
         commit, so layers PEFT adds between `apply` and training get a slot."""
+        self.check_padding_gradients()
         if self.cache is None and (self._first_records or self.sync is not None):
             self.cache = GradNormCache(self.num_layers, position_prior=self.config.position_prior)
         for record in self._first_records:
@@ -260,6 +294,7 @@ class SamplingState:
 
     def discard_pending(self) -> None:
         self._first_records = []
+        self._padding_grads = []
         if self.cache is not None:
             self.cache.discard_pending()
 

@@ -400,6 +400,7 @@ def prepare_method(model, method: str, args: argparse.Namespace, seed: int, task
             target_modules=args.target_modules, attention=args.sample_attention, lean_dropout=lean,
             lean_layernorm=lean, lean_attention=lean, recompute_activation=args.recompute_activation,
             recompute_attention=args.recompute_attention,
+            skip_padding=task.kind != "qa",  # the start/end softmax spans padded positions too
         ))
     return model
 
