@@ -268,7 +268,8 @@ class SamplingState:
             return
         slots, largest = zip(*self._padding_grads)
         self._padding_grads = []
-        leaking = (torch.stack([g.cpu() for g in largest]) > 0).nonzero().flatten().tolist()
+        device = largest[0].device  # one transfer for all layers (a no-op move unless model-parallel)
+        leaking = (torch.stack([g.to(device) for g in largest]).cpu() > 0).nonzero().flatten().tolist()
         if leaking:
             names = sorted({self.layer_names[slots[i]] for i in leaking})
             raise PaddingGradientError(
