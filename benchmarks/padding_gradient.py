@@ -26,9 +26,10 @@ from wtacrs.cli.finetune import packaged_model_dir
 from wtacrs.tasks.squad import prepare_train_features, read_squad_json, split_articles
 
 
-def first_windows(squad: str, tokenizer, count: int) -> dict[str, torch.Tensor]:
+def first_windows(squad: str, tokenizer, count: int, start: int = 0) -> dict[str, torch.Tensor]:
+    """`count` training windows (192 tokens, stride 64, padded) from question `start` on."""
     train, _ = split_articles(read_squad_json(squad))
-    rows = {key: [r[key] for r in train[:count]] for key in ("question", "context", "answers")}
+    rows = {key: [r[key] for r in train[start:start + count]] for key in ("question", "context", "answers")}
     features = prepare_train_features(rows, tokenizer, max_length=192, stride=64)
     windows = [{k: v[i] for k, v in features.items()} for i in range(count)]
     return default_data_collator(windows)
