@@ -2,11 +2,10 @@
 # Is SQuAD's WTA-CRS gap (F1 28.55 vs 44.77 at lr 1e-4) also a learning-rate effect? The study's
 # SQuAD setting (benchmarks/accuracy_study.sh) at the learning rates that were best on SST-2
 # (benchmarks/lr_study.sh): WTA-CRS@0.3 at 2.2e-4, then full fine-tuning at 1.5e-4; seed 0, or
-# the seeds in SEEDS; with GRID_STEP=1, then one step up the lr grid for each (WTA-CRS 3.2e-4,
-# full 2.2e-4; seed 0). One folder per learning rate under OUT.
+# the seeds in SEEDS. One folder per learning rate under OUT.
 #
 #   SQUAD=../shared/data/squad/dev-v1.1.json benchmarks/squad_lr.sh
-#   SEEDS="1 2" GRID_STEP=1 OUT=wtacrs-output/squad-seeds benchmarks/squad_lr.sh   # ACCURACY.md
+#   SEEDS="0 1 2" OUT=wtacrs-output/squad-fixed benchmarks/squad_lr.sh   # ACCURACY.md, "SQuAD"
 set -u
 SQUAD=${SQUAD:-../shared/data/squad/dev-v1.1.json}
 OUT=${OUT:-wtacrs-output/squad-lr}
@@ -29,8 +28,3 @@ for seed in ${SEEDS:-0}; do
   run wtacrs 0.3 2.2e-4 "$seed"
   run full 1 1.5e-4 "$seed"
 done
-# is SQuAD's best learning rate larger than SST-2's?
-if [[ -n ${GRID_STEP:-} ]]; then
-  run wtacrs 0.3 3.2e-4 0
-  run full 1 2.2e-4 0
-fi
