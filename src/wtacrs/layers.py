@@ -1,6 +1,6 @@
 """Sampled linear layers and the per-model sampling state they share.
 
-Three things happen here that the bare op cannot do on its own:
+Four things happen here that the bare op cannot do on its own:
 1. One sample per tensor: layers reading the same activation (q, k and v read one hidden-states
    tensor) share one `RowSample`; the first layer to see the tensor draws it, the others reuse
    it and save nothing new. Keyed by the tensor object (weak references), not by module names.
@@ -12,6 +12,9 @@ Three things happen here that the bare op cannot do on its own:
    per forward (ALBERT shares one layer across depth) reuses its seed and its cache slot for
    every call: each call's estimate stays unbiased, the calls' draws are correlated and the
    cached norms are those of its last call.
+4. The padding assumption, checked: rows outside the attention mask are never drawn, which is
+   unbiased only if their output gradient is zero. Backward tests that on the per-row ‖dY‖ it
+   computes anyway; a step that breaks it raises `PaddingGradientError` (extractive QA does).
 """
 
 from __future__ import annotations
