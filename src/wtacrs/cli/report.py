@@ -136,11 +136,12 @@ def table1(records: list[dict], varying: tuple[str, ...] = ()) -> str:
     for (model, method), by_task in sorted(rows.items()):
         stats = _row_stats(by_task)
         cells = [_mean_std([percent(r) for r in by_task[t]]) if t in by_task else "–" for t in tasks]
-        avg = f"{stats['avg']:.1f}" + ("" if len(by_task) == len(tasks) else "*")
-        lines.append("| " + " | ".join([model, method, *cells, avg, f"{stats['act']:.1f}", f"{stats['peak']:.0f}",
-                                        f"{stats['speed']:.1f}"]) + " |")
-    lines.append("\nCells: mean ± std over seeds (number of seeds), percent. avg*: over the tasks this row has. "
-                 "act.: bytes saved for backward in one training step; peak: see each run's peak_memory_kind.")
+        partial = "" if len(by_task) == len(tasks) else "*"  # averaged over fewer tasks: not comparable
+        averaged = [f"{stats['avg']:.1f}", f"{stats['act']:.1f}", f"{stats['peak']:.0f}", f"{stats['speed']:.1f}"]
+        lines.append("| " + " | ".join([model, method, *cells, *(v + partial for v in averaged)]) + " |")
+    lines.append("\nCells: mean ± std over seeds (number of seeds), percent. *: averaged over the tasks this row has "
+                 "(score, memory and speed alike), so not comparable with rows that have every task. act.: bytes "
+                 "saved for backward in one training step; peak: see each run's peak_memory_kind.")
     return "\n".join(lines)
 
 
