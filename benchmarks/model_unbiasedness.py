@@ -84,7 +84,7 @@ def main() -> None:
     params, size = dict(model.named_parameters()), len(batch["input_ids"])
     ids = torch.arange(size)
     state = wtacrs.sampling_state(model)
-    use_ids = args.cache or args.prior or args.cache_from
+    use_ids = bool(args.cache or args.prior or args.cache_from)
 
     def draw(inputs=batch, example_ids=ids) -> dict[str, torch.Tensor]:
         model.zero_grad()
@@ -119,10 +119,10 @@ def main() -> None:
         for n, g in measured_draw().items():
             total[n] += g
             squared_error[n] += float(((g - exact[n]) ** 2).sum()) / args.draws
+    scores = ("position prior only" if args.prior else f"norms cached by {args.cache_from}" if args.cache_from
+              else "cached norms" if args.cache else "activation norms only")
     print(f"{path}: {'SQuAD' if qa else 'SST-2'}, {args.estimator}, ratio {args.ratio}, {args.draws} draws, "
-          f"{'position prior only' if args.prior else 'cached norms' if args.cache else ''}"
-          f"{'norms cached by ' + args.cache_from if args.cache_from else ''}"
-          f"{'' if use_ids else 'activation norms only'}")
+          f"{scores}")
     print("| layer | relative variance | relative error of the mean | error of the mean / its standard error |")
     print("|---|---:|---:|---:|")
     for n, g in exact.items():

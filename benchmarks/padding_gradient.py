@@ -38,22 +38,22 @@ def first_windows(squad: str, tokenizer, count: int, start: int = 0) -> dict[str
 def padding_shares(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """‖dW_pad‖ / ‖dW‖ of every encoder nn.Linear for one exact forward/backward of `batch`."""
     padded = batch["attention_mask"] == 0  # (B, T)
-    inputs, shares, hooks = {}, {}, []
-
-    def keep_input(name):
-        def hook(module, args, output):
-            inputs[name] = args[0].detach()
-            output.register_hook(lambda grad: shares.__setitem__(name, share(inputs[name], grad)))
-        return hook
+    shares, hooks = {}, []
 
     def share(x, dy):
         whole = torch.einsum("bti,bto->oi", x, dy)
         pad = torch.einsum("bti,bto->oi", x * padded[..., None], dy)
         return float(pad.norm() / whole.norm())
 
+    def measure(name):  # forward hook: in backward, share of `name`'s dW from the padding rows
+        def hook(module, args, output):
+            x = args[0].detach()
+            output.register_hook(lambda grad: shares.update({name: share(x, grad)}))
+        return hook
+
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".encoder." in f".{name}.":
-            hooks.append(module.register_forward_hook(keep_input(name)))
+            hooks.append(module.register_forward_hook(measure(name)))
     model.train()
     model(**batch).loss.backward()
     for h in hooks:

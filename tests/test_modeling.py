@@ -17,7 +17,8 @@ from wtacrs.modeling import find_target_modules, sampled_modules
 
 
 def step(model, batch, seed=0, ids=None):
-    """One forward/backward with a fixed dropout seed; returns (output logits, grads by name)."""
+    """One forward/backward with a fixed dropout seed; returns (output logits, grads by name).
+    Models without a `logits` output (a QA head's are start/end) return None for them."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     if ids is None:
@@ -27,7 +28,9 @@ def step(model, batch, seed=0, ids=None):
         with wtacrs.batch(ids):
             out = model(**batch)
             out.loss.backward()
-    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    logits = out.get("logits")
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return None if logits is None else logits.detach(), grads
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -309,18 +312,12 @@ def test_padding_rows_with_a_gradient_raise_at_the_end_of_the_step():
 def test_sampling_padding_rows_keeps_a_padding_reading_loss_unbiased():
     """skip_padding=False: padded rows are drawn like real ones, so dW stays unbiased for a loss
     that reads padded positions (a QA head), where skipping them would raise."""
-    def grads(model, batch):  # dropout fixed by the seed; each step of the sampled model draws anew
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(0)
-        model(**batch).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
     reference, batch = _qa_bert_and_batch()
-    exact = grads(reference, batch)
+    _, exact = step(reference, batch)
     model, _ = _qa_bert_and_batch()
     wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, skip_padding=False, grad_norm="none"))
     names = [n + ".weight" for n, _ in sampled_modules(model)]
-    draws = [grads(model, batch) for _ in range(300)]
+    draws = [step(model, batch)[1] for _ in range(300)]  # each step of the sampled model draws anew
     for name in names:
         samples = torch.stack([g[name] for g in draws])
         assert not samples.std(0).eq(0).all(), f"{name}: nothing sampled"

@@ -123,8 +123,7 @@ class SamplingState:
         self._warned_no_ids = False
         self._warned_id_count = False
         self.hook: torch.utils.hooks.RemovableHandle | None = None  # set by wtacrs.apply
-        self.num_layers = 0  # sampled layers (slots) so far
-        self.layer_names: list[str] = []  # by slot
+        self.layer_names: list[str] = []  # qualified names of the sampled layers, by slot
         # (slot, largest output-gradient norm of a row outside its mask), checked once per step:
         # a device scalar each, so backward never waits for the GPU.
         self._padding_grads: list[tuple[int, Tensor]] = []
@@ -134,6 +133,11 @@ class SamplingState:
         self.rank = 0
         self.sync: Callable[[list[PendingRecord]], list[PendingRecord]] | None = None
         self.companions: list[str] = []  # modules swapped by wtacrs.companions
+
+    @property
+    def num_layers(self) -> int:
+        """Sampled layers (slots) so far."""
+        return len(self.layer_names)
 
     # -- per forward pass ----------------------------------------------------------------------
     def begin_forward(self, masks: dict[str, Tensor | None]) -> None:

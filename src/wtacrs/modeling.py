@@ -169,7 +169,6 @@ def _swap(model: nn.Module, state: SamplingState, targets: list[tuple[str, nn.Mo
         module.__class__ = _sampled_class_for(module)
         module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream = (
             state, state.num_layers, _stream(name, encoder_prefix))
-        state.num_layers += 1
         state.layer_names.append(name)
     state.num_modules = sum(1 for _ in model.modules())
 
