@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from models import CASES_BY_NAME
 from stats import max_z, unbiased_violations
 from wtacrs.attention_ops import _sample_slices, sampled_matmul
-from wtacrs.estimators import _winner_counts, sample_rows_batched
+from wtacrs.estimators import sample_rows, winner_counts
 from wtacrs.estimators import num_winners
 from wtacrs.integrations.attention import (
     ATTN_IMPLEMENTATION,
@@ -84,8 +84,8 @@ def test_backward_is_the_weighted_sum_of_the_drawn_terms():
     _, da, db = grads(lambda a, b: sampled_matmul(a, b, ratio=0.5, generator=torch.Generator().manual_seed(5)),
                       a, b, dc)
     g = torch.Generator().manual_seed(5)  # the op draws rows of a first, then columns of b
-    rows, row_w = sample_rows_batched(a.detach().norm(dim=-1).double().view(-1, 6), 3, generator=g)
-    cols, col_w = sample_rows_batched(b.detach().norm(dim=-2).double().view(-1, 7), 4, generator=g)
+    rows, row_w = sample_rows(a.detach().norm(dim=-1).double().view(-1, 6), 3, generator=g)
+    cols, col_w = sample_rows(b.detach().norm(dim=-2).double().view(-1, 7), 4, generator=g)
     a2, b2, dc2 = a.detach().view(-1, 6, 5), b.detach().view(-1, 5, 7), dc.view(-1, 6, 7)
     for lead in range(6):
         ref_da = sum(w * torch.outer(dc2[lead, :, n], b2[lead, :, n]) for n, w in zip(cols[lead], col_w[lead].float()))
@@ -118,7 +118,7 @@ def test_wta_crs_keeps_winners_on_this_data():
     """The unbiasedness test above exercises the winner branch, not only plain CRS."""
     a, b, _ = make()
     probs = a.detach().norm(dim=-1).view(-1, 6).double()
-    counts, _ = _winner_counts((probs / probs.sum(1, keepdim=True)).sort(1, descending=True).values, 3)
+    counts = winner_counts(probs.topk(3, dim=1).values, probs.sum(1, keepdim=True)).squeeze(1)
     assert bool((counts > 0).any()) and bool((counts == 0).any())
 
 
@@ -134,9 +134,9 @@ def test_batched_sampler_matches_the_one_dimensional_estimator():
     scores[3] = 0.0  # an all-zero row: every product is zero, so all weights must be zero
     scores[4, 5:] = 0.0  # zero scores are never drawn
     probs = scores / scores.sum(1, keepdim=True).clamp(min=1e-300)
-    counts, _ = _winner_counts(probs.sort(1, descending=True).values, 6)
+    counts = winner_counts(probs.topk(6, dim=1).values, probs.sum(1, keepdim=True)).squeeze(1)
     assert counts.tolist() == [num_winners(p.sort(descending=True).values, 6) for p in probs]
-    indices, weights = sample_rows_batched(scores, 6, "wta-crs", g)
+    indices, weights = sample_rows(scores, 6, "wta-crs", g)
     assert indices.shape == weights.shape == (40, 6)
     assert bool((weights[3] == 0).all())
     assert bool((indices[4][weights[4] > 0] < 5).all())
@@ -149,13 +149,13 @@ def test_batched_sampler_matches_the_one_dimensional_estimator():
 def test_priority_draws_k_distinct_live_rows():
     scores = torch.exp(2 * torch.randn(50, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
     scores[7, 2:] = 0.0  # two live rows of 10: both kept exactly, the zero-score slot weighs 0
-    indices, weights = sample_rows_batched(scores, 3, "priority", torch.Generator().manual_seed(0))
+    indices, weights = sample_rows(scores, 3, "priority", torch.Generator().manual_seed(0))
     assert all(len(set(row.tolist())) == 3 for row in indices) and bool((weights[weights > 0] >= 1).all())
     assert sorted(indices[7][weights[7] > 0].tolist()) == [0, 1] and weights[7].tolist().count(1.0) == 2
 
 
 def test_uniform_draws_k_distinct_rows():
-    indices, weights = sample_rows_batched(torch.ones(50, 10), 3, "uniform", torch.Generator().manual_seed(0))
+    indices, weights = sample_rows(torch.ones(50, 10), 3, "uniform", torch.Generator().manual_seed(0))
     assert all(len(set(row.tolist())) == 3 for row in indices)
     assert bool((weights == 10 / 3).all())
 
@@ -300,8 +300,8 @@ def test_bad_arguments():
         sampled_matmul(bad, b, ratio=0.3)
     with pytest.raises(ValueError, match="live_columns must have shape"):
         sampled_matmul(a, b, ratio=0.3, live_columns=torch.ones(2, 3, 6, dtype=torch.bool))
-    with pytest.raises(ValueError, match="1 <= k < N"):
-        sample_rows_batched(torch.ones(2, 4), 4)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        sample_rows(torch.ones(2, 4), 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -297,16 +297,19 @@ def _qa_bert_and_batch():
     return model, batch
 
 
-def test_padding_rows_with_a_gradient_raise_at_the_end_of_the_step():
+def test_padding_rows_with_a_gradient_raise_when_the_step_is_folded():
+    """The step ships its flags without waiting for the device; the next forward (or a look at
+    the cache, or a checkpoint's state_dict) folds them in and raises."""
     model, batch = _qa_bert_and_batch()
     wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3))
+    with wtacrs.batch(torch.arange(3), batch["attention_mask"]):
+        model(**batch).loss.backward()
     with pytest.raises(wtacrs.PaddingGradientError, match=r"skip_padding=False.*") as raised:
-        with wtacrs.batch(torch.arange(3)):
-            model(**batch).loss.backward()
-    assert "bert.encoder.layer." in str(raised.value)
-    model(**batch).loss.backward()  # without wtacrs.batch: the next forward checks
-    with pytest.raises(wtacrs.PaddingGradientError):
         model(**batch)
+    assert "bert.encoder.layer." in str(raised.value)
+    model(**batch).loss.backward()  # without wtacrs.batch: checked all the same
+    with pytest.raises(wtacrs.PaddingGradientError):
+        wtacrs.sampling_state(model).state_dict()
 
 
 def test_sampling_padding_rows_keeps_a_padding_reading_loss_unbiased():

@@ -24,9 +24,14 @@ spends the remaining k − |C| draws on the rest, drawn in proportion to p:
 
 It is unbiased for every C; |C| is picked per call to minimise the variance bound, i.e.
 argmin over i ∈ {0, …, k−1} of (1 − Σ_{j≤i} p_(j)) / (k − i) with p_(1) ≥ p_(2) ≥ … .
-(i = 0 is plain CRS; i never reaches k, so there is no division by zero.)
+(i = 0 is plain CRS; i never reaches k, so there is no division by zero.) Only the k largest
+probabilities are needed for that, never a sort of all N rows.
 
-A row drawn several times is returned once with its weights summed, so at most k rows are stored.
+Every draw fills exactly k slots, winners first, so its shapes depend on k alone, never on the
+data: slot t holds a row index and a weight, a row drawn twice fills two slots, and an unused
+slot (the winners hold all the mass) has weight 0. The randomness comes in as uniforms u ∈ (0, 1]
+(`wtacrs.counter_rng`), and a draw is the inverse of the residual distribution's cumulative sum at
+u, so nothing here waits for the host.
 
 Priority sampling (Duffield, Lund & Thorup 2007, "Priority sampling for estimation of arbitrary
 subset sums", J. ACM 54(6)) draws k distinct rows instead, without replacement: with
@@ -80,38 +85,38 @@ def sample_budget(ratio: float, num_rows: int) -> int:
     return min(num_rows, math.ceil(round(validate_ratio(ratio) * num_rows, 9)))
 
 
-def column_row_scores(x_norm: Tensor, grad_norm: Tensor | None = None, floor: float = 1e-3) -> Tensor:
+def fill_missing_norms(grad_norm: Tensor, floor: float = 1e-3) -> Tensor:
+    """Gradient-norm estimates made safe for `column_row_scores`, per distribution (last dim).
+
+    Missing (NaN), non-finite and zero entries are replaced by the mean of the known ones, and
+    every entry is floored at `floor` × that mean, so a stale or missing norm changes only the
+    variance, never the mean: the score stays positive wherever X_i ≠ 0.
+
+    Args:
+        grad_norm: (..., N) estimates of ‖dY_i‖.
+    Returns:
+        (..., N) float32, positive and finite.
+    """
+    g = grad_norm.float()
+    known = torch.isfinite(g) & (g > 0)
+    count = known.sum(-1, keepdim=True)
+    mean = torch.where(known, g, 0.0).sum(-1, keepdim=True) / count.clamp(min=1)
+    reference = torch.where(count > 0, mean, 1.0)
+    return torch.where(known, g, reference).clamp(min=floor * reference)
+
+
+def column_row_scores(x_norm: Tensor, grad_norm: Tensor | None = None) -> Tensor:
     """Unnormalised sampling scores s_i = ‖X_i‖ · ‖dY_i‖ (Liu et al. 2023, Sec. 3.1).
 
     Args:
-        x_norm: (N,) row norms of the layer input.
-        grad_norm: (N,) estimates of the output-gradient row norms, or None for s_i = ‖X_i‖.
-            Missing (NaN), non-finite and zero entries are replaced by the mean of the known
-            ones, and every entry is floored at `floor` × that mean, so a stale or missing norm
-            changes only the variance, never the mean: s_i > 0 whenever X_i ≠ 0.
+        x_norm: (..., N) row norms of the layer input.
+        grad_norm: (..., N) estimates of the output-gradient row norms (see `fill_missing_norms`
+            for missing ones), or None for s_i = ‖X_i‖.
     Returns:
-        (N,) float64 scores.
+        (..., N) float32 scores.
     """
-    scores = x_norm.double()
-    if grad_norm is None:
-        return scores
-    g = grad_norm.double()
-    known = torch.isfinite(g) & (g > 0)
-    count = known.sum()
-    mean = torch.where(known, g, 0.0).sum() / count.clamp(min=1)
-    reference = torch.where(count > 0, mean, torch.ones_like(mean))
-    g = torch.where(known, g, reference).clamp(min=floor * reference)
-    return scores * g
-
-
-def merge_duplicates(indices: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-    """Collapse repeated row indices into one entry each, summing their weights.
-
-    Returns sorted unique indices (M,) and their summed weights (M,).
-    """
-    unique, inverse = torch.unique(indices, sorted=True, return_inverse=True)
-    merged = torch.zeros(unique.numel(), dtype=weights.dtype, device=weights.device)
-    return unique, merged.index_add_(0, inverse, weights)
+    scores = x_norm.float()
+    return scores if grad_norm is None else scores * fill_missing_norms(grad_norm)
 
 
 def num_winners(sorted_probs: Tensor, k: int) -> int:
@@ -120,192 +125,134 @@ def num_winners(sorted_probs: Tensor, k: int) -> int:
     Args:
         sorted_probs: (N,) probabilities in descending order, N >= k.
     """
-    counts, _ = _winner_counts(sorted_probs.unsqueeze(0), k)
-    return int(counts[0])
+    return int(winner_counts(sorted_probs[:k].unsqueeze(0), sorted_probs.sum().reshape(1, 1))[0])
 
 
-def crs(probs: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """k i.i.d. draws from `probs` (N,), each weighted 1 / (k p_j)."""
-    draws = torch.multinomial(probs, k, replacement=True, generator=generator)
-    return merge_duplicates(draws, 1.0 / (k * probs[draws]))
+def winner_counts(top: Tensor, total: Tensor) -> Tensor:
+    """|C| per distribution: the first i < k minimising (total − Σ_{j<i} top_j) / (k − i).
+
+    Args:
+        top: (L, k) the k largest scores of each distribution, in descending order.
+        total: (L, 1) each distribution's sum of scores.
+    Returns:
+        (L, 1) int64 (the first minimum: the fewest winners among equals). The residual here is
+        a difference and may cancel; it only chooses |C|, which any value leaves unbiased.
+    """
+    k = top.shape[1]
+    residual = total - (top.cumsum(1) - top)  # (L, k): mass outside the first i winners
+    return (residual / torch.arange(k, 0, -1, device=top.device)).argmin(1, keepdim=True)
 
 
-def wta_crs(probs: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Winners kept with weight 1, the other k − |C| draws from the rest in proportion to p."""
-    sorted_probs, order = torch.sort(probs, descending=True, stable=True)
-    counts, residual = _winner_counts(sorted_probs.unsqueeze(0), k)
-    c, mass = torch.stack([counts[0].double(), residual[0]]).tolist()  # one host sync
-    c = int(c)
-    if c == 0:
-        return crs(probs, k, generator)
-    winners, rest, rest_probs = order[:c], order[c:], sorted_probs[c:]
-    winner_weights = torch.ones(c, dtype=probs.dtype, device=probs.device)
-    if mass <= 0.0:  # the winners hold all the mass: the estimate is exact
-        return merge_duplicates(winners, winner_weights)
-    m = k - c
-    draws = torch.multinomial(rest_probs / mass, m, replacement=True, generator=generator)
-    draw_weights = mass / (m * rest_probs[draws])
-    return merge_duplicates(torch.cat([winners, rest[draws]]), torch.cat([winner_weights, draw_weights]))
+def _column_row(scores: Tensor, k: int, u: Tensor, winners: bool) -> tuple[Tensor, Tensor]:
+    """CRS (winners=False) or WTA-CRS per distribution of scores (L, N), k < N, u (L, k).
 
-
-def priority(scores: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Priority sampling: the k ≥ 2 rows of largest s_i / u_i, weighted max(1, τ / s_i), τ the
-    (k+1)-th largest priority (module docstring). Fewer than k + 1 positive scores: all of them,
-    exactly."""
-    indices, weights = (t[0] for t in _priority_batched(scores.double().unsqueeze(0), k, generator))
-    kept = weights > 0  # a zero-score row is taken only when fewer than k rows are positive
-    indices, weights = indices[kept], weights[kept]
-    order = indices.argsort()
-    return indices[order], weights[order]
-
-
-def _priority_batched(scores: Tensor, k: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Priority sampling per row of scores (L, N) float64, k < N: indices (L, k), weights (L, k),
-    weight 0 on a zero-score row (taken only when fewer than k rows of its row are positive)."""
-    u = 1.0 - torch.rand(scores.shape, generator=generator, dtype=torch.float64, device=scores.device)  # (0, 1]
-    top = torch.topk(scores / u, k + 1, dim=1)
-    indices, tau = top.indices[:, :k], top.values[:, k:]  # (L, k), (L, 1)
-    kept = scores.gather(1, indices)
-    weights = torch.where(kept > 0, torch.clamp(tau / torch.where(kept > 0, kept, 1.0), min=1.0), 0.0)
+    Slot t < |C| holds the t-th winner with weight 1; the other k − |C| slots hold i.i.d. draws
+    j from the non-winners with probability r_j / Σ r (r: the scores outside C), found as the first
+    j whose cumulative sum reaches u_t · Σ r, each weighted Σ r / ((k − |C|) r_j). r_j is read back
+    as the step of the cumulative sum at j, so the weight inverts the very probability the float32
+    sum drew with: no cancellation can bias it.
+    """
+    slots = torch.arange(k, device=scores.device)
+    if winners:
+        top, order = scores.topk(k, dim=1)  # (L, k) descending
+        count = winner_counts(top, scores.sum(1, keepdim=True))  # (L, 1)
+        is_winner = slots < count  # (L, k)
+        rest = scores.scatter(1, order, torch.where(is_winner, 0.0, top))  # winners' scores removed
+    else:
+        order, count, is_winner, rest = None, 0, torch.zeros_like(u, dtype=torch.bool), scores
+    cumulative = torch.nn.functional.pad(rest.cumsum(1), (1, 0))  # (L, N + 1), starts at 0
+    mass = cumulative[:, -1:]  # (L, 1)
+    # u ∈ (0, 1]: the target is positive, so the first index reaching it has a positive step.
+    target = (u * mass).clamp(min=torch.finfo(torch.float32).tiny)
+    drawn = torch.searchsorted(cumulative, target).clamp(1, scores.shape[1])  # (L, k) in 1 … N
+    step = cumulative.gather(1, drawn) - cumulative.gather(1, drawn - 1)  # r_j as the sum drew it
+    weights = mass / ((k - count) * step)
+    weights = torch.where(is_winner, 1.0, torch.where(step > 0, weights, 0.0))  # mass 0: nothing to draw
+    indices = drawn - 1 if order is None else torch.where(is_winner, order, drawn - 1)
     return indices, weights
 
 
-def topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Deterministic top-k rows with weight 1. Biased: an ablation baseline only."""
-    idx = torch.sort(scores, descending=True, stable=True).indices[:k]
-    return merge_duplicates(idx, torch.ones(k, dtype=scores.dtype, device=scores.device))
+def _priority(scores: Tensor, k: int, u: Tensor) -> tuple[Tensor, Tensor]:
+    """Priority sampling per distribution of scores (L, N), 2 <= k < N, u (L, N): the k rows of
+    largest s_i / u_i, weighted max(1, τ / s_i) with τ the (k+1)-th largest priority; weight 0
+    on a zero-score row (taken only when fewer than k rows of its distribution are positive)."""
+    top = torch.topk(scores / u, k + 1, dim=1)
+    indices, tau = top.indices[:, :k], top.values[:, k:]  # (L, k), (L, 1)
+    kept = scores.gather(1, indices)
+    return indices, torch.where(kept > 0, (tau / kept).clamp(min=1.0), 0.0)
 
 
-def uniform(scores: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """k of the N' rows with a positive score, without replacement, each weighted N' / k
-    (inclusion probability k / N'); zero-score rows have a zero product and are skipped."""
-    live = (scores > 0).nonzero().squeeze(1)
-    k = min(k, live.numel())
-    if k == 0:
-        return live, torch.empty(0, dtype=torch.float64, device=scores.device)
-    pick = torch.randperm(live.numel(), generator=generator, device=scores.device)[:k]
-    return live[pick].sort().values, torch.full((k,), live.numel() / k, dtype=torch.float64, device=scores.device)
+def _uniform(scores: Tensor, k: int, u: Tensor) -> tuple[Tensor, Tensor]:
+    """k of the N' rows with a positive score, without replacement (the k smallest keys u among
+    them), each weighted N' / k (inclusion probability k / N'); every live row, weight 1, when
+    N' <= k. Zero-score rows have a zero product: never kept (weight 0)."""
+    live = scores > 0
+    indices = torch.where(live, u, 2.0).topk(k, dim=1, largest=False).indices
+    share = (live.sum(1, keepdim=True) / k).clamp(min=1.0)
+    return indices, torch.where(live.gather(1, indices), share, 0.0)
+
+
+def uniforms_needed(estimator: Estimator, k: int, num_rows: int) -> int:
+    """Uniforms per distribution that `sample_slots` reads: k draws, or one key per row."""
+    return num_rows if estimator in ("priority", "uniform") else k
+
+
+def sample_slots(scores: Tensor, k: int, estimator: Estimator, u: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Draw k slots per distribution, with shapes that never depend on the data.
+
+    Args:
+        scores: (L, N) non-negative float32 scores (see `column_row_scores`); a zero score must mean
+            the row's product is zero. Not checked here (that would wait for the device).
+        k: slots per distribution, 1 <= k <= N. With k = N every row is kept with weight 1.
+        estimator: one of ESTIMATORS ("exact" keeps every row: k must be N).
+        u: (L, >= uniforms_needed(estimator, k, N)) uniforms in (0, 1], or None for "topk"/"exact".
+    Returns:
+        indices (L, k) int64 and weights (L, k) float32 with
+        Σ_t weights[l, t] · term[l, indices[l, t]] estimating Σ_i term[l, i] (unbiased except for
+        "topk"). Indices may repeat within a distribution; unused slots weigh 0.
+    """
+    num_dists, n = scores.shape
+    if estimator == "priority" and k < 2:
+        estimator = "crs"  # priority sampling's variance is infinite at k = 1 (module docstring)
+    if k >= n or estimator == "exact":
+        indices = torch.arange(n, device=scores.device).expand(num_dists, n)
+        return indices, torch.ones(num_dists, n, device=scores.device)
+    if estimator == "topk":
+        values, indices = scores.topk(k, dim=1)
+        return indices, (values > 0).float()
+    u = u[:, : uniforms_needed(estimator, k, n)]
+    if estimator == "uniform":
+        return _uniform(scores, k, u)
+    if estimator == "priority" and k >= 2:
+        return _priority(scores, k, u)
+    return _column_row(scores, k, u, winners=estimator == "wta-crs")
 
 
 def sample_rows(
     scores: Tensor, k: int, estimator: Estimator = "wta-crs", generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Pick the rows whose outer products estimate dW = Σ_i dY_iᵀ X_i.
+    """`sample_slots` for one or several distributions, with checked arguments and uniforms from a
+    `torch.Generator` (a convenience: the checks wait for the device, so training does not use it).
 
     Args:
-        scores: (N,) non-negative unnormalised scores, see `column_row_scores`. A zero score must
-            mean the row's product is zero (X_i = 0); such rows are never drawn.
-        k: budget of draws, 1 <= k. With k >= N every row is kept with weight 1 (exact).
+        scores: (N,) or (L, N) non-negative finite scores; a zero score must mean the row's
+            product is zero (X_i = 0); such rows are never drawn.
+        k: budget of slots, 1 <= k (capped at N: every row, exactly).
         estimator: one of ESTIMATORS.
         generator: source of randomness, for reproducible draws.
     Returns:
-        indices (M,) int64 sorted and unique, M <= min(k, N); weights (M,) float64 such that
-        Σ_m weights[m] · dY_{indices[m]}ᵀ X_{indices[m]} estimates dW (unbiased except for topk).
+        indices and float32 weights, (min(k, N),) or (L, min(k, N)); see `sample_slots`.
     """
     validate_estimator(estimator)
-    if scores.dim() != 1:
-        raise ValueError(f"scores must be 1-D, got shape {tuple(scores.shape)}")
+    if scores.dim() not in (1, 2):
+        raise ValueError(f"scores must be 1-D (or 2-D: one distribution per row), got shape {tuple(scores.shape)}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    n = scores.numel()
-    if n == 0:
-        return (torch.empty(0, dtype=torch.int64, device=scores.device),
-                torch.empty(0, dtype=torch.float64, device=scores.device))
-    total = scores.double().sum()
-    # One host sync checks everything: a NaN or Inf score makes the total non-finite.
-    total_value, minimum = torch.stack([total, scores.double().min()]).tolist()
-    if not math.isfinite(total_value) or minimum < 0:
-        raise ValueError("sampling scores must be finite and non-negative (non-finite activations or gradient norms?)")
-    if estimator == "exact" or k >= n:
-        return torch.arange(n, device=scores.device), torch.ones(n, dtype=torch.float64, device=scores.device)
-    if estimator == "uniform":
-        return uniform(scores, k, generator)
-    if estimator == "topk":
-        return topk(scores, k)
-    if estimator == "priority" and k >= 2:
-        return priority(scores, k, generator)
-    if total_value == 0.0:  # every row product is zero: an empty sum is the exact gradient
-        return (torch.empty(0, dtype=torch.int64, device=scores.device),
-                torch.empty(0, dtype=torch.float64, device=scores.device))
-    probs = scores.double() / total
-    return (wta_crs if estimator == "wta-crs" else crs)(probs, k, generator)  # priority with k = 1: crs
-
-
-# -- batched form: one distribution per leading index (the attention matmuls' (batch, head)) ----
-
-
-def _winner_counts(sorted_probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """|C| per row minimising (1 − Σ_{j≤i} p_(j)) / (k − i) over i < k (Liu et al. 2023, Sec. 3.2).
-
-    Args:
-        sorted_probs: (L, N) probabilities, each row in descending order, N > k.
-    Returns:
-        counts (L,) int64 (the first minimum: the fewest winners among equals) and the remaining mass
-        Σ_{j≥|C|} p_(j) (L,) float64, summed from the tail to avoid 1 − Σ cancellation.
-    """
-    residual = sorted_probs.flip(1).cumsum(1).flip(1)[:, :k]  # (L, k)
-    bound = residual / torch.arange(k, 0, -1, dtype=residual.dtype, device=residual.device)
-    counts = bound.argmin(1)  # argmin returns the first minimum
-    return counts, residual.gather(1, counts.unsqueeze(1)).squeeze(1)
-
-
-def _column_row_batched(
-    probs: Tensor, k: int, winners: bool, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
-    """CRS (winners=False) or WTA-CRS per row of probs (L, N); see `crs`/`wta_crs`.
-
-    Slot j < |C| holds the j-th winner with weight 1; the other k − |C| slots hold i.i.d. draws from
-    the non-winners in proportion to p, each weighted (Σ_{non-winners} p) / ((k − |C|) p_j).
-    """
-    sorted_probs, order = torch.sort(probs, dim=1, descending=True, stable=True)  # (L, N)
-    num_rows, n = probs.shape
-    if winners:
-        counts, mass = _winner_counts(sorted_probs, k)
-    else:
-        counts, mass = torch.zeros(num_rows, dtype=torch.int64, device=probs.device), sorted_probs.sum(1)
-    positions = torch.arange(n, device=probs.device)
-    rest = torch.where(positions >= counts.unsqueeze(1), sorted_probs, 0.0)  # (L, N)
-    drawable = (mass > 0).unsqueeze(1)  # False: winners hold all the mass (or every score is 0)
-    draws = torch.multinomial(torch.where(drawable, rest, 1.0), k, replacement=True, generator=generator)
-    slots = torch.arange(k, device=probs.device)
-    is_winner = slots < counts.unsqueeze(1)  # (L, k)
-    picked = torch.where(is_winner, slots, draws)  # positions in sorted order
-    p = sorted_probs.gather(1, picked)
-    draw_weight = mass.unsqueeze(1) / ((k - counts).unsqueeze(1) * p)
-    weights = torch.where(is_winner, 1.0, torch.where(drawable, draw_weight, 0.0))
-    return order.gather(1, picked), weights
-
-
-def sample_rows_batched(
-    scores: Tensor, k: int, estimator: Estimator = "wta-crs", generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """`sample_rows` for L independent distributions at once, k slots each (no duplicate merging).
-
-    Args:
-        scores: (L, N) non-negative unnormalised scores; row l is the distribution of index l.
-        k: draws per row, 1 <= k < N (k >= N means keep everything: the caller's exact path).
-        estimator: "wta-crs" | "crs" | "priority" | "uniform" (unbiased) or "topk" (biased, ablation).
-    Returns:
-        indices (L, k) int64 and weights (L, k) float64 such that
-        Σ_j weights[l, j] · term[l, indices[l, j]] estimates Σ_i term[l, i] for each l.
-        Indices may repeat within a row; unused slots carry weight 0.
-    """
-    validate_estimator(estimator)
-    num_rows, n = scores.shape
-    if estimator == "exact" or not 1 <= k < n:
-        raise ValueError(f"sample_rows_batched needs 1 <= k < N = {n} and a sampling estimator, "
-                         f"got k={k}, {estimator!r}")
     if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
-        raise ValueError("sampling scores must be finite and non-negative (non-finite activations?)")
-    if estimator == "uniform":  # the first k of a uniformly random order: inclusion probability k / N
-        keys = torch.rand(num_rows, n, generator=generator, device=scores.device)
-        indices = keys.argsort(1)[:, :k]
-        return indices, torch.full(indices.shape, n / k, dtype=torch.float64, device=scores.device)
-    if estimator == "topk":
-        indices = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-        return indices, torch.ones(indices.shape, dtype=torch.float64, device=scores.device)
-    if estimator == "priority" and k >= 2:
-        return _priority_batched(scores.double(), k, generator)
-    total = scores.double().sum(1, keepdim=True)
-    probs = scores.double() / torch.where(total > 0, total, 1.0)  # an all-zero row stays zero: weight 0
-    return _column_row_batched(probs, k, estimator == "wta-crs", generator)
+        raise ValueError("sampling scores must be finite and non-negative (non-finite activations or gradient norms?)")
+    table = scores.float().reshape(-1, scores.shape[-1])
+    n = table.shape[1]
+    k = min(k, n)
+    u = 1.0 - torch.rand(table.shape[0], max(n, 1), generator=generator, device=scores.device)  # (0, 1]
+    indices, weights = sample_slots(table, k, estimator, u)
+    return (indices[0], weights[0]) if scores.dim() == 1 else (indices, weights)

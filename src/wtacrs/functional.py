@@ -1,9 +1,10 @@
 """Autograd op: a linear layer whose weight gradient is estimated from sampled rows.
 
 Forward Y = X Wᵀ + b, the input gradient dX = dY W and the bias gradient Σ_i dY_i are exact.
-Only dW = dYᵀ X is replaced by Σ_m w_m dY_{i_m}ᵀ X_{i_m} over the rows drawn by
-`wtacrs.estimators.sample_rows` (Liu et al. 2023, arXiv:2305.15265, Sec. 3), so only those rows
-of X are saved for backward. Where X = f(S) row by row and S is kept anyway (`RowRecipe`), not
+Only dW = dYᵀ X is replaced by Σ_m w_m dY_{i_m}ᵀ X_{i_m} over the k slots drawn by
+`wtacrs.estimators.sample_slots` (Liu et al. 2023, arXiv:2305.15265, Sec. 3), so only those k
+rows of X (already multiplied by their weights) are saved for backward. k depends on shapes and
+the ratio alone, and drawing never reads a value on the host: a GPU never waits for it. Where X = f(S) row by row and S is kept anyway (`RowRecipe`), not
 even those: backward recomputes f(S_{i_m}).
 """
 
@@ -19,9 +20,10 @@ from torch import Tensor
 
 from wtacrs.estimators import (
     Estimator,
-    column_row_scores,
+    fill_missing_norms,
     sample_budget,
-    sample_rows,
+    sample_slots,
+    uniforms_needed,
     validate_estimator,
     validate_ratio,
 )
@@ -72,10 +74,11 @@ class RowSample:
     activation (q, k and v read one hidden-states tensor) can share it.
 
     Attributes:
-        indices: (M,) int64 row indices into the activation flattened to (N, in_features).
-        weights: (M,) float32 importance weights.
-        rows: (M, in_features) the selected rows, a copy that does not keep X alive; or the
-            activation's `RowRecipe`, recomputing them in backward.
+        indices: (k,) int64 row indices into the activation flattened to (N, in_features); a row
+            drawn twice fills two slots.
+        weights: (k,) float32 importance weights (0 for an unused slot).
+        rows: (k, in_features) the selected rows times their weights, a copy that does not keep
+            X alive; or the activation's `RowRecipe`, recomputing them in backward.
         num_rows: N.
     """
 
@@ -90,6 +93,35 @@ def row_norms(x: Tensor, dim: int = -1) -> Tensor:
     return torch.linalg.vector_norm(x, dim=dim, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
+def slot_budget(ratio: float, budget: Budget, num_rows: int, live_rows: int | None) -> int:
+    """Slots k of a draw over `num_rows` rows of which `live_rows` (None: unknown, all) may be
+    drawn: ceil(ratio · live) with budget "live", ceil(ratio · N) capped at the live rows with "all"."""
+    live = num_rows if live_rows is None else live_rows
+    return max(1, min(live, sample_budget(ratio, live if budget == "live" else num_rows)))
+
+
+def draw_rows(x: Tensor, k: int, estimator: Estimator, multiplier: Tensor | None, u: Tensor | None,
+              live_rows: int | None = None) -> RowSample:
+    """k slots of the rows of x (..., in_features), scored ‖X_i‖ · multiplier_i.
+
+    Args:
+        multiplier: (N,) float32 per-row factor of the score: the gradient-norm estimate, 0 for
+            rows never to be drawn (padding); None for 1.
+        u: (>= uniforms_needed(estimator, k, N),) uniforms in (0, 1]; see `wtacrs.counter_rng`.
+        live_rows: how many rows have a non-zero multiplier, if known on the host: when k covers
+            them all, they are all kept with weight 1 (the exact product).
+    """
+    if live_rows is not None and k >= live_rows:
+        estimator = "topk"  # the k largest scores hold every live row: exact, not an approximation
+    flat = x.detach().reshape(-1, x.shape[-1])
+    scores = row_norms(flat).to(torch.float32)
+    if multiplier is not None:
+        scores = scores * multiplier
+    indices, weights = sample_slots(scores.unsqueeze(0), k, estimator, None if u is None else u.unsqueeze(0))
+    indices, weights = indices[0], weights[0]
+    return RowSample(indices, weights, gather_rows(x, indices, weights), flat.shape[0])
+
+
 def draw_row_sample(
     x: Tensor,
     *,
@@ -100,14 +132,16 @@ def draw_row_sample(
     generator: torch.Generator | None = None,
     budget: Budget = "live",
 ) -> RowSample:
-    """Draw k rows of `x` (..., in_features) for the weight gradient: k = ceil(ratio · N_live)
-    with budget "live", ceil(ratio · N) capped at N_live with "all".
+    """Draw the rows of `x` (..., in_features) for the weight gradient: k = ceil(ratio · N_live)
+    with budget "live", ceil(ratio · N) capped at N_live with "all". Checks its arguments and
+    counts the live rows on the host; the sampled layers draw with `draw_rows` instead.
 
     Args:
         row_mask: bool (...) matching x.shape[:-1]; rows outside it are never sampled. The caller
             guarantees those rows receive a zero output gradient (e.g. padding tokens), otherwise
             their contribution to dW is silently dropped.
         grad_norm: (...) estimates of ‖dY_i‖ per row for the scores ‖X_i‖·‖dY_i‖; NaN = unknown.
+        generator: source of the uniforms (torch's global one when None).
         budget: what `ratio` is a fraction of: "live" the rows inside `row_mask`; "all" every row,
             padding included (the paper's code, whose batches are padded to the maximum length:
             a budget covering all live rows keeps them all, exactly).
@@ -116,44 +150,46 @@ def draw_row_sample(
     validate_estimator(estimator)
     validate_budget(budget)
     lead = x.shape[:-1]
-    flat = x.detach().reshape(-1, x.shape[-1])
     for name, t in (("row_mask", row_mask), ("grad_norm", grad_norm)):
         if t is not None and t.shape != lead:
             raise ValueError(f"{name} must have shape {tuple(lead)} (x.shape[:-1]), got {tuple(t.shape)}")
-    scores = column_row_scores(row_norms(flat), None if grad_norm is None else grad_norm.reshape(-1))
-    mask = None if row_mask is None else row_mask.reshape(-1).to(torch.bool)
-    live = flat.shape[0] if mask is None else int(mask.sum())
-    k = min(live, sample_budget(ratio, live if budget == "live" else flat.shape[0]))
-    if k == 0:  # no sampleable rows: dW = 0 under the row_mask precondition
-        indices, weights = torch.empty(0, dtype=torch.int64, device=x.device), torch.empty(0, device=x.device)
-    elif mask is not None and k == live:  # every live row kept: the exact product
-        indices = mask.nonzero().squeeze(1)
-        weights = torch.ones(live, device=x.device)
-    else:  # masked rows get a zero score, so they are never drawn
-        indices, weights = sample_rows(scores if mask is None else scores * mask, k, estimator, generator)
-    return RowSample(indices, weights.to(torch.float32), gather_rows(x, indices), flat.shape[0])
+    if not bool(torch.isfinite(x.detach()).all()):
+        raise ValueError("sampling scores must be finite (non-finite activations?)")
+    num_rows = x.numel() // x.shape[-1]
+    multiplier = None if grad_norm is None else fill_missing_norms(grad_norm.reshape(-1))
+    if row_mask is not None:
+        mask = row_mask.reshape(-1).to(torch.float32)
+        multiplier = mask if multiplier is None else multiplier * mask
+    live = None if row_mask is None else int(row_mask.sum())
+    k = slot_budget(ratio, budget, num_rows, live)
+    u = 1.0 - torch.rand(uniforms_needed(estimator, k, num_rows), generator=generator, device=x.device)  # (0, 1]
+    return draw_rows(x, k, estimator, multiplier, u, live)
 
 
-def gather_rows(x: Tensor, indices: Tensor) -> Tensor | RowRecipe:
-    """(M, in_features) copy of rows `indices` of x (..., in_features), in the dtype the op
-    computes in; or x's `RowRecipe` if it has a valid one (no copy: backward recomputes them)."""
+def gather_rows(x: Tensor, indices: Tensor, weights: Tensor) -> Tensor | RowRecipe:
+    """(k, in_features) rows `indices` of x (..., in_features) times `weights`, in the dtype the
+    op computes in; or x's `RowRecipe` if it has a valid one (no copy: backward recomputes them)."""
     recipe = getattr(x, _RECIPE, None)
     if recipe is not None and recipe.version == x._version:
         return recipe
-    return x.detach().reshape(-1, x.shape[-1]).index_select(0, indices).to(autocast_dtype(x) or x.dtype)
+    dtype = autocast_dtype(x) or x.dtype
+    rows = x.detach().reshape(-1, x.shape[-1]).index_select(0, indices)
+    return rows.mul_(weights.unsqueeze(1)).to(dtype)
 
 
 class _LinearWithRowSample(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, indices, weights, recompute_rows):  # noqa: D102
-        # rows: the sampled rows (M, in), or with `recompute_rows` the recipe's source (N, in_source)
+    def forward(ctx, x, weight, bias, rows, indices, weights, recompute_rows, on_grad):  # noqa: D102
+        # rows: the weighted sampled rows (k, in), or with `recompute_rows` the recipe's source (N, in_source)
         ctx.save_for_backward(weight, rows, indices, weights)
-        ctx.has_bias, ctx.recompute_rows = bias is not None, recompute_rows
+        ctx.has_bias, ctx.recompute_rows, ctx.on_grad = bias is not None, recompute_rows, on_grad
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         weight, rows, indices, weights = ctx.saved_tensors
+        if ctx.on_grad is not None:
+            ctx.on_grad(grad_out)
         flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -162,11 +198,11 @@ class _LinearWithRowSample(torch.autograd.Function):
             if ctx.recompute_rows is not None:
                 with torch.no_grad():
                     rows = ctx.recompute_rows(rows.index_select(0, indices)).to(weight.dtype)
-            picked = flat.index_select(0, indices) * weights.to(flat.dtype).unsqueeze(1)  # (M, out)
-            grad_w = picked.mT.mm(rows)
+                    rows = rows * weights.to(rows.dtype).unsqueeze(1)
+            grad_w = flat.index_select(0, indices).mT.mm(rows)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -177,8 +213,10 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
-def linear_with_sample(x: Tensor, weight: Tensor, bias: Tensor | None, sample: RowSample) -> Tensor:
-    """F.linear(x, weight, bias) whose weight gradient uses the rows in `sample` (drawn from x).
+def linear_with_sample(x: Tensor, weight: Tensor, bias: Tensor | None, sample: RowSample,
+                       on_grad: Callable[[Tensor], None] | None = None) -> Tensor:
+    """F.linear(x, weight, bias) whose weight gradient uses the rows in `sample` (drawn from x);
+    backward hands the output gradient (..., out_features) to `on_grad` first, if given.
 
     Under torch.autocast the inputs are cast to the autocast dtype outside the op (so autograd
     casts the gradients back) and the op runs with autocast off, as `torch.amp.custom_fwd`
@@ -190,11 +228,11 @@ def linear_with_sample(x: Tensor, weight: Tensor, bias: Tensor | None, sample: R
     rows, recompute_rows = (sample.rows, None) if recipe is None else (recipe.source, recipe.fn)
     dtype = autocast_dtype(x)
     if dtype is None:
-        return _LinearWithRowSample.apply(x, weight, bias, rows, sample.indices, sample.weights, recompute_rows)
+        return _LinearWithRowSample.apply(x, weight, bias, rows, sample.indices, sample.weights, recompute_rows, on_grad)
     cast = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
     rows = rows if recipe is not None else rows.to(dtype)  # the recipe's fn computes in its own dtypes
     with torch.autocast(x.device.type, enabled=False):
-        return _LinearWithRowSample.apply(*cast, rows, sample.indices, sample.weights, recompute_rows)
+        return _LinearWithRowSample.apply(*cast, rows, sample.indices, sample.weights, recompute_rows, on_grad)
 
 
 def needs_sampling(weight: Tensor, ratio: float, estimator: str) -> bool:

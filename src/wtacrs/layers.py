@@ -1,20 +1,27 @@
 """Sampled linear layers and the per-model sampling state they share.
 
-Four things happen here that the bare op cannot do on its own:
-1. One sample per tensor: layers reading the same activation (q, k and v read one hidden-states
-   tensor) share one `RowSample`; the first layer to see the tensor draws it, the others reuse
-   it and save nothing new. Keyed by the tensor object (weak references), not by module names.
-2. Example ids -> gradient-norm cache -> scores: inside `wtacrs.batch(ids)`, each draw looks up
-   ‖dY‖ recorded for these examples at their previous visit, and each layer's output gradient
-   norms are recorded in backward (committed when the batch ends).
-3. Reproducible draws: the generator of each draw is seeded by (seed, step, layer slot), so a
-   checkpoint recompute and a resumed run sample the same rows. A layer called several times
-   per forward (ALBERT shares one layer across depth) reuses its seed and its cache slot for
-   every call: each call's estimate stays unbiased, the calls' draws are correlated and the
-   cached norms are those of its last call.
-4. The padding assumption, checked: rows outside the attention mask are never drawn, which is
-   unbiased only if their output gradient is zero. Backward tests that on the per-row ‖dY‖ it
-   computes anyway; a step that breaks it raises `PaddingGradientError` (extractive QA does).
+What the bare op cannot do on its own, each in one small unit:
+1. `DrawRegistry`, one sample per tensor: layers reading the same activation (q, k and v read one
+   hidden-states tensor) share one `RowSample`; the first layer to see the tensor draws it, the
+   others reuse it and save nothing new. Keyed by the tensor object (weak references).
+2. `NormReader`, example ids -> gradient-norm cache -> scores: inside `wtacrs.batch(ids)`, one
+   host lookup per forward and row mask brings every layer's cached ‖dY‖ to the device in one
+   asynchronous copy, already combined per shared draw and masked.
+3. `StepRecorder`: backward hands each layer's per-row ‖dY‖ to it; at the end of the step they
+   leave for the host in one non-blocking copy, with one flag per layer for the padding check
+   below, and are folded into the cache at its next use (next forward, `state.cache`, checkpoint).
+4. Reproducible draws: the uniforms of a draw are a hash of (seed, rank, step, layer slot, slot
+   in the draw) (`wtacrs.counter_rng`), so a checkpoint recompute and a resumed run sample the
+   same rows, on any device, with no generator state. A layer called several times per forward
+   (ALBERT shares one layer across depth) reuses its slot: each call's estimate stays unbiased,
+   the calls' draws are correlated and the cached norms are those of its last call.
+5. The padding assumption, checked: rows outside the attention mask are never drawn, which is
+   unbiased only if their output gradient is zero. The recorder tests that on the norms it has
+   anyway; a step that breaks it raises `PaddingGradientError` when its records are folded.
+
+Nothing in a training step reads a device value on the host, given the batch's attention mask on
+the host (`wtacrs.batch(ids, attention_mask=...)`, as `WTACRSTrainer` passes it); without it, the
+mask is copied to the host once per forward.
 """
 
 from __future__ import annotations
@@ -25,16 +32,18 @@ import functools
 import logging
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wtacrs.cache import GradNormCache, PendingRecord
+from wtacrs import counter_rng
+from wtacrs.cache import GradNormCache, PendingRecord, encode_norms
 from wtacrs.config import WTACRSConfig
-from wtacrs.functional import RowSample, draw_row_sample, gather_rows, linear_with_sample, needs_sampling
+from wtacrs.estimators import fill_missing_norms, uniforms_needed
+from wtacrs.functional import RowSample, draw_rows, gather_rows, linear_with_sample, needs_sampling, slot_budget
 
 logger = logging.getLogger(__name__)
 
@@ -47,27 +56,37 @@ class PaddingGradientError(RuntimeError):
 
 @dataclass
 class BatchContext:
-    example_ids: Tensor  # (B,) int64
-    states: list["SamplingState"] = field(default_factory=list)
+    example_ids: Tensor  # (B,) int64, on the host
+    attention_mask: Tensor | None  # (B, T) bool on the host, if the caller gave it
+    states: list["SamplingState"] = dataclasses.field(default_factory=list)
 
 
 @contextmanager
-def batch(example_ids: Tensor | list[int]) -> Iterator[None]:
+def batch(example_ids: Tensor | list[int], attention_mask: Tensor | None = None) -> Iterator[None]:
     """Tell sampled models which examples the current training step sees.
 
     Forward passes inside the block read the gradient-norm cache for these examples; output
-    gradient norms computed by backward inside the block are written when it exits.
+    gradient norms computed by backward inside the block are committed when it exits.
 
     Args:
         example_ids: (B,) non-negative integer ids, one per example of the batch, stable
             across epochs (e.g. the dataset index).
+        attention_mask: (B, T) the batch's attention mask while it is still on the host (before
+            moving the batch to a GPU): lets the step count live rows and look up the cache
+            without waiting for the GPU. Optional.
     """
     ids = torch.as_tensor(example_ids)
     if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
         raise ValueError(f"example_ids must be a 1-D sequence of integers, got {ids.dtype} of shape {tuple(ids.shape)}")
-    if ids.numel() and int(ids.min()) < 0:
+    if ids.device.type == "cpu" and ids.numel() and int(ids.min()) < 0:
         raise ValueError("example_ids must be non-negative")
-    context = BatchContext(ids.to(torch.int64).cpu())
+    host_mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != ids.numel():
+            raise ValueError(f"attention_mask must be (batch, seq) with batch = {ids.numel()} example ids, "
+                             f"got shape {tuple(attention_mask.shape)}")
+        host_mask = attention_mask.cpu().to(torch.bool)
+    context = BatchContext(ids.to(torch.int64).cpu(), host_mask)
     token = _current_batch.set(context)
     try:
         yield
@@ -100,33 +119,195 @@ class _Draw:
             return None
         rows = self.rows()
         if rows is None:
-            rows = gather_rows(x, self.sample.indices)
+            rows = gather_rows(x, self.sample.indices, self.sample.weights)
             self.rows = weakref.ref(rows)
         return dataclasses.replace(self.sample, rows=rows)
 
 
+class DrawRegistry:
+    """The draws of the current forward pass, by tensor, and which layers shared one last time."""
+
+    def __init__(self):
+        self._draws: dict[int, _Draw] = {}  # id(tensor) -> draw
+        self.groups: dict[int, set[int]] = {}  # leader slot -> slots that reused its draw
+
+    def clear(self) -> None:
+        self._draws.clear()
+
+    def reuse(self, slot: int, x: Tensor) -> RowSample | None:
+        draw = self._draws.get(id(x))
+        sample = None if draw is None else draw.reuse_for(x)
+        if sample is not None:
+            self.groups.setdefault(draw.leader, {draw.leader}).add(slot)
+        return sample
+
+    def add(self, slot: int, x: Tensor, sample: RowSample) -> None:
+        small = dataclasses.replace(sample, rows=None)
+        self._draws[id(x)] = _Draw(weakref.ref(x), x._version, weakref.ref(sample.rows), small, slot)
+
+    def members(self, num_slots: int) -> Tensor:
+        """(S, S) float32: [leader, member] = 1 for the members of each leader's last draw (and itself)."""
+        table = torch.eye(num_slots)
+        for leader, group in self.groups.items():
+            table[leader, [s for s in group if s < num_slots]] = 1.0
+        return table
+
+    def leaders(self, num_slots: int) -> Tensor:
+        """(S,) int64: the slot whose draw each slot reused (itself when it drew)."""
+        leaders = torch.arange(num_slots)
+        for leader, group in self.groups.items():
+            leaders[[s for s in group if s < num_slots]] = leader
+        return leaders
+
+    def load_leaders(self, leaders: Tensor) -> None:
+        groups: dict[int, set[int]] = {}
+        for slot, leader in enumerate(leaders.tolist()):
+            groups.setdefault(leader, {leader}).add(slot)
+        self.groups = {leader: members for leader, members in groups.items() if len(members) > 1}
+
+
+@dataclass
+class ForwardRows:
+    """How the rows of one stream's activations map to examples in the current forward.
+
+    Attributes:
+        mask: (B, T) bool on the model's device (sampling and the padding check), or None.
+        host_mask: (B, T) bool on the host (cache keys and live-row counts).
+        example_ids: (B,) int64 on the host, or None outside `wtacrs.batch`.
+        live: real rows (host_mask's count).
+    """
+
+    mask: Tensor | None
+    host_mask: Tensor
+    example_ids: Tensor | None
+    live: int
+
+    def matches(self, x: Tensor) -> bool:
+        return x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.host_mask.shape)
+
+
+class NormReader:
+    """Per forward and row mask: every slot's score multiplier, on the device, in one copy.
+
+    multiplier[slot] = ‖dY‖ cached for the slot's draw group (Σ_members ‖dY‖²)^½ (shared draws serve
+    several layers: this p minimises their summed variance), missing ones filled
+    (`estimators.fill_missing_norms`), times the row mask."""
+
+    def __init__(self):
+        self._tables: dict[int, Tensor] = {}  # id(host_mask) -> (S, N) float32 on the device
+
+    def clear(self) -> None:
+        self._tables.clear()
+
+    def multipliers(self, rows: ForwardRows, cache: GradNormCache | None, members: Callable[[int], Tensor],
+                    num_slots: int, device: torch.device) -> Tensor | None:
+        key = id(rows.host_mask)
+        if key not in self._tables:
+            self._tables[key] = self._build(rows, cache, members, num_slots, device)
+        return self._tables[key]
+
+    @staticmethod
+    def _build(rows: ForwardRows, cache: GradNormCache | None, members: Callable[[int], Tensor],
+               num_slots: int, device: torch.device) -> Tensor | None:
+        mask = None if rows.mask is None else rows.mask.reshape(1, -1).to(torch.float32)  # (1, N)
+        if cache is None or rows.example_ids is None:
+            return mask
+        norms = cache.lookup_slots(list(range(cache.num_slots)), rows.example_ids, rows.host_mask)  # (S', B, T)
+        known = norms.isfinite().reshape(cache.num_slots, -1).float()
+        squares = norms.nan_to_num(0.0).square().reshape(cache.num_slots, -1)
+        table = members(num_slots)[:, : cache.num_slots]  # layers added after the cache have no slot
+        combined = torch.where(table @ known > 0, (table @ squares).sqrt(), torch.nan)  # (S, N)
+        if device.type == "cuda":  # pinned + non_blocking: the device never waits for the host
+            combined = combined.pin_memory()
+        filled = fill_missing_norms(combined.to(device, non_blocking=True))
+        return filled if mask is None else filled * mask
+
+
+@dataclass
+class _StepRecords:
+    """One step's norms on their way to the host: codes (R, B, T) uint8, one padding flag per record."""
+
+    slots: list[int]
+    example_ids: Tensor
+    host_mask: Tensor
+    codes: Tensor
+    leaks: Tensor | None  # (R,) bool: a row outside the mask got gradient
+    ready: torch.cuda.Event | None
+
+
+class StepRecorder:
+    """Collects each sampled layer's output-gradient row norms in backward and ships them."""
+
+    def __init__(self):
+        self._pending: list[tuple[int, ForwardRows, Tensor]] = []  # (slot, rows, (B, T) norms on device)
+        self._shipped: list[_StepRecords] = []
+
+    def hook(self, slot: int, rows: ForwardRows, track_padding: bool) -> Callable[[Tensor], None]:
+        """The callback for one layer call's backward: grad (B, T, out) → its row norms, kept."""
+        def on_grad(grad: Tensor) -> None:
+            norms = torch.linalg.vector_norm(grad, dim=-1, dtype=torch.float32)
+            self._pending.append((slot, rows if track_padding else dataclasses.replace(rows, mask=None), norms))
+        return on_grad
+
+    def ship(self) -> None:
+        """End of a step: one non-blocking transfer per row layout (the layers of a forward share one)."""
+        by_rows: dict[int, list[tuple[int, ForwardRows, Tensor]]] = {}
+        for record in self._pending:
+            by_rows.setdefault(id(record[1].host_mask), []).append(record)
+        self._pending = []
+        for records in by_rows.values():
+            self._shipped.append(_ship(records))
+
+    def discard(self) -> None:
+        self._pending = []
+
+    def take(self) -> list[_StepRecords]:
+        shipped, self._shipped = self._shipped, []
+        return shipped
+
+
+def _ship(records: list[tuple[int, ForwardRows, Tensor]]) -> _StepRecords:
+    rows = records[0][1]
+    norms = torch.stack([n for _, _, n in records])  # (R, B, T)
+    masks = [r.mask for _, r, _ in records]
+    leaks = None
+    if any(m is not None for m in masks):
+        outside = torch.stack([~m if m is not None else torch.zeros_like(norms[0], dtype=torch.bool) for m in masks])
+        leaks = norms.masked_fill(~outside, 0.0).amax((1, 2)) > 0
+    codes = _to_host(encode_norms(norms))
+    leaks = None if leaks is None else _to_host(leaks)
+    ready = None
+    if norms.device.type == "cuda":
+        ready = torch.cuda.Event()
+        ready.record()
+    return _StepRecords([s for s, _, _ in records], rows.example_ids, rows.host_mask, codes, leaks, ready)
+
+
+def _to_host(t: Tensor) -> Tensor:
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 class SamplingState:
-    """Everything sampled layers of one model share: config, cache, step counter, the draws of
-    the current forward pass and which layers consumed the same tensor last time."""
+    """Everything sampled layers of one model share: the config, the step counter, the cache, and
+    the units above."""
 
     def __init__(self, config: WTACRSConfig):
         self.config = config
         self.step = 0
-        self.cache: GradNormCache | None = None
-        self._draws: dict[int, _Draw] = {}  # id(tensor) -> draw
-        self._groups: dict[int, set[int]] = {}  # leader slot -> slots that reused its draw
-        self._masks: dict[str, Tensor | None] = {}
+        self._cache: GradNormCache | None = None
+        self.draws = DrawRegistry()
+        self.reader = NormReader()
+        self.recorder = StepRecorder()
+        self._rows: dict[str, ForwardRows | None] = {}  # by stream, for this forward
         self._batch_ids: Tensor | None = None  # example ids of the current forward, if known
-        self._host_masks: dict[tuple[int, int], Tensor] = {}
-        self._cached_norms: dict[tuple[int, int], Tensor] = {}  # per mask: every slot's norms, on x's device
-        self._first_records: list[tuple[int, Tensor, Tensor, Tensor]] = []  # before the cache exists
+        self._uniforms: dict[tuple[torch.device, int], Tensor] = {}
         self._warned_no_ids = False
         self._warned_id_count = False
         self.hook: torch.utils.hooks.RemovableHandle | None = None  # set by wtacrs.apply
         self.layer_names: list[str] = []  # qualified names of the sampled layers, by slot
-        # (slot, largest output-gradient norm of a row outside its mask), checked once per step:
-        # a device scalar each, so backward never waits for the GPU.
-        self._padding_grads: list[tuple[int, Tensor]] = []
         self.num_modules = 0  # modules in the model when its layers were last swapped
         # Data parallel (set by wtacrs.integrations.distributed): each rank draws its own rows,
         # and `sync` exchanges the step's cache records so every rank's cache holds all of them.
@@ -139,196 +320,181 @@ class SamplingState:
         """Sampled layers (slots) so far."""
         return len(self.layer_names)
 
+    @property
+    def _groups(self) -> dict[int, set[int]]:
+        return self.draws.groups
+
+    @property
+    def cache(self) -> GradNormCache | None:
+        """The gradient-norm cache, with every finished step folded in (waits for the device)."""
+        self.flush()
+        return self._cache
+
     # -- per forward pass ----------------------------------------------------------------------
     def begin_forward(self, masks: dict[str, Tensor | None]) -> None:
         """Called before each top-level forward of the model."""
-        self.check_padding_gradients()
-        self._draws.clear()
-        self._host_masks.clear()
-        self._cached_norms.clear()
-        self._masks = {k: None if m is None else m.to(torch.bool) for k, m in masks.items()}
+        self.flush()
+        self.draws.clear()
+        self.reader.clear()
+        self._uniforms.clear()
         batch_context = _current_batch.get()
         if batch_context is not None and self not in batch_context.states:
             batch_context.states.append(self)
         # Read the ids now: a checkpoint recompute runs inside backward, which autograd runs on
         # a device thread for CUDA tensors, where the context variable is not set.
         self._batch_ids = None if batch_context is None else batch_context.example_ids
+        self._rows = {stream: _forward_rows(mask, batch_context) for stream, mask in masks.items()}
         if torch.is_grad_enabled():
             self.step += 1
 
-    def row_mask(self, stream: str, x: Tensor) -> Tensor | None:
-        if not self.config.skip_padding:
-            return None
-        mask = self._masks.get(stream)
-        return mask if mask is not None and mask.shape == x.shape[:-1] else None
-
-    def sample_for(self, slot: int, x: Tensor, row_mask: Tensor | None) -> RowSample:
-        """The shared draw for `x`, drawing it if this is the first layer to read `x`."""
-        draw = self._draws.get(id(x))
-        sample = None if draw is None else draw.reuse_for(x)
-        if sample is not None:
-            self._groups.setdefault(draw.leader, {draw.leader}).add(slot)
-            return sample
-        sample = self._draw(slot, x, row_mask)
-        small = dataclasses.replace(sample, rows=None)
-        self._draws[id(x)] = _Draw(weakref.ref(x), x._version, weakref.ref(sample.rows), small, slot)
-        return sample
-
-    def _draw(self, slot: int, x: Tensor, row_mask: Tensor | None) -> RowSample:
-        generator = torch.Generator(device=x.device)
-        generator.manual_seed(hash((self.config.seed, self.rank, self.step, slot)) & 0x7FFF_FFFF_FFFF_FFFF)
-        return draw_row_sample(
-            x,
-            ratio=self.config.ratio,
-            estimator=self.config.estimator,
-            row_mask=row_mask,
-            grad_norm=self._cached_grad_norm(slot, x, row_mask),
-            generator=generator,
-            budget=self.config.budget,
-        )
-
-    # -- gradient-norm cache -------------------------------------------------------------------
-    def _batch_rows(self, x: Tensor, row_mask: Tensor | None) -> tuple[Tensor, Tensor] | None:
-        """(example ids (B,), mask (B, T)) when x's rows are (example, token) of the current batch."""
-        if self.config.grad_norm != "cache":
-            return None
-        if self._batch_ids is None:
-            if not self._warned_no_ids:
-                logger.warning("wtacrs: no example ids (use wtacrs.batch(ids)); sampling by activation norms only")
-                self._warned_no_ids = True
-            return None
-        ids = self._batch_ids
-        if x.dim() != 3 or x.shape[0] != ids.numel():
-            if x.dim() == 3 and not self._warned_id_count:
-                logger.warning(
-                    "wtacrs: %d example ids for a batch of %d; this layer samples by activation norms only",
-                    ids.numel(), x.shape[0],
-                )
+    def rows_for(self, stream: str, x: Tensor) -> ForwardRows | None:
+        """The example/row layout of x's rows, if they are (example, token) rows of this forward."""
+        rows = self._rows.get(stream)
+        if rows is None and stream in self._rows:  # no mask given: every row is real
+            rows = self._unmasked_rows(x)
+        if rows is None or not rows.matches(x):
+            if x.dim() == 3 and rows is not None and rows.example_ids is not None and not self._warned_id_count:
+                logger.warning("wtacrs: %d example ids for a batch of %d; this layer samples by activation norms only",
+                               rows.example_ids.numel(), x.shape[0])
                 self._warned_id_count = True
             return None
-        return ids, row_mask if row_mask is not None else self._all_rows(x.shape[0], x.shape[1])
+        return rows
 
-    def _all_rows(self, batch: int, length: int) -> Tensor:
-        """A host all-True (batch, length) mask, one per shape and forward (so lookups can key on it)."""
-        key = (-batch, -length)  # ids of live tensors are positive: no clash with _host_mask's keys
-        if key not in self._host_masks:
-            self._host_masks[key] = torch.ones(batch, length, dtype=torch.bool)
-        return self._host_masks[key]
-
-    def _cached_grad_norm(self, slot: int, x: Tensor, row_mask: Tensor | None) -> Tensor | None:
-        rows = self._batch_rows(x, row_mask)
-        if rows is None or self.cache is None:
+    def _unmasked_rows(self, x: Tensor) -> ForwardRows | None:
+        ids = self._batch_ids
+        if ids is None or x.dim() != 3 or x.shape[0] != ids.numel():
             return None
-        members = [s for s in self._groups.get(slot, {slot}) if s < self.cache.num_slots]
-        if not members:
-            return None
-        norms = self._all_cached_norms(*rows, x.device)[members]  # (members, B, T)
-        # Shared draws serve several layers: p_i ∝ ‖X_i‖·(Σ_layers ‖dY_i‖²)^½ minimises their summed variance.
-        combined = norms.nan_to_num(0.0).square().sum(0).sqrt()
-        return torch.where(norms.isnan().all(0), torch.nan, combined)
+        key = f"unmasked-{x.shape[0]}x{x.shape[1]}"
+        if key not in self._rows:  # one per shape and forward, so the reader's tables key on it
+            self._rows[key] = ForwardRows(None, torch.ones(x.shape[:2], dtype=torch.bool), ids, x.shape[0] * x.shape[1])
+        return self._rows[key]
 
-    def _all_cached_norms(self, ids: Tensor, mask: Tensor, device: torch.device) -> Tensor:
-        """(slots, B, T) cached norms of every slot for this forward's rows, looked up once per
-        forward and row mask: one host gather and one transfer instead of one per draw (on a
-        GPU each per-draw lookup cost host work and a transfer; profiled in GPU_H200.md)."""
-        key = (id(mask), mask.data_ptr())
-        if key not in self._cached_norms:
-            norms = self.cache.lookup_slots(list(range(self.cache.num_slots)), ids, self._host_mask(mask))
-            if device.type == "cuda":  # pinned + non_blocking: no wait for the GPU's queue
-                norms = norms.pin_memory().to(device, non_blocking=True)
-            self._cached_norms[key] = norms.to(device)
-        return self._cached_norms[key]
+    def sample_for(self, slot: int, x: Tensor, rows: ForwardRows | None) -> RowSample:
+        """The shared draw for `x`, drawing it if this is the first layer to read `x`."""
+        sample = self.draws.reuse(slot, x)
+        if sample is None:
+            sample = self._draw(slot, x, rows)
+            self.draws.add(slot, x, sample)
+        return sample
 
-    def _host_mask(self, mask: Tensor) -> Tensor:
-        """A host copy of a (B, T) mask, made once per forward: every layer sees the same few masks."""
-        if mask.device.type == "cpu":
-            return mask
-        key = (id(mask), mask.data_ptr())
-        if key not in self._host_masks:
-            self._host_masks[key] = mask.cpu()
-        return self._host_masks[key]
+    def _draw(self, slot: int, x: Tensor, rows: ForwardRows | None) -> RowSample:
+        num_rows = x.numel() // x.shape[-1]
+        sampled_mask = rows is not None and rows.mask is not None and self.config.skip_padding
+        k = slot_budget(self.config.ratio, self.config.budget, num_rows, rows.live if sampled_mask else None)
+        multiplier = None
+        if rows is not None:
+            table = self.reader.multipliers(
+                rows if sampled_mask else dataclasses.replace(rows, mask=None),
+                self._cache if self.config.grad_norm == "cache" else None,
+                self.draws.members, self.num_layers, x.device)
+            multiplier = None if table is None else table[0 if table.shape[0] == 1 else slot]
+        estimator = self.config.estimator
+        u = self._uniform_table(x.device, uniforms_needed(estimator, k, num_rows))[slot]
+        return draw_rows(x, k, estimator, multiplier, u, rows.live if sampled_mask else None)
 
-    def watch_output(self, slot: int, x: Tensor, row_mask: Tensor | None, y: Tensor) -> None:
-        """In backward: check that rows outside `row_mask` get a zero output gradient, and record
-        ‖dY_i‖ of the rows inside it for the next visit of these examples."""
-        rows = self._batch_rows(x, row_mask)
-        if not y.requires_grad or (rows is None and row_mask is None):
-            return
-        y.register_hook(lambda grad: self._on_output_grad(slot, row_mask, rows, grad))
+    def _uniform_table(self, device: torch.device, count: int) -> Tensor:
+        """(S, count) uniforms of this step, one stream per slot, made once per forward and size."""
+        key = (device, count)
+        if key not in self._uniforms:
+            step_key = counter_rng.stream_key(self.config.seed, self.rank, self.step)
+            slots = torch.arange(self.num_layers, device=device)
+            self._uniforms[key] = counter_rng.uniforms(counter_rng.hash32(slots ^ step_key), count)
+        return self._uniforms[key]
 
-    def _on_output_grad(self, slot: int, row_mask: Tensor | None, rows: tuple[Tensor, Tensor] | None,
-                        grad: Tensor) -> None:
-        norms = torch.linalg.vector_norm(grad, dim=-1, dtype=torch.float32)  # (B, T), on grad's device
-        if row_mask is not None:
-            self._padding_grads.append((slot, norms.masked_fill(row_mask, 0.0).amax()))
+    def grad_hook(self, slot: int, rows: ForwardRows | None) -> Callable[[Tensor], None] | None:
+        """In backward: record ‖dY_i‖ per row for the cache and the padding check."""
         if rows is None:
-            return
-        if self.cache is None:
-            self._first_records.append((slot, *rows, norms))
-        elif slot < self.cache.num_slots:  # a layer added after the cache was sized
-            self.cache.record(slot, *rows, norms)
+            return None
+        if rows.example_ids is None or self.config.grad_norm != "cache":
+            if not self._warned_no_ids and self.config.grad_norm == "cache":
+                logger.warning("wtacrs: no example ids (use wtacrs.batch(ids)); sampling by activation norms only")
+                self._warned_no_ids = True
+            if rows.mask is None or not self.config.skip_padding:
+                return None
+        return self.recorder.hook(slot, rows, track_padding=self.config.skip_padding)
 
-    def check_padding_gradients(self) -> None:
-        """Raise PaddingGradientError if a row skipped as padding got a non-zero output gradient
-        since the last check (the estimate then lacks that row's share of dW: biased)."""
-        if not self._padding_grads:
-            return
-        slots, largest = zip(*self._padding_grads)
-        self._padding_grads = []
-        device = largest[0].device  # one transfer for all layers (a no-op move unless model-parallel)
-        leaking = (torch.stack([g.to(device) for g in largest]).cpu() > 0).nonzero().flatten().tolist()
-        if leaking:
-            names = sorted({self.layer_names[slots[i]] for i in leaking})
-            raise PaddingGradientError(
-                f"wtacrs: padding rows (outside attention_mask) got a non-zero output gradient in {len(names)} "
-                f"sampled layer(s), e.g. {names[0]}: the loss reads padded positions (an extractive-QA head's "
-                "softmax spans every position), so skipping them biases the weight gradient. Use "
-                "WTACRSConfig(skip_padding=False), or keep padded positions out of the loss."
-            )
-
+    # -- end of a step -------------------------------------------------------------------------
     def commit(self) -> None:
-        """End of a training step: write the recorded norms. The cache is created at the first
-        commit, so layers PEFT adds between `apply` and training get a slot."""
-        self.check_padding_gradients()
-        if self.cache is None and (self._first_records or self.sync is not None):
-            self.cache = GradNormCache(self.num_layers, position_prior=self.config.position_prior)
-        for record in self._first_records:
-            self.cache.record(*record)
-        self._first_records = []
-        if self.cache is not None:
-            if self.sync is not None:  # a collective: every rank commits at every step
-                self.cache.exchange_pending(self.sync)
-            self.cache.commit()
+        """End of a training step: ship the recorded norms; folded in at the cache's next use
+        (at once under data parallelism, whose exchange is a collective of every step)."""
+        self.recorder.ship()
+        if self.sync is not None:
+            self.flush()
 
     def discard_pending(self) -> None:
-        self._first_records = []
-        self._padding_grads = []
-        if self.cache is not None:
-            self.cache.discard_pending()
+        self.recorder.discard()
+
+    def flush(self) -> None:
+        """Fold every shipped step into the cache, raising PaddingGradientError if a row skipped
+        as padding got a non-zero output gradient (the estimate then lacked that row's share)."""
+        shipped = self.recorder.take()
+        if not shipped and self.sync is None:
+            return
+        for records in shipped:
+            if records.ready is not None:
+                records.ready.synchronize()
+            self._check_padding(records)
+        if self._cache is None and (any(r.example_ids is not None for r in shipped) or self.sync is not None):
+            self._cache = GradNormCache(self.num_layers, position_prior=self.config.position_prior)
+        if self._cache is None:
+            return
+        for records in shipped:
+            if records.example_ids is None:
+                continue
+            for slot, codes in zip(records.slots, records.codes):
+                if slot < self._cache.num_slots:  # a layer added after the cache was sized
+                    self._cache.record(slot, records.example_ids, records.host_mask, codes)
+        if self.sync is not None:  # a collective: every rank commits at every step
+            self._cache.exchange_pending(self.sync)
+        self._cache.commit()
+
+    def check_padding_gradients(self) -> None:
+        """Fold finished steps now, raising PaddingGradientError if one broke the padding assumption."""
+        self.flush()
+
+    def _check_padding(self, records: _StepRecords) -> None:
+        if records.leaks is None or not bool(records.leaks.any()):
+            return
+        names = sorted({self.layer_names[records.slots[i]] for i in records.leaks.nonzero().flatten().tolist()})
+        raise PaddingGradientError(
+            f"wtacrs: padding rows (outside attention_mask) got a non-zero output gradient in {len(names)} "
+            f"sampled layer(s), e.g. {names[0]}: the loss reads padded positions (an extractive-QA head's "
+            "softmax spans every position), so skipping them biases the weight gradient. Use "
+            "WTACRSConfig(skip_padding=False), or keep padded positions out of the loss."
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors that make a resumed run sample like an uninterrupted one."""
         # Which layers share a draw decides whose cached norms score it.
-        leaders = torch.arange(self.num_layers)
-        for leader, members in self._groups.items():
-            leaders[list(members)] = leader
-        state = {"step": torch.tensor(self.step), "group_leader": leaders}
+        state = {"step": torch.tensor(self.step), "group_leader": self.draws.leaders(self.num_layers)}
         if self.cache is not None:
             state.update({f"cache.{k}": v for k, v in self.cache.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.recorder.take()
         self.step = int(state["step"])
-        self._groups = {}
-        for slot, leader in enumerate(state["group_leader"].tolist()):
-            self._groups.setdefault(leader, {leader}).add(slot)
-        self._groups = {leader: members for leader, members in self._groups.items() if len(members) > 1}
+        self.draws.load_leaders(state["group_leader"])
         cache = {k.removeprefix("cache."): v for k, v in state.items() if k.startswith("cache.")}
         if cache:
-            self.cache = GradNormCache(int(cache["num_slots"]), position_prior=self.config.position_prior)
-            self.cache.load_state_dict(cache)
+            self._cache = GradNormCache(int(cache["num_slots"]), position_prior=self.config.position_prior)
+            self._cache.load_state_dict(cache)
 
+
+def _forward_rows(mask: Tensor | None, context: BatchContext | None) -> ForwardRows | None:
+    """The row layout of one stream from its (B, T) mask; the host copy comes from the batch
+    context when it matches (no wait), else from the mask itself (one copy per forward)."""
+    ids = None if context is None else context.example_ids
+    if mask is None:
+        return None
+    mask = mask.to(torch.bool)
+    host = context.attention_mask if context is not None else None
+    if host is None or host.shape != mask.shape:
+        host = mask.cpu()
+    if ids is not None and ids.numel() != mask.shape[0]:
+        ids = None
+    return ForwardRows(mask, host, ids, int(host.sum()))
 
 
 class SampledLayerMixin:
@@ -343,10 +509,8 @@ class SampledLayerMixin:
         if not (self.training and needs_sampling(weight, state.config.ratio, state.config.estimator)):
             return F.linear(x, weight, bias)
         slot = self.wtacrs_slot
-        row_mask = state.row_mask(self.wtacrs_stream, x)
-        y = linear_with_sample(x, weight, bias, state.sample_for(slot, x, row_mask))
-        state.watch_output(slot, x, row_mask, y)
-        return y
+        rows = state.rows_for(self.wtacrs_stream, x)
+        return linear_with_sample(x, weight, bias, state.sample_for(slot, x, rows), state.grad_hook(slot, rows))
 
 
 class SampledLinear(SampledLayerMixin, nn.Linear):

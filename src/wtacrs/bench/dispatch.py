@@ -1,0 +1,72 @@
+"""Counting the ATen calls of a training step, and the ones that make a GPU wait for the host.
+
+A GPU runs ahead of Python only while nothing asks it for a value: every call below copies a
+device value to the host (a number, or a result whose size depends on the data) and stalls the
+queue. On a CPU none of them costs a wait, but the count is the same, so the CPU measures what a
+GPU would suffer. Per-call overhead (a kernel launch each on a GPU) is what the total counts.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Calls whose result needs data on the host: a scalar read, or an output whose shape is data.
+SYNC_OPS: frozenset[str] = frozenset({
+    "_local_scalar_dense", "item", "nonzero", "nonzero_static", "unique", "_unique", "_unique2", "unique_dim",
+    "unique_consecutive", "masked_select", "repeat_interleave", "is_nonzero", "equal",
+})
+
+
+class AtenCounter(TorchDispatchMode):
+    """`with AtenCounter() as c: step()` counts every ATen call (`c.calls`) by name and the
+    sync-forcing ones (`c.syncs`): those in SYNC_OPS, and copies from a GPU to the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+        self.syncs: Counter[str] = Counter()
+        self.sync_sites: Counter[str] = Counter()  # "module:function" of the wtacrs code that asked
+        self.call_sites: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.calls[name] += 1
+        site = _library_site()
+        self.call_sites[site] += 1
+        if name in SYNC_OPS or _copies_to_host(name, args, kwargs or {}):
+            self.syncs[name] += 1
+            self.sync_sites[site] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+    @property
+    def total_syncs(self) -> int:
+        return sum(self.syncs.values())
+
+
+def _copies_to_host(name: str, args: tuple, kwargs: dict) -> bool:
+    """A `.cpu()`/`.to("cpu")`/`copy_` of a tensor that lives on an accelerator."""
+    if name == "_to_copy" and args and isinstance(args[0], torch.Tensor):
+        target = kwargs.get("device")
+        return args[0].device.type != "cpu" and target is not None and torch.device(target).type == "cpu"
+    if name == "copy_" and len(args) >= 2 and isinstance(args[1], torch.Tensor):
+        return args[0].device.type == "cpu" and args[1].device.type != "cpu" and not kwargs.get("non_blocking")
+    return False
+
+
+def _library_site() -> str:
+    """The innermost wtacrs function (outside wtacrs.bench) on the stack, or "model" if none."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("wtacrs.") and not module.startswith("wtacrs.bench"):
+            return f"{module}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "model"
