@@ -415,26 +415,31 @@ class SamplingState:
 
     # -- end of a step -------------------------------------------------------------------------
     def commit(self) -> None:
-        """End of a training step: ship the recorded norms; folded in at the cache's next use
-        (at once under data parallelism, whose exchange is a collective of every step)."""
+        """End of a training step: ship the recorded norms, folded in at the cache's next use;
+        under data parallelism at once, as the exchange is a collective of every rank and step."""
         self.recorder.ship()
         if self.sync is not None:
-            self.flush()
+            self._fold(self.recorder.take(), exchange=True)
 
     def discard_pending(self) -> None:
         self.recorder.discard()
 
     def flush(self) -> None:
-        """Fold every shipped step into the cache, raising PaddingGradientError if a row skipped
-        as padding got a non-zero output gradient (the estimate then lacked that row's share)."""
+        """Fold every shipped step into the cache (waiting for its transfer), raising
+        PaddingGradientError if a row skipped as padding got a non-zero output gradient (the
+        estimate then lacked that row's share of dW)."""
+        self.recorder.ship()  # norms recorded outside `wtacrs.batch` too: the padding check needs them
         shipped = self.recorder.take()
-        if not shipped and self.sync is None:
-            return
+        if shipped:
+            self._fold(shipped, exchange=False)
+
+    def _fold(self, shipped: list[_StepRecords], exchange: bool) -> None:
         for records in shipped:
             if records.ready is not None:
                 records.ready.synchronize()
             self._check_padding(records)
-        if self._cache is None and (any(r.example_ids is not None for r in shipped) or self.sync is not None):
+        if self._cache is None and (exchange or any(r.example_ids is not None for r in shipped)):
+            # created at the first fold, so layers PEFT adds between `apply` and training get a slot
             self._cache = GradNormCache(self.num_layers, position_prior=self.config.position_prior)
         if self._cache is None:
             return
@@ -444,7 +449,7 @@ class SamplingState:
             for slot, codes in zip(records.slots, records.codes):
                 if slot < self._cache.num_slots:  # a layer added after the cache was sized
                     self._cache.record(slot, records.example_ids, records.host_mask, codes)
-        if self.sync is not None:  # a collective: every rank commits at every step
+        if exchange:
             self._cache.exchange_pending(self.sync)
         self._cache.commit()
 

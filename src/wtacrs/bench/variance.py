@@ -56,8 +56,7 @@ def capture_linear_io(model: nn.Module, inputs: dict[str, Tensor],
 
 def _estimate(x: Tensor, dy: Tensor, ratio: float, estimator: str, generator: torch.Generator) -> Tensor:
     sample = draw_row_sample(x, ratio=ratio, estimator=estimator, grad_norm=dy.norm(dim=1), generator=generator)
-    picked = dy.index_select(0, sample.indices) * sample.weights.unsqueeze(1)  # (M, out)
-    return picked.mT @ sample.rows
+    return dy.index_select(0, sample.indices).mT @ sample.rows  # the rows come weighted
 
 
 def layer_variance(x: Tensor, dy: Tensor, ratio: float, draws: int, generator: torch.Generator) -> dict[str, dict]:
