@@ -52,6 +52,7 @@ good as any unbiased scheme with k).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -138,9 +139,19 @@ def winner_counts(top: Tensor, total: Tensor) -> Tensor:
         (L, 1) int64 (the first minimum: the fewest winners among equals). The residual here is
         a difference and may cancel; it only chooses |C|, which any value leaves unbiased.
     """
-    k = top.shape[1]
     residual = total - (top.cumsum(1) - top)  # (L, k): mass outside the first i winners
-    return (residual / torch.arange(k, 0, -1, device=top.device)).argmin(1, keepdim=True)
+    return (residual / _countdown(top.shape[1], top.device)).argmin(1, keepdim=True)
+
+
+@functools.cache
+def _countdown(k: int, device: torch.device) -> Tensor:
+    """k, k − 1, …, 1: the draws left after each number of winners (made once per k and device)."""
+    return torch.arange(k, 0, -1, device=device)
+
+
+@functools.cache
+def _slots(k: int, device: torch.device) -> Tensor:
+    return torch.arange(k, device=device)
 
 
 def _column_row(scores: Tensor, k: int, u: Tensor, winners: bool) -> tuple[Tensor, Tensor]:
@@ -152,24 +163,24 @@ def _column_row(scores: Tensor, k: int, u: Tensor, winners: bool) -> tuple[Tenso
     as the step of the cumulative sum at j, so the weight inverts the very probability the float32
     sum drew with: no cancellation can bias it.
     """
-    slots = torch.arange(k, device=scores.device)
     if winners:
         top, order = scores.topk(k, dim=1)  # (L, k) descending
         count = winner_counts(top, scores.sum(1, keepdim=True))  # (L, 1)
-        is_winner = slots < count  # (L, k)
-        rest = scores.scatter(1, order, torch.where(is_winner, 0.0, top))  # winners' scores removed
+        is_winner = _slots(k, scores.device) < count  # (L, k)
+        rest = scores.scatter(1, order, top.masked_fill(is_winner, 0.0))  # winners' scores removed
+        draws_left = k - count
     else:
-        order, count, is_winner, rest = None, 0, torch.zeros_like(u, dtype=torch.bool), scores
+        rest, draws_left = scores, k
     cumulative = torch.nn.functional.pad(rest.cumsum(1), (1, 0))  # (L, N + 1), starts at 0
     mass = cumulative[:, -1:]  # (L, 1)
     # u ∈ (0, 1]: the target is positive, so the first index reaching it has a positive step.
-    target = (u * mass).clamp(min=torch.finfo(torch.float32).tiny)
-    drawn = torch.searchsorted(cumulative, target).clamp(1, scores.shape[1])  # (L, k) in 1 … N
-    step = cumulative.gather(1, drawn) - cumulative.gather(1, drawn - 1)  # r_j as the sum drew it
-    weights = mass / ((k - count) * step)
-    weights = torch.where(is_winner, 1.0, torch.where(step > 0, weights, 0.0))  # mass 0: nothing to draw
-    indices = drawn - 1 if order is None else torch.where(is_winner, order, drawn - 1)
-    return indices, weights
+    after = torch.searchsorted(cumulative, u * mass).clamp_(1, scores.shape[1])  # (L, k): row + 1
+    drawn = after - 1
+    step = cumulative.gather(1, after) - cumulative.gather(1, drawn)  # r_j as the sum drew it
+    weights = (mass / step / draws_left).nan_to_num_(nan=0.0, posinf=0.0)  # mass 0: nothing to draw
+    if not winners:
+        return drawn, weights
+    return torch.where(is_winner, order, drawn), weights.masked_fill_(is_winner, 1.0)
 
 
 def _priority(scores: Tensor, k: int, u: Tensor) -> tuple[Tensor, Tensor]:
