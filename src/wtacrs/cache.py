@@ -178,26 +178,30 @@ class GradNormCache:
         self._pending = list(exchange(self._materialize_pending()))
 
     def commit(self) -> None:
-        """Write all buffered records."""
-        positions: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # the layers of a step share ids and mask
-        for slot, ids, mask, codes in self._materialize_pending():
-            key = (id(ids), id(mask))
-            if key not in positions:
-                length = mask.sum(1).to(torch.int32)
-                offset = self._allocate(ids, length)
-                ordinal = (mask.cumsum(1) - 1)[mask]  # (U,) real-token ordinals
-                step = length.unsqueeze(1).expand_as(mask)[mask].to(torch.int64)
-                positions[key] = (offset.unsqueeze(1).expand_as(mask)[mask] + ordinal, step, ordinal)
-            first, step, ordinal = positions[key]  # first: (U,) slot-0 positions
-            self._data[first + slot * step] = codes[mask]
-            self._update_prior(slot, ordinal, codes[mask])
+        """Write all buffered records: one scatter per row layout (the layers of a step share one)."""
+        groups: dict[tuple, list[PendingRecord]] = {}
+        for record in self._materialize_pending():
+            _, ids, mask, _ = record  # records of one step hold views of the same ids and mask
+            groups.setdefault((ids.data_ptr(), mask.data_ptr(), tuple(mask.shape)), []).append(record)
+        for records in groups.values():
+            records = list({r[0]: r for r in records}.values())  # a slot called twice (ALBERT): its last call
+            _, ids, mask, _ = records[0]
+            slots = torch.tensor([r[0] for r in records])  # (R,)
+            codes = torch.stack([r[3] for r in records])[:, mask]  # (R, U) codes of the real tokens
+            length = mask.sum(1).to(torch.int32)
+            offset = self._allocate(ids, length)
+            ordinal = (mask.cumsum(1) - 1)[mask]  # (U,) real-token ordinals
+            step = length.unsqueeze(1).expand_as(mask)[mask].to(torch.int64)
+            first = offset.unsqueeze(1).expand_as(mask)[mask] + ordinal  # (U,) slot-0 positions
+            self._data[first + slots.unsqueeze(1) * step] = codes
+            self._update_prior(slots, ordinal, codes)
         self._pending.clear()
 
-    def _update_prior(self, slot: int, positions: Tensor, codes: Tensor) -> None:
-        """Fold one record's per-position mean norm into the slot's moving average.
+    def _update_prior(self, slots: Tensor, positions: Tensor, codes: Tensor) -> None:
+        """Fold one row layout's per-position mean norms into the slots' moving averages.
 
         Args:
-            positions: (U,) real-token ordinals of the record's tokens; codes: (U,) their codes.
+            slots: (R,) slots; positions: (U,) real-token ordinals; codes: (R, U) their codes.
         """
         norms = decode_norms(codes).nan_to_num(0.0)
         size = int(positions.max()) + 1 if positions.numel() else 0
@@ -205,11 +209,11 @@ class GradNormCache:
             grown = torch.full((self.num_slots, size), torch.nan)
             grown[:, : self._prior.shape[1]] = self._prior
             self._prior = grown
-        count = torch.zeros(size).index_add_(0, positions, torch.ones_like(norms))
-        mean = torch.zeros(size).index_add_(0, positions, norms) / count.clamp(min=1)
-        old = self._prior[slot, :size]
+        count = torch.zeros(size).index_add_(0, positions, torch.ones(positions.shape))
+        mean = torch.zeros(len(slots), size).index_add_(1, positions, norms) / count.clamp(min=1)
+        old = self._prior[slots, :size]
         update = torch.where(old.isnan(), mean, PRIOR_DECAY * old + (1 - PRIOR_DECAY) * mean)
-        self._prior[slot, :size] = torch.where(count > 0, update, old)
+        self._prior[slots, :size] = torch.where(count > 0, update, old)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Compact tensors (no spare capacity); pending records are not included."""

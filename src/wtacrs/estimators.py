@@ -231,7 +231,8 @@ def sample_slots(scores: Tensor, k: int, estimator: Estimator, u: Tensor | None)
     if estimator == "topk":
         values, indices = scores.topk(k, dim=1)
         return indices, (values > 0).float()
-    u = u[:, : uniforms_needed(estimator, k, n)]
+    needed = uniforms_needed(estimator, k, n)
+    u = u if u.shape[1] == needed else u[:, :needed]
     if estimator == "uniform":
         return _uniform(scores, k, u)
     if estimator == "priority" and k >= 2:

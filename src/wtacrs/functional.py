@@ -88,9 +88,11 @@ class RowSample:
     num_rows: int
 
 
-def row_norms(x: Tensor, dim: int = -1) -> Tensor:
-    """Norms along `dim`, accumulated in at least float32 (half-precision sums overflow)."""
-    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.promote_types(x.dtype, torch.float32))
+def row_norms(x: Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> Tensor:
+    """Norms along `dim`, accumulated in at least float32 (half-precision sums overflow), or in `dtype`."""
+    if dtype is None:
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(x, dim=dim, dtype=dtype)
 
 
 def slot_budget(ratio: float, budget: Budget, num_rows: int, live_rows: int | None) -> int:
@@ -105,21 +107,21 @@ def draw_rows(x: Tensor, k: int, estimator: Estimator, multiplier: Tensor | None
     """k slots of the rows of x (..., in_features), scored ‖X_i‖ · multiplier_i.
 
     Args:
-        multiplier: (N,) float32 per-row factor of the score: the gradient-norm estimate, 0 for
+        multiplier: (1, N) float32 per-row factor of the score: the gradient-norm estimate, 0 for
             rows never to be drawn (padding); None for 1.
-        u: (>= uniforms_needed(estimator, k, N),) uniforms in (0, 1]; see `wtacrs.counter_rng`.
+        u: (1, >= uniforms_needed(estimator, k, N)) uniforms in (0, 1]; see `wtacrs.counter_rng`.
         live_rows: how many rows have a non-zero multiplier, if known on the host: when k covers
             them all, they are all kept with weight 1 (the exact product).
     """
     if live_rows is not None and k >= live_rows:
         estimator = "topk"  # the k largest scores hold every live row: exact, not an approximation
     flat = x.detach().reshape(-1, x.shape[-1])
-    scores = row_norms(flat).to(torch.float32)
+    scores = row_norms(flat.view(1, *flat.shape)).to(torch.float32)  # (1, N); a no-op unless float64
     if multiplier is not None:
         scores = scores * multiplier
-    indices, weights = sample_slots(scores.unsqueeze(0), k, estimator, None if u is None else u.unsqueeze(0))
+    indices, weights = sample_slots(scores, k, estimator, u)
     indices, weights = indices[0], weights[0]
-    return RowSample(indices, weights, gather_rows(x, indices, weights), flat.shape[0])
+    return RowSample(indices, weights, _weighted_rows(x, flat, indices, weights), flat.shape[0])
 
 
 def draw_row_sample(
@@ -156,25 +158,30 @@ def draw_row_sample(
     if not bool(torch.isfinite(x.detach()).all()):
         raise ValueError("sampling scores must be finite (non-finite activations?)")
     num_rows = x.numel() // x.shape[-1]
-    multiplier = None if grad_norm is None else fill_missing_norms(grad_norm.reshape(-1))
+    multiplier = None if grad_norm is None else fill_missing_norms(grad_norm.reshape(1, -1))
     if row_mask is not None:
-        mask = row_mask.reshape(-1).to(torch.float32)
+        mask = row_mask.reshape(1, -1).to(torch.float32)
         multiplier = mask if multiplier is None else multiplier * mask
     live = None if row_mask is None else int(row_mask.sum())
     k = slot_budget(ratio, budget, num_rows, live)
-    u = 1.0 - torch.rand(uniforms_needed(estimator, k, num_rows), generator=generator, device=x.device)  # (0, 1]
+    u = 1.0 - torch.rand(1, uniforms_needed(estimator, k, num_rows), generator=generator, device=x.device)  # (0, 1]
     return draw_rows(x, k, estimator, multiplier, u, live)
 
 
 def gather_rows(x: Tensor, indices: Tensor, weights: Tensor) -> Tensor | RowRecipe:
     """(k, in_features) rows `indices` of x (..., in_features) times `weights`, in the dtype the
     op computes in; or x's `RowRecipe` if it has a valid one (no copy: backward recomputes them)."""
+    return _weighted_rows(x, x.detach().reshape(-1, x.shape[-1]), indices, weights)
+
+
+def _weighted_rows(x: Tensor, flat: Tensor, indices: Tensor, weights: Tensor) -> Tensor | RowRecipe:
+    """`gather_rows` given x's detached (N, in_features) view `flat`."""
     recipe = getattr(x, _RECIPE, None)
     if recipe is not None and recipe.version == x._version:
         return recipe
-    dtype = autocast_dtype(x) or x.dtype
-    rows = x.detach().reshape(-1, x.shape[-1]).index_select(0, indices)
-    return rows.mul_(weights.unsqueeze(1)).to(dtype)
+    rows = flat.index_select(0, indices).mul_(weights.unsqueeze(1))
+    dtype = autocast_dtype(x)
+    return rows if dtype is None else rows.to(dtype)
 
 
 class _LinearWithRowSample(torch.autograd.Function):

@@ -209,7 +209,7 @@ class NormReader:
     @staticmethod
     def _build(rows: ForwardRows, cache: GradNormCache | None, members: Callable[[int], Tensor],
                num_slots: int, device: torch.device) -> Tensor | None:
-        mask = None if rows.mask is None else rows.mask.reshape(1, -1).to(torch.float32)  # (1, N)
+        mask = None if rows.mask is None else rows.mask.view(1, -1).to(torch.float32)  # (1, N)
         if cache is None or rows.example_ids is None:
             return mask
         norms = cache.lookup_slots(list(range(cache.num_slots)), rows.example_ids, rows.host_mask)  # (S', B, T)
@@ -387,9 +387,9 @@ class SamplingState:
                 rows if sampled_mask else dataclasses.replace(rows, mask=None),
                 self._cache if self.config.grad_norm == "cache" else None,
                 self.draws.members, self.num_layers, x.device)
-            multiplier = None if table is None else table[0 if table.shape[0] == 1 else slot]
+            multiplier = table if table is None or table.shape[0] == 1 else table[slot : slot + 1]
         estimator = self.config.estimator
-        u = self._uniform_table(x.device, uniforms_needed(estimator, k, num_rows))[slot]
+        u = self._uniform_table(x.device, uniforms_needed(estimator, k, num_rows))[slot : slot + 1]
         return draw_rows(x, k, estimator, multiplier, u, rows.live if sampled_mask else None)
 
     def _uniform_table(self, device: torch.device, count: int) -> Tensor:
