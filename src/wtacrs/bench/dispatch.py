@@ -21,6 +21,18 @@ SYNC_OPS: frozenset[str] = frozenset({
 })
 
 
+# wtacrs code that works on host tensors only (the cache's store, the batch's host mask and ids):
+# its calls cost host time but never make a GPU wait, so they are counted apart.
+HOST_SITES: tuple[str, ...] = ("wtacrs.cache:", "wtacrs.layers:batch", "wtacrs.layers:_forward_rows",
+                               "wtacrs.layers:_check_padding", "wtacrs.layers:_fold",
+                               "wtacrs.companions.dropout:_draw_seed")  # a seed from the host generator
+DEVICE_SITES_IN_HOST_MODULES: tuple[str, ...] = ("wtacrs.cache:encode_norms",)
+
+
+def is_host_site(site: str) -> bool:
+    return site.startswith(HOST_SITES) and not site.startswith(DEVICE_SITES_IN_HOST_MODULES)
+
+
 class AtenCounter(TorchDispatchMode):
     """`with AtenCounter() as c: step()` counts every ATen call (`c.calls`) by name and the
     sync-forcing ones (`c.syncs`): those in SYNC_OPS, and copies from a GPU to the host."""
@@ -50,6 +62,14 @@ class AtenCounter(TorchDispatchMode):
     def total_syncs(self) -> int:
         return sum(self.syncs.values())
 
+    def summary(self) -> dict[str, int]:
+        """Calls and sync-forcing calls, all and on the device path (host-only sites left out)."""
+        host_calls = sum(n for site, n in self.call_sites.items() if is_host_site(site))
+        host_syncs = sum(n for site, n in self.sync_sites.items() if is_host_site(site))
+        return {"aten_calls": self.total, "sync_calls": self.total_syncs,
+                "device_calls": self.total - host_calls, "device_syncs": self.total_syncs - host_syncs,
+                "host_store_calls": host_calls}
+
 
 def _copies_to_host(name: str, args: tuple, kwargs: dict) -> bool:
     """A `.cpu()`/`.to("cpu")`/`copy_` of a tensor that lives on an accelerator."""
@@ -62,11 +82,11 @@ def _copies_to_host(name: str, args: tuple, kwargs: dict) -> bool:
 
 
 def _library_site() -> str:
-    """The innermost wtacrs function (outside wtacrs.bench) on the stack, or "model" if none."""
+    """The innermost library function (outside wtacrs.bench and wtacrs.cli) on the stack, or "model"."""
     frame = sys._getframe(2)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
-        if module.startswith("wtacrs.") and not module.startswith("wtacrs.bench"):
+        if module.startswith("wtacrs.") and not module.startswith(("wtacrs.bench", "wtacrs.cli")):
             return f"{module}:{frame.f_code.co_name}"
         frame = frame.f_back
     return "model"

@@ -198,10 +198,11 @@ def _ensure_companions(model: nn.Module, method: Method) -> None:
                      recompute_attention=method.recompute_attention)
 
 
-def batch_context(method: Method, example_ids: Tensor) -> contextlib.AbstractContextManager:
-    """`wtacrs.batch(example_ids)` for methods that sample, else a no-op context."""
+def batch_context(method: Method, example_ids: Tensor, host_mask: Tensor | None = None
+                  ) -> contextlib.AbstractContextManager:
+    """`wtacrs.batch(example_ids, host_mask)` for methods that sample, else a no-op context."""
     if not method.uses_wtacrs:
         return contextlib.nullcontext()
     import wtacrs
 
-    return wtacrs.batch(example_ids)
+    return wtacrs.batch(example_ids, host_mask)

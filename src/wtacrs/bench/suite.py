@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from wtacrs.bench.rss import peak_rss_of_step
 from wtacrs.bench.training import (
     Trial,
+    count_step_calls,
     make_trial,
     measure_step_memory,
     measure_step_time,
@@ -79,6 +80,18 @@ def run_memory(setup: Setup, rss: bool, on_row: RowsCallback | None = None) -> l
             row.update(peak_rss_of_step(setup.size, row["method"], setup.batch, setup.seq, setup.seed))
             if on_row is not None:
                 on_row(rows)
+    return rows
+
+
+def run_calls(setup: Setup, on_row: RowsCallback | None = None) -> list[dict]:
+    """Per method: ATen calls and sync-forcing calls of one warm step (see `count_step_calls`),
+    and per sampled linear the calls beyond full fine-tuning's step on the device path."""
+    rows = _per_method(setup, "calls", count_step_calls, on_row)
+    full = next((r for r in rows if r["method"] == "full" and "error" not in r), None)
+    for row in rows:
+        if full is not None and row.get("sampled_linears"):
+            row["extra_device_calls_per_linear"] = (row["device_calls"] - full["device_calls"]) / row["sampled_linears"]
+            row["extra_device_syncs"] = row["device_syncs"] - full["device_syncs"]
     return rows
 
 

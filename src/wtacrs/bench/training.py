@@ -28,6 +28,7 @@ class Trial:
     optimizer: torch.optim.Optimizer
     inputs: dict[str, Tensor]
     example_ids: Tensor
+    host_mask: Tensor  # the batch's attention mask on the host, as a data loader hands it over
 
     @property
     def device(self) -> torch.device:
@@ -35,7 +36,7 @@ class Trial:
 
     def step(self, saved: SavedTensorBytes | None = None) -> float:
         """Forward, backward and AdamW step; `saved` (if given) counts what forward saves."""
-        with batch_context(self.method, self.example_ids):
+        with batch_context(self.method, self.example_ids, self.host_mask):
             with saved if saved is not None else torch.autograd.graph.saved_tensors_hooks(_same, _same):
                 loss = self.model(**self.inputs).loss
             loss.backward()
@@ -95,7 +96,7 @@ def make_trial(size: str, method: str | Method, batch: int, seq: int, *,
     optimizer = optimizer_class(trainable, lr=LEARNING_RATE)
     _allocate_optimizer_state(optimizer)
     inputs = make_batch(model, batch, seq, seed, device)
-    return Trial(method, model, optimizer, inputs, torch.arange(batch))
+    return Trial(method, model, optimizer, inputs, torch.arange(batch), inputs["attention_mask"].cpu())
 
 
 def _allocate_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -163,6 +164,22 @@ def measure_step_time(trial: Trial, warmup: int, steps: int) -> dict[str, float 
     times = [_seconds(trial.step, trial.device) for _ in range(steps)]
     median = statistics.median(times)
     return {"step_s": median, "step_times_s": times, "samples_per_s": trial.example_ids.numel() / median}
+
+
+def count_step_calls(trial: Trial, warmup: int = 2) -> dict[str, int]:
+    """ATen calls of one warm training step (after `warmup` steps fill the cache), with the
+    sync-forcing ones, on the device path and in total (`wtacrs.bench.dispatch.AtenCounter`),
+    and the number of sampled linear layers."""
+    from wtacrs.bench.dispatch import AtenCounter
+    from wtacrs.layers import SampledLayerMixin
+
+    for _ in range(warmup):
+        trial.step()
+    with AtenCounter() as counter:
+        trial.step()
+    sampled = sum(isinstance(m, SampledLayerMixin) for m in trial.model.modules())
+    return {**counter.summary(), "sampled_linears": sampled,
+            "sync_sites": dict(counter.sync_sites.most_common(8))}
 
 
 def profile_components(trial: Trial, top: int = 12) -> dict:

@@ -21,7 +21,7 @@ from wtacrs.bench.methods import DEFAULT_METHODS, MethodError, parse_method
 from wtacrs.bench.models import MODEL_SIZES, build_model, make_batch
 from wtacrs.bench.output import GB, markdown_report, markdown_table, run_metadata, write_json, write_text
 from wtacrs.bench.plots import plot_memory, plot_memory_time_plane, plot_throughput_vs_batch, plot_variance
-from wtacrs.bench.suite import Setup, add_ratio_to_full, run_batch, run_memory, run_speed
+from wtacrs.bench.suite import Setup, add_ratio_to_full, run_batch, run_calls, run_memory, run_speed
 from wtacrs.bench.variance import DEFAULT_RATIOS, UNBIASED, capture_linear_io, run_variance, summarize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -75,7 +75,8 @@ def _with_methods(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="bench_command", required=True, metavar="{memory,speed,batch,variance,merge}")
+    sub = p.add_subparsers(dest="bench_command", required=True,
+                           metavar="{memory,speed,calls,batch,variance,merge}")
     memory = sub.add_parser("memory", parents=[_common(64)], help="saved bytes, peak of a step, peak RSS")
     _with_methods(memory)
     memory.add_argument("--no-rss", dest="rss", action="store_false", help="skip the fresh-process RSS (CPU)")
@@ -87,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     speed.add_argument("--profile", action="store_true", help="one more step under cProfile: time per component")
     speed.add_argument("--interleave", action="store_true",
                        help="build every method's model first and time the steps round-robin (drift hits all alike)")
+    calls = sub.add_parser("calls", parents=[_common(8)],
+                           help="ATen calls and device-to-host syncs of one training step")
+    _with_methods(calls)
     batch = sub.add_parser("batch", parents=[_common(8)],
                            help="largest batch under a memory budget (--batch: first probe)")
     _with_methods(batch)
@@ -233,6 +237,28 @@ def _profile_report(rows: list[dict]) -> str:
     return "# Time per component (cProfile, one step)\n\n" + "\n".join(sections)
 
 
+CALLS_COLUMNS = [("method", "method", ""), ("aten_calls", "ATen calls", "d"), ("sync_calls", "sync-forcing", "d"),
+                 ("device_calls", "device-path calls", "d"), ("device_syncs", "device-path syncs", "d"),
+                 ("host_store_calls", "host-store calls", "d"), ("sampled_linears", "sampled linears", "d"),
+                 ("extra_device_calls_per_linear", "extra device calls / sampled linear", ".1f"),
+                 ("extra_device_syncs", "extra device syncs", "d"), ("error", "error", "")]
+
+
+def _run_calls(args: argparse.Namespace, device: torch.device) -> int:
+    rows = run_calls(_setup(args, device))
+    notes = ["One training step (forward, backward, AdamW step) after two warm-up steps that fill the "
+             "gradient-norm cache, counted by a TorchDispatchMode (`wtacrs.bench.dispatch.AtenCounter`). "
+             "Sync-forcing: calls whose result needs a device value on the host (`.item()`, `nonzero`, "
+             "`unique`, ...) and blocking copies to the host.",
+             "Device path: every call except those of wtacrs code that works on host tensors only (the "
+             "cache's store, the batch's host mask and ids: `wtacrs.bench.dispatch.HOST_SITES`); those cost "
+             "host time but never make a GPU wait. On a CPU run every call is a CPU call: the counts say "
+             "what a GPU would launch and wait for."]
+    _write(args.out, "calls", f"ATen calls per step: {args.model}, batch {args.batch}, seq {args.seq}",
+           _meta(args, device), rows, CALLS_COLUMNS, notes)
+    return 0
+
+
 def _run_batch(args: argparse.Namespace, device: torch.device) -> int:
     if args.budget_gb is not None:
         budget = args.budget_gb * GB
@@ -283,5 +309,5 @@ def _run_variance(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
-RUNNERS = {"memory": _run_memory, "speed": _run_speed, "batch": _run_batch, "variance": _run_variance,
-           "merge": _run_merge}
+RUNNERS = {"memory": _run_memory, "speed": _run_speed, "calls": _run_calls, "batch": _run_batch,
+           "variance": _run_variance, "merge": _run_merge}

@@ -63,7 +63,9 @@ class WTACRSTrainer(Trainer):
         ids = inputs.pop(EXAMPLE_ID_COLUMN, None)
         if ids is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        with batch(ids):
+        mask = inputs.get("attention_mask")
+        host_mask = mask if isinstance(mask, torch.Tensor) and mask.device.type == "cpu" else None
+        with batch(ids, host_mask):  # a host mask spares the step its one copy back from the device
             return super().training_step(model, inputs, num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
