@@ -146,6 +146,17 @@ class GradNormCache:
         # every backward step on every sampled layer.
         self._pending.append((slot, ids, row_mask.detach(), norms.detach()))
 
+    def record_layers(self, slots: list[int], example_ids: Tensor, row_mask: Tensor, codes: Tensor) -> None:
+        """`record` of one step's layers at once, already encoded: codes (len(slots), B, T) uint8
+        on the host (`encode_norms`); the arguments are checked once for all of them."""
+        ids = self._check_ids(example_ids, row_mask)
+        for slot in slots:
+            self._check_slot(slot)
+        if codes.dtype != torch.uint8 or codes.shape != (len(slots), *row_mask.shape):
+            raise ValueError(f"codes must be uint8 of shape {(len(slots), *row_mask.shape)}, "
+                             f"got {codes.dtype} {tuple(codes.shape)}")
+        self._pending.extend((slot, ids, row_mask, code) for slot, code in zip(slots, codes))
+
     def _materialize_pending(self) -> list[PendingRecord]:
         """Pending records as host tensors: (slot, ids, bool mask, uint8 codes).
 

@@ -444,11 +444,11 @@ class SamplingState:
         if self._cache is None:
             return
         for records in shipped:
-            if records.example_ids is None:
-                continue
-            for slot, codes in zip(records.slots, records.codes):
-                if slot < self._cache.num_slots:  # a layer added after the cache was sized
-                    self._cache.record(slot, records.example_ids, records.host_mask, codes)
+            known = [i for i, slot in enumerate(records.slots) if slot < self._cache.num_slots]  # layers added
+            if records.example_ids is not None and known:  # after the cache was sized have no slot
+                codes = records.codes if len(known) == len(records.slots) else records.codes[known]
+                self._cache.record_layers([records.slots[i] for i in known], records.example_ids,
+                                          records.host_mask, codes)
         if exchange:
             self._cache.exchange_pending(self.sync)
         self._cache.commit()
