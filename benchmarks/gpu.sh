@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# CUDA benchmarks of wtacrs: `wtacrs bench memory`, `speed` and `batch` for a BERT-base-size model
-# (random weights), batch 64, sequence 128, fp32, AdamW. Well under 8 minutes on one H100/H200.
+# CUDA benchmarks of wtacrs in one call, for a lent GPU: BERT-base size (random weights), seq 128,
+# fp32, AdamW. About 6 minutes on one H100/H200.
 #
 #   bash benchmarks/gpu.sh [OUT]        # OUT defaults to benchmarks/results/gpu
 #
+# 1. `bench calls`: ATen calls and device-to-host syncs of one step per method (batch 8).
+# 2. `bench speed --interleave`, batch 64: step time and peak (torch.cuda.max_memory_allocated) of
+#    full, checkpointing, LoRA, LoRA+checkpointing and the WTA-CRS recipes, round-robin in one process.
+# 3. `bench batch`: the largest batch within 12 GB of the same methods.
+# 4. benchmarks/gpu_checks.py: the counter-based draws on CUDA equal the CPU's.
 # Needs no network and installs nothing. It runs the package from this checkout's src/ with the
 # first Python whose torch sees a GPU and that has transformers, peft, matplotlib and tqdm:
 # $PYTHON if set, else .venv/bin/python, else python3 (the GPU image's python3 has them all).
-# A venv made here with `pip install -c constraints.txt -e '.[all]'` holds the CPU build of torch,
-# so on a GPU machine the image's python3 is the one normally picked.
-# Writes OUT/{memory,speed,batch}.{json,md}, PNG plots and OUT/log.txt.
+# Writes OUT/{calls,speed,batch}.{json,md}, PNG plots, OUT/checks.txt and OUT/log.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/gpu}"
@@ -26,14 +29,14 @@ if [ -z "$PY" ]; then
     exit 1
 fi
 
+METHODS=(full checkpointing lora lora+checkpointing wtacrs@0.3 wtacrs@0.3+companions+recompute+recompute-attention
+         lora+wtacrs@0.3+companions+recompute+recompute-attention wtacrs@0.3+companions+checkpointing)
 bench() { timeout "$1" "$PY" -m wtacrs.cli bench "${@:2}" --model bert-base --seq 128 --device cuda --out "$OUT"; }
 {
     "$PY" -c 'import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())'
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-    bench 100 memory --batch 64 || echo "gpu.sh: memory failed ($?)"
-    bench 130 speed --batch 64 --warmup 3 --steps 10 || echo "gpu.sh: speed failed ($?)"
-    # The issue's budget, 12 GB, on a subset of methods (each probe is a fresh model).
-    bench 220 batch --batch 64 --budget-gb 12 --multiple 16 --methods full checkpointing lora wtacrs@0.3 \
-        lora+wtacrs@0.3+companions wtacrs@0.3+companions+checkpointing \
-        wtacrs@0.3+companions+recompute+recompute-attention || echo "gpu.sh: batch failed ($?)"
+    "$PY" benchmarks/gpu_checks.py | tee "$OUT/checks.txt" || echo "gpu.sh: checks failed ($?)"
+    bench 60 calls --batch 8 --methods "${METHODS[@]}" || echo "gpu.sh: calls failed ($?)"
+    bench 150 speed --batch 64 --warmup 3 --steps 10 --interleave --methods "${METHODS[@]}" || echo "gpu.sh: speed failed ($?)"
+    bench 150 batch --batch 64 --budget-gb 12 --multiple 16 --methods "${METHODS[@]}" || echo "gpu.sh: batch failed ($?)"
 } 2>&1 | tee "$OUT/log.txt"
