@@ -126,8 +126,7 @@ class GradNormCache:
         base = (offset.unsqueeze(1) + mask.cumsum(1) - 1)[use]  # (U,) first-slot positions
         step = length.unsqueeze(1).expand_as(mask)[use].to(torch.int64)  # (U,) bytes per slot
         codes = torch.zeros((len(slots), *mask.shape), dtype=torch.uint8)
-        for i, slot in enumerate(slots):
-            codes[i][use] = self._data[base + slot * step]
+        codes[:, use] = self._data[base + torch.tensor(slots).unsqueeze(1) * step]  # (S, U) in one gather
         norms = decode_norms(codes)
         unseen = mask & ~use
         if self.position_prior and self._prior.shape[1] and bool(unseen.any()):
