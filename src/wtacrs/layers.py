@@ -130,6 +130,7 @@ class DrawRegistry:
     def __init__(self):
         self._draws: dict[int, _Draw] = {}  # id(tensor) -> draw
         self.groups: dict[int, set[int]] = {}  # leader slot -> slots that reused its draw
+        self._members: tuple[tuple, Tensor] | None = None  # (groups as of, table)
 
     def clear(self) -> None:
         self._draws.clear()
@@ -146,11 +147,15 @@ class DrawRegistry:
         self._draws[id(x)] = _Draw(weakref.ref(x), x._version, weakref.ref(sample.rows), small, slot)
 
     def members(self, num_slots: int) -> Tensor:
-        """(S, S) float32: [leader, member] = 1 for the members of each leader's last draw (and itself)."""
-        table = torch.eye(num_slots)
-        for leader, group in self.groups.items():
-            table[leader, [s for s in group if s < num_slots]] = 1.0
-        return table
+        """(S, S) float32: [leader, member] = 1 for the members of each leader's last draw (and
+        itself); rebuilt only when the groups change (in practice: after the first step)."""
+        key = (num_slots, tuple((leader, tuple(sorted(group))) for leader, group in sorted(self.groups.items())))
+        if self._members is None or self._members[0] != key:
+            table = torch.eye(num_slots)
+            for leader, group in self.groups.items():
+                table[leader, [s for s in group if s < num_slots]] = 1.0
+            self._members = (key, table)
+        return self._members[1]
 
     def leaders(self, num_slots: int) -> Tensor:
         """(S,) int64: the slot whose draw each slot reused (itself when it drew)."""
