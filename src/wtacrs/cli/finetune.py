@@ -509,7 +509,14 @@ def build_trainer(args, method, seed, out, model, tokenizer, train_set, eval_set
         model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_sets,
         processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[timer],
         data_collator=default_data_collator if padded else _padding_collator(args, tokenizer),
+        preprocess_logits_for_metrics=None if padded else _head_logits,
     )
+
+
+def _head_logits(outputs, labels):
+    """The classification head's logits: encoder-decoders (T5) also return the encoder's states,
+    which evaluation would otherwise gather for every example."""
+    return outputs[0] if isinstance(outputs, tuple) else outputs
 
 
 def _padding_collator(args, tokenizer):
@@ -592,12 +599,29 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _model_kind(model) -> str:
-    """"encoder" (bidirectional: has a masked-LM head class) or "decoder" (unidirectional)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+def model_config(model):
+    """The transformers config of `model`, or of the model a PEFT wrapper holds."""
+    return getattr(model, "config", None) or model.get_base_model().config
 
-    config = getattr(model, "config", None) or model.get_base_model().config
-    return "encoder" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder else "decoder"
+
+def model_kind(config) -> str:
+    """"encoder-decoder" (T5), "encoder" (bidirectional: its family has a masked-LM head and this
+    config does not make it a decoder), "decoder" (a causal-LM family) or "unknown".
+
+    Decided from the architecture tables, not from `config.is_decoder` alone: transformers 5 no
+    longer defines that attribute on most configs (DistilBERT, GPT-2, LLaMA, ModernBERT, ...)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "encoder"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder"
+    return "unknown"
 
 
 def collect_results(args, method, seed, task, trainer, timer, num_train, eval_examples) -> dict:
@@ -608,7 +632,8 @@ def collect_results(args, method, seed, task, trainer, timer, num_train, eval_ex
     first = next(iter(eval_examples))
     return {
         "task": args.task, "model": args.model, "model_name": model_name(args.model),
-        "model_kind": _model_kind(trainer.model), "method": method,
+        "model_family": model_config(trainer.model).model_type, "model_kind": model_kind(model_config(trainer.model)),
+        "method": method,
         "ratio": args.ratio if method in SAMPLED_ESTIMATOR else None, "estimator": SAMPLED_ESTIMATOR.get(method),
         "companions": companions(args, method), "variants": variants(args, method),
         "seed": seed, "metrics": metrics, "score": metrics[first]["score"], "score_name": task.score_name,
