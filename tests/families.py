@@ -31,8 +31,11 @@ ALL_COMPANIONS = {option: True for option in COMPANION_OPTIONS} | {"activation_c
 
 
 def features(case: Case) -> dict[str, bool]:
-    """{feature: whether it took effect} on `case`'s tiny model in one training step."""
-    model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3, seed=0, **ALL_COMPANIONS))
+    """{feature: whether it took effect} on `case`'s tiny model in one training step, trained as
+    the Trainer trains (no key/value cache, `TrainingArguments.use_cache=False`)."""
+    model = case.model()
+    model.config.use_cache = False
+    model = wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, seed=0, **ALL_COMPANIONS))
     model(**case.batch()).loss.backward()
     took_effect = {option: effect.status == "took effect" for option, effect in companion_effects(model).items()}
     return {"sampled linears": bool(sampled_modules(model)), "sampled attention": samples_attention(case),
