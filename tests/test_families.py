@@ -94,6 +94,9 @@ def test_family_end_to_end(case, tokenizer, readme_rows, tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"| {case.name} | full |" in text and f"| {case.name} | wtacrs@0.3+lean+recompute+recompute-attention |" in text
     assert f"| {case.name} | {KINDS.get(case.name, 'encoder')} | full |" in text  # the by-memory table
+    idle = sorted(option for option, status in sampled["companion_effects"].items() if status != "took effect")
+    assert (f"{case.name} wtacrs@0.3+lean+recompute+recompute-attention: {', '.join(idle)} found nothing to change"
+            in text) == bool(idle)
 
 
 def squad_doc(n_articles: int) -> dict:
