@@ -171,8 +171,3 @@ def test_results_that_failed_after_training_are_finished_by_resume(tokenizer, tm
     assert results["history"] and results["wall_seconds"] > training["wall_seconds"]
     assert sorted(p.name for p in run.glob("checkpoint-*")) == checkpoints  # nothing trained again
 
-
-def test_bench_refuses_a_model_that_is_neither_a_size_nor_a_folder(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["bench", "memory", "--model", str(tmp_path / "missing")])
-    assert "is neither a named size" in capsys.readouterr().err
