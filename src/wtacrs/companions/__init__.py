@@ -22,6 +22,11 @@ recomputes by peaks: saved-tensor hooks do not see what a checkpoint keeps in it
 LayerNorm companion saves nothing next to sampled linears (see `.layernorm`); with sdpa on CPU
 the attention-probability dropout happens inside the kernel and is not covered.
 
+A companion can find nothing to change on a model (no `nn.LayerNorm` under RMSNorm, no SDPA call
+in DeBERTa's attention, no `act(dense(x))` module in a gated MLP): each swapped module records
+whether its companion acted in a training forward (`wtacrs.companions.usage`), and
+`wtacrs.summary` / `wtacrs.modeling.companion_effects` report which took effect.
+
 Modules are changed by swapping their class in place, as torchao does: the module object, its
 parameters (state_dict keys, `data_ptr`s) and `isinstance` checks are unchanged, and
 `remove_companions` swaps the original class back. Activation and attention modules get
