@@ -15,6 +15,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_
 import families
 import wtacrs
 from models import CASES_BY_NAME, FAMILIES, MODERNBERT, Case
+from test_tasks import squad_doc
 from wtacrs.cli import main
 from wtacrs.cli import finetune
 
@@ -22,6 +23,7 @@ FAST = ["--max-train-samples", "8", "--max-eval-samples", "4", "--epochs", "1", 
         "--batch-size", "4", "--no-progress"]
 COMPANION_FLAGS = ["--lean", "--recompute-activation", "--recompute-attention"]
 SAMPLED = "wtacrs-0.3+lean+recompute+recompute-attention"  # the run folder of those flags
+SAMPLED_LABEL = "wtacrs@0.3+lean+recompute+recompute-attention"  # its row in the report
 REQUESTED = ("lean_dropout", "lean_layernorm", "lean_attention", "recompute_activation", "recompute_attention")
 KINDS = {"t5": "encoder-decoder", "gpt2": "decoder", "llama": "decoder"}  # every other family: "encoder"
 
@@ -92,17 +94,10 @@ def test_family_end_to_end(case, tokenizer, readme_rows, tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
     text = capsys.readouterr().out
-    assert f"| {case.name} | full |" in text and f"| {case.name} | wtacrs@0.3+lean+recompute+recompute-attention |" in text
+    assert f"| {case.name} | full |" in text and f"| {case.name} | {SAMPLED_LABEL} |" in text
     assert f"| {case.name} | {KINDS.get(case.name, 'encoder')} | full |" in text  # the by-memory table
     idle = sorted(option for option, status in sampled["companion_effects"].items() if status != "took effect")
-    assert (f"{case.name} wtacrs@0.3+lean+recompute+recompute-attention: {', '.join(idle)} found nothing to change"
-            in text) == bool(idle)
-
-
-def squad_doc(n_articles: int) -> dict:
-    from test_tasks import squad_doc as doc
-
-    return doc(n_articles)
+    assert (f"{case.name} {SAMPLED_LABEL}: {', '.join(idle)} found nothing to change" in text) == bool(idle)
 
 
 def test_readme_families_table_is_what_summary_reports():
@@ -134,7 +129,7 @@ def test_summary_says_which_companions_took_effect_and_which_found_nothing():
 
 
 def test_model_kind_reads_no_attribute_a_config_may_lack():
-    for case in [*FAMILIES]:
+    for case in FAMILIES:
         config = case.build().config
         assert finetune.model_kind(config) == KINDS.get(case.name, "encoder"), case.name
     assert finetune.model_kind(hf.BertConfig(is_decoder=True)) == "decoder"
