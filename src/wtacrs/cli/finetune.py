@@ -27,8 +27,13 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wtacrs.cli.report import row_label
+
+if TYPE_CHECKING:  # imported lazily at run time: `wtacrs --help` stays fast
+    from torch import nn
+    from transformers import PretrainedConfig, Trainer, TrainerCallback
 
 METHODS = ("full", "lora", "wtacrs", "lora+wtacrs", "crs", "priority", "topk", "checkpointing")
 SAMPLED_ESTIMATOR = {"wtacrs": "wta-crs", "lora+wtacrs": "wta-crs", "crs": "crs", "priority": "priority",
@@ -349,7 +354,7 @@ def train_one(args: argparse.Namespace, method: str, seed: int) -> dict:
     return results
 
 
-def training_record(out: Path, trainer, timer, start: float) -> dict:
+def training_record(out: Path, trainer: Trainer, timer: TrainerCallback, start: float) -> dict:
     """What only the process that trained knows, written to <run>/training.json as soon as
     training ends: step time and count, wall time, peak memory and the Trainer's log (losses,
     evaluations). A --resume of a run whose training was complete runs no step: its record is
@@ -632,12 +637,12 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def model_config(model):
+def model_config(model: nn.Module) -> PretrainedConfig:
     """The transformers config of `model`, or of the model a PEFT wrapper holds."""
     return getattr(model, "config", None) or model.get_base_model().config
 
 
-def model_kind(config) -> str:
+def model_kind(config: PretrainedConfig) -> str:
     """"encoder-decoder" (T5), "encoder" (bidirectional: its family has a masked-LM head and this
     config does not make it a decoder), "decoder" (a causal-LM family) or "unknown".
 
@@ -688,7 +693,7 @@ def collect_results(args, method, seed, task, trainer, training, num_train, eval
     }
 
 
-def companion_effects(model, method: str) -> dict[str, str]:
+def companion_effects(model: nn.Module, method: str) -> dict[str, str]:
     """{companion option: "took effect" | "nothing to change" | ...} of a sampling run's
     companions (`wtacrs.modeling.companion_effects`); {} for other methods."""
     if method not in SAMPLED_ESTIMATOR:
