@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import transformers as hf
 from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
 
@@ -74,8 +75,10 @@ def test_family_end_to_end(case, tokenizer, readme_rows, tmp_path, capsys):
     for record in (full, sampled):
         assert (record["model_family"], record["model_kind"]) == (family, KINDS.get(case.name, "encoder"))
     assert full["companion_effects"] == {}
-    assert sampled["companion_effects"] == {  # what the README's table says of this family
-        option: "took effect" if readme_rows[case.name][option] else "nothing to change" for option in REQUESTED}
+    expected = {option: "took effect" if readme_rows[case.name][option] else "nothing to change" for option in REQUESTED}
+    if torch.cuda.is_available():  # trained there: SDPA's fused kernels save no probabilities to recompute
+        expected["lean_attention"] = "nothing to change"
+    assert sampled["companion_effects"] == expected  # what the README's table says of this family (on the CPU)
 
     if family in MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES:
         squad = tmp_path / "squad.json"
