@@ -75,7 +75,8 @@ def test_family_end_to_end(case, tokenizer, readme_rows, tmp_path, capsys):
     for record in (full, sampled):
         assert (record["model_family"], record["model_kind"]) == (family, KINDS.get(case.name, "encoder"))
     assert full["companion_effects"] == {}
-    expected = {option: "took effect" if readme_rows[case.name][option] else "nothing to change" for option in REQUESTED}
+    table_row = readme_rows[case.name]
+    expected = {option: "took effect" if table_row[option] else "nothing to change" for option in REQUESTED}
     if torch.cuda.is_available():  # trained there: SDPA's fused kernels save no probabilities to recompute
         expected["lean_attention"] = "nothing to change"
     assert sampled["companion_effects"] == expected  # what the README's table says of this family (on the CPU)
