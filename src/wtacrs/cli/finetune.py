@@ -8,8 +8,10 @@ bytes saved for backward, training throughput and wall time.
 
 Each (method, seed) run trains with the Transformers Trainer (progress bars, TensorBoard logs
 under <run>/runs, a checkpoint per epoch that --resume continues from, gradient-norm cache
-included) and writes <run>/results.json atomically, where
-<run> = <output-dir>/<task>/<model>/<method>[-<ratio>]/seed<seed>.
+included), writes <run>/training.json (step time, peak memory, the Trainer's log) as soon as
+training ends, then <run>/results.json atomically, where
+<run> = <output-dir>/<task>/<model>/<method>[-<ratio>]/seed<seed>. Should the results fail, the
+same command with --resume finishes them from the checkpoints and training.json.
 """
 
 from __future__ import annotations
