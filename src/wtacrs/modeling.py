@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from wtacrs.companions import COMPANION_OPTIONS, apply_companions, remove_companions, usage
+from wtacrs.companions import COMPANION_OPTIONS, apply_companions, companion_usage, remove_companions
 from wtacrs.config import WTACRSConfig
 from wtacrs.layers import SampledLayerMixin, SampledLinear, SamplingState, sampled_conv1d_class
 
@@ -232,7 +232,7 @@ def companion_effects(model: nn.Module) -> dict[str, CompanionEffect]:
     `COMPANION_OPTIONS` order. A companion that found nothing to change (LLaMA's RMSNorm is no
     nn.LayerNorm, DeBERTa's attention calls no SDPA) says so instead of claiming a saving."""
     state = sampling_state(model)
-    found = usage(model)
+    found = companion_usage(model)
     return {
         option: CompanionEffect(*map(tuple, found.get(option, ([], []))), trained=state.step > 0)
         for option in COMPANION_OPTIONS if getattr(state.config, option)

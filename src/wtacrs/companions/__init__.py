@@ -57,7 +57,7 @@ from wtacrs.companions.recompute import (
     maps_rows_alone,
     outermost_attention_names,
 )
-from wtacrs.companions.usage import COMPANION_OPTIONS, USAGE_ATTR, expect, usage
+from wtacrs.companions.usage import COMPANION_OPTIONS, USAGE_ATTR, companion_usage, expect
 
 __all__ = [
     "ACTIVATION_MODES",
@@ -66,12 +66,12 @@ __all__ = [
     "RecomputedAttentionMode",
     "RegeneratedDropout",
     "apply_companions",
+    "companion_usage",
     "compressed_activation",
     "ill_conditioned_columns",
     "layer_norm_from_output",
     "regenerated_dropout",
     "remove_companions",
-    "usage",
 ]
 
 ModuleFilter = Callable[[nn.Module, str], bool]

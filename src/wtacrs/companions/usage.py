@@ -33,7 +33,7 @@ def acted(module: nn.Module, *companions: str) -> None:
                 use[companion] = True
 
 
-def usage(model: nn.Module) -> dict[str, tuple[list[str], list[str]]]:
+def companion_usage(model: nn.Module) -> dict[str, tuple[list[str], list[str]]]:
     """{companion option: (qualified names of the modules it is applied to, of those it acted on)}
     for every companion applied somewhere in `model`."""
     found: dict[str, tuple[list[str], list[str]]] = {}
