@@ -131,6 +131,12 @@ def test_summary_says_which_companions_took_effect_and_which_found_nothing():
     wtacrs.remove(model)
     assert not any(hasattr(m, "wtacrs_companion_use") for m in model.modules())
 
+    bert = CASES_BY_NAME["bert"]  # sampled attention is eager: no SDPA call is left to recompute
+    model = wtacrs.apply(bert.model(), wtacrs.WTACRSConfig(ratio=0.3, attention=True, lean_attention=True))
+    model(**bert.batch()).loss.backward()
+    text = wtacrs.summary(model)
+    assert "sampled attention: 2 modules" in text and "lean_attention         nothing to change" in text
+
 
 def test_model_kind_reads_no_attribute_a_config_may_lack():
     for case in FAMILIES:

@@ -244,9 +244,9 @@ def sampled_attention_modules(model: nn.Module) -> list[str]:
     (`WTACRSConfig.attention`; none unless the model runs the "wtacrs" attention)."""
     if not _runs_sampled_attention(model):
         return []
-    from wtacrs.integrations.attention import attention_module_names
+    from wtacrs.integrations.attention import sampled_attention_names
 
-    return attention_module_names(model)
+    return sampled_attention_names(model)
 
 
 def _runs_sampled_attention(model: nn.Module) -> bool:
