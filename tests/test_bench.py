@@ -212,7 +212,7 @@ def test_peak_rss_of_a_step_in_a_fresh_process():
     (["bench"], "required"),
     (["bench", "memory", "--methods", "lora+magic"], "bad component"),
     (["bench", "speed", "--batch", "0"], "positive"),
-    (["bench", "memory", "--model", "gpt-7"], "invalid choice"),
+    (["bench", "memory", "--model", "gpt-7"], "is neither a named size"),
     (["bench", "variance", "--ratios", "1.5"], "ratio must be in"),
     (["bench", "batch", "--budget-gb", "-1"], "must be positive"),
     (["bench", "speed", "--methods", "wtacrs@0"], "ratio must be in"),

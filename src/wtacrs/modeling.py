@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import inspect
 import re
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
 
-from wtacrs.companions import apply_companions, remove_companions
+from wtacrs.companions import COMPANION_OPTIONS, apply_companions, companion_usage, remove_companions
 from wtacrs.config import WTACRSConfig
 from wtacrs.layers import SampledLayerMixin, SampledLinear, SamplingState, sampled_conv1d_class
 
@@ -187,7 +188,7 @@ def remove(model: nn.Module) -> nn.Module:
             module.__class__ = module.__class__.__mro__[2]  # (Sampled*, SampledLayerMixin, original, ...)
             del module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream
     remove_companions(model)
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) == "wtacrs":
+    if _runs_sampled_attention(model):
         from wtacrs.integrations.attention import disable_sampled_attention
 
         disable_sampled_attention(model)
@@ -208,17 +209,77 @@ def sampled_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SampledLayerMixin)]
 
 
+@dataclass(frozen=True)
+class CompanionEffect:
+    """What one companion did on a model: the modules it was applied to and those it acted on in
+    a training forward (`wtacrs.companions.usage`)."""
+
+    applied: tuple[str, ...]
+    acted: tuple[str, ...]
+    trained: bool  # a forward with gradients has run since `apply`
+
+    @property
+    def status(self) -> str:
+        """"took effect", "nothing to change" (no module to apply it to, or none acted in
+        training), or "not run yet" (applied, but no training forward has run)."""
+        if self.acted:
+            return "took effect"
+        return "not run yet" if self.applied and not self.trained else "nothing to change"
+
+
+def companion_effects(model: nn.Module) -> dict[str, CompanionEffect]:
+    """{companion option of the model's WTACRSConfig that is on: its CompanionEffect}, in
+    `COMPANION_OPTIONS` order. A companion that found nothing to change (LLaMA's RMSNorm is no
+    nn.LayerNorm, DeBERTa's attention calls no SDPA) says so instead of claiming a saving."""
+    state = sampling_state(model)
+    found = companion_usage(model)
+    return {
+        option: CompanionEffect(*map(tuple, found.get(option, ([], []))), trained=state.step > 0)
+        for option in COMPANION_OPTIONS if getattr(state.config, option)
+    }
+
+
+def sampled_attention_modules(model: nn.Module) -> list[str]:
+    """Qualified names of the attention modules whose QKᵀ and PV products are sampled
+    (`WTACRSConfig.attention`; none unless the model runs the "wtacrs" attention)."""
+    if not _runs_sampled_attention(model):
+        return []
+    from wtacrs.integrations.attention import sampled_attention_names
+
+    return sampled_attention_names(model)
+
+
+def _runs_sampled_attention(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == "wtacrs"
+
+
 def summary(model: nn.Module) -> str:
-    """Which layers are sampled, at what ratio, and expected saved activation bytes per token.
+    """Which layers are sampled, at what ratio, expected saved activation bytes per token, whether
+    the attention matmuls are sampled, and which companions took effect.
 
     "Before" counts each sampled layer's input once (as plain layers store it); "after" counts
     ratio × input plus 12 bytes (int64 index + float32 weight) per kept row, with layers known
-    to share an input (from the last training step) counted once.
+    to share an input (from the last training step) counted once. Companions are reported as
+    `companion_effects` finds them (run a training step first to see which acted).
     """
     state = sampling_state(model)
     layers = sampled_modules(model)
-    leader_of = {s: leader for leader, group in state._groups.items() for s in group}
     lines = [f"wtacrs: {len(layers)} sampled layers, estimator={state.config.estimator}, ratio={state.config.ratio}"]
+    lines += _layer_lines(state, layers)
+    attention = sampled_attention_modules(model)
+    lines.append(f"sampled attention: {f'{len(attention)} modules' if attention else 'off'}")
+    effects = companion_effects(model)
+    lines += ["companions:"] if effects else []
+    for option, effect in effects.items():
+        counts = f"{len(effect.acted)} of {len(effect.applied)} modules acted" if effect.applied else "no such module"
+        lines.append(f"  {option:<22} {effect.status} ({counts})")
+    return "\n".join(lines)
+
+
+def _layer_lines(state: SamplingState, layers: list[tuple[str, nn.Module]]) -> list[str]:
+    """One line per sampled layer, then the saved input bytes per token before and after."""
+    leader_of = {s: leader for leader, group in state._groups.items() for s in group}
+    lines = []
     before = after = 0.0
     drawn = set()
     for name, module in layers:
@@ -234,4 +295,4 @@ def summary(model: nn.Module) -> str:
         lines.append(f"  {name:<60} in={width:<6} {'shares input of layer ' + str(leader) if shares else ''}")
     lines.append(f"saved input bytes per token: {before:.0f} before, {after:.0f} after "
                  f"({before / max(after, 1):.1f}x less)")
-    return "\n".join(lines)
+    return lines

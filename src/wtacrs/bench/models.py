@@ -1,6 +1,9 @@
-"""Named model sizes built from configs with random weights (no download), and random batches."""
+"""Named model sizes built from configs with random weights (no download), local folders of
+pre-trained models, and random batches."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -21,15 +24,20 @@ T5_TARGET_LENGTH = 16  # decoder tokens per example (GLUE-style label strings ar
 
 
 def build_model(size: str, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
-    """A randomly initialised model of a named size, in train mode, created on `device`.
+    """A model of a named size with random weights, or one loaded from a local folder, in train
+    mode, on `device`.
 
     BERT sizes are `BertForSequenceClassification` (2 labels); T5 sizes are
-    `T5ForConditionalGeneration`. Same `seed` and device, same weights.
+    `T5ForConditionalGeneration`; a folder (any family with a sequence-classification class:
+    BERT, GPT-2, LLaMA, T5, ModernBERT, ...) loads as its `*ForSequenceClassification` with 2
+    labels, the head initialised from `seed`. Same `seed` and device, same weights.
     """
     import transformers
 
+    if Path(size).is_dir():
+        return _from_folder(Path(size), seed, device)
     if size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
+        raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)} or a model folder")
     torch.manual_seed(seed)
     with torch.device(device):  # initialising on the GPU is much faster than on the CPU
         if size in _BERT:
@@ -39,24 +47,46 @@ def build_model(size: str, seed: int = 0, device: str | torch.device = "cpu") ->
     return model.train()
 
 
+def _from_folder(folder: Path, seed: int, device: str | torch.device) -> nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    if model.config.pad_token_id is None:  # GPT-style decoders: batches of several rows need one
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return model.to(device).train()
+
+
 def is_seq2seq(model: nn.Module) -> bool:
-    return bool(getattr(model.config, "is_encoder_decoder", False))
+    """An encoder-decoder with a language-model head (T5ForConditionalGeneration), trained on
+    token labels; encoder-decoders with a classification head take class labels."""
+    return bool(getattr(model.config, "is_encoder_decoder", False)) and hasattr(model, "lm_head")
 
 
 def make_batch(model: nn.Module, batch: int, seq: int, seed: int = 0,
                device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Random token ids (no padding) and labels for `model`: (batch, seq) inputs."""
+    """Random token ids (no padding) and labels for `model`: (batch, seq) inputs. Encoder-decoder
+    classifiers (T5ForSequenceClassification) pool at the end-of-sequence token, so each row
+    then holds it once, last."""
     g = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    inputs = {
-        "input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
-        "attention_mask": torch.ones(batch, seq, dtype=torch.int64),
-    }
+    config = model.config
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.int64)}
     if is_seq2seq(model):
-        inputs["labels"] = torch.randint(0, vocab, (batch, T5_TARGET_LENGTH), generator=g)
+        inputs["labels"] = torch.randint(0, config.vocab_size, (batch, T5_TARGET_LENGTH), generator=g)
     else:
-        inputs["labels"] = torch.randint(0, model.config.num_labels, (batch,), generator=g)
+        if getattr(config, "is_encoder_decoder", False):
+            inputs["input_ids"] = _ending_with(ids, config.eos_token_id, config.vocab_size)
+        inputs["labels"] = torch.randint(0, config.num_labels, (batch,), generator=g)
     return {k: v.to(device) for k, v in inputs.items()}
+
+
+def _ending_with(ids: Tensor, token: int, vocab_size: int) -> Tensor:
+    """`ids` with `token` only in the last column."""
+    ids = torch.where(ids == token, (token + 1) % vocab_size, ids)
+    ids[:, -1] = token
+    return ids
 
 
 def batch_shapes(inputs: dict[str, Tensor]) -> dict[str, list[int]]:

@@ -1,7 +1,8 @@
 """Benchmark methods of fine-tuning: memory, speed, largest batch under a budget, gradient variance.
 
 Models are named sizes (bert-base, bert-large, t5-base, ...) built from configs with random
-weights, so runs work offline. Each run writes <command>.json (with torch version, device,
+weights, so runs work offline, or a local folder of a pre-trained model (any family with a
+sequence-classification head). Each run writes <command>.json (with torch version, device,
 dtype, shapes, seed and command line), <command>.md and PNG plots into --out.
 
 Methods are specs such as full, checkpointing, lora, wtacrs@0.3, lora+wtacrs@0.1,
@@ -49,6 +50,12 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _model(text: str) -> str:
+    if text not in MODEL_SIZES and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a named size ({', '.join(MODEL_SIZES)}) nor a folder")
+    return text
+
+
 def _method(text: str) -> str:
     try:
         parse_method(text)
@@ -59,7 +66,9 @@ def _method(text: str) -> str:
 
 def _common(batch: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--model", default="bert-base", choices=MODEL_SIZES, help="named size, random weights")
+    p.add_argument("--model", default="bert-base", type=_model,
+                   help=f"named size with random weights ({', '.join(MODEL_SIZES)}), or a local folder of a "
+                        "pre-trained model of any family with a sequence-classification head (default bert-base)")
     p.add_argument("--batch", type=_positive_int, default=batch)
     p.add_argument("--seq", type=_positive_int, default=128, help="tokens per example")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

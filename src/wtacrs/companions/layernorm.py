@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wtacrs.companions.usage import acted
+
 # Recovering x̂_j = (y_j − β_j) / γ_j loses about (1 + |β_j| / |γ_j|) ulps of y; columns worse
 # than this (and those with γ_j = 0, where x̂_j is lost) keep their input instead.
 MAX_BIAS_TO_WEIGHT = 16.0
@@ -147,6 +149,7 @@ class LeanLayerNorm(nn.LayerNorm):
         )
         if not needs_backward:
             return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        acted(self, "lean_layernorm")
         return layer_norm_from_output(
             input, self.normalized_shape, self.weight, self.bias, self.eps, self._kept_columns()
         )

@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from wtacrs.companions.activation import elementwise_activation_types
+from wtacrs.companions.usage import acted
 from wtacrs.functional import attach_row_recipe
 
 
@@ -83,6 +84,7 @@ class Recomputed:
     def forward(self, *args, **kwargs):  # noqa: D102
         if not (self.training and torch.is_grad_enabled()) or _passes_a_cache(kwargs):
             return super().forward(*args, **kwargs)
+        acted(self, "recompute_activation", "recompute_attention")
         output = checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
         rowwise = len(args) == 1 and not kwargs and output.shape[:-1] == args[0].shape[:-1]  # not a pooler
         if self.__dict__.get("row_recipe", False) and rowwise:

@@ -169,6 +169,11 @@ def attention_module_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if _dispatches_through_registry(module)]
 
 
+def sampled_attention_names(model: nn.Module) -> list[str]:
+    """Qualified names of the attention modules `enable_sampled_attention` set to sample."""
+    return [name for name, module in model.named_modules() if hasattr(module, _SETTINGS_ATTR)]
+
+
 def enable_sampled_attention(
     model: nn.Module,
     ratio: float,
