@@ -242,3 +242,12 @@ def test_closed_form_variances_match_monte_carlo():
     for estimator in ("crs", "wta-crs"):  # a variance estimate from 1500 draws: about ±4% (1 s.d.)
         assert measured[estimator]["variance"] == pytest.approx(exact[estimator], rel=0.2)
     assert exact["winners"] >= 1 and exact["wta-crs"] <= exact["crs"]
+
+
+def test_bench_calls_counts_a_step_and_finds_no_extra_device_syncs(tmp_path):
+    assert main(["bench", "calls", *TINY, "--batch", "2", "--methods", "full", "wtacrs@0.3", "--out", str(tmp_path)]) == 0
+    full, sampled = _record(tmp_path / "calls.json")["rows"]
+    assert full["aten_calls"] > 0 and full["host_store_calls"] == 0 and "sampled_linears" in sampled
+    assert sampled["sampled_linears"] > 0 and sampled["host_store_calls"] > 0  # the cache is read and written
+    assert sampled["baseline"] == "full" and sampled["extra_device_syncs"] == 0
+    assert sampled["extra_device_calls_per_linear"] > 0

@@ -86,7 +86,10 @@ def _library_site() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
-        if module.startswith("wtacrs.") and not module.startswith(("wtacrs.bench", "wtacrs.cli")):
-            return f"{module}:{frame.f_code.co_name}"
+        name = frame.f_code.co_name
+        # A companion's TorchFunctionMode sits between any caller and the op: not a site of its own.
+        if (module.startswith("wtacrs.") and not module.startswith(("wtacrs.bench", "wtacrs.cli"))
+                and name != "__torch_function__"):
+            return f"{module}:{name}"
         frame = frame.f_back
     return "model"

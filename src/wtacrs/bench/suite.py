@@ -85,13 +85,16 @@ def run_memory(setup: Setup, rss: bool, on_row: RowsCallback | None = None) -> l
 
 def run_calls(setup: Setup, on_row: RowsCallback | None = None) -> list[dict]:
     """Per method: ATen calls and sync-forcing calls of one warm step (see `count_step_calls`),
-    and per sampled linear the calls beyond full fine-tuning's step on the device path."""
+    and per sampled linear the calls beyond its plain baseline's step on the device path (`lora`
+    for LoRA methods, else `full`, when measured in the same run)."""
     rows = _per_method(setup, "calls", count_step_calls, on_row)
-    full = next((r for r in rows if r["method"] == "full" and "error" not in r), None)
+    plain = {r["method"]: r for r in rows if r["method"] in ("full", "lora") and "error" not in r}
     for row in rows:
-        if full is not None and row.get("sampled_linears"):
-            row["extra_device_calls_per_linear"] = (row["device_calls"] - full["device_calls"]) / row["sampled_linears"]
-            row["extra_device_syncs"] = row["device_syncs"] - full["device_syncs"]
+        base = plain.get("lora" if row["method"].startswith("lora+") else "full")
+        if base is not None and row.get("sampled_linears"):
+            row["baseline"] = base["method"]
+            row["extra_device_calls_per_linear"] = (row["device_calls"] - base["device_calls"]) / row["sampled_linears"]
+            row["extra_device_syncs"] = row["device_syncs"] - base["device_syncs"]
     return rows
 
 

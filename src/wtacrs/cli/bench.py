@@ -249,6 +249,7 @@ def _profile_report(rows: list[dict]) -> str:
 CALLS_COLUMNS = [("method", "method", ""), ("aten_calls", "ATen calls", "d"), ("sync_calls", "sync-forcing", "d"),
                  ("device_calls", "device-path calls", "d"), ("device_syncs", "device-path syncs", "d"),
                  ("host_store_calls", "host-store calls", "d"), ("sampled_linears", "sampled linears", "d"),
+                 ("baseline", "against", ""),
                  ("extra_device_calls_per_linear", "extra device calls / sampled linear", ".1f"),
                  ("extra_device_syncs", "extra device syncs", "d"), ("error", "error", "")]
 
