@@ -348,7 +348,8 @@ class SamplingState:
         # Read the ids now: a checkpoint recompute runs inside backward, which autograd runs on
         # a device thread for CUDA tensors, where the context variable is not set.
         self._batch_ids = None if batch_context is None else batch_context.example_ids
-        self._rows = {stream: _forward_rows(mask, batch_context) for stream, mask in masks.items()}
+        self._rows = {stream: _forward_rows(mask, batch_context, host_mask_given=stream != "decoder")
+                      for stream, mask in masks.items()}
         if torch.is_grad_enabled():
             self.step += 1
 
@@ -492,14 +493,15 @@ class SamplingState:
             self._cache.load_state_dict(cache)
 
 
-def _forward_rows(mask: Tensor | None, context: BatchContext | None) -> ForwardRows | None:
+def _forward_rows(mask: Tensor | None, context: BatchContext | None, host_mask_given: bool) -> ForwardRows | None:
     """The row layout of one stream from its (B, T) mask; the host copy comes from the batch
-    context when it matches (no wait), else from the mask itself (one copy per forward)."""
+    context when it is this stream's (`host_mask_given`: the batch's attention_mask is not the
+    decoder's) and matches (no wait), else from the mask itself (one copy per forward)."""
     ids = None if context is None else context.example_ids
     if mask is None:
         return None
     mask = mask.to(torch.bool)
-    host = context.attention_mask if context is not None else None
+    host = context.attention_mask if context is not None and host_mask_given else None
     if host is None or host.shape != mask.shape:
         host = mask.cpu()
     if ids is not None and ids.numel() != mask.shape[0]:
