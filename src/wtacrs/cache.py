@@ -27,7 +27,7 @@ estimator unbiased.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,9 +38,13 @@ _MISSING = 0
 _INDEX_BYTES_PER_EXAMPLE = 12  # int64 offset + int32 length
 PRIOR_DECAY = 0.9  # weight of the previous per-position mean at each commit
 
-# A buffered record: (slot, example ids (B,) int64, row mask (B, T) bool, codes (B, T) uint8);
-# until materialised, the mask may sit on a GPU and the last entry holds float norms there.
-PendingRecord = tuple[int, Tensor, Tensor, Tensor]
+class PendingRecord(NamedTuple):
+    """One layer's norms of one step, buffered until `GradNormCache.commit`."""
+
+    slot: int
+    example_ids: Tensor  # (B,) int64 on the host
+    row_mask: Tensor  # (B, T) bool, True at real tokens (on the host once materialised)
+    codes: Tensor  # (B, T) uint8 `encode_norms` codes (on the host once materialised)
 
 
 def encode_norms(norms: Tensor) -> Tensor:
@@ -64,6 +68,40 @@ def _grown(t: Tensor, size: int, fill: int) -> Tensor:
     return out
 
 
+class PositionPrior:
+    """Per slot and real-token position, an exponential moving average of ‖dY‖ (`PRIOR_DECAY` per
+    update): the scores of examples not seen yet (module docstring). (slots, positions) float32."""
+
+    def __init__(self, num_slots: int):
+        self.means = torch.full((num_slots, 0), torch.nan)  # NaN: no record at that position yet
+
+    def update(self, slots: Tensor, positions: Tensor, norms: Tensor) -> None:
+        """Fold one row layout's per-position mean norms into these slots' averages.
+
+        Args:
+            slots: (R,) slots; positions: (U,) real-token ordinals; norms: (R, U), NaN = missing.
+        """
+        norms = norms.nan_to_num(0.0)
+        size = int(positions.max()) + 1 if positions.numel() else 0
+        if size > self.means.shape[1]:
+            grown = torch.full((self.means.shape[0], size), torch.nan)
+            grown[:, : self.means.shape[1]] = self.means
+            self.means = grown
+        count = torch.zeros(size).index_add_(0, positions, torch.ones(positions.shape))
+        mean = torch.zeros(len(slots), size).index_add_(1, positions, norms) / count.clamp(min=1)
+        old = self.means[slots, :size]
+        update = torch.where(old.isnan(), mean, PRIOR_DECAY * old + (1 - PRIOR_DECAY) * mean)
+        self.means[slots, :size] = torch.where(count > 0, update, old)
+
+    def lookup(self, slots: list[int], positions: Tensor) -> Tensor:
+        """(S, U) averages of these slots at real-token ordinals (U,); NaN where none is known."""
+        known = self.means.shape[1]
+        if known == 0:
+            return torch.full((len(slots), positions.numel()), torch.nan)
+        prior = self.means[slots][:, positions.clamp(max=known - 1)]
+        return torch.where(positions < known, prior, torch.nan)
+
+
 class GradNormCache:
     """Host-memory store of per-token output-gradient norms, keyed by (example id, token, slot).
 
@@ -82,7 +120,7 @@ class GradNormCache:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         self.num_slots = num_slots
         self.position_prior = position_prior
-        self._prior = torch.full((num_slots, 0), torch.nan)  # (slots, positions) mean norm, NaN = none yet
+        self.prior = PositionPrior(num_slots)
         self._data = torch.zeros(0, dtype=torch.uint8)
         self._used = 0
         self._offset = torch.zeros(0, dtype=torch.int64)  # by example id, -1 = no entry
@@ -97,7 +135,7 @@ class GradNormCache:
     @property
     def nbytes(self) -> int:
         """Host bytes held, including spare capacity of the growable buffers."""
-        return sum(t.numel() * t.element_size() for t in (self._data, self._offset, self._length, self._prior))
+        return sum(t.numel() * t.element_size() for t in (self._data, self._offset, self._length, self.prior.means))
 
     def bytes_per_example(self, real_tokens: int) -> int:
         """Bytes one example of `real_tokens` tokens costs: num_slots · tokens + index."""
@@ -129,10 +167,8 @@ class GradNormCache:
         codes[:, use] = self._data[base + torch.tensor(slots).unsqueeze(1) * step]  # (S, U) in one gather
         norms = decode_norms(codes)
         unseen = mask & ~use
-        if self.position_prior and self._prior.shape[1] and bool(unseen.any()):
-            ordinal = (mask.cumsum(1) - 1)[unseen]  # (U,)
-            prior = self._prior[slots][:, ordinal.clamp(max=self._prior.shape[1] - 1)]  # (S, U)
-            norms[:, unseen] = torch.where(ordinal < self._prior.shape[1], prior, torch.nan)
+        if self.position_prior and bool(unseen.any()):
+            norms[:, unseen] = self.prior.lookup(slots, (mask.cumsum(1) - 1)[unseen])
         return norms
 
     # -- updates -------------------------------------------------------------------------------
@@ -141,9 +177,9 @@ class GradNormCache:
         ids = self._check(slot, example_ids, row_mask)
         if norms.shape != row_mask.shape:
             raise ValueError(f"norms shape {tuple(norms.shape)} does not match row_mask {tuple(row_mask.shape)}")
-        # Kept where they are (maybe a GPU) until commit: a copy to the host here would stall
-        # every backward step on every sampled layer.
-        self._pending.append((slot, ids, row_mask.detach(), norms.detach()))
+        # Encoded and kept where they are (maybe a GPU) until commit: a copy to the host here
+        # would stall every backward step on every sampled layer.
+        self._pending.append(PendingRecord(slot, ids, row_mask.detach(), encode_norms(norms.detach())))
 
     def record_layers(self, slots: list[int], example_ids: Tensor, row_mask: Tensor, codes: Tensor) -> None:
         """`record` of one step's layers at once, already encoded: codes (len(slots), B, T) uint8
@@ -154,27 +190,24 @@ class GradNormCache:
         if codes.dtype != torch.uint8 or codes.shape != (len(slots), *row_mask.shape):
             raise ValueError(f"codes must be uint8 of shape {(len(slots), *row_mask.shape)}, "
                              f"got {codes.dtype} {tuple(codes.shape)}")
-        self._pending.extend((slot, ids, row_mask, code) for slot, code in zip(slots, codes))
+        self._pending.extend(PendingRecord(slot, ids, row_mask, code) for slot, code in zip(slots, codes))
 
     def _materialize_pending(self) -> list[PendingRecord]:
-        """Pending records as host tensors: (slot, ids, bool mask, uint8 codes).
-
-        Norms are encoded where they are and moved in one transfer per (device, shape): one
-        copy per layer would cost a device round trip each."""
+        """Pending records with host tensors. Codes on a device move in one transfer per
+        (device, shape): one copy per layer would cost a device round trip each."""
         on_device: dict[tuple, list[int]] = {}
-        for i, (_, _, _, values) in enumerate(self._pending):
-            if values.dtype != torch.uint8:
-                on_device.setdefault((values.device, values.shape), []).append(i)
+        for i, record in enumerate(self._pending):
+            if record.codes.device.type != "cpu":
+                on_device.setdefault((record.codes.device, record.codes.shape), []).append(i)
         records = list(self._pending)
         for positions in on_device.values():
-            codes = torch.stack([encode_norms(self._pending[i][3]) for i in positions]).cpu()
+            codes = torch.stack([self._pending[i].codes for i in positions]).cpu()
             for i, code in zip(positions, codes):
-                slot, ids, mask, _ = records[i]
-                records[i] = (slot, ids, mask, code)
+                records[i] = records[i]._replace(codes=code)
         host_masks: dict[int, Tensor] = {}  # layers of one forward share a few mask tensors
         self._pending = [
-            (slot, ids, host_masks.setdefault(id(mask), mask.cpu().to(torch.bool)), codes)
-            for slot, ids, mask, codes in records
+            r._replace(row_mask=host_masks.setdefault(id(r.row_mask), r.row_mask.cpu().to(torch.bool)))
+            for r in records
         ]
         return self._pending
 
@@ -191,39 +224,21 @@ class GradNormCache:
         """Write all buffered records: one scatter per row layout (the layers of a step share one)."""
         groups: dict[tuple, list[PendingRecord]] = {}
         for record in self._materialize_pending():
-            _, ids, mask, _ = record  # records of one step hold views of the same ids and mask
+            ids, mask = record.example_ids, record.row_mask  # the records of a step share them
             groups.setdefault((ids.data_ptr(), mask.data_ptr(), tuple(mask.shape)), []).append(record)
         for records in groups.values():
-            records = list({r[0]: r for r in records}.values())  # a slot called twice (ALBERT): its last call
-            _, ids, mask, _ = records[0]
-            slots = torch.tensor([r[0] for r in records])  # (R,)
-            codes = torch.stack([r[3] for r in records])[:, mask]  # (R, U) codes of the real tokens
+            records = list({r.slot: r for r in records}.values())  # a slot called twice (ALBERT): its last call
+            ids, mask = records[0].example_ids, records[0].row_mask
+            slots = torch.tensor([r.slot for r in records])  # (R,)
+            codes = torch.stack([r.codes for r in records])[:, mask]  # (R, U) codes of the real tokens
             length = mask.sum(1).to(torch.int32)
             offset = self._allocate(ids, length)
             ordinal = (mask.cumsum(1) - 1)[mask]  # (U,) real-token ordinals
             step = length.unsqueeze(1).expand_as(mask)[mask].to(torch.int64)
             first = offset.unsqueeze(1).expand_as(mask)[mask] + ordinal  # (U,) slot-0 positions
             self._data[first + slots.unsqueeze(1) * step] = codes
-            self._update_prior(slots, ordinal, codes)
+            self.prior.update(slots, ordinal, decode_norms(codes))
         self._pending.clear()
-
-    def _update_prior(self, slots: Tensor, positions: Tensor, codes: Tensor) -> None:
-        """Fold one row layout's per-position mean norms into the slots' moving averages.
-
-        Args:
-            slots: (R,) slots; positions: (U,) real-token ordinals; codes: (R, U) their codes.
-        """
-        norms = decode_norms(codes).nan_to_num(0.0)
-        size = int(positions.max()) + 1 if positions.numel() else 0
-        if size > self._prior.shape[1]:
-            grown = torch.full((self.num_slots, size), torch.nan)
-            grown[:, : self._prior.shape[1]] = self._prior
-            self._prior = grown
-        count = torch.zeros(size).index_add_(0, positions, torch.ones(positions.shape))
-        mean = torch.zeros(len(slots), size).index_add_(1, positions, norms) / count.clamp(min=1)
-        old = self._prior[slots, :size]
-        update = torch.where(old.isnan(), mean, PRIOR_DECAY * old + (1 - PRIOR_DECAY) * mean)
-        self._prior[slots, :size] = torch.where(count > 0, update, old)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Compact tensors (no spare capacity); pending records are not included."""
@@ -232,7 +247,7 @@ class GradNormCache:
             "data": self._data[: self._used].clone(),
             "offset": self._offset.clone(),
             "length": self._length.clone(),
-            "prior": self._prior.clone(),
+            "prior": self.prior.means.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -243,7 +258,7 @@ class GradNormCache:
         self._offset = state["offset"].to(torch.int64).clone()
         self._length = state["length"].to(torch.int32).clone()
         # checkpoints from before the prior existed have none: it rebuilds within a few steps
-        self._prior = state.get("prior", torch.full((self.num_slots, 0), torch.nan)).float().clone()
+        self.prior.means = state.get("prior", torch.full((self.num_slots, 0), torch.nan)).float().clone()
         self._pending.clear()
 
     # -- internals -----------------------------------------------------------------------------

@@ -184,7 +184,7 @@ def unpack_records(buffer: Tensor) -> list[PendingRecord]:
         mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T) left-aligned
         codes = torch.zeros(mask.shape, dtype=torch.uint8)
         codes[mask] = reader.take(tokens, torch.uint8)
-        records.append((slot, example_ids, mask, codes))
+        records.append(PendingRecord(slot, example_ids, mask, codes))
     if reader.position != buffer.numel():
         raise ValueError(f"cache records buffer has {buffer.numel() - reader.position} trailing bytes")
     return records
