@@ -156,3 +156,18 @@ def test_failed_apply_leaves_the_model_untouched():
         wtacrs.apply(model, wtacrs.WTACRSConfig(attention=True, lean_dropout=True))
     assert {n: type(m) for n, m in model.named_modules()} == classes
     assert not hasattr(model, "wtacrs_state")
+
+
+def test_trainer_batches_carry_a_host_mask_the_step_hands_to_wtacrs_batch(monkeypatch, tmp_path):
+    """The collated mask travels as a numpy array (a GPU loader moves only tensors), and the
+    training step passes it to `wtacrs.batch`, so counting live rows needs no copy back."""
+    import wtacrs.integrations.trainer as trainer_module
+
+    seen = []
+    real_batch = trainer_module.batch
+    monkeypatch.setattr(trainer_module, "batch", lambda ids, mask=None: seen.append(mask) or real_batch(ids, mask))
+    trainer = _trainer(tmp_path, epochs=1)
+    collated = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1)])
+    assert collated[trainer_module.HOST_MASK_KEY].shape == tuple(collated["attention_mask"].shape)
+    trainer.train()
+    assert seen and all(m is not None and m.device.type == "cpu" for m in seen)

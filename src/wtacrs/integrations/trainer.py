@@ -19,7 +19,24 @@ from wtacrs.modeling import sampling_state
 logger = logging.getLogger(__name__)
 
 EXAMPLE_ID_COLUMN = "example_id"
+HOST_MASK_KEY = "wtacrs_host_attention_mask"  # the collated mask as a numpy array: no loader moves it
 STATE_FILE = "wtacrs_state.safetensors"
+
+
+class _WithHostMask:
+    """Wraps a data collator: each batch also carries its attention mask as a numpy array, which
+    accelerate's loader leaves on the host when it moves the tensors to the GPU, so the training
+    step can count live rows and read the cache without copying the mask back."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        if isinstance(mask, torch.Tensor) and mask.device.type == "cpu":
+            batch[HOST_MASK_KEY] = mask.numpy()
+        return batch
 
 
 def add_example_ids(dataset, column: str = EXAMPLE_ID_COLUMN):
@@ -42,6 +59,10 @@ class WTACRSTrainer(Trainer):
       on `train(resume_from_checkpoint=...)`.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.data_collator = _WithHostMask(self.data_collator)
+
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
         if EXAMPLE_ID_COLUMN not in self._signature_columns:
@@ -61,15 +82,16 @@ class WTACRSTrainer(Trainer):
     def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         enable_data_parallel(self._unwrapped())  # no-op unless torch.distributed runs several ranks
         ids = inputs.pop(EXAMPLE_ID_COLUMN, None)
+        host_mask = inputs.pop(HOST_MASK_KEY, None)
         if ids is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        mask = inputs.get("attention_mask")
-        host_mask = mask if isinstance(mask, torch.Tensor) and mask.device.type == "cpu" else None
+        host_mask = None if host_mask is None else torch.from_numpy(host_mask)
         with batch(ids, host_mask):  # a host mask spares the step its one copy back from the device
             return super().training_step(model, inputs, num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop(EXAMPLE_ID_COLUMN, None)
+        inputs.pop(HOST_MASK_KEY, None)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def _save_rng_state(self, output_dir: str) -> None:
