@@ -277,8 +277,11 @@ def _ship(records: list[tuple[int, ForwardRows, Tensor]]) -> _StepRecords:
     masks = [r.mask for _, r, _ in records]
     leaks = None
     if any(m is not None for m in masks):
-        outside = torch.stack([~m if m is not None else torch.zeros_like(norms[0], dtype=torch.bool) for m in masks])
-        leaks = norms.masked_fill(~outside, 0.0).amax((1, 2)) > 0
+        if all(m is masks[0] for m in masks):  # the usual case: one mask for the whole forward
+            inside = masks[0]  # (B, T), broadcast over the records
+        else:
+            inside = torch.stack([torch.ones_like(norms[0], dtype=torch.bool) if m is None else m for m in masks])
+        leaks = norms.masked_fill(inside, 0.0).amax((1, 2)) > 0  # (R,): a row outside got gradient
     codes = _to_host(encode_norms(norms))
     leaks = None if leaks is None else _to_host(leaks)
     ready = None
