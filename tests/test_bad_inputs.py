@@ -303,14 +303,17 @@ def test_b48_results_write_failing_half_way_leaves_no_temp_file(tmp_path, monkey
 
 
 def test_b40_cli_refuses_to_overwrite_an_earlier_run(tmp_path):
-    from wtacrs.cli.finetune import _prepare_run_dir, resolve_options
+    from wtacrs.cli.finetune import claim_run_folder, plan_run_folder, resolve_options
+    from wtacrs.cli.run_folder import RunFolderError
 
     args = resolve_options(_cli_args("--output-dir", str(tmp_path), "--method", "wtacrs"))
-    first = _prepare_run_dir(args, "wtacrs", 0)
-    (first / "results.json").write_text('{"score": 0.9}')
-    with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
-        _prepare_run_dir(args, "wtacrs", 0)
-    assert (first / "results.json").read_text() == '{"score": 0.9}'
+    with claim_run_folder(args, "wtacrs", 0)[0] as first:
+        (first.path / "results.json").write_text('{"score": 0.9}')
+    with pytest.raises(RunFolderError, match="already holds a finished run; pass --overwrite"):
+        plan_run_folder(args, "wtacrs", 0)
+    with pytest.raises(RunFolderError, match="already holds a finished run; pass --overwrite"):
+        claim_run_folder(args, "wtacrs", 0)
+    assert (first.path / "results.json").read_text() == '{"score": 0.9}'
 
 
 @pytest.fixture(scope="module")

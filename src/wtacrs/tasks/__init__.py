@@ -53,7 +53,9 @@ def load_task(name: str, data_dir: str | Path | None = None):
 def fixed_subset(dataset, limit: int | None):
     """`limit` rows drawn with data seed 0, the same for every method and training seed, so runs
     that differ only in method see the same examples; the whole split if `limit` is None or
-    not smaller than it."""
+    not smaller than it. Raises ValueError for a limit that is not a positive int."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     if limit is None or limit >= len(dataset):
         return dataset
     return dataset.shuffle(seed=0).select(range(limit))

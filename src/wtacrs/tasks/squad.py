@@ -44,32 +44,65 @@ def _require(path: Path, where: str, obj, key: str, kind: type):
     return obj[key]
 
 
-def _answers(path: Path, where: str, qa: dict, context: str) -> dict[str, list]:
+def _answers(path: Path, where: str, qa: dict, context: str, version_2: bool | None) -> dict[str, list]:
+    """The question's gold answers, each checked to be a non-empty text found at its answer_start
+    in the context; unanswerable (is_impossible) questions have none, and only in SQuAD v2.0."""
+    impossible = qa.get("is_impossible", False)
+    if not isinstance(impossible, bool):
+        raise DataError(path, f"{where}.is_impossible: expected bool, got {type(impossible).__name__}")
+    if impossible and version_2 is False:
+        raise DataError(path, f"{where}: is_impossible (unanswerable questions are SQuAD v2.0's; use squad_v2)")
     texts, starts = [], []
     for a, answer in enumerate(_require(path, where, qa, "answers", list)):
         text = _require(path, f"{where}.answers[{a}]", answer, "text", str)
         start = _require(path, f"{where}.answers[{a}]", answer, "answer_start", int)
-        if not 0 <= start <= len(context) - len(text):
-            raise DataError(path, f"{where}.answers[{a}]: answer_start {start} lies outside the context")
+        _check_answer(path, f"{where}.answers[{a}]", context, text, start)
         texts.append(text)
         starts.append(start)
-    if not texts and not qa.get("is_impossible", False):
+    if texts and impossible:
+        raise DataError(path, f"{where}: marked is_impossible but has {len(texts)} answer(s)")
+    if not texts and not impossible:
         raise DataError(path, f"{where}: no answers and not marked is_impossible")
     return {"text": texts, "answer_start": starts}
 
 
-def read_squad_json(path: str | Path) -> list[list[dict]]:
+def _check_answer(path: Path, where: str, context: str, text: str, start: int) -> None:
+    """The answer must be where answer_start says: training labels and evaluation rely on it."""
+    if not text.strip():
+        raise DataError(path, f"{where}: empty answer text")
+    if not 0 <= start <= len(context) - len(text):
+        raise DataError(path, f"{where}: answer_start {start} lies outside the context")
+    found = context[start : start + len(text)]
+    if found != text:
+        raise DataError(path, f"{where}: answer_start {start} points at {found!r}, not at the answer {text!r}")
+
+
+def _question(path: Path, at: str, qa: dict, title: str, context: str, version_2: bool | None) -> dict:
+    qid = _require(path, at, qa, "id", str)
+    at = f"{at} (question id {qid!r})"
+    question = _require(path, at, qa, "question", str)
+    if not question.strip():
+        raise DataError(path, f"{at}: empty question")
+    return {"id": qid, "title": title, "context": context, "question": question,
+            "answers": _answers(path, at, qa, context, version_2)}
+
+
+def read_squad_json(path: str | Path, version_2: bool | None = None) -> list[list[dict]]:
     """Articles of an official SQuAD JSON file, each a list of question records
     {id, title, context, question, answers: {text: [...], answer_start: [...]}}.
 
-    Structural errors name the file and the JSON location (e.g. data[3].paragraphs[0].qas[2]).
+    The file is checked as the official evaluation assumes it well-formed: every answer is a
+    non-empty text at its answer_start in the context, question ids are unique, a question has
+    answers unless it is unanswerable (is_impossible, SQuAD v2.0: refused when `version_2` is
+    False). Errors name the file, the JSON location (e.g. data[3].paragraphs[0].qas[2]) and the
+    question id.
     """
     path = Path(path)
     try:
         document = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(path, f"not valid JSON ({e.msg}, column {e.colno})", e.lineno) from None
-    articles = []
+    articles, seen = [], {}
     for i, article in enumerate(_require(path, "top level", document, "data", list)):
         records = []
         title = article.get("title", "") if isinstance(article, dict) else ""
@@ -77,14 +110,12 @@ def read_squad_json(path: str | Path) -> list[list[dict]]:
             where = f"data[{i}].paragraphs[{j}]"
             context = _require(path, where, paragraph, "context", str)
             for k, qa in enumerate(_require(path, where, paragraph, "qas", list)):
-                at = f"{where}.qas[{k}]"
-                records.append({
-                    "id": _require(path, at, qa, "id", str),
-                    "title": title,
-                    "context": context,
-                    "question": _require(path, at, qa, "question", str),
-                    "answers": _answers(path, at, qa, context),
-                })
+                record = _question(path, f"{where}.qas[{k}]", qa, title, context, version_2)
+                if record["id"] in seen:
+                    raise DataError(path, f"{where}.qas[{k}]: question id {record['id']!r} is already used at "
+                                          f"{seen[record['id']]}")
+                seen[record["id"]] = f"{where}.qas[{k}]"
+                records.append(record)
         articles.append(records)
     require_nonempty(path, [r for a in articles for r in a], "questions")
     return articles
@@ -117,16 +148,16 @@ def load_squad(task: str, data_dir: str | Path | None = None):
         raise ValueError(f"unknown SQuAD task {task!r}; choose one of {', '.join(SQUAD_TASKS)}")
     if data_dir is None:
         return _load_squad_hub(task)
-    data_dir = Path(data_dir)
+    data_dir, version_2 = Path(data_dir), task == "squad_v2"
     if data_dir.is_file():
-        train, validation = split_articles(read_squad_json(data_dir))
+        train, validation = split_articles(read_squad_json(data_dir, version_2))
         require_nonempty(data_dir, validation, f"held-out articles (needs >= {ARTICLE_HOLDOUT_EVERY} articles)")
     else:
         train_name, dev_name = OFFICIAL_FILES[task]
         if not (data_dir / train_name).is_file():
             raise DataError(data_dir / train_name, "file not found; or pass one JSON file to split it by article")
-        train = [r for a in read_squad_json(data_dir / train_name) for r in a]
-        validation = [r for a in read_squad_json(data_dir / dev_name) for r in a]
+        train = [r for a in read_squad_json(data_dir / train_name, version_2) for r in a]
+        validation = [r for a in read_squad_json(data_dir / dev_name, version_2) for r in a]
     return datasets.DatasetDict({
         "train": datasets.Dataset.from_dict(_records_to_columns(train)),
         "validation": datasets.Dataset.from_dict(_records_to_columns(validation)),
@@ -212,6 +243,25 @@ def prepare_eval_features(rows: dict, tokenizer, max_length: int = 384, stride: 
         for i, offsets in enumerate(enc["offset_mapping"])
     ]
     return {**enc, **labels}
+
+
+class WindowTooShortError(ValueError):
+    """A question leaves no room for `stride` context tokens in a `max_length` window."""
+
+
+def check_windows(rows, tokenizer, max_length: int, stride: int) -> None:
+    """Raise WindowTooShortError naming the first question whose tokens (with the special
+    tokens) leave no more than `stride` context tokens per window: the tokenizer would fail
+    there, or windows could not advance through the context."""
+    special = tokenizer.num_special_tokens_to_add(pair=True)
+    lengths = [len(ids) for ids in tokenizer([q.lstrip() for q in rows["question"]], add_special_tokens=False)
+               ["input_ids"]]
+    for qid, length in zip(rows["id"], lengths):
+        room = max_length - special - length
+        if room <= stride:
+            raise WindowTooShortError(
+                f"question id {qid!r} takes {length} tokens: a --max-length {max_length} window leaves {room} "
+                f"context tokens, and --doc-stride {stride} needs more; raise --max-length or lower --doc-stride")
 
 
 # -- post-processing ---------------------------------------------------------------------------
@@ -333,6 +383,8 @@ def squad_datasets(
     Eval features keep only model inputs; compute_metrics post-processes the (start, end)
     logits of the eval features back to answers and scores them with `squad_metrics`.
     """
+    for split in (train_raw, eval_raw):
+        check_windows(split, tokenizer, max_length, stride)
     window = {"tokenizer": tokenizer, "max_length": max_length, "stride": stride}
     train = train_raw.map(
         prepare_train_features, batched=True, remove_columns=train_raw.column_names, desc="windows", fn_kwargs=window

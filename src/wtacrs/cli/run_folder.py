@@ -1,0 +1,223 @@
+"""The life of one `wtacrs finetune` run folder: one owner at a time, and what --resume and
+--overwrite may do in each state.
+
+States (`RunFolder.state`), derived from what is on disk and from the lock, never stored:
+
+    new          absent, or nothing in it but a released lock file: a run starts here.
+    running      a live process holds the folder's lock: every command is refused, --overwrite too.
+    interrupted  a run started here and its owner is gone (killed, crashed, disk full) before
+                 writing results: --resume continues it from its last complete checkpoint (only
+                 with the settings it was started with), --overwrite starts it again.
+    finished     results.json holds a result: a record. --resume leaves it as it is (and says
+                 so), --overwrite replaces it.
+    failed       results.json says "status": "failed" (the run diverged): a record too, treated
+                 like a finished one.
+
+Without --resume or --overwrite only a new folder is used. The lock is `fcntl.flock` on
+<run>/.lock, which the kernel releases when its owner exits however it exits, so a crashed run
+never leaves the folder stuck; the lock file holds the owner's pid for the error message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+LOCK_FILE = ".lock"
+SETTINGS_FILE = "run.json"
+RESULTS_FILE = "results.json"
+
+START, RESUME, KEEP = "start", "resume", "keep"
+
+
+class RunFolderError(Exception):
+    """This command may not use this run folder; the message says why and what to pass instead."""
+
+
+class RunFolder:
+    """One run folder. `plan` decides without writing anything; `claim` takes the lock, decides
+    again (another process may have come first) and prepares the folder; `release` unlocks."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+        self._created: Path | None = None  # the outermost folder `claim` created
+
+    # -- reading -----------------------------------------------------------------------------
+    def state(self) -> str:
+        """"new", "running", "interrupted", "finished" or "failed" (see the module docstring)."""
+        if self._lock_fd is None and self.owner() is not None:
+            return "running"
+        results = self.results()
+        if results is not None:
+            return "failed" if results.get("status") == "failed" else "finished"
+        return "interrupted" if self._contents() else "new"
+
+    def owner(self) -> int | None:
+        """The pid holding this folder's lock (0 when unreadable), or None when nobody holds it."""
+        fd = self._open_lock(create=False)
+        if fd is None:
+            return None
+        try:
+            if _try_lock(fd):
+                return None
+            return int(os.pread(fd, 32, 0).decode().strip() or 0)
+        finally:
+            os.close(fd)
+
+    def results(self) -> dict | None:
+        """The results record, or None when there is none."""
+        return self._read_json(RESULTS_FILE)
+
+    def settings(self) -> dict | None:
+        """The settings the run here was started with, or None (a run from before they were recorded)."""
+        recorded = self._read_json(SETTINGS_FILE)
+        return None if recorded is None else recorded.get("settings")
+
+    def _read_json(self, name: str) -> dict | None:
+        path = self.path / name
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunFolderError(f"{path} is not valid JSON ({e}); move it away or pass --overwrite") from None
+        if not isinstance(record, dict):
+            raise RunFolderError(f"{path} is not a JSON object; move it away or pass --overwrite")
+        return record
+
+    # -- deciding ----------------------------------------------------------------------------
+    def plan(self, settings: dict, *, resume: bool, overwrite: bool) -> str:
+        """START, RESUME or KEEP for a command with these flags and settings; raises
+        RunFolderError where the command may not use the folder. Writes nothing."""
+        state = self.state()
+        if state == "running":
+            raise self._busy()
+        if state == "new" or overwrite:
+            return START
+        if not resume:
+            raise RunFolderError(f"{self.path} already holds {'an' if state == 'interrupted' else 'a'} {state} run; "
+                                 f"pass {'--resume to continue it or ' if state == 'interrupted' else ''}"
+                                 "--overwrite to replace it")
+        if state == "interrupted":
+            self._check_same_settings(settings)
+            return RESUME
+        return KEEP
+
+    def _check_same_settings(self, settings: dict) -> None:
+        recorded = self.settings()
+        if recorded is None:
+            return  # nothing to compare with: a folder from an older wtacrs
+        now = json.loads(json.dumps(settings))
+        differences = [f"--{k.replace('_', '-')} {now.get(k)} (the run has {recorded.get(k)})"
+                       for k in sorted(set(now) | set(recorded)) if now.get(k) != recorded.get(k)]
+        if differences:
+            raise RunFolderError(f"--resume with other settings than {self.path} was started with: "
+                                 f"{', '.join(differences)}; resume with the run's settings, or pass --overwrite "
+                                 "to start it again")
+
+    # -- owning ------------------------------------------------------------------------------
+    def claim(self, settings: dict, *, resume: bool, overwrite: bool) -> str:
+        """Lock the folder, then `plan` under the lock and prepare: START empties the folder
+        (keeping the lock) and records `settings`; RESUME keeps everything; KEEP releases the
+        lock at once. Raises RunFolderError when another process owns the folder."""
+        missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._created = missing[-1] if missing else None
+        fd = self._open_lock(create=True)
+        if not _try_lock(fd):
+            os.close(fd)
+            raise self._busy()
+        self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            action = self.plan(settings, resume=resume, overwrite=overwrite)
+            if action == START:
+                self._empty()
+                write_json_atomic(self.path / SETTINGS_FILE, {"settings": settings})
+        except BaseException:
+            self.release()
+            raise
+        if action == KEEP:
+            self.release()
+        return action
+
+    def release(self) -> None:
+        """Unlock (a no-op when this object holds no lock)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def discard_if_unused(self) -> None:
+        """Remove what `claim` created when the folder holds nothing but this command's
+        bookkeeping (a run that failed before writing a checkpoint, results or logs): the run
+        folder, and the parents `claim` created that are left empty."""
+        if self._created is None or self._contents() - {SETTINGS_FILE}:
+            return
+        self.release()
+        shutil.rmtree(self.path, ignore_errors=True)
+        for parent in self.path.parents:
+            if parent == self._created.parent or any(parent.iterdir()):
+                break
+            parent.rmdir()
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _busy(self) -> RunFolderError:
+        return RunFolderError(f"{self.path} is in use by another wtacrs finetune (pid {self.owner()}); wait for it "
+                              "to end or stop it first")
+
+    def _contents(self) -> set[str]:
+        return {p.name for p in self.path.iterdir()} - {LOCK_FILE} if self.path.is_dir() else set()
+
+    def _empty(self) -> None:
+        for name in self._contents():
+            path = self.path / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+    def _open_lock(self, create: bool) -> int | None:
+        try:
+            return os.open(self.path / LOCK_FILE, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            return None
+
+
+def _try_lock(fd: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def write_json_atomic(path: Path, record: dict) -> None:
+    """`write_text_atomic` of `record` as JSON, serialised first: a bad record writes nothing."""
+    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, fsync, then os.replace: a reader sees the old
+    file or the new one, never half of one. On any failure the temp file is removed and the old
+    file is left as it was."""
+    path = Path(path)
+    tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False)
+    try:
+        with tmp:
+            tmp.write(text)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, path)
+    except BaseException:  # disk full, Ctrl-C, `path` a folder: leave no stray temp file behind
+        Path(tmp.name).unlink(missing_ok=True)
+        raise
