@@ -485,5 +485,6 @@ def test_finetune_under_torchrun_writes_the_results_once(tiny_model, tmp_path): 
     record = json.loads(results.read_text())
     check_schema(record)
     assert record["world_size"] == 2 and record["train_examples"] == 16
-    assert sorted(p.name for p in earlier.iterdir() if p.is_file()) == ["results.json"], "stale or temp files left"
+    assert sorted(p.name for p in earlier.iterdir() if p.is_file()) == [".lock", "results.json", "run.json",
+                                                                        "training.json"], "stale or temp files left"
     assert done.stdout.count("wrote ") == 1 and done.stdout.count("wtacrs@0.3") == 1
