@@ -476,3 +476,14 @@ def test_n18_fixed_subset_says_what_limit_it_expects(limit):
     with pytest.raises(ValueError, match=f"limit must be a positive int or None, got {limit!r}"):
         fixed_subset(Dataset.from_dict({"x": [1, 2, 3]}), limit)
 
+
+def test_n19_results_are_readable_like_any_new_file_not_owner_only(tmp_path):
+    from wtacrs.cli.run_folder import write_json_atomic
+
+    umask = os.umask(0o027)
+    try:
+        write_json_atomic(tmp_path / "results.json", {"score": 0.5})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o640
+

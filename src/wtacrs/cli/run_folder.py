@@ -214,6 +214,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False)
     try:
         with tmp:
+            os.fchmod(tmp.fileno(), _new_file_mode())  # mkstemp's 0o600 would hide results from other users
             tmp.write(text)
             tmp.flush()
             os.fsync(tmp.fileno())
@@ -221,3 +222,11 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:  # disk full, Ctrl-C, `path` a folder: leave no stray temp file behind
         Path(tmp.name).unlink(missing_ok=True)
         raise
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the process umask (read by setting it back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
