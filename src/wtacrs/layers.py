@@ -342,9 +342,7 @@ class SamplingState:
     def begin_forward(self, masks: dict[str, Tensor | None]) -> None:
         """Called before each top-level forward of the model."""
         self.flush()
-        self.draws.clear()
-        self.reader.clear()
-        self._uniforms.clear()
+        self._release_forward_tables()
         batch_context = _current_batch.get()
         if batch_context is not None and self not in batch_context.states:
             batch_context.states.append(self)
@@ -423,9 +421,17 @@ class SamplingState:
         return self.recorder.hook(slot, rows, track_padding=self.config.skip_padding)
 
     # -- end of a step -------------------------------------------------------------------------
+    def _release_forward_tables(self) -> None:
+        self.draws.clear()
+        self.reader.clear()
+        self._uniforms.clear()
+
     def commit(self) -> None:
         """End of a training step: ship the recorded norms, folded in at the cache's next use;
-        under data parallelism at once, as the exchange is a collective of every rank and step."""
+        under data parallelism at once, as the exchange is a collective of every rank and step.
+        The forward's tables (multipliers, uniforms) are freed: the optimizer step that follows
+        is where the memory peaks once activations are small."""
+        self._release_forward_tables()
         self.recorder.ship()
         if self.sync is not None:
             self._fold(self.recorder.take(), exchange=True)
