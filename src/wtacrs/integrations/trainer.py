@@ -94,6 +94,12 @@ class WTACRSTrainer(Trainer):
         inputs.pop(HOST_MASK_KEY, None)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        # Fold the last steps' norms first: a PaddingGradientError they carry is raised before
+        # anything of the checkpoint is written.
+        sampling_state(self._unwrapped()).flush()
+        super()._save_checkpoint(model, trial)
+
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
         if self.args.should_save:
