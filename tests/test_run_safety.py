@@ -60,11 +60,7 @@ def test_d1_squad_offsets_off_the_answer_stop_the_run_naming_the_question(tiny_m
     doc = squad_doc(10)
     for article in doc["data"]:
         article["paragraphs"][0]["qas"][0]["answers"][0]["answer_start"] += 7  # still inside the context
-    path = tmp_path / "squad.json"
-    path.write_text(json.dumps(doc))
-    argv = ["finetune", "--task", "squad", "--data-dir", str(path), "--model", tiny_model, "--output-dir",
-            str(tmp_path / "out"), "--method", "full", *FAST, "--max-length", "48", "--doc-stride", "16"]
-    assert exit_code(argv) == 2
+    assert _finetune_squad(doc, tiny_model, tmp_path, max_length=48, doc_stride=16) == 2
     assert ("data[0].paragraphs[0].qas[0] (question id 'q0').answers[0]: answer_start 13 points at 'gamma.', "
             "not at the answer 'beta 0'") in capsys.readouterr().err
     assert not (tmp_path / "out").exists(), "a run that never started left a folder behind"
@@ -446,11 +442,7 @@ def test_n13_report_leaves_out_a_result_whose_score_is_not_a_number(tmp_path, ca
 def test_n16_squad_question_longer_than_the_window_is_named(tiny_model, tmp_path, capsys):  # noqa: F811
     doc = squad_doc(10)
     doc["data"][3]["paragraphs"][0]["qas"][0]["question"] = "Which word " * 10 + "?"
-    path = tmp_path / "squad.json"
-    path.write_text(json.dumps(doc))
-    argv = ["finetune", "--task", "squad", "--data-dir", str(path), "--model", tiny_model, "--output-dir",
-            str(tmp_path / "out"), "--method", "full", *FAST, "--max-length", "24", "--doc-stride", "4"]
-    assert exit_code(argv) == 2
+    assert _finetune_squad(doc, tiny_model, tmp_path, max_length=24, doc_stride=4) == 2
     assert ("error: question id 'q3' takes 21 tokens: a --max-length 24 window leaves 0 context tokens, and "
             "--doc-stride 4 needs more") in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -487,3 +479,11 @@ def test_n19_results_are_readable_like_any_new_file_not_owner_only(tmp_path):
         os.umask(umask)
     assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o640
 
+
+def _finetune_squad(doc: dict, tiny_model: str, tmp_path, max_length: int, doc_stride: int) -> int:
+    """Exit code of `wtacrs finetune` on SQuAD file `doc` (written to tmp_path), into tmp_path/out."""
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(doc))
+    return exit_code(["finetune", "--task", "squad", "--data-dir", str(path), "--model", tiny_model, "--output-dir",
+                      str(tmp_path / "out"), "--method", "full", *FAST, "--max-length", str(max_length),
+                      "--doc-stride", str(doc_stride)])

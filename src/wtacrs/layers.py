@@ -468,10 +468,6 @@ class SamplingState:
             self._cache.exchange_pending(self.sync)
         self._cache.commit()
 
-    def check_padding_gradients(self) -> None:
-        """Fold finished steps now, raising PaddingGradientError if one broke the padding assumption."""
-        self.flush()
-
     def _check_padding(self, records: _StepRecords) -> None:
         if records.leaks is None or not bool(records.leaks.any()):
             return
