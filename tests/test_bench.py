@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from wtacrs.bench import largest_fitting_batch, parse_method
-from wtacrs.bench.methods import MethodError
+from wtacrs.bench import largest_fitting_batch
 from wtacrs.bench.rss import peak_rss_of_step
 from wtacrs.bench.training import make_trial, measure_step_memory, memory_breakdown
 from wtacrs.cli import main
@@ -96,20 +95,6 @@ def test_largest_fitting_batch_on_an_affine_peak(base, per_example, budget, expe
 
 def test_largest_fitting_batch_treats_out_of_memory_as_too_big():
     assert largest_fitting_batch(lambda b: None if b > 40 else float(b), budget=1e9, start=8, multiple=8) == 40
-
-
-# -- method specs -----------------------------------------------------------------------------
-def test_parse_method_composes_components():
-    m = parse_method("lora+wtacrs@0.1+companions+checkpointing")
-    assert (m.lora, m.checkpointing, m.companions, m.estimator, m.ratio) == (True, True, True, "wta-crs", 0.1)
-    assert parse_method("topk@0.3").estimator == "topk" and not parse_method("full").uses_wtacrs
-    assert parse_method("full+fused-adamw").fused_optimizer and not parse_method("full+fused-adamw").uses_wtacrs
-
-
-@pytest.mark.parametrize("spec", ["wtacrs", "wtacrs@1.5", "wtacrs@x", "crs@0.3+topk@0.3", "full+lora", "lora+magic"])
-def test_parse_method_rejects_bad_specs(spec):
-    with pytest.raises(MethodError):
-        parse_method(spec)
 
 
 # -- the CLI on bert-tiny ---------------------------------------------------------------------

@@ -23,6 +23,27 @@ from wtacrs.bench.training import (
     release,
 )
 
+# The recipes `wtacrs bench` compares unless --methods names others (see wtacrs.recipes).
+DEFAULT_METHODS: tuple[str, ...] = (
+    "full",
+    "checkpointing",
+    "lora",
+    "wtacrs@0.3",
+    "wtacrs@0.1",
+    "lora+wtacrs@0.3",
+    "lora+wtacrs@0.1",
+    "wtacrs@0.3+companions",
+    "lora+wtacrs@0.3+companions",
+    "wtacrs@0.3+companions+recompute",
+    "lora+wtacrs@0.3+companions+recompute",
+    "wtacrs@0.3+companions+recompute+recompute-attention",
+    "lora+wtacrs@0.3+companions+recompute+recompute-attention",
+    "wtacrs@0.3+checkpointing",
+    "wtacrs@0.3+companions+checkpointing",
+    "crs@0.3",
+    "topk@0.3",
+)
+
 
 @dataclass(frozen=True)
 class Setup:

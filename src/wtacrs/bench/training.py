@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import gc
 import pstats
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from wtacrs.bench.methods import Method, batch_context, parse_method, prepare
-from wtacrs.bench.models import build_model, make_batch
+import wtacrs
+from wtacrs.bench.models import build_model, is_seq2seq, make_batch
 from wtacrs.memory import LiveTensorPeak, SavedTensorBytes, optimizer_state_tensors, parameter_tensors
+from wtacrs.recipes import Recipe, parse_recipe
 
 LEARNING_RATE = 1e-5
 
@@ -23,7 +25,7 @@ LEARNING_RATE = 1e-5
 class Trial:
     """A model prepared for one method, its AdamW optimizer (state already allocated) and a batch."""
 
-    method: Method
+    method: Recipe
     model: nn.Module
     optimizer: torch.optim.Optimizer
     inputs: dict[str, Tensor]
@@ -36,7 +38,9 @@ class Trial:
 
     def step(self, saved: SavedTensorBytes | None = None) -> float:
         """Forward, backward and AdamW step; `saved` (if given) counts what forward saves."""
-        with batch_context(self.method, self.example_ids, self.host_mask):
+        uses_wtacrs = self.method.uses_wtacrs
+        sampling = wtacrs.batch(self.example_ids, self.host_mask) if uses_wtacrs else contextlib.nullcontext()
+        with sampling:
             with saved if saved is not None else torch.autograd.graph.saved_tensors_hooks(_same, _same):
                 loss = self.model(**self.inputs).loss
             loss.backward()
@@ -85,14 +89,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_trial(size: str, method: str | Method, batch: int, seq: int, *,
+def make_trial(size: str, method: str | Recipe, batch: int, seq: int, *,
                device="cpu", dtype=torch.float32, seed=0) -> Trial:
     """Build `size` with random weights (seed), apply `method`, allocate AdamW state, make a batch."""
-    method = parse_method(method) if isinstance(method, str) else method
+    method = parse_recipe(method) if isinstance(method, str) else method
     model = build_model(size, seed, device).to(dtype=dtype)
-    model = prepare(model, method, seed)
+    model = method.prepare(model, seed=seed, task_type="SEQ_2_SEQ_LM" if is_seq2seq(model) else "SEQ_CLS")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer_class = BackwardFusedAdamW if method.fused_optimizer else torch.optim.AdamW
+    optimizer_class = BackwardFusedAdamW if method.fused_adamw else torch.optim.AdamW
     optimizer = optimizer_class(trainable, lr=LEARNING_RATE)
     _allocate_optimizer_state(optimizer)
     inputs = make_batch(model, batch, seq, seed, device)

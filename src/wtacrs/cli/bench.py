@@ -6,24 +6,25 @@ sequence-classification head). Each run writes <command>.json (with torch versio
 dtype, shapes, seed and command line), <command>.md and PNG plots into --out.
 
 Methods are specs such as full, checkpointing, lora, wtacrs@0.3, lora+wtacrs@0.1,
-wtacrs@0.3+companions+checkpointing, crs@0.3, topk@0.3 (see wtacrs.bench.methods).
+wtacrs@0.3+companions+checkpointing, crs@0.3, topk@0.3: the recipes of `wtacrs.recipes`, as in
+`wtacrs finetune --method`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
-from wtacrs.bench import methods as methods_module
-from wtacrs.bench.methods import DEFAULT_METHODS, MethodError, parse_method
 from wtacrs.bench.models import MODEL_SIZES, build_model, make_batch
 from wtacrs.bench.output import GB, markdown_report, markdown_table, run_metadata, write_json, write_text
 from wtacrs.bench.plots import plot_memory, plot_memory_time_plane, plot_throughput_vs_batch, plot_variance
-from wtacrs.bench.suite import Setup, add_ratio_to_full, run_batch, run_calls, run_memory, run_speed
+from wtacrs.bench.suite import DEFAULT_METHODS, Setup, add_ratio_to_full, run_batch, run_calls, run_memory, run_speed
 from wtacrs.bench.variance import DEFAULT_RATIOS, UNBIASED, capture_linear_io, run_variance, summarize
+from wtacrs.recipes import LoraSettings, RecipeError, parse_recipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_CPU_BUDGET_GB = 12.0
@@ -58,8 +59,8 @@ def _model(text: str) -> str:
 
 def _method(text: str) -> str:
     try:
-        parse_method(text)
-    except MethodError as e:
+        parse_recipe(text)
+    except RecipeError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
@@ -137,7 +138,7 @@ def _setup(args: argparse.Namespace, device: torch.device) -> Setup:
 
 def _meta(args: argparse.Namespace, device: torch.device, **extra) -> dict:
     return run_metadata(device, DTYPES[args.dtype], args.seed, model=args.model, batch=args.batch, seq=args.seq,
-                        optimizer="AdamW", lora={"r": methods_module.LORA_RANK, "alpha": methods_module.LORA_ALPHA},
+                        optimizer="AdamW", lora=dataclasses.asdict(LoraSettings()),
                         **extra)
 
 

@@ -1,0 +1,208 @@
+"""Recipes: the one language naming a way to train, for the library, `finetune`, `bench` and `report`.
+
+A recipe is components joined by "+", e.g. ``lora+wtacrs@0.3+companions+recompute``:
+
+    full                 every weight trained (the default; named alone or with fused-adamw)
+    lora                 PEFT LoRA adapters (`LoraSettings`: r 8, alpha 16, every linear layer of
+                         the model but its output head, no dropout), the task head trained fully
+    SAMPLER@R            `wtacrs.apply` with that estimator keeping a fraction R of the token rows
+                         (wtacrs, crs, priority, topk, uniform)
+    attention            the attention score and output matmuls sampled too (needs a sampler)
+    companions           the exact memory companions: dropout masks regenerated, LayerNorm backward
+                         from its output, attention probabilities recomputed
+    recompute            the activation function's input recomputed in backward (exact)
+    recompute-attention  the attention sub-blocks recomputed in backward (exact)
+    act=MODE             the activation input stored compressed (an approximation)
+    checkpointing        Hugging Face gradient checkpointing of every block (non-reentrant)
+    fused-adamw          each parameter's AdamW step runs in backward as soon as its gradient is
+                         complete (`wtacrs bench` only: a Trainer owns its optimizer)
+
+The same recipe builds the same model everywhere (`Recipe.prepare`), so the same spec means the
+same memory in `wtacrs bench` and `wtacrs finetune`, and every table prints the canonical spec
+(`Recipe.spec`: components in the order above).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import nn
+
+from wtacrs.companions.activation import ACTIVATION_MODES
+from wtacrs.config import WTACRSConfig
+
+SAMPLERS = {"wtacrs": "wta-crs", "crs": "crs", "priority": "priority", "topk": "topk", "uniform": "uniform"}
+FLAGS = {  # component -> Recipe field
+    "lora": "lora", "attention": "sampled_attention", "companions": "companions", "recompute": "recompute",
+    "recompute-attention": "recompute_attention", "checkpointing": "checkpointing", "fused-adamw": "fused_adamw",
+}
+# The best exact WTA-CRS recipe on the memory/time plane (benchmarks/RESULTS.md: at bert-base batch
+# 16 it matches gradient checkpointing's live peak at 0.86x its step time).
+BEST_EXACT = "wtacrs@0.3+companions+recompute+recompute-attention"
+
+
+class RecipeError(ValueError):
+    """A recipe spec that cannot be parsed, or a combination that cannot run."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA adapters of recipes with `lora` (one place: bench and finetune train the same)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0  # >0 makes LoRA read a dropped copy of each input: one more stored activation
+    target_modules: str | tuple[str, ...] = "all-linear"
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How sampling recipes count and choose rows (see `wtacrs.WTACRSConfig`)."""
+
+    budget: str = "live"
+    target_modules: tuple[str, ...] | None = None
+    skip_padding: bool = True
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A parsed recipe; build one with `parse_recipe`."""
+
+    lora: bool = False
+    estimator: str | None = None  # a `wtacrs.estimators` name; None = no weight-gradient sampling
+    ratio: float | None = None
+    sampled_attention: bool = False
+    companions: bool = False
+    recompute: bool = False
+    recompute_attention: bool = False
+    activation_compression: str | None = None
+    checkpointing: bool = False
+    fused_adamw: bool = False
+
+    @property
+    def samples(self) -> bool:
+        """Whether weight gradients are estimated from sampled rows."""
+        return self.estimator is not None
+
+    @property
+    def uses_wtacrs(self) -> bool:
+        """Whether `wtacrs.apply` changes the model (sampling or any companion)."""
+        return self.samples or self.companions or self.recompute or self.recompute_attention or (
+            self.activation_compression is not None)
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec: components in the documented order."""
+        sampler = {v: k for k, v in SAMPLERS.items()}.get(self.estimator)
+        parts = ["lora" if self.lora else "full"]
+        parts += [f"{sampler}@{self.ratio:g}"] if sampler else []
+        for name in ("attention", "companions", "recompute", "recompute-attention"):
+            parts += [name] if getattr(self, FLAGS[name]) else []
+        parts += [f"act={self.activation_compression}"] if self.activation_compression else []
+        parts += [name for name in ("checkpointing", "fused-adamw") if getattr(self, FLAGS[name])]
+        if parts[0] == "full" and len(parts) > 1 and parts[1] != "fused-adamw":
+            parts = parts[1:]  # "full" is implied, except beside fused-adamw alone
+        return "+".join(parts)
+
+    def wtacrs_config(self, seed: int = 0, sampling: SamplingSettings = SamplingSettings()) -> WTACRSConfig:
+        """The `WTACRSConfig` this recipe applies (exact estimator when it only uses companions)."""
+        return WTACRSConfig(
+            ratio=self.ratio if self.samples else 1.0, estimator=self.estimator or "exact",
+            budget=sampling.budget, skip_padding=sampling.skip_padding,
+            target_modules=list(sampling.target_modules) if sampling.target_modules else None,
+            attention=self.sampled_attention, seed=seed, lean_dropout=self.companions,
+            lean_layernorm=self.companions, lean_attention=self.companions, recompute_activation=self.recompute,
+            recompute_attention=self.recompute_attention, activation_compression=self.activation_compression,
+        )
+
+    def prepare(self, model: nn.Module, *, seed: int = 0, task_type: str = "SEQ_CLS",
+                lora: LoraSettings = LoraSettings(), sampling: SamplingSettings = SamplingSettings()) -> nn.Module:
+        """Turn a freshly loaded model into this recipe's trainable model: checkpointing, then
+        LoRA (returns PEFT's wrapper), then `wtacrs.apply`.
+
+        Args:
+            task_type: PEFT's `TaskType` name for LoRA ("SEQ_CLS", "QUESTION_ANS", "SEQ_2_SEQ_LM",
+                "CAUSAL_LM"): it decides which head PEFT trains fully.
+        """
+        if self.checkpointing:
+            enable_checkpointing(model)
+        if self.lora:
+            model = with_lora(model, lora, task_type)
+        if self.uses_wtacrs:
+            import wtacrs
+
+            wtacrs.apply(model, self.wtacrs_config(seed, sampling))
+        return model
+
+
+def parse_recipe(spec: str, default_ratio: float | None = None) -> Recipe:
+    """Parse a spec such as "lora+wtacrs@0.3+companions"; raises RecipeError naming the bad part.
+
+    Args:
+        default_ratio: the ratio of a sampler named without one ("wtacrs"); None = required.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise RecipeError(f"empty recipe {spec!r}")
+    parts = [p.strip() for p in spec.split("+")]
+    if "full" in parts and "lora" in parts:
+        raise RecipeError(f"recipe {spec!r} names both full fine-tuning and LoRA")
+    recipe = Recipe()
+    for part in parts:
+        recipe = _with_component(recipe, part, spec, default_ratio)
+    if recipe.sampled_attention and not recipe.samples:
+        raise RecipeError(f"recipe {spec!r}: 'attention' samples the attention matmuls at a sampler's ratio; "
+                          "add one (e.g. wtacrs@0.3)")
+    return recipe
+
+
+def _with_component(recipe: Recipe, part: str, spec: str, default_ratio: float | None) -> Recipe:
+    name, at, value = part.partition("@")
+    if part == "full":
+        return recipe
+    if name in SAMPLERS:
+        if recipe.samples:
+            raise RecipeError(f"recipe {spec!r} names two samplers")
+        if not at and default_ratio is None:
+            raise RecipeError(f"recipe {spec!r}: give {name}'s ratio, e.g. {name}@0.3")
+        return replace(recipe, estimator=SAMPLERS[name], ratio=_ratio(value, spec) if at else default_ratio)
+    if part.startswith("act="):
+        mode = part[len("act="):]
+        if mode not in ACTIVATION_MODES:
+            raise RecipeError(f"recipe {spec!r}: act= takes one of {', '.join(ACTIVATION_MODES)}, got {mode!r}")
+        return replace(recipe, activation_compression=mode)
+    if part in FLAGS:
+        return replace(recipe, **{FLAGS[part]: True})
+    raise RecipeError(f"bad component {part!r} in recipe {spec!r}; use full, {', '.join(FLAGS)}, act=MODE or "
+                      f"SAMPLER@RATIO with SAMPLER in {', '.join(SAMPLERS)}")
+
+
+def _ratio(value: str, spec: str) -> float:
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise RecipeError(f"bad ratio {value!r} in recipe {spec!r}") from None
+    if not 0.0 < ratio <= 1.0:
+        raise RecipeError(f"ratio must be in (0, 1], got {value!r} in recipe {spec!r}")
+    return ratio
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing of every block (transformers 5 renamed the method; same behaviour)."""
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def with_lora(model: nn.Module, settings: LoraSettings, task_type: str) -> nn.Module:
+    """`model` wrapped by PEFT with LoRA adapters as `settings` say."""
+    try:
+        import peft
+    except ImportError as e:  # pragma: no cover - peft is in the [peft] extra
+        raise RecipeError("LoRA recipes need peft: pip install 'wtacrs[peft]'") from e
+    targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
+    config = peft.LoraConfig(task_type=getattr(peft.TaskType, task_type), r=settings.r, lora_alpha=settings.alpha,
+                             lora_dropout=settings.dropout, target_modules=targets)
+    return peft.get_peft_model(model, config)
