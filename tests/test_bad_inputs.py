@@ -270,7 +270,7 @@ def test_b38_cli_unknown_method_is_an_argparse_error(capsys):
 
 # -- results and checkpoints -------------------------------------------------------------------------
 def test_b39_unwritable_results_location_keeps_the_earlier_results(tmp_path):
-    from wtacrs.cli.finetune import write_json_atomic
+    from wtacrs.atomic import write_json_atomic
 
     results = tmp_path / "results.json"
     write_json_atomic(results, {"score": 0.9})
@@ -283,21 +283,21 @@ def test_b39_unwritable_results_location_keeps_the_earlier_results(tmp_path):
 
 
 def test_b48_results_write_failing_half_way_leaves_no_temp_file(tmp_path, monkeypatch):
-    from wtacrs.cli import finetune
+    from wtacrs import atomic
 
     results = tmp_path / "results.json"
-    finetune.write_json_atomic(results, {"score": 0.9})
+    atomic.write_json_atomic(results, {"score": 0.9})
 
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(finetune.os, "fsync", disk_full)  # the temp file exists and holds the new text
+    monkeypatch.setattr(atomic.os, "fsync", disk_full)  # the temp file exists and holds the new text
     with pytest.raises(OSError, match="No space left"):
-        finetune.write_json_atomic(results, {"score": 0.1})
+        atomic.write_json_atomic(results, {"score": 0.1})
     monkeypatch.undo()
     (tmp_path / "folder").mkdir()
     with pytest.raises(IsADirectoryError):  # the rename itself fails
-        finetune.write_json_atomic(tmp_path / "folder", {"score": 0.1})
+        atomic.write_json_atomic(tmp_path / "folder", {"score": 0.1})
     assert json.loads(results.read_text()) == {"score": 0.9}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "results.json"], "a temp file was left behind"
 

@@ -470,7 +470,7 @@ def test_n18_fixed_subset_says_what_limit_it_expects(limit):
 
 
 def test_n19_results_are_readable_like_any_new_file_not_owner_only(tmp_path):
-    from wtacrs.cli.run_folder import write_json_atomic
+    from wtacrs.atomic import write_json_atomic
 
     umask = os.umask(0o027)
     try:

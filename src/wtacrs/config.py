@@ -6,11 +6,11 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Union
 
+from wtacrs.atomic import write_json_atomic
 from wtacrs.companions.activation import ACTIVATION_MODES
 from wtacrs.estimators import ESTIMATORS, validate_ratio
 from wtacrs.functional import BUDGETS
@@ -136,10 +136,7 @@ class WTACRSConfig:
         """Write `wtacrs_config.json` into `directory` atomically; returns its path."""
         path = Path(directory) / CONFIG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".wtacrs_config.", delete=False) as tmp:
-            tmp.write(text)
-        os.replace(tmp.name, path)
+        write_json_atomic(path, self.to_dict())
         return path
 
     @classmethod

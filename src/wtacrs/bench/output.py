@@ -8,11 +8,12 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from wtacrs.atomic import atomic_path, write_text_atomic
 
 GB = 1e9  # decimal gigabytes, as the targets are stated
 
@@ -67,34 +68,24 @@ def _git_commit() -> str | None:
     return done.stdout.strip() or None
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_text(path: Path, text: str) -> None:
-    """Atomically write `text` to `path`."""
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    """Atomically write `text` to `path` (its folder created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text)
 
 
 def write_json(path: Path, record: dict) -> None:
-    """Atomically write `record` as indented JSON."""
-    write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+    """Atomically write `record` as indented JSON (its folder created)."""
+    write_text(path, json.dumps(record, indent=2, default=str) + "\n")  # default=str: dtypes, devices
 
 
 def save_figure(figure, path: Path) -> None:
     """Atomically save a matplotlib figure as PNG and close it."""
     import matplotlib.pyplot as plt
 
-    _atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from wtacrs.cli.run_folder import write_text_atomic
+from wtacrs.atomic import write_text_atomic
+from wtacrs.bench.output import save_figure
 
 TASK_ORDER = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "squad", "squad_v2", "tweet_sentiment")
 PERCENT_ALREADY = ("squad", "squad_v2")
@@ -203,8 +202,7 @@ def plot(records: list[dict], output_dir: Path, varying: tuple[str, ...] = ()) -
             ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)  # below: curves stay visible
         fig.tight_layout()
         paths.append(output_dir / name)
-        _save_atomic(fig, paths[-1])
-        plt.close(fig)
+        save_figure(fig, paths[-1])
     return paths
 
 
@@ -238,12 +236,6 @@ def _draw_memory(ax, records: list[dict], varying: tuple[str, ...]) -> None:
         ax.scatter([peak], [statistics.mean(map(percent, runs))], label=f"{model} {method}")
     ax.set_xlabel("peak memory (MiB)")
     ax.set_ylabel("score (%)")
-
-
-def _save_atomic(fig, path: Path) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    os.replace(tmp.name, path)
 
 
 def _usable(paths: list[Path]) -> tuple[list[Path], list[dict]]:

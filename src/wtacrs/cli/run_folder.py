@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from wtacrs.atomic import write_json_atomic
 
 LOCK_FILE = ".lock"
 SETTINGS_FILE = "run.json"
@@ -199,34 +200,3 @@ def _try_lock(fd: int) -> bool:
     except BlockingIOError:
         return False
     return True
-
-
-def write_json_atomic(path: Path, record: dict) -> None:
-    """`write_text_atomic` of `record` as JSON, serialised first: a bad record writes nothing."""
-    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then os.replace: a reader sees the old
-    file or the new one, never half of one. On any failure the temp file is removed and the old
-    file is left as it was."""
-    path = Path(path)
-    tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False)
-    try:
-        with tmp:
-            os.fchmod(tmp.fileno(), _new_file_mode())  # mkstemp's 0o600 would hide results from other users
-            tmp.write(text)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, path)
-    except BaseException:  # disk full, Ctrl-C, `path` a folder: leave no stray temp file behind
-        Path(tmp.name).unlink(missing_ok=True)
-        raise
-
-
-def _new_file_mode() -> int:
-    """The mode open() gives a new file: 0o666 less the process umask (read by setting it back)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-

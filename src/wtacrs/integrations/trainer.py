@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
+from wtacrs.atomic import atomic_path
 from wtacrs.integrations.checkpoints import last_complete_checkpoint, verify_checkpoint
 from wtacrs.integrations.distributed import enable_data_parallel
 from wtacrs.layers import batch
@@ -103,9 +104,8 @@ class WTACRSTrainer(Trainer):
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
         if self.args.should_save:
-            path = os.path.join(output_dir, STATE_FILE)
-            save_file(sampling_state(self._unwrapped()).state_dict(), path + ".tmp")
-            os.replace(path + ".tmp", path)
+            with atomic_path(os.path.join(output_dir, STATE_FILE)) as tmp:
+                save_file(sampling_state(self._unwrapped()).state_dict(), tmp)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
