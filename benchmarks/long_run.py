@@ -52,7 +52,7 @@ def load_data(args):
     """(tokenized train subset with example ids, tokenized eval subset, tokenizer)."""
     from transformers import AutoTokenizer
 
-    from wtacrs.cli.finetune import packaged_model_dir
+    from wtacrs.finetuning.models import packaged_model_dir
     from wtacrs.tasks import get_task, load_tweets, tokenize_sequences
 
     tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir())
@@ -68,7 +68,7 @@ def build_model(args, method: str):
     from transformers import AutoModelForSequenceClassification
 
     import wtacrs
-    from wtacrs.cli.finetune import packaged_model_dir
+    from wtacrs.finetuning.models import packaged_model_dir
 
     torch.manual_seed(args.seed)
     if args.hidden:  # a randomly initialised small BERT on MiniLM's vocabulary (fits a busy CPU)

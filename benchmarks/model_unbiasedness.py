@@ -24,7 +24,7 @@ import torch
 from padding_gradient import first_windows
 
 import wtacrs
-from wtacrs.cli.finetune import packaged_model_dir
+from wtacrs.finetuning.models import packaged_model_dir
 from wtacrs.tasks import load_task
 
 

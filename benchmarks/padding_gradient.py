@@ -22,7 +22,7 @@ import statistics
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, default_data_collator
 
-from wtacrs.cli.finetune import packaged_model_dir
+from wtacrs.finetuning.models import packaged_model_dir
 from wtacrs.tasks.squad import prepare_train_features, read_squad_json, split_articles
 
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # `models`, when run as a script
 
 import wtacrs  # noqa: E402
 from models import FAMILIES, Case  # noqa: E402
-from wtacrs.cli.finetune import model_kind  # noqa: E402
+from wtacrs.finetuning.models import model_kind  # noqa: E402
 from wtacrs.companions import COMPANION_OPTIONS  # noqa: E402
 from wtacrs.integrations.attention import AttentionNotSupportedError  # noqa: E402
 from wtacrs.modeling import companion_effects, sampled_attention_modules, sampled_modules  # noqa: E402

@@ -246,12 +246,13 @@ def test_b49_cli_max_length_beyond_the_models_positions_fails_before_touching_th
     --overwrite deletes the earlier run."""
     from transformers import BertConfig, GPT2Config, RobertaConfig
 
-    from wtacrs.cli.finetune import max_model_length, run, run_dir
+    from wtacrs.cli.finetune import run
+    from wtacrs.finetuning.models import max_model_length
 
     BertConfig(max_position_embeddings=64).save_pretrained(tmp_path / "bert")
     args = _cli_args("--model", str(tmp_path / "bert"), "--max-length", "80", "--output-dir", str(tmp_path / "out"),
                      "--method", "full", "--overwrite")
-    earlier = run_dir(args, "full", 0)
+    earlier = tmp_path / "out" / "tweet_sentiment" / "bert" / "full" / "seed0"
     earlier.mkdir(parents=True)
     (earlier / "results.json").write_text('{"score": 0.9}')
     assert run(args) == 2
@@ -262,10 +263,12 @@ def test_b49_cli_max_length_beyond_the_models_positions_fails_before_touching_th
     assert max_model_length(GPT2Config(n_positions=256)) == 256
 
 
-def test_b38_cli_unknown_method_is_an_argparse_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        _cli_args("--method", "fast")
-    assert exit_info.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+def test_b38_cli_unknown_recipe_component_is_named(capsys, tmp_path, monkeypatch):
+    from wtacrs.cli.finetune import run
+
+    monkeypatch.chdir(tmp_path)
+    assert run(_cli_args("--method", "fast")) == 2
+    assert "--method: bad component 'fast' in recipe 'fast'" in capsys.readouterr().err
 
 
 # -- results and checkpoints -------------------------------------------------------------------------
@@ -303,16 +306,17 @@ def test_b48_results_write_failing_half_way_leaves_no_temp_file(tmp_path, monkey
 
 
 def test_b40_cli_refuses_to_overwrite_an_earlier_run(tmp_path):
-    from wtacrs.cli.finetune import claim_run_folder, plan_run_folder, resolve_options
-    from wtacrs.cli.run_folder import RunFolderError
+    from wtacrs.cli.finetune import settings_from
+    from wtacrs.finetuning.run_folder import RunFolderError
+    from wtacrs.finetuning.train import claim_folder, plan_folder
 
-    args = resolve_options(_cli_args("--output-dir", str(tmp_path), "--method", "wtacrs"))
-    with claim_run_folder(args, "wtacrs", 0)[0] as first:
+    run, = settings_from(_cli_args("--output-dir", str(tmp_path), "--method", "wtacrs")).runs()
+    with claim_folder(run)[0] as first:
         (first.path / "results.json").write_text('{"score": 0.9}')
     with pytest.raises(RunFolderError, match="already holds a finished run; pass --overwrite"):
-        plan_run_folder(args, "wtacrs", 0)
+        plan_folder(run)
     with pytest.raises(RunFolderError, match="already holds a finished run; pass --overwrite"):
-        claim_run_folder(args, "wtacrs", 0)
+        claim_folder(run)
     assert (first.path / "results.json").read_text() == '{"score": 0.9}'
 
 

@@ -6,7 +6,6 @@ failure comes back as its traceback.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -204,23 +203,29 @@ def _fsdp2_training(rank: int, out: dict) -> None:
         out[ratio]["num_examples"] = wtacrs.sampling_state(model).cache.num_examples if ratio < 1 else None
 
 
-def _cli_options(output_dir: str, **flags) -> argparse.Namespace:
-    settings = dict(data_dir=None, lr=1e-4, epochs=1.0, batch_size=8, max_length=32, warmup_ratio=0.0,
-                    weight_decay=0.0, max_train_samples=None, max_eval_samples=None, bf16=False, fp16=False)
-    return argparse.Namespace(output_dir=output_dir, task="rte", model="tiny", ratio=0.3, **settings, **flags)
+def _cli_run(output_dir: str, **flags):
+    """The RunSpec of `wtacrs finetune --method full` on RTE into `output_dir`."""
+    from wtacrs.finetuning.spec import Settings
+    from wtacrs.recipes import parse_recipe
+
+    settings = Settings(task="rte", model="tiny", data_dir=None, recipes=(parse_recipe("full"),), seeds=(0,),
+                        output_dir=output_dir, epochs=1.0, batch_size=8, max_length=32, warmup_ratio=0.0,
+                        weight_decay=0.0, max_train_samples=None, max_eval_samples=None, default_lr=1e-4,
+                        default_lora_lr=1e-3, **flags)
+    return settings.runs()[0]
 
 
 def _cli_run_folder(rank: int, out: dict, output_dir: str) -> None:
     """`wtacrs finetune`'s run-folder handling on every rank: rank 0 alone locks and empties it,
     the others wait for it, and a refusal stops both ranks."""
-    from wtacrs.cli import finetune
-    from wtacrs.cli.run_folder import RunFolder, RunFolderError
+    from wtacrs.finetuning.run_folder import RunFolder, RunFolderError
+    from wtacrs.finetuning.train import claim_folder
     from wtacrs.integrations.distributed import on_rank_zero
 
     emptied, empty = [], RunFolder._empty
     RunFolder._empty = lambda self: (emptied.append(str(self.path)), empty(self))
     try:
-        folder, action = finetune.claim_run_folder(_cli_options(output_dir, overwrite=True, resume=False), "full", 0)
+        folder, action = claim_folder(_cli_run(output_dir, overwrite=True, resume=False))
     finally:
         RunFolder._empty = empty
     out.update(folder=str(folder.path), emptied=emptied, action=action, contents=sorted(os.listdir(folder.path)))
@@ -230,7 +235,7 @@ def _cli_run_folder(rank: int, out: dict, output_dir: str) -> None:
         (folder.path / "results.json").write_text("{}")
     dist.barrier()
     try:
-        finetune.claim_run_folder(_cli_options(output_dir, overwrite=False, resume=False), "full", 0)
+        claim_folder(_cli_run(output_dir, overwrite=False, resume=False))
     except RunFolderError as e:
         out["refused"] = str(e)
     out["value"] = on_rank_zero(lambda: f"from rank {dist.get_rank()}")
@@ -296,10 +301,8 @@ def run_ranks(result_dir, body, *args) -> list[dict]:
 # -- tests ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    from wtacrs.cli.finetune import run_dir
-
     root = tmp_path_factory.mktemp("ddp")
-    earlier = run_dir(_cli_options(str(root / "cli")), "full", 0)  # a finished run that --overwrite deletes
+    earlier = _cli_run(str(root / "cli")).folder  # a finished run that --overwrite deletes
     earlier.mkdir(parents=True)
     (earlier / "results.json").write_text('{"score": 0.9}')
     one_rank = _trainer(str(root / "one-rank"), max_steps=2)  # a checkpoint for two ranks to resume
@@ -470,7 +473,7 @@ def test_finetune_under_torchrun_writes_the_results_once(tiny_model, tmp_path): 
     run (--overwrite) and writes one valid results.json; the table is printed once."""
     from test_finetune import FAST, check_schema
 
-    earlier = tmp_path / "tweet_sentiment" / Path(tiny_model).name / "wtacrs-0.3" / "seed0"
+    earlier = tmp_path / "tweet_sentiment" / Path(tiny_model).name / "wtacrs@0.3" / "seed0"
     earlier.mkdir(parents=True)
     (earlier / "results.json").write_text('{"score": -1}')
     (earlier / "stale.txt").write_text("from an earlier run")
@@ -480,7 +483,7 @@ def test_finetune_under_torchrun_writes_the_results_once(tiny_model, tmp_path): 
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     done = subprocess.run(command, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    (results,) = tmp_path.glob("*/*/wtacrs-0.3/seed0/results.json")
+    (results,) = tmp_path.glob("*/*/wtacrs@0.3/seed0/results.json")
     assert results.parent == earlier
     record = json.loads(results.read_text())
     check_schema(record)

@@ -18,20 +18,19 @@ import wtacrs
 from models import CASES_BY_NAME, FAMILIES, MODERNBERT, Case
 from test_tasks import squad_doc
 from wtacrs.cli import main
-from wtacrs.cli import finetune
+from wtacrs.finetuning import models as finetune_models
+from wtacrs.finetuning import train
 
 FAST = ["--max-train-samples", "8", "--max-eval-samples", "4", "--epochs", "1", "--max-length", "16",
         "--batch-size", "4", "--no-progress"]
-COMPANION_FLAGS = ["--lean", "--recompute-activation", "--recompute-attention"]
-SAMPLED = "wtacrs-0.3+lean+recompute+recompute-attention"  # the run folder of those flags
-SAMPLED_LABEL = "wtacrs@0.3+lean+recompute+recompute-attention"  # its row in the report
+SAMPLED = "wtacrs@0.3+companions+recompute+recompute-attention"  # the recipe: its run folder and report row
 REQUESTED = ("lean_dropout", "lean_layernorm", "lean_attention", "recompute_activation", "recompute_attention")
 KINDS = {"t5": "encoder-decoder", "gpt2": "decoder", "llama": "decoder"}  # every other family: "encoder"
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return hf.AutoTokenizer.from_pretrained(finetune.packaged_model_dir())
+    return hf.AutoTokenizer.from_pretrained(finetune_models.packaged_model_dir())
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +69,7 @@ def test_family_end_to_end(case, tokenizer, readme_rows, tmp_path, capsys):
     family = hf.AutoConfig.from_pretrained(model).model_type
     out = tmp_path / "runs"
     assert main(["finetune", "--model", model, "--output-dir", str(out), "--in-process", "--method", "full",
-                 "wtacrs", *COMPANION_FLAGS, *FAST]) == 0
+                 SAMPLED, *FAST]) == 0
     full, sampled = results_of(out, "tweet_sentiment", "full"), results_of(out, "tweet_sentiment", SAMPLED)
     for record in (full, sampled):
         assert (record["model_family"], record["model_kind"]) == (family, KINDS.get(case.name, "encoder"))
@@ -85,8 +84,8 @@ def test_family_end_to_end(case, tokenizer, readme_rows, tmp_path, capsys):
         squad = tmp_path / "squad.json"
         squad.write_text(json.dumps(squad_doc(10)))
         assert main(["finetune", "--task", "squad", "--data-dir", str(squad), "--model", model, "--output-dir",
-                     str(out), "--method", "wtacrs", "--lean", *FAST, "--max-length", "32", "--doc-stride", "8"]) == 0
-        assert set(results_of(out, "squad", "wtacrs-0.3+lean")["metrics"]["validation"]) >= {"exact_match", "f1"}
+                     str(out), "--method", "wtacrs+companions", *FAST, "--max-length", "32", "--doc-stride", "8"]) == 0
+        assert set(results_of(out, "squad", "wtacrs@0.3+companions")["metrics"]["validation"]) >= {"exact_match", "f1"}
 
     bench = tmp_path / "bench"
     assert main(["bench", "memory", "--model", model, "--batch", "2", "--seq", "16", "--methods", "full",
@@ -98,10 +97,10 @@ def test_family_end_to_end(case, tokenizer, readme_rows, tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
     text = capsys.readouterr().out
-    assert f"| {case.name} | full |" in text and f"| {case.name} | {SAMPLED_LABEL} |" in text
+    assert f"| {case.name} | full |" in text and f"| {case.name} | {SAMPLED} |" in text
     assert f"| {case.name} | {KINDS.get(case.name, 'encoder')} | full |" in text  # the by-memory table
     idle = sorted(option for option, status in sampled["companion_effects"].items() if status != "took effect")
-    assert (f"{case.name} {SAMPLED_LABEL}: {', '.join(idle)} found nothing to change" in text) == bool(idle)
+    assert (f"{case.name} {SAMPLED}: {', '.join(idle)} found nothing to change" in text) == bool(idle)
 
 
 def test_readme_families_table_is_what_summary_reports():
@@ -141,10 +140,10 @@ def test_summary_says_which_companions_took_effect_and_which_found_nothing():
 def test_model_kind_reads_no_attribute_a_config_may_lack():
     for case in FAMILIES:
         config = case.build().config
-        assert finetune.model_kind(config) == KINDS.get(case.name, "encoder"), case.name
-    assert finetune.model_kind(hf.BertConfig(is_decoder=True)) == "decoder"
+        assert finetune_models.model_kind(config) == KINDS.get(case.name, "encoder"), case.name
+    assert finetune_models.model_kind(hf.BertConfig(is_decoder=True)) == "decoder"
     assert not hasattr(MODERNBERT.build().config, "is_decoder")  # what lost the results (issue 20)
-    assert finetune.model_kind(hf.CLIPVisionConfig()) == "unknown"
+    assert finetune_models.model_kind(hf.CLIPVisionConfig()) == "unknown"
 
 
 def test_results_that_failed_after_training_are_finished_by_resume(tokenizer, tmp_path, monkeypatch, capsys):
@@ -156,12 +155,12 @@ def test_results_that_failed_after_training_are_finished_by_resume(tokenizer, tm
     def broken(trainer):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(finetune, "saved_activation_bytes", broken)
+    monkeypatch.setattr(train, "probe_step_memory", broken)
     with pytest.raises(RuntimeError, match="disk on fire"):
         main(argv)
     assert "is complete and saved (checkpoints and training.json) but writing its results failed" in \
         capsys.readouterr().err
-    (run,) = (tmp_path / "out").glob("*/*/wtacrs-0.3/seed0")
+    (run,) = (tmp_path / "out").glob("*/*/wtacrs@0.3/seed0")
     assert not (run / "results.json").exists()
     training = json.loads((run / "training.json").read_text())
     checkpoints = sorted(p.name for p in run.glob("checkpoint-*"))

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from wtacrs.cli import main
+from wtacrs.recipes import BEST_EXACT
 
 RESULT_FIELDS = {
     "task": str, "model": str, "method": str, "seed": int, "metrics": dict, "best_epoch": float,
@@ -25,7 +26,7 @@ def tiny_model(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from wtacrs.cli.finetune import packaged_model_dir
+    from wtacrs.finetuning.models import packaged_model_dir
 
     path = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
@@ -68,7 +69,7 @@ def test_bad_arguments_exit_2_with_a_specific_message(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--task", "nope"], ["--method", "magic"], ["--bf16", "--fp16"], ["--seed", "x"]])
+@pytest.mark.parametrize("argv", [["--task", "nope"], ["--bf16", "--fp16"], ["--seed", "x"]])
 def test_argparse_rejects_unknown_choices(argv):
     with pytest.raises(SystemExit) as exit_info:
         main(["finetune", *argv])
@@ -101,31 +102,55 @@ def test_unreachable_hub_says_to_use_data_dir(tiny_model, tmp_path, capsys, monk
 
 
 # -- runs --------------------------------------------------------------------------------------
-def test_default_run_smoke_full_vs_wtacrs(tiny_model, tmp_path, capsys):
-    """The no-argument default (tweet sentiment, full vs WTA-CRS@0.3), shrunk to seconds."""
+def test_default_run_compares_full_checkpointing_and_the_best_exact_recipe(tiny_model, tmp_path, capsys):
+    """The no-argument default (tweet sentiment: full, checkpointing, the best exact WTA-CRS
+    recipe), shrunk to seconds: a table, a verdict against checkpointing and a plot."""
     assert main(["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--in-process", *FAST]) == 0
-    table = capsys.readouterr().out
-    assert "full" in table and "wtacrs@0.3" in table and "peak MiB" in table
-    full, sampled = results_of(tmp_path, "full"), results_of(tmp_path, "wtacrs-0.3")
-    for record in (full, sampled):
+    out = capsys.readouterr().out
+    assert "live peak MiB" in out and f"verdict: {BEST_EXACT} " in out and "x checkpointing's" in out
+    assert (tmp_path / "memory_time.png").stat().st_size > 0
+    full, checkpointing = results_of(tmp_path, "full"), results_of(tmp_path, "checkpointing")
+    sampled = results_of(tmp_path, BEST_EXACT)
+    for record in (full, checkpointing, sampled):
         check_schema(record)
         assert record["task"] == "tweet_sentiment" and record["eval_examples"] == {"validation": 8}
         assert set(record["metrics"]["validation"]) >= {"accuracy", "macro_f1", "score"}
-    assert (full["ratio"], sampled["ratio"], sampled["estimator"]) == (None, 0.3, "wta-crs")
+        assert record["live_peak_bytes"] > record["saved_activation_bytes"] and record["step_seconds"] > 0
+    assert (full["ratio"], sampled["ratio"], sampled["estimator"], sampled["method"]) == (
+        None, 0.3, "wta-crs", BEST_EXACT)
     assert sampled["saved_activation_bytes"] < full["saved_activation_bytes"]
+    assert checkpointing["saved_activation_bytes"] < full["saved_activation_bytes"]
+    # (no order of live peaks to assert: the tiny model's peak is its embedding gradient and AdamW state)
+    # sampling recipes train at 1.5x the default learning rate; --lr sets every run's
+    assert sampled["hyperparameters"]["lr"] == pytest.approx(1.5 * full["hyperparameters"]["lr"])
     assert list(tmp_path.glob("*/*/full/seed0/runs/*"))  # TensorBoard logs
 
 
-def test_lean_companions_are_recorded_and_labelled(tiny_model, tmp_path, capsys):
-    argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--in-process", "--method", "wtacrs",
-            "full", "--lean", "--recompute-activation", "--recompute-attention", *FAST]
+def test_recipes_are_recorded_by_their_canonical_spec(tiny_model, tmp_path, capsys):
+    """A spec written in any order, and a bare sampler taking --ratio, run as the canonical spec;
+    companions apply to LoRA and full runs too, and take effect."""
+    argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--in-process", "--method",
+            "recompute-attention+companions+wtacrs+recompute", "lora+companions", "--ratio", "0.5", *FAST,
+            "--lr", "1e-3"]
     assert main(argv) == 0
-    label = "wtacrs@0.3+lean+recompute+recompute-attention"
-    assert label in capsys.readouterr().out
-    sampled, full = results_of(tmp_path, "wtacrs-0.3+lean+recompute+recompute-attention"), results_of(tmp_path, "full")
+    assert "wtacrs@0.5+companions+recompute+recompute-attention" in capsys.readouterr().out
+    sampled = results_of(tmp_path, "wtacrs@0.5+companions+recompute+recompute-attention")
+    lora = results_of(tmp_path, "lora+companions")
     check_schema(sampled)
-    companions = ["lean", "recompute", "recompute-attention"]
-    assert (sampled["companions"], full["companions"]) == (companions, [])  # only sampling runs take them
+    assert (sampled["method"], sampled["ratio"], lora["method"], lora["ratio"]) == (
+        "wtacrs@0.5+companions+recompute+recompute-attention", 0.5, "lora+companions", None)
+    assert sampled["hyperparameters"]["lr"] == lora["hyperparameters"]["lr"] == 1e-3
+    assert sampled["companion_effects"]["recompute_attention"] == "took effect"
+    assert set(lora["companion_effects"]) == {"lean_dropout", "lean_layernorm", "lean_attention"}
+
+
+@pytest.mark.parametrize("method, message", [
+    ("wtacrs@2", "ratio must be in (0, 1]"), ("magic", "bad component 'magic'"),
+    ("full+fused-adamw", "fused-adamw is a `wtacrs bench` component"),
+])
+def test_bad_recipes_exit_2_naming_the_problem(method, message, capsys, tmp_path):
+    assert main(["finetune", "--method", method, "--output-dir", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_paper_budget_and_max_padding_are_recorded_and_labelled(tiny_model, tmp_path, capsys, monkeypatch):
@@ -141,7 +166,7 @@ def test_paper_budget_and_max_padding_are_recorded_and_labelled(tiny_model, tmp_
             "full", "--budget", "all", "--pad-to-max-length", *FAST]
     assert main(argv) == 0
     assert "wtacrs@0.3+budget-all+pad-max" in capsys.readouterr().out
-    sampled, full = results_of(tmp_path, "wtacrs-0.3+budget-all+pad-max"), results_of(tmp_path, "full+pad-max")
+    sampled, full = results_of(tmp_path, "wtacrs@0.3+budget-all+pad-max"), results_of(tmp_path, "full+pad-max")
     assert (sampled["variants"], full["variants"]) == (["budget-all", "pad-max"], ["pad-max"])
     assert lengths and set(lengths) == {32}  # FAST's --max-length
 
@@ -154,8 +179,8 @@ def test_target_modules_sample_only_the_named_layers(tiny_model, tmp_path, capsy
     assert main([*base, "--output-dir", str(tmp_path / "paper"), "--target-modules", "output.dense",
                  "intermediate.dense"]) == 0
     assert "wtacrs@0.3+targets=output.dense,intermediate.dense" in capsys.readouterr().out
-    every = results_of(tmp_path / "all", "wtacrs-0.3")
-    paper = results_of(tmp_path / "paper", "wtacrs-0.3+targets=output.dense,intermediate.dense")
+    every = results_of(tmp_path / "all", "wtacrs@0.3")
+    paper = results_of(tmp_path / "paper", "wtacrs@0.3+targets=output.dense,intermediate.dense")
     assert paper["variants"] == ["targets=output.dense,intermediate.dense"]
     assert paper["saved_activation_bytes"] > every["saved_activation_bytes"]
     with pytest.raises(SystemExit) as stop:
@@ -165,17 +190,18 @@ def test_target_modules_sample_only_the_named_layers(tiny_model, tmp_path, capsy
 
 
 def test_sample_attention_samples_the_attention_matmuls_too(tiny_model, tmp_path, capsys):
-    """--sample-attention switches the model to the sampled attention (other saved bytes) and is
-    labelled; a model that computes attention itself (MPNet) stops with one error line."""
+    """The `attention` component switches the model to the sampled attention (other saved bytes)
+    and is labelled; a model that computes attention itself (MPNet) stops with one error line."""
     from transformers import AutoTokenizer, MPNetConfig, MPNetModel
 
-    base = ["finetune", "--in-process", "--method", "wtacrs", "--budget", "all", *FAST]
-    assert main([*base, "--model", tiny_model, "--output-dir", str(tmp_path / "linear")]) == 0
-    assert main([*base, "--model", tiny_model, "--output-dir", str(tmp_path / "both"), "--sample-attention"]) == 0
-    assert "wtacrs@0.3+budget-all+attention" in capsys.readouterr().out
-    linear = results_of(tmp_path / "linear", "wtacrs-0.3+budget-all")
-    both = results_of(tmp_path / "both", "wtacrs-0.3+budget-all+attention")
-    assert both["variants"] == ["budget-all", "attention"]
+    base = ["finetune", "--in-process", "--budget", "all", *FAST]
+    assert main([*base, "--model", tiny_model, "--output-dir", str(tmp_path / "linear"), "--method", "wtacrs"]) == 0
+    assert main([*base, "--model", tiny_model, "--output-dir", str(tmp_path / "both"), "--method",
+                 "wtacrs+attention"]) == 0
+    assert "wtacrs@0.3+attention+budget-all" in capsys.readouterr().out
+    linear = results_of(tmp_path / "linear", "wtacrs@0.3+budget-all")
+    both = results_of(tmp_path / "both", "wtacrs@0.3+attention+budget-all")
+    assert both["variants"] == ["budget-all"] and both["method"] == "wtacrs@0.3+attention"
     assert both["saved_activation_bytes"] != linear["saved_activation_bytes"]
 
     mpnet = tmp_path / "mpnet"
@@ -183,7 +209,7 @@ def test_sample_attention_samples_the_attention_matmuls_too(tiny_model, tmp_path
                            intermediate_size=64)).save_pretrained(mpnet)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(mpnet)
     with pytest.raises(SystemExit) as stop:
-        main([*base, "--model", str(mpnet), "--output-dir", str(tmp_path / "mp"), "--sample-attention"])
+        main([*base, "--model", str(mpnet), "--output-dir", str(tmp_path / "mp"), "--method", "wtacrs+attention"])
     assert stop.value.code == 2
     assert "error: MPNetForSequenceClassification does not compute attention" in capsys.readouterr().err
 
@@ -213,10 +239,10 @@ def test_glue_folder_lora_and_checkpointing(tiny_model, tmp_path):
     data = write_glue(tmp_path / "glue")
     out = tmp_path / "out"
     argv = ["finetune", "--task", "stsb", "--data-dir", str(data), "--model", tiny_model, "--output-dir", str(out),
-            "--method", "lora", "checkpointing", "--in-process", "--lora-dropout", "0", *FAST]
+            "--method", "lora", "checkpointing", "--in-process", *FAST]
     assert main(argv) == 0
     lora, checkpointing = results_of(out, "lora"), results_of(out, "checkpointing")
-    assert lora["hyperparameters"]["lora_dropout"] == 0.0
+    assert lora["hyperparameters"]["lora_dropout"] == 0.0  # the default: LoRA reads the very input the layer does
     assert set(lora["metrics"]["validation"]) >= {"pearson", "spearman", "score"}
     assert lora["trainable_parameters"] < checkpointing["trainable_parameters"]
     assert checkpointing["saved_activation_bytes"] < lora["saved_activation_bytes"]
@@ -231,7 +257,7 @@ def test_squad_single_file_split_by_article(tiny_model, tmp_path):
             "--output-dir", str(tmp_path / "out"), "--method", "wtacrs", *FAST, "--max-length", "48",
             "--doc-stride", "16"]
     assert main(argv) == 0
-    record = results_of(tmp_path / "out", "wtacrs-0.3")
+    record = results_of(tmp_path / "out", "wtacrs@0.3")
     check_schema(record)
     assert set(record["metrics"]["validation"]) >= {"exact_match", "f1", "score"}
     assert record["eval_examples"] == {"validation": 2}  # articles 4 and 9, one question each
@@ -243,7 +269,7 @@ def test_decoder_model_gpt2_with_wtacrs(tmp_path):
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2Model
 
-    from wtacrs.cli.finetune import packaged_model_dir
+    from wtacrs.finetuning.models import packaged_model_dir
 
     torch.manual_seed(0)
     GPT2Model(GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(
@@ -252,7 +278,7 @@ def test_decoder_model_gpt2_with_wtacrs(tmp_path):
     argv = ["finetune", "--model", str(tmp_path / "gpt"), "--output-dir", str(tmp_path / "out"), "--method", "wtacrs",
             *FAST]
     assert main(argv) == 0
-    record = results_of(tmp_path / "out", "wtacrs-0.3")
+    record = results_of(tmp_path / "out", "wtacrs@0.3")
     assert record["model_kind"] == "decoder" and record["model_name"] == "gpt"
 
 
@@ -261,7 +287,7 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tiny_model, t
     argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--method", "wtacrs",
             *FAST, "--epochs", "2"]
     assert main(argv) == 0
-    run = next(tmp_path.glob("*/*/wtacrs-0.3/seed0"))
+    run = next(tmp_path.glob("*/*/wtacrs@0.3/seed0"))
     first, last = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     digest = hashlib.sha256((last / "model.safetensors").read_bytes()).hexdigest()
     history = json.loads((run / "results.json").read_text())["history"]
@@ -277,7 +303,7 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tiny_model, t
 def test_default_run_in_separate_processes(tiny_model, tmp_path, capsys):
     assert main(["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), *FAST]) == 0
     assert "wtacrs@0.3" in capsys.readouterr().out
-    check_schema(results_of(tmp_path, "wtacrs-0.3"))
+    check_schema(results_of(tmp_path, BEST_EXACT))
 
 
 # -- report ------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_d3_parameters_are_checked_before_a_checkpoint_is_written():
     import torch
     from transformers import TrainerControl, TrainerState
 
-    from wtacrs.cli.guards import NonFiniteError, non_finite_guard
+    from wtacrs.finetuning.guards import NonFiniteError, non_finite_guard
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     guard, state = non_finite_guard(), TrainerState(global_step=7)
@@ -122,7 +122,7 @@ def test_d4_resume_with_other_settings_is_refused_naming_each(tiny_model, finish
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     """Another process owning `folder` (as a training run does), until it is killed."""
-    code = ("import sys; from wtacrs.cli.run_folder import RunFolder; f = RunFolder(sys.argv[1]); "
+    code = ("import sys; from wtacrs.finetuning.run_folder import RunFolder; f = RunFolder(sys.argv[1]); "
             "f.claim(f.settings(), resume=True, overwrite=False); print('locked', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
@@ -144,7 +144,7 @@ def test_d5_one_owner_per_run_folder_and_no_stuck_lock(tiny_model, finished, tmp
     finally:
         holder.kill()
         holder.wait()
-    from wtacrs.cli.run_folder import RunFolder
+    from wtacrs.finetuning.run_folder import RunFolder
 
     assert RunFolder(folder).state() == "interrupted"  # the dead owner's lock is gone with it
 
@@ -170,7 +170,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_d6_signals_are_forwarded_to_the_child_instead_of_stopping_the_parent():
-    from wtacrs.cli.guards import forward_signals
+    from wtacrs.finetuning.guards import forward_signals
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
@@ -301,7 +301,7 @@ def test_d7_a_full_disk_is_named_and_the_last_checkpoint_stays_usable(tiny_model
                                                                       monkeypatch):
     from transformers import Trainer
 
-    from wtacrs.cli.run_folder import RunFolder
+    from wtacrs.finetuning.run_folder import RunFolder
     from wtacrs.integrations.checkpoints import verify_checkpoint
 
     save = Trainer._save_checkpoint
@@ -337,7 +337,7 @@ def test_d7_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_m
 
 # -- the run-folder state machine ----------------------------------------------------------------
 def test_run_folder_states_and_what_each_flag_may_do(tmp_path):
-    from wtacrs.cli.run_folder import KEEP, RESUME, START, RunFolder, RunFolderError
+    from wtacrs.finetuning.run_folder import KEEP, RESUME, START, RunFolder, RunFolderError
 
     folder = RunFolder(tmp_path / "run")
     assert folder.state() == "new"
@@ -364,7 +364,7 @@ def test_run_folder_states_and_what_each_flag_may_do(tmp_path):
 
 
 def test_run_folder_of_a_run_that_failed_early_is_removed_with_the_parents_it_created(tmp_path):
-    from wtacrs.cli.run_folder import RunFolder
+    from wtacrs.finetuning.run_folder import RunFolder
 
     output_dir = tmp_path / "out"
     folder = RunFolder(output_dir / "task" / "model" / "full" / "seed0")
@@ -386,7 +386,7 @@ def test_run_folder_of_a_run_that_failed_early_is_removed_with_the_parents_it_cr
 
 
 def test_a_corrupt_results_file_is_named(tmp_path):
-    from wtacrs.cli.run_folder import RunFolder, RunFolderError
+    from wtacrs.finetuning.run_folder import RunFolder, RunFolderError
 
     (tmp_path / "results.json").write_text('{"score": ')
     with pytest.raises(RunFolderError, match="results.json is not valid JSON .*; move it away or pass --overwrite"):

@@ -179,3 +179,21 @@ def saved_bytes_by_op(records: list[SavedTensor]) -> list[tuple[str, int, int]]:
         entry[0] += r.nbytes
         entry[1] += 1
     return sorted(((op, b, n) for op, (b, n) in totals.items()), key=lambda row: -row[1])
+
+
+def process_peak_rss() -> int:
+    """Peak resident set size of this process since its exec, in bytes: Linux's VmHWM.
+
+    Not `ru_maxrss` where /proc is available: Linux carries that across fork and exec, so a
+    child of a big parent reports at least the parent's RSS at fork time. Elsewhere (macOS)
+    `ru_maxrss` is the only measure (bytes there)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

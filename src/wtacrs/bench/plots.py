@@ -25,15 +25,15 @@ def plot_memory(rows: list[dict], path: Path) -> None:
     save_figure(figure, path)
 
 
-def plot_memory_time_plane(rows: list[dict], path: Path) -> None:
-    """One point per method: peak memory of a step against its median step time."""
+def plot_memory_time_plane(rows: list[dict], path: Path, time_label: str = "median step time (s)") -> None:
+    """One point per method: peak memory of a step against its step time."""
     done = [r for r in rows if r.get("peak_bytes") and r.get("step_s")]
     figure, ax = new_figure()
     for r in done:
         ax.scatter(r["step_s"], r["peak_bytes"] / GB)
         ax.annotate(r["method"], (r["step_s"], r["peak_bytes"] / GB), fontsize="x-small",
                     xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("median step time (s)")
+    ax.set_xlabel(time_label)
     ax.set_ylabel("peak memory of a training step (GB)")
     ax.set_title("memory/time plane (lower left is better)")
     ax.grid(alpha=0.3)

@@ -13,23 +13,12 @@ import time
 
 import torch
 
+from wtacrs.memory import process_peak_rss
+
 
 def _rss_now_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _rss_high_water_bytes() -> int:
-    """VmHWM: the peak RSS of this process's address space since its exec.
-
-    Not `ru_maxrss`: Linux carries that across fork and exec, so a child of a big parent
-    reports at least the parent's RSS at fork time (a benchmark parent that has run a batch-64
-    step holds 10+ GB, and every child then "peaked" there)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError("no VmHWM in /proc/self/status (not Linux?)")
 
 
 def peak_rss_of_step(size: str, method: str, batch: int, seq: int, seed: int = 0, threads: int | None = None) -> dict:
@@ -53,7 +42,7 @@ def _child(job: dict) -> dict:
     start = time.perf_counter()
     trial.step()
     seconds = time.perf_counter() - start
-    peak = _rss_high_water_bytes()
+    peak = process_peak_rss()
     return {"peak_rss_bytes": peak, "rss_before_step_bytes": before, "child_step_s": seconds}
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from collections import defaultdict
@@ -25,13 +24,9 @@ from pathlib import Path
 
 from wtacrs.atomic import write_text_atomic
 from wtacrs.bench.output import save_figure
+from wtacrs.finetuning.results import failure, load_result, method_label, score_percent as percent
 
 TASK_ORDER = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "squad", "squad_v2", "tweet_sentiment")
-PERCENT_ALREADY = ("squad", "squad_v2")
-REQUIRED = ("task", "model", "method", "ratio", "seed", "score", "peak_memory_bytes", "saved_activation_bytes",
-            "train_samples_per_second")
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="results.json files, or folders searched for them")
     p.add_argument("--output-dir", help="write report.md and the PNG plots here (default: print only)")
@@ -50,45 +45,16 @@ def find_results(paths: list[str]) -> list[Path]:
     return sorted(found)
 
 
-def load_result(path: Path) -> dict:
-    """One results record; raises ValueError naming the file for bad JSON or missing fields (a
-    failed run's record needs none: see `failure`)."""
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot be read ({e})") from None
-    if isinstance(record, dict) and record.get("status") == "failed":
-        return record
-    missing = [k for k in REQUIRED if not isinstance(record, dict) or k not in record]
-    if missing:
-        raise ValueError(f"{path}: not a wtacrs finetune results file (missing {', '.join(missing)})")
-    return record
-
-
-def failure(r: dict) -> str | None:
-    """Why a record holds no result to report (its run failed, or its score is not a finite
-    number), or None."""
-    if r.get("status") == "failed":
-        return r.get("error", "failed")
-    score = r["score"]
-    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-        return f"its score is {score!r}"
-    return None
-
-
-def setting(r: dict, varying: tuple[str, ...] = ()) -> str:
-    """What sets a run apart besides model, method and ratio: "+lean+budget-all+lr=0.00015"."""
+def _varying(r: dict, varying: tuple[str, ...]) -> str:
+    """The hyperparameters that set a run apart from others of its recipe: "+lr=0.00015"."""
     hyperparameters = r.get("hyperparameters", {})
-    values = [f"{k}={_format(hyperparameters.get(k))}" for k in varying]
-    return "".join(f"+{part}" for part in [*r.get("companions", []), *r.get("variants", []), *values])
+    return "".join(f"+{k}={_format(hyperparameters.get(k))}" for k in varying)
 
 
 def row_label(r: dict, varying: tuple[str, ...] = ()) -> tuple[str, str]:
+    """(model, recipe with variants and varying hyperparameters)."""
     model = r.get("model_name") or Path(r["model"]).name
-    method = r["method"] + (f"@{r['ratio']:g}" if r["ratio"] is not None else "")
-    return model, method + setting(r, varying)
+    return model, method_label(r) + _varying(r, varying)
 
 
 def varying_hyperparameters(records: list[dict]) -> tuple[str, ...]:
@@ -115,10 +81,6 @@ def check_distinct_runs(paths: list[Path], records: list[dict], varying: tuple[s
             raise ValueError(f"{seen[key]} and {path} are the same run ({' '.join(key[0])}, {r['task']}, "
                              f"seed {r['seed']}): report one of them")
         seen[key] = path
-
-
-def percent(r: dict) -> float:
-    return r["score"] if r["task"] in PERCENT_ALREADY else 100.0 * r["score"]
 
 
 def _mean_std(values: list[float]) -> str:
@@ -217,9 +179,9 @@ def _draw_ratio(ax, records: list[dict], varying: tuple[str, ...]) -> None:
     """One curve per sampled method and setting; a dashed line per unsampled method and setting."""
     from matplotlib import colormaps
 
-    curves = sorted({r["method"] + setting(r, varying) for r in records})
+    curves = sorted({_curve(r, varying) for r in records})
     for i, curve in enumerate(curves):
-        runs = [r for r in records if r["method"] + setting(r, varying) == curve]
+        runs = [r for r in records if _curve(r, varying) == curve]
         color = colormaps["tab10" if len(curves) <= 10 else "tab20"](i % 20)
         if runs[0]["ratio"] is not None:  # a sampled method
             ax.plot(*zip(*sorted(_mean_by(runs, lambda r: r["ratio"]).items())), marker="o", label=curve, color=color)
@@ -227,6 +189,14 @@ def _draw_ratio(ax, records: list[dict], varying: tuple[str, ...]) -> None:
             ax.axhline(statistics.mean(map(percent, runs)), linestyle="--", linewidth=1, label=curve, color=color)
     ax.set_xlabel("ratio (fraction of rows kept)")
     ax.set_ylabel("score (%)")
+
+
+def _curve(r: dict, varying: tuple[str, ...]) -> str:
+    """A run's label without its ratio: the runs of one recipe at several ratios make one curve."""
+    label = method_label(r)
+    if r.get("ratio") is not None:
+        label = label.replace(f"@{r['ratio']:g}", "", 1)
+    return label + _varying(r, varying)
 
 
 def _draw_memory(ax, records: list[dict], varying: tuple[str, ...]) -> None:

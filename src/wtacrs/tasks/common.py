@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
+
+import numpy as np
 
 
 class DataError(ValueError):
@@ -69,7 +71,10 @@ TaskKind = Literal["classification", "regression", "qa"]
 
 @dataclass(frozen=True)
 class Task:
-    """What the fine-tuning CLI needs to know about one task.
+    """A task as fine-tuning consumes it: its data, its metric, and the task-specific parts of a
+    run (model head, LoRA head type, tokenisation, collation, defaults). This class is a sentence
+    (pair) classification or regression task; `wtacrs.tasks.squad.QATask` overrides what
+    extractive QA does differently.
 
     Attributes:
         name: CLI name (e.g. "sst2").
@@ -80,6 +85,8 @@ class Task:
         compute_metrics: (predictions, labels) -> {metric: value}, with a "score" entry, the
             number the report tables use.
         score_name: what "score" is, for tables (e.g. "accuracy", "Matthews corr.").
+        defaults: fine-tuning settings this task changes from the general defaults (e.g. a
+            longer max_length for QA windows).
     """
 
     name: str
@@ -89,7 +96,54 @@ class Task:
     eval_splits: tuple[str, ...] = ("validation",)
     compute_metrics: Callable[..., dict[str, float]] | None = field(default=None, compare=False)
     score_name: str = "accuracy"
+    defaults: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    # Settings beyond the general ones that apply to this task (recorded with each run).
+    extra_settings: ClassVar[tuple[str, ...]] = ()
+    # PEFT TaskType: which head LoRA leaves fully trainable.
+    peft_task_type: ClassVar[str] = "SEQ_CLS"
+    # Whether the loss reads padded positions (then sampling must not skip them).
+    loss_reads_padding: ClassVar[bool] = False
 
     @property
     def num_labels(self) -> int:
         return 1 if self.kind == "regression" else len(self.label_names)
+
+    def load_model(self, name_or_path: str):
+        """The pre-trained model with this task's head (a new, randomly initialised one)."""
+        from transformers import AutoModelForSequenceClassification
+
+        labels = dict(enumerate(self.label_names))
+        names = {"id2label": labels, "label2id": {v: k for k, v in labels.items()}} if labels else {}
+        return AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=self.num_labels, **names,
+            problem_type="regression" if self.kind == "regression" else "single_label_classification",
+        )
+
+    def datasets(self, train_raw, evals_raw: dict, tokenizer, settings):
+        """(train set, {split: eval set}, compute_metrics for the Trainer) from the raw splits;
+        `settings` holds max_length (and the task's extra settings)."""
+        from wtacrs.tasks import tokenize_sequences
+
+        train = tokenize_sequences(train_raw, self, tokenizer, settings.max_length)
+        evals = {s: tokenize_sequences(d, self, tokenizer, settings.max_length) for s, d in evals_raw.items()}
+        return train, evals, self._trainer_metrics
+
+    def _trainer_metrics(self, prediction) -> dict[str, float]:
+        logits = prediction.predictions
+        predicted = logits.squeeze(-1) if self.kind == "regression" else np.argmax(logits, axis=-1)
+        return self.compute_metrics(predicted, prediction.label_ids)
+
+    def collator(self, tokenizer, settings):
+        """Pads each batch to its longest sequence, or to max_length with pad_to_max_length."""
+        from transformers import DataCollatorWithPadding
+
+        if settings.pad_to_max_length:
+            return DataCollatorWithPadding(tokenizer, padding="max_length", max_length=settings.max_length)
+        return DataCollatorWithPadding(tokenizer)
+
+    @staticmethod
+    def logits_for_metrics(outputs, labels):
+        """The classification head's logits: encoder-decoders (T5) also return the encoder's
+        states, which evaluation would otherwise gather for every example."""
+        return outputs[0] if isinstance(outputs, tuple) else outputs

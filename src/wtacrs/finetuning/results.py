@@ -1,0 +1,115 @@
+"""The results record of a `wtacrs finetune` run: built here when a run ends, written to
+<run>/results.json, and read back by `wtacrs report` through `load_result` (one format, one
+reader). A run that diverged has a record too, with "status": "failed" and no score."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+
+from wtacrs.finetuning.models import model_name
+from wtacrs.finetuning.run_folder import RESULTS_FILE
+from wtacrs.finetuning.spec import RunSpec
+
+TRAINING_FILE = "training.json"  # written when training ends, before results.json
+REQUIRED = ("task", "model", "method", "ratio", "seed", "score", "peak_memory_bytes", "saved_activation_bytes",
+            "train_samples_per_second")
+PERCENT_ALREADY = ("squad", "squad_v2")
+HYPERPARAMETERS = ("epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "lora_r", "lora_alpha",
+                   "lora_dropout", "max_train_samples", "max_eval_samples", "bf16", "fp16")
+
+__all__ = ["RESULTS_FILE", "TRAINING_FILE", "failed_record", "failure", "finished_record", "load_result",
+           "method_label", "score_percent"]
+
+
+def run_identity(run: RunSpec) -> dict:
+    """The fields naming a run in its results record, finished or failed. "method" is the
+    recipe's canonical spec."""
+    s, recipe = run.settings, run.recipe
+    return {
+        "task": s.task, "model": s.model, "model_name": model_name(s.model), "method": recipe.spec,
+        "ratio": recipe.ratio, "estimator": recipe.estimator, "variants": run.variants, "seed": run.seed,
+    }
+
+
+def finished_record(run: RunSpec, *, scores: dict, training: dict, measured: dict, trainer) -> dict:
+    """The record of a finished run.
+
+    Args:
+        scores: {"metrics", "score", "best_epoch", "history", "eval_examples"} of the evaluations.
+        training: the run's training.json record (step time, peak memory).
+        measured: {"saved_activation_bytes", "live_peak_bytes", "train_examples",
+            "train_samples_per_second", "model_family", "model_kind", "companion_effects"}.
+    """
+    s = run.settings
+    return {
+        **run_identity(run), "status": "finished", **scores, "score_name": run.task.score_name, **measured,
+        "peak_memory_bytes": training["peak_memory_bytes"], "peak_memory_kind": training["peak_memory_kind"],
+        "step_seconds": training["step_seconds"] / training["steps_timed"] if training["steps_timed"] else None,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "hyperparameters": {k: getattr(s, k) for k in HYPERPARAMETERS} | {"lr": run.learning_rate},
+        "device": "cuda" if training["peak_memory_kind"].startswith("cuda") else "cpu", "versions": versions(),
+        "world_size": trainer.args.world_size,  # data-parallel ranks; peak memory is rank 0's
+    }
+
+
+def failed_record(run: RunSpec, error) -> dict:
+    """The record of a run that diverged (a NonFiniteError): "status": "failed", no score."""
+    return {**run_identity(run), "status": "failed", "error": str(error), "failed_step": error.step,
+            "settings": run.recorded_settings(), "versions": versions()}
+
+
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for package in ("wtacrs", "torch", "transformers", "peft", "datasets", "accelerate"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def load_result(path: Path) -> dict:
+    """One results record; raises ValueError naming the file for bad JSON or missing fields (a
+    failed run's record needs none: see `failure`)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read ({e})") from None
+    if isinstance(record, dict) and record.get("status") == "failed":
+        return record
+    missing = [k for k in REQUIRED if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise ValueError(f"{path}: not a wtacrs finetune results file (missing {', '.join(missing)})")
+    return record
+
+
+def failure(record: dict) -> str | None:
+    """Why a record holds no result to report (its run failed, or its score is not a finite
+    number), or None."""
+    if record.get("status") == "failed":
+        return record.get("error", "failed")
+    score = record["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        return f"its score is {score!r}"
+    return None
+
+
+def score_percent(record: dict) -> float:
+    """The score in percent (GLUE and tweet metrics are fractions; SQuAD's F1 is a percent)."""
+    return record["score"] if record["task"] in PERCENT_ALREADY else 100.0 * record["score"]
+
+
+def method_label(record: dict) -> str:
+    """The run's recipe and variants: "wtacrs@0.3+companions+pad-max". Records written before
+    recipes (method "wtacrs", a separate ratio and "companions" list) read the same way."""
+    method = record["method"]
+    if record.get("ratio") is not None and "@" not in method:
+        method += f"@{record['ratio']:g}"
+    return "+".join([method, *record.get("companions", []), *record.get("variants", [])])

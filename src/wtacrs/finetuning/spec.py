@@ -1,0 +1,142 @@
+"""The frozen specification of `wtacrs finetune` runs: every setting resolved once (`Settings`),
+and one run's recipe and seed (`RunSpec`), which names its folder, label and learning rate."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from wtacrs.recipes import LoraSettings, Recipe, SamplingSettings, parse_recipe
+
+# The general defaults; a task overrides some (`Task.defaults`: QA windows, the offline demo).
+DEFAULTS = {
+    "epochs": 3.0, "batch_size": 32, "max_length": 128, "warmup_ratio": 0.06, "weight_decay": 0.01,
+    "max_train_samples": None, "max_eval_samples": None, "lr": 5e-5, "lora_lr": 5e-4,
+}
+# Sampling recipes train best at a larger learning rate than their baseline: the sampling noise
+# inflates Adam's second moment and so shortens its steps (benchmarks/ACCURACY.md: WTA-CRS@0.3's
+# best lr on SST-2 was 1.5x full fine-tuning's; DESIGN.md "An unbiased estimator still changes
+# the optimiser's step"). Applied to a default learning rate only, never to --lr.
+SAMPLED_LR_FACTOR = 1.5
+# Settings recorded per run (a --resume must repeat them) on top of the task's extra ones.
+TRAINING_SETTINGS = ("epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "max_train_samples",
+                     "max_eval_samples", "bf16", "fp16")
+LORA_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one `wtacrs finetune` command runs with, defaults filled in and checked."""
+
+    task: str
+    model: str
+    data_dir: str | None
+    recipes: tuple[Recipe, ...]
+    seeds: tuple[int, ...]
+    output_dir: str
+    epochs: float
+    batch_size: int
+    max_length: int
+    warmup_ratio: float
+    weight_decay: float
+    max_train_samples: int | None
+    max_eval_samples: int | None
+    default_lr: float  # full fine-tuning's default learning rate for this task
+    default_lora_lr: float
+    lr: float | None = None  # --lr: every run's learning rate, as given
+    budget: str = "live"
+    target_modules: tuple[str, ...] | None = None
+    pad_to_max_length: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    doc_stride: int = 128
+    n_best: int = 20
+    max_answer_length: int = 30
+    bf16: bool = False
+    fp16: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    in_process: bool = False
+    no_progress: bool = False
+
+    def runs(self) -> list[RunSpec]:
+        """One RunSpec per (seed, recipe), seeds outermost."""
+        return [RunSpec(self, recipe, seed) for seed in self.seeds for recipe in self.recipes]
+
+    @property
+    def lora(self) -> LoraSettings:
+        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout)
+
+    def with_output_dir(self, output_dir: str) -> Settings:
+        return dataclasses.replace(self, output_dir=output_dir)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: the command's settings, a recipe and a seed."""
+
+    settings: Settings
+    recipe: Recipe
+    seed: int
+
+    @property
+    def task(self):
+        from wtacrs.tasks import get_task
+
+        return get_task(self.settings.task)
+
+    @property
+    def variants(self) -> list[str]:
+        """Settings the run's label carries besides its recipe ("budget-all", "pad-max",
+        "targets=output.dense,intermediate.dense")."""
+        s, tags = self.settings, []
+        if self.recipe.samples:
+            tags += ["budget-all"] if s.budget == "all" else []
+            tags += [f"targets={','.join(s.target_modules)}"] if s.target_modules else []
+        return tags + (["pad-max"] if s.pad_to_max_length else [])
+
+    @property
+    def label(self) -> str:
+        """The recipe's canonical spec with the run's variants: "wtacrs@0.3+companions+pad-max"."""
+        return "+".join([self.recipe.spec, *self.variants])
+
+    @property
+    def folder(self) -> Path:
+        """<output-dir>/<task>/<model>/<label>/seed<seed>."""
+        from wtacrs.finetuning.models import model_name
+
+        s = self.settings
+        return Path(s.output_dir) / s.task / model_name(s.model) / self.label / f"seed{self.seed}"
+
+    @property
+    def learning_rate(self) -> float:
+        """--lr if given, else the task's default for LoRA or full fine-tuning, raised by
+        SAMPLED_LR_FACTOR for sampling recipes."""
+        s = self.settings
+        if s.lr is not None:
+            return s.lr
+        base = s.default_lora_lr if self.recipe.lora else s.default_lr
+        return base * SAMPLED_LR_FACTOR if self.recipe.samples else base
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(budget=self.settings.budget, target_modules=self.settings.target_modules,
+                                skip_padding=not self.task.loss_reads_padding)
+
+    def recorded_settings(self) -> dict:
+        """What a run was started with and a --resume must repeat: the model and data (absolute
+        paths where local), the learning rate and every setting that applies to this recipe and
+        task. The rest is in the folder's name."""
+        s = self.settings
+        names = [*TRAINING_SETTINGS, *(LORA_SETTINGS if self.recipe.lora else ()), *self.task.extra_settings]
+        local = {name: os.path.abspath(value) if value is not None and Path(value).exists() else value
+                 for name, value in (("model", s.model), ("data_dir", s.data_dir))}
+        return {**local, "lr": self.learning_rate, **{name: getattr(s, name) for name in names}}
+
+
+def parse_recipes(specs: list[str], default_ratio: float) -> tuple[Recipe, ...]:
+    """Recipes from --method specs ("wtacrs" alone takes `default_ratio`); raises RecipeError."""
+    return tuple(parse_recipe(spec, default_ratio) for spec in specs)
