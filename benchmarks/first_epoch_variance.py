@@ -23,27 +23,17 @@ import csv
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from wtacrs.bench.variance import capture_linear_io
+from wtacrs.bench.variance import capture_linear_io, exact_variances
 from wtacrs.cache import GradNormCache, decode_norms, encode_norms
 from wtacrs.finetuning.models import packaged_model_dir
-from wtacrs.estimators import column_row_scores, num_winners, sample_budget
+from wtacrs.estimators import column_row_scores
 
 SST2_TRAIN = "../shared/data/glue/SST-2/train.tsv"
 
 
 def relative_variance(x: torch.Tensor, dy: torch.Tensor, grad_norm: torch.Tensor | None, ratio: float) -> float:
     """Closed-form E‖dŴ − dW‖² / ‖dW‖² of WTA-CRS with scores from `grad_norm` (None: ‖X_i‖ only)."""
-    scores = column_row_scores(x.norm(dim=1), grad_norm)
-    k = sample_budget(ratio, x.shape[0])
-    order = torch.sort(scores, descending=True, stable=True).indices
-    winners = num_winners(scores[order] / scores.sum(), k)
-    rest = order[winners:]
-    draw_probs = scores[rest] / scores[rest].sum()
-    row_products = (x[rest].norm(dim=1) * dy[rest].norm(dim=1)).double()  # ‖dY_iᵀ X_i‖
-    second_moment = float((row_products**2 / draw_probs).sum())  # E‖g_j / q_j‖² of one draw
-    rest_gradient = float((dy[rest].mT @ x[rest]).double().pow(2).sum())
-    exact = float((dy.mT @ x).double().pow(2).sum())
-    return (second_moment - rest_gradient) / max(k - winners, 1) / exact
+    return exact_variances(x, dy, ratio, scores=column_row_scores(x.norm(dim=1), grad_norm))["wta-crs"]
 
 
 def batch_io(model, tokenizer, rows: list[list[str]]) -> tuple[dict, torch.Tensor]:

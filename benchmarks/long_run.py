@@ -28,10 +28,11 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 
 import torch
+
+from wtacrs.atomic import write_json_atomic
 
 DEFAULTS = dict(steps=2000, ratio=0.1, layers=2, batch_size=16, max_length=64, train_examples=4000,
                 eval_examples=1000, lr=1e-4, warmup=0.06, seed=0, window=250, threads=1,
@@ -201,13 +202,6 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: str, record: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path) or ".", delete=False, suffix=".tmp") as tmp:
-        json.dump(record, tmp)
-    os.replace(tmp.name, path)
-
-
 def _result_of(child, queue) -> dict:
     """The child's record; exits if the child died without one (its traceback is on stderr)."""
     import queue as queues
@@ -233,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         runs[method] = _result_of(child, queue)
         child.join()
     record = {"args": vars(args), "command": " ".join(sys.argv), "runs": runs, "windows": compare(runs, args.window)}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_json_atomic(args.out, record)
     print(markdown(record))
     return 0

@@ -229,6 +229,24 @@ def test_closed_form_variances_match_monte_carlo():
     assert exact["winners"] >= 1 and exact["wta-crs"] <= exact["crs"]
 
 
+def test_closed_form_variances_with_given_scores():
+    """Scores other than the optimal ‖X_i‖‖dY_i‖ (a stale cache, a prior) cost variance: with
+    uniform scores one CRS draw has E‖Z‖² = N Σ‖g_i‖²; the optimal scores give the least."""
+    from wtacrs.bench.variance import exact_variances
+    from wtacrs.estimators import sample_budget
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 6, dtype=torch.float64, generator=g) * torch.rand(40, 1, dtype=torch.float64, generator=g)
+    dy = torch.randn(40, 3, dtype=torch.float64, generator=g)
+    products = x.norm(dim=1) * dy.norm(dim=1)
+    assert exact_variances(x, dy, 0.25, scores=products) == pytest.approx(exact_variances(x, dy, 0.25))
+    uniform = exact_variances(x, dy, 0.25, scores=torch.ones(40))
+    exact2 = float((dy.mT @ x).pow(2).sum())
+    k = sample_budget(0.25, 40)
+    assert uniform["crs"] == pytest.approx((40 * float((products**2).sum()) - exact2) / k / exact2)
+    assert uniform["crs"] > exact_variances(x, dy, 0.25)["crs"]
+
+
 def test_bench_calls_counts_a_step_and_finds_no_extra_device_syncs(tmp_path):
     assert main(["bench", "calls", *TINY, "--batch", "2", "--methods", "full", "wtacrs@0.3", "--out", str(tmp_path)]) == 0
     full, sampled = _record(tmp_path / "calls.json")["rows"]

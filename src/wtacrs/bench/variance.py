@@ -74,25 +74,33 @@ def layer_variance(x: Tensor, dy: Tensor, ratio: float, draws: int, generator: t
     return result
 
 
-def exact_variances(x: Tensor, dy: Tensor, ratio: float) -> dict[str, float]:
-    """Closed-form E‖dŴ − dW‖² / ‖dW‖² of CRS and WTA-CRS for these X, dY (no sampling noise).
+def exact_variances(x: Tensor, dy: Tensor, ratio: float, scores: Tensor | None = None) -> dict[str, float]:
+    """Closed-form E‖dŴ − dW‖² / ‖dW‖² of CRS and WTA-CRS for these X (N, d_in), dY (N, d_out)
+    (no sampling noise), drawing by `scores` (N,) (default: the optimal ‖X_i‖‖dY_i‖; pass
+    e.g. scores from a stale cache or a prior to see what they cost).
 
-    With s_i = ‖X_i‖‖dY_i‖ = ‖dY_iᵀX_i‖, S = Σ s_i and p_i = s_i / S, one CRS draw Z = g_j / p_j
-    has E‖Z‖² = S², so CRS with k draws has variance (S² − ‖dW‖²) / k. WTA-CRS keeps the set C
-    exactly and spends m = k − |C| draws on the rest (mass P = 1 − Σ_C p): (S²P² − ‖dW_rest‖²) / m.
-    |C| is the library's choice (`estimators.num_winners`); k its `sample_budget`.
+    With g_i = dY_iᵀX_i, ‖g_i‖ = ‖X_i‖‖dY_i‖ and draw probabilities q_i = s_i / Σ s, one draw
+    Z = g_j / q_j has E‖Z‖² = Σ ‖g_i‖² / q_i, so CRS with k draws has variance
+    (E‖Z‖² − ‖dW‖²) / k. WTA-CRS keeps the set C (the largest scores) exactly and spends
+    m = k − |C| draws on the rest, drawn by their renormalised scores: (E‖Z_rest‖² − ‖dW_rest‖²) / m.
+    With optimal scores E‖Z‖² = (Σ‖g_i‖)², the paper's Eq. 4 bound. |C| is the library's choice
+    (`estimators.num_winners`); k its `sample_budget`.
     """
-    scores = column_row_scores(torch.linalg.vector_norm(x.float(), dim=1), dy.norm(dim=1))
+    products = column_row_scores(torch.linalg.vector_norm(x.float(), dim=1), dy.float().norm(dim=1)).double()
+    scores = products if scores is None else scores.double()
     k = sample_budget(ratio, x.shape[0])
-    total = float(scores.sum())
     order = torch.sort(scores, descending=True, stable=True).indices
-    c = num_winners(scores[order] / total, k)
+    c = num_winners((scores[order] / scores.sum()).float(), k)
     rest = order[c:]
-    exact2 = float((dy.mT @ x).pow(2).sum())
-    rest2 = float((dy[rest].mT @ x[rest]).pow(2).sum())
-    mass = float(scores[rest].sum()) / total
-    return {"crs": (total**2 - exact2) / k / exact2, "wta-crs": (total**2 * mass**2 - rest2) / (k - c) / exact2,
-            "winners": c}
+
+    def second_moment(rows: Tensor) -> float:  # E‖Z‖² of one draw among `rows`
+        return float((products[rows] ** 2 / (scores[rows] / scores[rows].sum())).sum())
+
+    exact2 = float((dy.mT @ x).double().pow(2).sum())
+    rest2 = float((dy[rest].mT @ x[rest]).double().pow(2).sum())
+    every = torch.arange(x.shape[0])
+    return {"crs": (second_moment(every) - exact2) / k / exact2,
+            "wta-crs": (second_moment(rest) - rest2) / max(k - c, 1) / exact2, "winners": c}
 
 
 def run_variance(captured: dict[str, tuple[Tensor, Tensor]], ratios, draws: int, seed: int) -> list[dict]:
