@@ -26,7 +26,8 @@ def test_components_compose():
     ("full", "full"), ("lora", "lora"), ("checkpointing", "checkpointing"), ("full+checkpointing", "checkpointing"),
     ("recompute-attention+wtacrs@0.30+companions+recompute", BEST_EXACT),
     ("companions+lora+wtacrs@0.3", "lora+wtacrs@0.3+companions"), ("full+fused-adamw", "full+fused-adamw"),
-    ("crs@0.1+attention+act=int8", "crs@0.1+attention+act=int8"),
+    ("crs@0.1+attention+act=int8", "crs@0.1+attention+act=int8"), ("velora+checkpointing", "velora+checkpointing"),
+    ("lora+velora", "velora"),
 ])
 def test_canonical_spec_orders_components_and_round_trips(spec, canonical):
     assert parse_recipe(spec).spec == canonical
@@ -43,7 +44,7 @@ def test_a_bare_sampler_takes_the_default_ratio_only_when_one_is_given():
 @pytest.mark.parametrize("spec, message", [
     ("wtacrs@1.5", "ratio must be in"), ("wtacrs@x", "bad ratio"), ("crs@0.3+topk@0.3", "two samplers"),
     ("full+lora", "both full"), ("lora+magic", "bad component 'magic'"), ("attention", "add one"),
-    ("act=fp4", "act= takes"), ("", "empty recipe"),
+    ("act=fp4", "act= takes"), ("", "empty recipe"), ("velora+wtacrs@0.3", "VeLoRA and a sampler"),
 ])
 def test_bad_specs_name_the_problem(spec, message):
     with pytest.raises(RecipeError, match=message):
@@ -86,3 +87,12 @@ def test_full_recipe_leaves_the_model_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert parse_recipe("full").prepare(model) is model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_velora_is_lora_with_peft_velora_adapters():
+    model = parse_recipe("velora").prepare(tiny_bert())
+    config = model.peft_config["default"]
+    assert config.velora_config is not None and config.target_modules
+    batch = CASES_BY_NAME["bert"].batch()
+    model(**batch).loss.backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if "lora_A" in name)

@@ -5,6 +5,9 @@ A recipe is components joined by "+", e.g. ``lora+wtacrs@0.3+companions+recomput
     full                 every weight trained (the default; named alone or with fused-adamw)
     lora                 PEFT LoRA adapters (`LoraSettings`: r 8, alpha 16, every linear layer of
                          the model but its output head, no dropout), the task head trained fully
+    velora               LoRA whose A projections keep a compressed copy of their input (PEFT's
+                         VeLoRA, Miles et al. 2024): a peer to compare with, not combinable with a
+                         sampler (both replace the A projection's backward)
     SAMPLER@R            `wtacrs.apply` with that estimator keeping a fraction R of the token rows
                          (wtacrs, crs, priority, topk, uniform)
     attention            the attention score and output matmuls sampled too (needs a sampler)
@@ -70,6 +73,7 @@ class Recipe:
     """A parsed recipe; build one with `parse_recipe`."""
 
     lora: bool = False
+    velora: bool = False
     estimator: str | None = None  # a `wtacrs.estimators` name; None = no weight-gradient sampling
     ratio: float | None = None
     sampled_attention: bool = False
@@ -95,7 +99,7 @@ class Recipe:
     def spec(self) -> str:
         """The canonical spec: components in the documented order."""
         sampler = {v: k for k, v in SAMPLERS.items()}.get(self.estimator)
-        parts = ["lora" if self.lora else "full"]
+        parts = ["velora" if self.velora else "lora" if self.lora else "full"]
         parts += [f"{sampler}@{self.ratio:g}"] if sampler else []
         for name in ("attention", "companions", "recompute", "recompute-attention"):
             parts += [name] if getattr(self, FLAGS[name]) else []
@@ -128,7 +132,7 @@ class Recipe:
         if self.checkpointing:
             enable_checkpointing(model)
         if self.lora:
-            model = with_lora(model, lora, task_type)
+            model = with_lora(model, lora, task_type, velora=self.velora)
         if self.uses_wtacrs:
             import wtacrs
 
@@ -145,11 +149,13 @@ def parse_recipe(spec: str, default_ratio: float | None = None) -> Recipe:
     if not isinstance(spec, str) or not spec.strip():
         raise RecipeError(f"empty recipe {spec!r}")
     parts = [p.strip() for p in spec.split("+")]
-    if "full" in parts and "lora" in parts:
+    if "full" in parts and ("lora" in parts or "velora" in parts):
         raise RecipeError(f"recipe {spec!r} names both full fine-tuning and LoRA")
     recipe = Recipe()
     for part in parts:
         recipe = _with_component(recipe, part, spec, default_ratio)
+    if recipe.velora and recipe.samples:
+        raise RecipeError(f"recipe {spec!r}: VeLoRA and a sampler both replace LoRA A's backward; choose one")
     if recipe.sampled_attention and not recipe.samples:
         raise RecipeError(f"recipe {spec!r}: 'attention' samples the attention matmuls at a sampler's ratio; "
                           "add one (e.g. wtacrs@0.3)")
@@ -166,6 +172,8 @@ def _with_component(recipe: Recipe, part: str, spec: str, default_ratio: float |
         if not at and default_ratio is None:
             raise RecipeError(f"recipe {spec!r}: give {name}'s ratio, e.g. {name}@0.3")
         return replace(recipe, estimator=SAMPLERS[name], ratio=_ratio(value, spec) if at else default_ratio)
+    if part == "velora":
+        return replace(recipe, lora=True, velora=True)
     if part.startswith("act="):
         mode = part[len("act="):]
         if mode not in ACTIVATION_MODES:
@@ -173,7 +181,7 @@ def _with_component(recipe: Recipe, part: str, spec: str, default_ratio: float |
         return replace(recipe, activation_compression=mode)
     if part in FLAGS:
         return replace(recipe, **{FLAGS[part]: True})
-    raise RecipeError(f"bad component {part!r} in recipe {spec!r}; use full, {', '.join(FLAGS)}, act=MODE or "
+    raise RecipeError(f"bad component {part!r} in recipe {spec!r}; use full, velora, {', '.join(FLAGS)}, act=MODE or "
                       f"SAMPLER@RATIO with SAMPLER in {', '.join(SAMPLERS)}")
 
 
@@ -196,13 +204,14 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def with_lora(model: nn.Module, settings: LoraSettings, task_type: str) -> nn.Module:
-    """`model` wrapped by PEFT with LoRA adapters as `settings` say."""
+def with_lora(model: nn.Module, settings: LoraSettings, task_type: str, velora: bool = False) -> nn.Module:
+    """`model` wrapped by PEFT with LoRA adapters as `settings` say (VeLoRA's with `velora`)."""
     try:
         import peft
     except ImportError as e:  # pragma: no cover - peft is in the [peft] extra
         raise RecipeError("LoRA recipes need peft: pip install 'wtacrs[peft]'") from e
     targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
     config = peft.LoraConfig(task_type=getattr(peft.TaskType, task_type), r=settings.r, lora_alpha=settings.alpha,
-                             lora_dropout=settings.dropout, target_modules=targets)
+                             lora_dropout=settings.dropout, target_modules=targets,
+                             **({"velora_config": peft.VeloraConfig()} if velora else {}))
     return peft.get_peft_model(model, config)
