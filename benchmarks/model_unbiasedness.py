@@ -11,7 +11,7 @@ relative error of the mean there.
     python benchmarks/model_unbiasedness.py --ratio 0.3 --draws 40 --cache [--estimator priority]
 
 With --squad FILE: all-MiniLM-L6-v2 with a fresh QA head on the first 16 training windows of the
-study's SQuAD setting (192 tokens, stride 64, padded; `padding_gradient.first_windows`), padding
+study's SQuAD setting (192 tokens, stride 64, padded; `wtacrs.tasks.squad.first_train_windows`), padding
 rows sampled like real ones as `wtacrs finetune` does for QA.
 """
 
@@ -21,11 +21,11 @@ import argparse
 import statistics
 
 import torch
-from padding_gradient import first_windows
 
 import wtacrs
 from wtacrs.finetuning.models import packaged_model_dir
 from wtacrs.tasks import load_task
+from wtacrs.tasks.squad import first_train_windows
 
 
 def build(path: str, qa: bool, fresh_head: bool):
@@ -72,7 +72,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     qa = args.squad is not None
     def load(start: int) -> dict[str, torch.Tensor]:
-        return first_windows(args.squad, tokenizer, 16, start) if qa else sst2_batch(args.glue, tokenizer, start)
+        return first_train_windows(args.squad, tokenizer, 16, start) if qa else sst2_batch(args.glue, tokenizer, start)
 
     batch = load(0)
     reference = build(path, qa, fresh_head=args.model is None)

@@ -20,19 +20,10 @@ import argparse
 import statistics
 
 import torch
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer, default_data_collator
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from wtacrs.finetuning.models import packaged_model_dir
-from wtacrs.tasks.squad import prepare_train_features, read_squad_json, split_articles
-
-
-def first_windows(squad: str, tokenizer, count: int, start: int = 0) -> dict[str, torch.Tensor]:
-    """`count` training windows (192 tokens, stride 64, padded) from question `start` on."""
-    train, _ = split_articles(read_squad_json(squad))
-    rows = {key: [r[key] for r in train[start:start + count]] for key in ("question", "context", "answers")}
-    features = prepare_train_features(rows, tokenizer, max_length=192, stride=64)
-    windows = [{k: v[i] for k, v in features.items()} for i in range(count)]
-    return default_data_collator(windows)
+from wtacrs.tasks.squad import first_train_windows
 
 
 def padding_shares(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -71,7 +62,7 @@ def main() -> None:
     path = args.model or packaged_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForQuestionAnswering.from_pretrained(path)
-    batch = first_windows(args.squad, tokenizer, args.batch_size)
+    batch = first_train_windows(args.squad, tokenizer, args.batch_size)
     shares = padding_shares(model, batch)
     padded = float((batch["attention_mask"] == 0).float().mean())
     values = sorted(shares.values())

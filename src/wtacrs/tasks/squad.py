@@ -369,6 +369,19 @@ def _percent(em: dict, f1: dict, ids) -> dict[str, float]:
     return {**scores, "score": scores["f1"]}
 
 
+def first_train_windows(path: str | Path, tokenizer, count: int, start: int = 0, max_length: int = 192,
+                        stride: int = 64) -> dict:
+    """A collated batch of `count` training windows (padded to `max_length`) of the questions
+    from `start` on, in the training half of `split_articles` of the SQuAD file at `path`: the
+    studies' fixed probe batch (benchmarks/padding_gradient.py, model_unbiasedness.py)."""
+    from transformers import default_data_collator
+
+    train, _ = split_articles(read_squad_json(path))
+    rows = {key: [r[key] for r in train[start:start + count]] for key in ("question", "context", "answers")}
+    features = prepare_train_features(rows, tokenizer, max_length=max_length, stride=stride)
+    return default_data_collator([{k: v[i] for k, v in features.items()} for i in range(count)])
+
+
 @dataclass(frozen=True)
 class QATask(Task):
     """Extractive QA: windows of question + context, a start/end head, answers scored by F1."""
