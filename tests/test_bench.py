@@ -185,6 +185,12 @@ def test_bench_variance_reports_every_layer_and_estimator(tmp_path):
     assert len(layers) == 12  # 2 blocks × 6 linear layers; the pooler and classifier are not sampled
     assert {r["estimator"] for r in record["per_layer"]} == {"wta-crs", "crs", "priority", "uniform", "topk"}
     assert (tmp_path / "variance.png").stat().st_size
+    # first visits (scores without ‖dY‖) cost variance on every layer; the table reports both medians
+    wta = [r for r in record["per_layer"] if r["estimator"] == "wta-crs"]
+    assert all(r["first_visit_variance"] >= r["exact_variance"] * (1 - 1e-9) for r in wta)
+    (summary,) = record["rows"]
+    assert summary["wta_first_visit"] > summary["wta_cached"] > 0
+    assert "WTA-CRS var, first visit" in (tmp_path / "variance.md").read_text()
 
 
 @pytest.mark.slow

@@ -103,6 +103,14 @@ def exact_variances(x: Tensor, dy: Tensor, ratio: float, scores: Tensor | None =
             "wta-crs": (second_moment(rest) - rest2) / max(k - c, 1) / exact2, "winners": c}
 
 
+def first_visit_variances(x: Tensor, dy: Tensor, ratio: float) -> dict[str, float]:
+    """`exact_variances` when the scores know no ‖dY_i‖: an example's first visit with an empty
+    cache and no position prior, scored by ‖X_i‖ alone (the paper's fallback). Against the
+    cached (true ‖dY_i‖) variance it shows what the gradient-norm cache is worth on this layer,
+    and what every example's first epoch costs."""
+    return exact_variances(x, dy, ratio, scores=torch.linalg.vector_norm(x.float(), dim=1).clamp_min(1e-30))
+
+
 def run_variance(captured: dict[str, tuple[Tensor, Tensor]], ratios, draws: int, seed: int) -> list[dict]:
     """One row per (layer, ratio, estimator) with relative variance, bias² and their sum (MSE)."""
     if draws < 2:
@@ -113,10 +121,11 @@ def run_variance(captured: dict[str, tuple[Tensor, Tensor]], ratios, draws: int,
     for name, ratio in tqdm(jobs, desc="variance", unit="layer·ratio", file=sys.stderr):
         x, dy = captured[name]
         exact = exact_variances(x, dy, ratio)
+        first_visit = first_visit_variances(x, dy, ratio)
         for estimator, stats in layer_variance(x, dy, ratio, draws, generator).items():
             rows.append({"layer": name, "ratio": ratio, "estimator": estimator, **stats,
                          "mse": stats["variance"] + stats["bias2"], "exact_variance": exact.get(estimator),
-                         "winners": exact["winners"]})
+                         "first_visit_variance": first_visit.get(estimator), "winners": exact["winners"]})
     return rows
 
 
@@ -137,6 +146,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         # With no winners (|C| = 0) WTA-CRS is CRS: equal up to float rounding, counted as ≤.
         entry["exact_wta_le_crs"] = sum(exact[(k, "wta-crs")] <= exact[(k, "crs")] * (1 + 1e-9) for k in wta)
         entry["exact_wta_over_crs_max"] = max(exact[(k, "wta-crs")] / exact[(k, "crs")] for k in wta)
+        entry["wta_cached"] = _median([exact[(k, "wta-crs")] for k in wta])
+        entry["wta_first_visit"] = _median([r["first_visit_variance"] for r in at if r["estimator"] == "wta-crs"])
         entry["layers"] = len(wta)
         summary.append(entry)
     return summary

@@ -306,12 +306,17 @@ def _run_variance(args: argparse.Namespace, device: torch.device) -> int:
                ("topk", "top-k bias²", ".3g"),
                ("wta_le_crs", "layers var WTA ≤ CRS (measured)", "d"),
                ("exact_wta_le_crs", "layers var WTA ≤ CRS (closed form)", "d"),
-               ("exact_wta_over_crs_max", "max var WTA / var CRS (closed form)", ".3f"), ("layers", "layers", "d")]
+               ("exact_wta_over_crs_max", "max var WTA / var CRS (closed form)", ".3f"),
+               ("wta_cached", "WTA-CRS var, cached ‖dY‖", ".3g"), ("wta_first_visit", "WTA-CRS var, first visit", ".3g"),
+               ("layers", "layers", "d")]
     notes = ["Median over layers of the relative MSE E‖dŴ − dW‖²/‖dW‖² (variance + bias²; top-k: bias² only); "
              "per-layer variance and bias² are in variance.json.",
              f"{args.draws} independent estimates per layer, ratio and estimator; scores use the true ‖dY_i‖.",
              "Closed form: the exact variances of CRS and WTA-CRS for the captured X and dY "
-             "(`wtacrs.bench.variance.exact_variances`); the measured counts carry sampling noise."]
+             "(`wtacrs.bench.variance.exact_variances`); the measured counts carry sampling noise.",
+             "Cached vs first visit: the median closed-form relative variance of WTA-CRS over layers with the true "
+             "‖dY_i‖ in the scores (a warm gradient-norm cache) and with ‖X_i‖ alone (an example's first visit, "
+             "empty cache, no position prior): every example's first epoch pays the latter."]
     shapes = {name: [list(x.shape), list(dy.shape)] for name, (x, dy) in captured.items()}
     _write(args.out, "variance", f"Weight-gradient estimator error: {args.model}, batch {args.batch}, seq {args.seq}",
            _meta(args, device, draws=args.draws, ratios=args.ratios, layer_shapes=shapes), summary, columns, notes,
