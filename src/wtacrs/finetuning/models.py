@@ -54,7 +54,7 @@ def _load(name_or_path: str, task):
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token is None:  # GPT-style decoders have none; padded positions are masked
         tokenizer.pad_token = tokenizer.eos_token
-    model = task.load_model(name_or_path)
+    model = task.auto_class().from_pretrained(name_or_path, **task.model_kwargs())
     model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model
 

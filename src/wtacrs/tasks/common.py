@@ -109,16 +109,18 @@ class Task:
     def num_labels(self) -> int:
         return 1 if self.kind == "regression" else len(self.label_names)
 
-    def load_model(self, name_or_path: str):
-        """The pre-trained model with this task's head (a new, randomly initialised one)."""
+    def auto_class(self):
+        """The transformers Auto class of this task's model (its head is new, randomly initialised)."""
         from transformers import AutoModelForSequenceClassification
 
+        return AutoModelForSequenceClassification
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Config overrides the head needs (labels, problem type)."""
         labels = dict(enumerate(self.label_names))
         names = {"id2label": labels, "label2id": {v: k for k, v in labels.items()}} if labels else {}
-        return AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, num_labels=self.num_labels, **names,
-            problem_type="regression" if self.kind == "regression" else "single_label_classification",
-        )
+        return {"num_labels": self.num_labels, **names,
+                "problem_type": "regression" if self.kind == "regression" else "single_label_classification"}
 
     def datasets(self, train_raw, evals_raw: dict, tokenizer, settings):
         """(train set, {split: eval set}, compute_metrics for the Trainer) from the raw splits;

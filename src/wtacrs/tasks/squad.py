@@ -22,7 +22,7 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -390,10 +390,13 @@ class QATask(Task):
     peft_task_type: ClassVar[str] = "QUESTION_ANS"
     loss_reads_padding: ClassVar[bool] = True  # the start/end softmax spans padded positions too
 
-    def load_model(self, name_or_path: str):
+    def auto_class(self):
         from transformers import AutoModelForQuestionAnswering
 
-        return AutoModelForQuestionAnswering.from_pretrained(name_or_path)
+        return AutoModelForQuestionAnswering
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {}
 
     def datasets(self, train_raw, evals_raw: dict, tokenizer, settings):
         (split, eval_raw), = evals_raw.items()  # SQuAD has one validation split
