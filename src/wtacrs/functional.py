@@ -184,9 +184,14 @@ def _weighted_rows(x: Tensor, flat: Tensor, indices: Tensor, weights: Tensor) ->
     return rows if dtype is None else rows.to(dtype)
 
 
+def output_row_norms(grad_out: Tensor) -> Tensor:
+    """(..., out_features) output gradient → (...) float32 ‖dY_i‖ per row."""
+    return torch.linalg.vector_norm(grad_out, dim=-1, dtype=torch.float32)
+
+
 class _LinearWithRowSample(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, indices, weights, recompute_rows, on_grad):  # noqa: D102
+    def forward(ctx, x, weight, bias, rows, indices, weights, recompute_rows, on_grad, norm_sink):  # noqa: D102
         # rows: the weighted sampled rows (k, in), or with `recompute_rows` the recipe's source (N, in_source)
         ctx.save_for_backward(weight, rows, indices, weights)
         ctx.has_bias, ctx.recompute_rows, ctx.on_grad = bias is not None, recompute_rows, on_grad
@@ -198,7 +203,7 @@ class _LinearWithRowSample(torch.autograd.Function):
         if ctx.on_grad is not None:
             ctx.on_grad(grad_out)
         flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_w = grad_b = grad_sink = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(weight)
         if ctx.needs_input_grad[1]:
@@ -209,7 +214,9 @@ class _LinearWithRowSample(torch.autograd.Function):
             grad_w = flat.index_select(0, indices).mT.mm(rows)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        if ctx.needs_input_grad[8]:
+            grad_sink = output_row_norms(grad_out)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, grad_sink
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -221,9 +228,14 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
 
 
 def linear_with_sample(x: Tensor, weight: Tensor, bias: Tensor | None, sample: RowSample,
-                       on_grad: Callable[[Tensor], None] | None = None) -> Tensor:
-    """F.linear(x, weight, bias) whose weight gradient uses the rows in `sample` (drawn from x);
-    backward hands the output gradient (..., out_features) to `on_grad` first, if given.
+                       on_grad: Callable[[Tensor], None] | None = None,
+                       norm_sink: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) whose weight gradient uses the rows in `sample` (drawn from x).
+
+    Backward hands the output gradient (..., out_features) to `on_grad` first, if given; and if
+    `norm_sink` (a (...) = x.shape[:-1] float32 leaf requiring grad) is given, sets its gradient
+    to the output gradient's row norms (`output_row_norms`): a way out of backward without Python
+    side effects, which compiled code needs.
 
     Under torch.autocast the inputs are cast to the autocast dtype outside the op (so autograd
     casts the gradients back) and the op runs with autocast off, as `torch.amp.custom_fwd`
@@ -235,11 +247,13 @@ def linear_with_sample(x: Tensor, weight: Tensor, bias: Tensor | None, sample: R
     rows, recompute_rows = (sample.rows, None) if recipe is None else (recipe.source, recipe.fn)
     dtype = autocast_dtype(x)
     if dtype is None:
-        return _LinearWithRowSample.apply(x, weight, bias, rows, sample.indices, sample.weights, recompute_rows, on_grad)
+        return _LinearWithRowSample.apply(x, weight, bias, rows, sample.indices, sample.weights, recompute_rows,
+                                          on_grad, norm_sink)
     cast = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
     rows = rows if recipe is not None else rows.to(dtype)  # the recipe's fn computes in its own dtypes
     with torch.autocast(x.device.type, enabled=False):
-        return _LinearWithRowSample.apply(*cast, rows, sample.indices, sample.weights, recompute_rows, on_grad)
+        return _LinearWithRowSample.apply(*cast, rows, sample.indices, sample.weights, recompute_rows, on_grad,
+                                          norm_sink)
 
 
 def needs_sampling(weight: Tensor, ratio: float, estimator: str) -> bool:
