@@ -1,0 +1,120 @@
+"""A training step under `torch.compile(fullgraph=True)`: no graph break, eager's gradients.
+
+A step here is the user's whole function, forward and `loss.backward()` (traced with dynamo's
+`trace_autograd_ops`), run inside `wtacrs.batch(ids, mask, model=model)`, which does the step's
+host work at enter and exit. Gradients are compared with the plain eager step (no `model=`),
+the path every other test covers, for the same seed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import wtacrs
+from models import CASES_BY_NAME
+from test_modeling import _qa_bert_and_batch
+
+IDS = torch.arange(3)
+
+
+def _model(name: str, **config) -> torch.nn.Module:
+    """The tiny model of `name` with dropout off (compiled code draws dropout masks from another
+    stream than eager), sampled at ratio 0.3."""
+    model = CASES_BY_NAME[name].model()
+    model.config.use_cache = False
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, seed=3, **config))
+
+
+def _step(model: torch.nn.Module):
+    """The training step a user writes: forward, then backward."""
+    def step(inputs: dict) -> torch.Tensor:
+        loss = model(**inputs).loss
+        loss.backward()
+        return loss.detach()  # a returned loss still attached would keep the backward graph
+    return step
+
+
+def _train(model: torch.nn.Module, batch: dict, steps: int, planned: bool, step=None) -> list[dict[str, torch.Tensor]]:
+    """Gradients of `steps` training steps on `batch` (by `step`, else `_step(model)`), by parameter name."""
+    step = step or _step(model)
+    grads = []
+    for _ in range(steps):
+        model.zero_grad()
+        with wtacrs.batch(IDS, batch["attention_mask"], model=model if planned else None):
+            step(batch)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return grads
+
+
+def _assert_same(expected: list[dict], got: list[dict], exact: bool) -> None:
+    for step, (e, g) in enumerate(zip(expected, got, strict=True)):
+        assert e.keys() == g.keys(), step
+        for name in e:
+            if exact:
+                assert torch.equal(e[name], g[name]), (step, name)
+            else:
+                torch.testing.assert_close(g[name], e[name], rtol=1e-4, atol=1e-5, msg=f"step {step}, {name}")
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_a_planned_step_equals_the_plain_step_draws_norms_and_cache(name):
+    """batch(model=) moves the host work, not the result: same gradients (bitwise), and norms
+    that left backward through the sinks fill the cache exactly as the callbacks do."""
+    batch = CASES_BY_NAME[name].batch()
+    plain, planned = _model(name), _model(name)
+    _assert_same(_train(plain, batch, 3, planned=False), _train(planned, batch, 3, planned=True), exact=True)
+    expected, got = (wtacrs.sampling_state(m).state_dict() for m in (plain, planned))
+    assert expected.keys() == got.keys() and "cache.data" in got
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_a_planned_step_checks_padding_gradients():
+    model, batch = _qa_bert_and_batch()
+    wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3))
+    with wtacrs.batch(IDS, batch["attention_mask"], model=model):
+        model(**batch).loss.backward()
+    with pytest.raises(wtacrs.PaddingGradientError):
+        wtacrs.sampling_state(model).state_dict()
+
+
+def test_a_planned_batch_needs_the_attention_mask():
+    model = _model("bert")
+    with pytest.raises(ValueError, match="attention_mask"):
+        with wtacrs.batch(IDS, model=model):
+            pass
+
+
+def _compiled_run(name: str, batch: dict, backend: str) -> tuple[list[dict], dict]:
+    """Four compiled steps (gradients, and the sampling state after them). Two compile: the
+    first, and the second, whose cache tables are new graph inputs; then nothing may recompile,
+    every per-step value reaching the graph as a tensor."""
+    model = _model(name)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        step = torch.compile(_step(model), fullgraph=True, backend=backend)
+        grads = _train(model, batch, 2, planned=True, step=step)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            grads += _train(model, batch, 2, planned=True, step=step)
+    return grads, wtacrs.sampling_state(model).state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_a_compiled_step_has_no_graph_break_and_eager_gradients(name):
+    """fullgraph=True fails on any graph break. aot_eager runs AOTAutograd's forward and backward
+    graphs (the sampled op's backward included) without inductor's code generation, so the draws,
+    gradients and cached norms match eager's bitwise."""
+    batch = CASES_BY_NAME[name].batch()
+    expected = _model(name)
+    expected_grads = _train(expected, batch, 4, planned=False)
+    grads, state = _compiled_run(name, batch, "aot_eager")
+    _assert_same(expected_grads, grads, exact=True)
+    expected_state = wtacrs.sampling_state(expected).state_dict()
+    assert expected_state.keys() == state.keys()
+    for key in state:
+        assert torch.equal(expected_state[key], state[key]), key
