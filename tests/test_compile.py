@@ -38,11 +38,25 @@ def _step(model: torch.nn.Module):
     return step
 
 
-def _train(model: torch.nn.Module, batch: dict, steps: int, planned: bool, step=None) -> list[dict[str, torch.Tensor]]:
-    """Gradients of `steps` training steps on `batch` (by `step`, else `_step(model)`), by parameter name."""
+def _batches(name: str, steps: int) -> list[dict[str, torch.Tensor]]:
+    """`steps` batches of the tiny model's inputs, the second example's length changing from the
+    third on (another count of real tokens: another k)."""
+    batches = []
+    for step in range(steps):
+        batch = CASES_BY_NAME[name].batch()
+        mask = batch["attention_mask"].clone()
+        length = 6 + max(0, step - 1)
+        mask[1] = torch.arange(mask.shape[1]) < length if CASES_BY_NAME[name].padding == "right" else (
+            torch.arange(mask.shape[1]) >= mask.shape[1] - length)
+        batches.append({**batch, "attention_mask": mask})
+    return batches
+
+
+def _train(model: torch.nn.Module, batches: list[dict], planned: bool, step=None) -> list[dict[str, torch.Tensor]]:
+    """Gradients of a training step on each batch (by `step`, else `_step(model)`), by parameter name."""
     step = step or _step(model)
     grads = []
-    for _ in range(steps):
+    for batch in batches:
         model.zero_grad()
         with wtacrs.batch(IDS, batch["attention_mask"], model=model if planned else None):
             step(batch)
@@ -64,9 +78,9 @@ def _assert_same(expected: list[dict], got: list[dict], exact: bool) -> None:
 def test_a_planned_step_equals_the_plain_step_draws_norms_and_cache(name):
     """batch(model=) moves the host work, not the result: same gradients (bitwise), and norms
     that left backward through the sinks fill the cache exactly as the callbacks do."""
-    batch = CASES_BY_NAME[name].batch()
+    batches = _batches(name, 4)
     plain, planned = _model(name), _model(name)
-    _assert_same(_train(plain, batch, 3, planned=False), _train(planned, batch, 3, planned=True), exact=True)
+    _assert_same(_train(plain, batches, planned=False), _train(planned, batches, planned=True), exact=True)
     expected, got = (wtacrs.sampling_state(m).state_dict() for m in (plain, planned))
     assert expected.keys() == got.keys() and "cache.data" in got
     for key in expected:
@@ -89,17 +103,19 @@ def test_a_planned_batch_needs_the_attention_mask():
             pass
 
 
-def _compiled_run(name: str, batch: dict, backend: str) -> tuple[list[dict], dict]:
-    """Four compiled steps (gradients, and the sampling state after them). Two compile: the
-    first, and the second, whose cache tables are new graph inputs; then nothing may recompile,
-    every per-step value reaching the graph as a tensor."""
+def _compiled_run(name: str, batches: list[dict], backend: str) -> tuple[list[dict], dict]:
+    """Compiled steps on `batches` (gradients, and the sampling state after them). Two compile:
+    the first, and the second (the first step learns which layers share a draw and creates the
+    cache: new graph inputs); then nothing may recompile, not even for batches with another number
+    of real tokens: every per-step value reaches the graph as a tensor (k as a dynamic size)."""
     model = _model(name)
+    model.config.problem_type = "single_label_classification"  # else HF's first forward sets it: a recompile
     torch._dynamo.reset()
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         step = torch.compile(_step(model), fullgraph=True, backend=backend)
-        grads = _train(model, batch, 2, planned=True, step=step)
+        grads = _train(model, batches[:2], planned=True, step=step)
         with torch._dynamo.config.patch(error_on_recompile=True):
-            grads += _train(model, batch, 2, planned=True, step=step)
+            grads += _train(model, batches[2:], planned=True, step=step)
     return grads, wtacrs.sampling_state(model).state_dict()
 
 
@@ -109,10 +125,10 @@ def test_a_compiled_step_has_no_graph_break_and_eager_gradients(name):
     """fullgraph=True fails on any graph break. aot_eager runs AOTAutograd's forward and backward
     graphs (the sampled op's backward included) without inductor's code generation, so the draws,
     gradients and cached norms match eager's bitwise."""
-    batch = CASES_BY_NAME[name].batch()
+    batches = _batches(name, 5)
     expected = _model(name)
-    expected_grads = _train(expected, batch, 4, planned=False)
-    grads, state = _compiled_run(name, batch, "aot_eager")
+    expected_grads = _train(expected, batches, planned=False)
+    grads, state = _compiled_run(name, batches, "aot_eager")
     _assert_same(expected_grads, grads, exact=True)
     expected_state = wtacrs.sampling_state(expected).state_dict()
     assert expected_state.keys() == state.keys()

@@ -103,17 +103,17 @@ def slot_budget(ratio: float, budget: Budget, num_rows: int, live_rows: int | No
 
 
 def draw_rows(x: Tensor, k: int, estimator: Estimator, multiplier: Tensor | None, u: Tensor | None,
-              live_rows: int | None = None) -> RowSample:
+              covers_live: bool = False) -> RowSample:
     """k slots of the rows of x (..., in_features), scored ‖X_i‖ · multiplier_i.
 
     Args:
         multiplier: (1, N) float32 per-row factor of the score: the gradient-norm estimate, 0 for
             rows never to be drawn (padding); None for 1.
         u: (1, >= uniforms_needed(estimator, k, N)) uniforms in (0, 1]; see `wtacrs.counter_rng`.
-        live_rows: how many rows have a non-zero multiplier, if known on the host: when k covers
-            them all, they are all kept with weight 1 (the exact product).
+        covers_live: k is at least the number of rows with a non-zero multiplier (known on the
+            host): they are all kept with weight 1 (the exact product).
     """
-    if live_rows is not None and k >= live_rows:
+    if covers_live:
         estimator = "topk"  # the k largest scores hold every live row: exact, not an approximation
     flat = x.detach().reshape(-1, x.shape[-1])
     scores = row_norms(flat.view(1, *flat.shape)).to(torch.float32)  # (1, N); a no-op unless float64
@@ -165,7 +165,7 @@ def draw_row_sample(
     live = None if row_mask is None else int(row_mask.sum())
     k = slot_budget(ratio, budget, num_rows, live)
     u = 1.0 - torch.rand(1, uniforms_needed(estimator, k, num_rows), generator=generator, device=x.device)  # (0, 1]
-    return draw_rows(x, k, estimator, multiplier, u, live)
+    return draw_rows(x, k, estimator, multiplier, u, covers_live=live is not None and k >= live)
 
 
 def gather_rows(x: Tensor, indices: Tensor, weights: Tensor) -> Tensor | RowRecipe:

@@ -355,6 +355,10 @@ class StepPlan:
 
     Attributes:
         step_key: () int64 on the model's device, this step's key of the counter-based draws.
+        budgets: by row layout (`ForwardRows.key`), k as the length of an empty (k, 0) tensor marked
+            dynamic, and whether k covers every live row: k depends on the batch's real tokens,
+            and as a tensor's size it reaches compiled code as a symbol, so that batches with
+            other numbers of real tokens run the same graph (a Python int would be a constant).
         norm_sinks: by slot, a (B, T) float32 leaf on the device that the slot's op takes as an
             input and whose gradient backward sets to the slot's ‖dY_i‖ (None: nothing to record).
             Norms leave backward as a gradient rather than through a callback: backward then has
@@ -363,6 +367,7 @@ class StepPlan:
 
     step_key: Tensor
     norm_sinks: list[Tensor | None]
+    budgets: dict[str, tuple[Tensor, bool]]
 
 
 class SamplingState:
@@ -443,8 +448,14 @@ class SamplingState:
             rows = self._rows.get(stream)
             records = rows is not None and self._records_norms(rows)
             sinks.append(torch.empty(host_mask.shape, device=device).requires_grad_() if records else None)
+        budgets = {}
+        for key, rows in self._rows.items():
+            k, covers_live = self._host_budget(rows, host_mask.numel())
+            slots = torch.empty(k, 0)
+            torch._dynamo.maybe_mark_dynamic(slots, 0)
+            budgets[key] = (slots, covers_live)
         key = torch.tensor(counter_rng.stream_key(self.config.seed, self.rank, self.step))
-        self._plan = StepPlan(_to_device(key, device), sinks)
+        self._plan = StepPlan(_to_device(key, device), sinks, budgets)
 
     def begin_planned_forward(self) -> None:
         """Called before each top-level forward inside `wtacrs.batch(..., model=)`: nothing on the host."""
@@ -502,15 +513,26 @@ class SamplingState:
 
     def _draw(self, slot: int, x: Tensor, rows: ForwardRows | None) -> RowSample:
         num_rows = x.numel() // x.shape[-1]
-        sampled_mask = self._samples_inside_mask(rows)
-        k = slot_budget(self.config.ratio, self.config.budget, num_rows, rows.live if sampled_mask else None)
+        k, covers_live = self._budget(rows, num_rows)
         multiplier = None
         if rows is not None:
             table = self._multipliers(rows, x.device)
             multiplier = table if table is None or table.shape[0] == 1 else table[slot : slot + 1]
         estimator = self.config.estimator
         u = self._uniforms(slot, x.device, uniforms_needed(estimator, k, num_rows))
-        return draw_rows(x, k, estimator, multiplier, u, rows.live if sampled_mask else None)
+        return draw_rows(x, k, estimator, multiplier, u, covers_live)
+
+    def _budget(self, rows: ForwardRows | None, num_rows: int) -> tuple[int, bool]:
+        """k of a draw over `num_rows` rows laid out as `rows`, and whether it covers every live row."""
+        if rows is not None and self._plan is not None:
+            slots, covers_live = self._plan.budgets[rows.key]
+            return slots.shape[0], covers_live
+        return self._host_budget(rows, num_rows)
+
+    def _host_budget(self, rows: ForwardRows | None, num_rows: int) -> tuple[int, bool]:
+        live = rows.live if self._samples_inside_mask(rows) else None
+        k = slot_budget(self.config.ratio, self.config.budget, num_rows, live)
+        return k, live is not None and k >= live
 
     def _samples_inside_mask(self, rows: ForwardRows | None) -> bool:
         return rows is not None and rows.mask is not None and self.config.skip_padding
