@@ -184,7 +184,6 @@ class DrawRegistry:
         small = dataclasses.replace(sample, rows=None)
         self._draws.append(_Draw(weakref.ref(x), _version(x), weakref.ref(sample.rows), small, slot))
 
-
     def members(self, num_slots: int) -> Tensor:
         """(S, S) float32: [leader, member] = 1 for the members of each leader's last draw (and
         itself); rebuilt only when the groups change (in practice: after the first step)."""
@@ -451,19 +450,16 @@ class SamplingState:
         budgets = {}
         for key, rows in self._rows.items():
             k, covers_live = self._host_budget(rows, host_mask.numel())
-            slots = torch.empty(k, 0)
+            slots = torch.empty(k, 0, device=device)  # no elements: no memory, no copy
             torch._dynamo.maybe_mark_dynamic(slots, 0)
             budgets[key] = (slots, covers_live)
         key = torch.tensor(counter_rng.stream_key(self.config.seed, self.rank, self.step))
         self._plan = StepPlan(_to_device(key, device), sinks, budgets)
 
-    def begin_planned_forward(self) -> None:
-        """Called before each top-level forward inside `wtacrs.batch(..., model=)`: nothing on the host."""
-        self.draws.clear()
-
-    def end_planned_forward(self) -> None:
-        """Called after it: the draws are dropped, so that a compiled forward leaves no reference to
-        its tensors in Python state (a checkpoint recompute draws the same rows again)."""
+    def drop_draws(self) -> None:
+        """Before and after each top-level forward inside `wtacrs.batch(..., model=)` (all it does
+        on the host): a compiled forward must leave no reference to its tensors in Python state,
+        and a checkpoint recompute draws the same rows again from the step's key."""
         self.draws.clear()
 
     def collect_norm_sinks(self) -> None:

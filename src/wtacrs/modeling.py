@@ -104,7 +104,7 @@ def _stream(name: str, encoder_prefix: str | None) -> str:
 
 def _begin_forward(model: nn.Module, state: SamplingState, signature: inspect.Signature, module, args, kwargs) -> None:
     if state.planned:  # `wtacrs.batch(..., model=)` did the host work (a compiled forward runs none)
-        state.begin_planned_forward()
+        state.drop_draws()
         return
     swap_new_targets(model, state)
     try:
@@ -120,7 +120,7 @@ def _begin_forward(model: nn.Module, state: SamplingState, signature: inspect.Si
 
 def _end_forward(state: SamplingState, module, args, output) -> None:
     if state.planned:
-        state.end_planned_forward()
+        state.drop_draws()
 
 
 def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
