@@ -382,7 +382,7 @@ class SamplingState:
         self.recorder = StepRecorder()
         self._rows: dict[str, ForwardRows | None] = {}  # by stream, for this forward
         self._batch_ids: Tensor | None = None  # example ids of the current forward, if known
-        self._uniform_tables: dict[tuple[torch.device, int], Tensor] = {}
+        self._uniform_tables: dict[tuple[torch.device, str | int], Tensor] = {}
         self._warned_no_ids = False
         self._warned_id_count = False
         self.hooks: tuple[torch.utils.hooks.RemovableHandle, ...] = ()  # set by wtacrs.apply
@@ -437,7 +437,7 @@ class SamplingState:
         self._batch_ids = context.example_ids
         host_mask = context.attention_mask
         mask = _to_device(host_mask, device)
-        live = int(host_mask.sum())
+        live = _live_count(host_mask)
         streams = set(self.layer_streams) - {"decoder"}  # the batch's mask is not a decoder's
         self._rows = {stream: ForwardRows(stream, mask, host_mask, context.example_ids, live) for stream in streams}
         for rows in self._rows.values():
@@ -461,6 +461,7 @@ class SamplingState:
         on the host): a compiled forward must leave no reference to its tensors in Python state,
         and a checkpoint recompute draws the same rows again from the step's key."""
         self.draws.clear()
+        self._uniform_tables.clear()
 
     def collect_norm_sinks(self) -> None:
         """`wtacrs.batch(..., model=)` exit: the norms backward left in the sinks, recorded."""
@@ -515,7 +516,8 @@ class SamplingState:
             table = self._multipliers(rows, x.device)
             multiplier = table if table is None or table.shape[0] == 1 else table[slot : slot + 1]
         estimator = self.config.estimator
-        u = self._uniforms(slot, x.device, uniforms_needed(estimator, k, num_rows))
+        count = uniforms_needed(estimator, k, num_rows)
+        u = self._uniform_table(x.device, num_rows if rows is None else rows.key, count)[slot : slot + 1]
         return draw_rows(x, k, estimator, multiplier, u, covers_live)
 
     def _budget(self, rows: ForwardRows | None, num_rows: int) -> tuple[int, bool]:
@@ -539,17 +541,17 @@ class SamplingState:
         return self.reader.multipliers(rows, self._samples_inside_mask(rows), cache, self.draws.members,
                                        self.num_layers, device)
 
-    def _uniforms(self, slot: int, device: torch.device, count: int) -> Tensor:
-        """(1, count) uniforms of this step for `slot`."""
-        if self._plan is not None:  # per draw: compiled code must leave no tensor behind in Python state
-            return counter_rng.uniforms(counter_rng.hash32(self._plan.step_key ^ slot).view(1), count)
-        return self._uniform_table(device, count)[slot : slot + 1]
-
-    def _uniform_table(self, device: torch.device, count: int) -> Tensor:
-        """(S, count) uniforms of this step, one stream per slot, made once per forward and size."""
-        key = (device, count)
+    def _uniform_table(self, device: torch.device, layout: str | int, count: int) -> Tensor:
+        """(S, count) uniforms of this step, one stream per slot, made once per forward and row
+        layout (a `ForwardRows.key`, or the row count of a draw without one), which fixes count.
+        Keyed by layout rather than count: in compiled code count may be a symbol, and a symbol
+        used as a key would be made a constant."""
+        key = (device, layout)
         if key not in self._uniform_tables:
-            step_key = counter_rng.stream_key(self.config.seed, self.rank, self.step)
+            if self._plan is not None:
+                step_key = self._plan.step_key
+            else:
+                step_key = counter_rng.stream_key(self.config.seed, self.rank, self.step)
             slots = torch.arange(self.num_layers, device=device)
             self._uniform_tables[key] = counter_rng.uniforms(counter_rng.hash32(slots ^ step_key), count)
         return self._uniform_tables[key]
@@ -665,7 +667,12 @@ def _forward_rows(stream: str, mask: Tensor | None, context: BatchContext | None
         host = mask.cpu()
     if ids is not None and ids.numel() != mask.shape[0]:
         ids = None
-    return ForwardRows(stream, mask, host, ids, int(host.sum()))
+    return ForwardRows(stream, mask, host, ids, _live_count(host))
+
+
+def _live_count(host_mask: Tensor) -> int:
+    """Real rows of a (B, T) bool mask on the host (a read of host memory, never a device wait)."""
+    return int(host_mask.sum())
 
 
 class SampledLayerMixin:
