@@ -1,8 +1,8 @@
 """A training step under `torch.compile(fullgraph=True)`: no graph break, eager's gradients.
 
 A step here is the user's whole function, forward and `loss.backward()` (traced with dynamo's
-`trace_autograd_ops`), run inside `wtacrs.batch(ids, mask, model=model)`, which does the step's
-host work at enter and exit. Gradients are compared with the plain eager step (no `model=`),
+`trace_autograd_ops`), or the compiled model's forward with its AOTAutograd backward, run inside
+`wtacrs.batch(ids, mask, model=model)`, which does the step's host work at enter and exit. Gradients are compared with the plain eager step (no `model=`),
 the path every other test covers, for the same seed.
 """
 
@@ -103,16 +103,22 @@ def test_a_planned_batch_needs_the_attention_mask():
             pass
 
 
-def _compiled_run(name: str, batches: list[dict], backend: str) -> tuple[list[dict], dict]:
-    """Compiled steps on `batches` (gradients, and the sampling state after them). Two compile:
-    the first, and the second (the first step learns which layers share a draw and creates the
-    cache: new graph inputs); then nothing may recompile, not even for batches with another number
-    of real tokens: every per-step value reaches the graph as a tensor (k as a dynamic size)."""
+def _compiled_run(name: str, batches: list[dict], backend: str, region: str = "step") -> tuple[list[dict], dict]:
+    """Compiled steps on `batches` (gradients, and the sampling state after them). The compiled
+    region is the whole step (`region="step"`: forward and `loss.backward()`) or the model
+    (`"model"`: its forward, and AOTAutograd's backward graph when the loss is backpropagated).
+    Two compiles: the first step, and the second (the first learns which layers share a draw and
+    creates the cache: new graph inputs); then nothing may recompile, not even for batches with
+    another number of real tokens: every per-step value reaches the graph as a tensor (k as a
+    dynamic size)."""
     model = _model(name)
     model.config.problem_type = "single_label_classification"  # else HF's first forward sets it: a recompile
     torch._dynamo.reset()
     with torch._dynamo.config.patch(trace_autograd_ops=True):
-        step = torch.compile(_step(model), fullgraph=True, backend=backend)
+        if region == "step":
+            step = torch.compile(_step(model), fullgraph=True, backend=backend)
+        else:
+            step = _step(torch.compile(model, fullgraph=True, backend=backend))
         grads = _train(model, batches[:2], planned=True, step=step)
         with torch._dynamo.config.patch(error_on_recompile=True):
             grads += _train(model, batches[2:], planned=True, step=step)
@@ -120,15 +126,16 @@ def _compiled_run(name: str, batches: list[dict], backend: str) -> tuple[list[di
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("region", ["step", "model"])
 @pytest.mark.parametrize("name", ["bert", "llama"])
-def test_a_compiled_step_has_no_graph_break_and_eager_gradients(name):
+def test_a_compiled_step_has_no_graph_break_and_eager_gradients(name, region):
     """fullgraph=True fails on any graph break. aot_eager runs AOTAutograd's forward and backward
     graphs (the sampled op's backward included) without inductor's code generation, so the draws,
     gradients and cached norms match eager's bitwise."""
     batches = _batches(name, 5)
     expected = _model(name)
     expected_grads = _train(expected, batches, planned=False)
-    grads, state = _compiled_run(name, batches, "aot_eager")
+    grads, state = _compiled_run(name, batches, "aot_eager", region)
     _assert_same(expected_grads, grads, exact=True)
     expected_state = wtacrs.sampling_state(expected).state_dict()
     assert expected_state.keys() == state.keys()
