@@ -87,6 +87,19 @@ def test_a_planned_step_equals_the_plain_step_draws_norms_and_cache(name):
         assert torch.equal(expected[key], got[key]), key
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_planned_step_composes_with_gradient_checkpointing(reentrant):
+    """The recompute runs after the forward dropped its draws: it draws the same rows again from
+    the step's key and tables, and its backward fills the norm sinks once."""
+    batches = _batches("bert", 3)
+    plain, checkpointed = _model("bert"), _model("bert")
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    expected = _train(plain, batches, planned=False)
+    _assert_same(expected, _train(checkpointed, batches, planned=True), exact=False)
+    assert torch.equal(wtacrs.sampling_state(plain).state_dict()["cache.data"],
+                       wtacrs.sampling_state(checkpointed).state_dict()["cache.data"])
+
+
 def test_a_planned_step_checks_padding_gradients():
     model, batch = _qa_bert_and_batch()
     wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3))
