@@ -2,8 +2,9 @@
 
 A step here is the user's whole function, forward and `loss.backward()` (traced with dynamo's
 `trace_autograd_ops`), or the compiled model's forward with its AOTAutograd backward, run inside
-`wtacrs.batch(ids, mask, model=model)`, which does the step's host work at enter and exit. Gradients are compared with the plain eager step (no `model=`),
-the path every other test covers, for the same seed.
+`wtacrs.batch(ids, mask, model=model)`, which does the step's host work at enter and exit.
+Gradients are compared with the plain eager step (no `model=`), the path every other test
+covers, for the same seed.
 """
 
 from __future__ import annotations

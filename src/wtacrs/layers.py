@@ -104,7 +104,8 @@ def batch(example_ids: Tensor | list[int], attention_mask: Tensor | None = None,
     planned = None
     if model is not None:
         if host_mask is None:
-            raise ValueError("wtacrs.batch(model=...) needs the attention_mask: it lays out the rows before the forward")
+            raise ValueError("wtacrs.batch(model=...) needs the attention_mask: it lays out the rows "
+                             "before the forward")
         from wtacrs.modeling import sampling_state, swap_new_targets  # modeling imports this module
 
         planned = sampling_state(model)
@@ -497,7 +498,8 @@ class SamplingState:
             return None
         key = f"unmasked-{x.shape[0]}x{x.shape[1]}"
         if key not in self._rows:  # one per shape and forward, so the reader's tables key on it
-            self._rows[key] = ForwardRows(key, None, torch.ones(x.shape[:2], dtype=torch.bool), ids, x.shape[0] * x.shape[1])
+            everything = torch.ones(x.shape[:2], dtype=torch.bool)
+            self._rows[key] = ForwardRows(key, None, everything, ids, x.shape[0] * x.shape[1])
         return self._rows[key]
 
     def sample_for(self, slot: int, x: Tensor, rows: ForwardRows | None) -> RowSample:
