@@ -139,6 +139,18 @@ def _compiled_run(name: str, batches: list[dict], backend: str, region: str = "s
     return grads, wtacrs.sampling_state(model).state_dict()
 
 
+def test_a_step_traces_whole_and_keeps_eagers_gradients():
+    """The default suite's check (about 20 s on a busy 2-core CPU): dynamo's own "eager" backend runs the captured
+    graph without AOTAutograd, so this checks the trace (no graph break, no recompile after the
+    second step) and that the traced step draws what eager draws; the tests below compile."""
+    batches = _batches("bert", 3)
+    expected = _model("bert")
+    expected_grads = _train(expected, batches, planned=False)
+    grads, state = _compiled_run("bert", batches, "eager")
+    _assert_same(expected_grads, grads, exact=True)
+    assert torch.equal(wtacrs.sampling_state(expected).state_dict()["cache.data"], state["cache.data"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("region", ["step", "model"])
 @pytest.mark.parametrize("name", ["bert", "llama"])
