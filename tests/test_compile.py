@@ -140,9 +140,10 @@ def _compiled_run(name: str, batches: list[dict], backend: str, region: str = "s
 
 
 def test_a_step_traces_whole_and_keeps_eagers_gradients():
-    """The default suite's check (about 20 s on a busy 2-core CPU): dynamo's own "eager" backend runs the captured
-    graph without AOTAutograd, so this checks the trace (no graph break, no recompile after the
-    second step) and that the traced step draws what eager draws; the tests below compile."""
+    """The default suite's check (about 20 s on a busy 2-core CPU): dynamo's own "eager" backend
+    runs the captured graph without AOTAutograd, so this checks the trace (no graph break, no
+    recompile after the second step) and that the traced step draws what eager draws; the tests
+    below compile."""
     batches = _batches("bert", 3)
     expected = _model("bert")
     expected_grads = _train(expected, batches, planned=False)
