@@ -143,15 +143,26 @@ def winner_counts(top: Tensor, total: Tensor) -> Tensor:
     return (residual / _countdown(top.shape[1], top.device)).argmin(1, keepdim=True)
 
 
-@functools.cache
 def _countdown(k: int, device: torch.device) -> Tensor:
-    """k, k − 1, …, 1: the draws left after each number of winners (made once per k and device)."""
-    return torch.arange(k, 0, -1, device=device)
+    """k, k − 1, …, 1: the draws left after each number of winners."""
+    return _arange(k, 0, -1, device)
+
+
+def _slots(k: int, device: torch.device) -> Tensor:
+    return _arange(0, k, 1, device)
+
+
+def _arange(start: int, end: int, step: int, device: torch.device) -> Tensor:
+    """torch.arange, made once per arguments and device in eager code (one ATen call per draw
+    fewer); compiled code makes it in the graph (dynamo would trace through the cache anyway)."""
+    if torch.compiler.is_compiling():
+        return torch.arange(start, end, step, device=device)
+    return _cached_arange(start, end, step, device)
 
 
 @functools.cache
-def _slots(k: int, device: torch.device) -> Tensor:
-    return torch.arange(k, device=device)
+def _cached_arange(start: int, end: int, step: int, device: torch.device) -> Tensor:
+    return torch.arange(start, end, step, device=device)
 
 
 def _column_row(scores: Tensor, k: int, u: Tensor, winners: bool) -> tuple[Tensor, Tensor]:

@@ -103,17 +103,17 @@ def slot_budget(ratio: float, budget: Budget, num_rows: int, live_rows: int | No
 
 
 def draw_rows(x: Tensor, k: int, estimator: Estimator, multiplier: Tensor | None, u: Tensor | None,
-              live_rows: int | None = None) -> RowSample:
+              covers_live: bool = False) -> RowSample:
     """k slots of the rows of x (..., in_features), scored ‖X_i‖ · multiplier_i.
 
     Args:
         multiplier: (1, N) float32 per-row factor of the score: the gradient-norm estimate, 0 for
             rows never to be drawn (padding); None for 1.
         u: (1, >= uniforms_needed(estimator, k, N)) uniforms in (0, 1]; see `wtacrs.counter_rng`.
-        live_rows: how many rows have a non-zero multiplier, if known on the host: when k covers
-            them all, they are all kept with weight 1 (the exact product).
+        covers_live: k is at least the number of rows with a non-zero multiplier (known on the
+            host): they are all kept with weight 1 (the exact product).
     """
-    if live_rows is not None and k >= live_rows:
+    if covers_live:
         estimator = "topk"  # the k largest scores hold every live row: exact, not an approximation
     flat = x.detach().reshape(-1, x.shape[-1])
     scores = row_norms(flat.view(1, *flat.shape)).to(torch.float32)  # (1, N); a no-op unless float64
@@ -165,7 +165,7 @@ def draw_row_sample(
     live = None if row_mask is None else int(row_mask.sum())
     k = slot_budget(ratio, budget, num_rows, live)
     u = 1.0 - torch.rand(1, uniforms_needed(estimator, k, num_rows), generator=generator, device=x.device)  # (0, 1]
-    return draw_rows(x, k, estimator, multiplier, u, live)
+    return draw_rows(x, k, estimator, multiplier, u, covers_live=live is not None and k >= live)
 
 
 def gather_rows(x: Tensor, indices: Tensor, weights: Tensor) -> Tensor | RowRecipe:
@@ -184,9 +184,14 @@ def _weighted_rows(x: Tensor, flat: Tensor, indices: Tensor, weights: Tensor) ->
     return rows if dtype is None else rows.to(dtype)
 
 
+def output_row_norms(grad_out: Tensor) -> Tensor:
+    """(..., out_features) output gradient → (...) float32 ‖dY_i‖ per row."""
+    return torch.linalg.vector_norm(grad_out, dim=-1, dtype=torch.float32)
+
+
 class _LinearWithRowSample(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, indices, weights, recompute_rows, on_grad):  # noqa: D102
+    def forward(ctx, x, weight, bias, rows, indices, weights, recompute_rows, on_grad, norm_sink):  # noqa: D102
         # rows: the weighted sampled rows (k, in), or with `recompute_rows` the recipe's source (N, in_source)
         ctx.save_for_backward(weight, rows, indices, weights)
         ctx.has_bias, ctx.recompute_rows, ctx.on_grad = bias is not None, recompute_rows, on_grad
@@ -198,7 +203,7 @@ class _LinearWithRowSample(torch.autograd.Function):
         if ctx.on_grad is not None:
             ctx.on_grad(grad_out)
         flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_w = grad_b = grad_sink = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(weight)
         if ctx.needs_input_grad[1]:
@@ -209,7 +214,9 @@ class _LinearWithRowSample(torch.autograd.Function):
             grad_w = flat.index_select(0, indices).mT.mm(rows)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        if ctx.needs_input_grad[8]:
+            grad_sink = output_row_norms(grad_out)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, grad_sink
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -221,9 +228,14 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
 
 
 def linear_with_sample(x: Tensor, weight: Tensor, bias: Tensor | None, sample: RowSample,
-                       on_grad: Callable[[Tensor], None] | None = None) -> Tensor:
-    """F.linear(x, weight, bias) whose weight gradient uses the rows in `sample` (drawn from x);
-    backward hands the output gradient (..., out_features) to `on_grad` first, if given.
+                       on_grad: Callable[[Tensor], None] | None = None,
+                       norm_sink: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) whose weight gradient uses the rows in `sample` (drawn from x).
+
+    Backward hands the output gradient (..., out_features) to `on_grad` first, if given; and if
+    `norm_sink` (a (...) = x.shape[:-1] float32 leaf requiring grad) is given, sets its gradient
+    to the output gradient's row norms (`output_row_norms`): a way out of backward without Python
+    side effects, which compiled code needs.
 
     Under torch.autocast the inputs are cast to the autocast dtype outside the op (so autograd
     casts the gradients back) and the op runs with autocast off, as `torch.amp.custom_fwd`
@@ -235,11 +247,13 @@ def linear_with_sample(x: Tensor, weight: Tensor, bias: Tensor | None, sample: R
     rows, recompute_rows = (sample.rows, None) if recipe is None else (recipe.source, recipe.fn)
     dtype = autocast_dtype(x)
     if dtype is None:
-        return _LinearWithRowSample.apply(x, weight, bias, rows, sample.indices, sample.weights, recompute_rows, on_grad)
+        return _LinearWithRowSample.apply(x, weight, bias, rows, sample.indices, sample.weights, recompute_rows,
+                                          on_grad, norm_sink)
     cast = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
     rows = rows if recipe is not None else rows.to(dtype)  # the recipe's fn computes in its own dtypes
     with torch.autocast(x.device.type, enabled=False):
-        return _LinearWithRowSample.apply(*cast, rows, sample.indices, sample.weights, recompute_rows, on_grad)
+        return _LinearWithRowSample.apply(*cast, rows, sample.indices, sample.weights, recompute_rows, on_grad,
+                                          norm_sink)
 
 
 def needs_sampling(weight: Tensor, ratio: float, estimator: str) -> bool:

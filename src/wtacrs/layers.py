@@ -43,7 +43,15 @@ from wtacrs import counter_rng
 from wtacrs.cache import GradNormCache, PendingRecord, encode_norms
 from wtacrs.config import WTACRSConfig
 from wtacrs.estimators import fill_missing_norms, uniforms_needed
-from wtacrs.functional import RowSample, draw_rows, gather_rows, linear_with_sample, needs_sampling, slot_budget
+from wtacrs.functional import (
+    RowSample,
+    draw_rows,
+    gather_rows,
+    linear_with_sample,
+    needs_sampling,
+    output_row_norms,
+    slot_budget,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +70,8 @@ class BatchContext:
 
 
 @contextmanager
-def batch(example_ids: Tensor | list[int], attention_mask: Tensor | None = None) -> Iterator[None]:
+def batch(example_ids: Tensor | list[int], attention_mask: Tensor | None = None,
+          model: nn.Module | None = None) -> Iterator[None]:
     """Tell sampled models which examples the current training step sees.
 
     Forward passes inside the block read the gradient-norm cache for these examples; output
@@ -73,7 +82,13 @@ def batch(example_ids: Tensor | list[int], attention_mask: Tensor | None = None)
             across epochs (e.g. the dataset index).
         attention_mask: (B, T) the batch's attention mask while it is still on the host (before
             moving the batch to a GPU): lets the step count live rows and look up the cache
-            without waiting for the GPU. Optional.
+            without waiting for the GPU. Optional, except with `model`.
+        model: a model with `wtacrs.apply` whose step's host work (step counter, cache lookup,
+            row layout, the draws' key) is done here, at enter, and whose norms are collected at
+            exit: its forward and backward inside the block then run no host code, so a training
+            step can be compiled whole (`torch.compile(step, fullgraph=True)`, see README). The
+            block then holds one training forward of `model`, whose rows are laid out as
+            `attention_mask` (an encoder-decoder's decoder samples by activation norms only).
     """
     ids = torch.as_tensor(example_ids)
     if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
@@ -86,15 +101,30 @@ def batch(example_ids: Tensor | list[int], attention_mask: Tensor | None = None)
             raise ValueError(f"attention_mask must be (batch, seq) with batch = {ids.numel()} example ids, "
                              f"got shape {tuple(attention_mask.shape)}")
         host_mask = attention_mask.cpu().to(torch.bool)
+    planned = None
+    if model is not None:
+        if host_mask is None:
+            raise ValueError("wtacrs.batch(model=...) needs the attention_mask: it lays out the rows "
+                             "before the forward")
+        from wtacrs.modeling import sampling_state, swap_new_targets  # modeling imports this module
+
+        planned = sampling_state(model)
+        swap_new_targets(model, planned)
     context = BatchContext(ids.to(torch.int64).cpu(), host_mask)
     token = _current_batch.set(context)
     try:
+        if planned is not None:
+            planned.plan_step(context, next(model.parameters()).device)
         yield
+        if planned is not None:
+            planned.collect_norm_sinks()
         for state in context.states:
             state.commit()
     finally:
         for state in context.states:
             state.discard_pending()
+        if planned is not None:
+            planned.end_plan()
         _current_batch.reset(token)
 
 
@@ -109,13 +139,13 @@ class _Draw:
     same draw."""
 
     tensor: weakref.ref
-    version: int
+    version: int | None
     rows: weakref.ref
     sample: RowSample  # with rows=None
     leader: int  # layer slot that drew it
 
     def reuse_for(self, x: Tensor) -> RowSample | None:
-        if self.tensor() is not x or self.version != x._version:
+        if self.tensor() is not x or self.version != _version(x):
             return None
         rows = self.rows()
         if rows is None:
@@ -124,11 +154,19 @@ class _Draw:
         return dataclasses.replace(self.sample, rows=rows)
 
 
+def _version(x: Tensor) -> int | None:
+    """x's version counter; None inside torch.compile, which cannot read it: there an in-place
+    change of an input between two sampled layers reading it goes unseen (no model we know does it)."""
+    return None if torch.compiler.is_compiling() else x._version
+
+
 class DrawRegistry:
     """The draws of the current forward pass, by tensor, and which layers shared one last time."""
 
     def __init__(self):
-        self._draws: dict[int, _Draw] = {}  # id(tensor) -> draw
+        # Searched by identity (`is`), newest first (q, k and v follow each other): compiled code
+        # can compare tensors by identity but cannot take their id().
+        self._draws: list[_Draw] = []
         self.groups: dict[int, set[int]] = {}  # leader slot -> slots that reused its draw
         self._members: tuple[tuple, Tensor] | None = None  # (groups as of, table)
 
@@ -136,15 +174,16 @@ class DrawRegistry:
         self._draws.clear()
 
     def reuse(self, slot: int, x: Tensor) -> RowSample | None:
-        draw = self._draws.get(id(x))
-        sample = None if draw is None else draw.reuse_for(x)
-        if sample is not None:
-            self.groups.setdefault(draw.leader, {draw.leader}).add(slot)
-        return sample
+        for draw in reversed(self._draws):
+            sample = draw.reuse_for(x)
+            if sample is not None:
+                self.groups.setdefault(draw.leader, {draw.leader}).add(slot)
+                return sample
+        return None
 
     def add(self, slot: int, x: Tensor, sample: RowSample) -> None:
         small = dataclasses.replace(sample, rows=None)
-        self._draws[id(x)] = _Draw(weakref.ref(x), x._version, weakref.ref(sample.rows), small, slot)
+        self._draws.append(_Draw(weakref.ref(x), _version(x), weakref.ref(sample.rows), small, slot))
 
     def members(self, num_slots: int) -> Tensor:
         """(S, S) float32: [leader, member] = 1 for the members of each leader's last draw (and
@@ -176,12 +215,14 @@ class ForwardRows:
     """How the rows of one stream's activations map to examples in the current forward.
 
     Attributes:
+        key: names the layout within a forward (the stream, or the shape of an unmasked one).
         mask: (B, T) bool on the model's device (sampling and the padding check), or None.
         host_mask: (B, T) bool on the host (cache keys and live-row counts).
         example_ids: (B,) int64 on the host, or None outside `wtacrs.batch`.
         live: real rows (host_mask's count).
     """
 
+    key: str
     mask: Tensor | None
     host_mask: Tensor
     example_ids: Tensor | None
@@ -199,22 +240,22 @@ class NormReader:
     (`estimators.fill_missing_norms`), times the row mask."""
 
     def __init__(self):
-        self._tables: dict[int, Tensor] = {}  # id(host_mask) -> (S, N) float32 on the device
+        self._tables: dict[str, Tensor | None] = {}  # ForwardRows.key -> (S, N) float32 on the device
 
     def clear(self) -> None:
         self._tables.clear()
 
-    def multipliers(self, rows: ForwardRows, cache: GradNormCache | None, members: Callable[[int], Tensor],
-                    num_slots: int, device: torch.device) -> Tensor | None:
-        key = id(rows.host_mask)
-        if key not in self._tables:
-            self._tables[key] = self._build(rows, cache, members, num_slots, device)
-        return self._tables[key]
+    def multipliers(self, rows: ForwardRows, use_mask: bool, cache: GradNormCache | None,
+                    members: Callable[[int], Tensor], num_slots: int, device: torch.device) -> Tensor | None:
+        """(S, N) or (1, N) float32 multipliers for `rows` (row mask applied if `use_mask`), or None for 1."""
+        if rows.key not in self._tables:
+            self._tables[rows.key] = self._build(rows, use_mask, cache, members, num_slots, device)
+        return self._tables[rows.key]
 
     @staticmethod
-    def _build(rows: ForwardRows, cache: GradNormCache | None, members: Callable[[int], Tensor],
+    def _build(rows: ForwardRows, use_mask: bool, cache: GradNormCache | None, members: Callable[[int], Tensor],
                num_slots: int, device: torch.device) -> Tensor | None:
-        mask = None if rows.mask is None else rows.mask.view(1, -1).to(torch.float32)  # (1, N)
+        mask = rows.mask.view(1, -1).to(torch.float32) if use_mask else None  # (1, N)
         if cache is None or rows.example_ids is None:
             return mask
         norms = cache.lookup_slots(list(range(cache.num_slots)), rows.example_ids, rows.host_mask)  # (S', B, T)
@@ -222,9 +263,7 @@ class NormReader:
         squares = norms.nan_to_num(0.0).square().reshape(cache.num_slots, -1)
         table = members(num_slots)[:, : cache.num_slots]  # layers added after the cache have no slot
         combined = torch.where(table @ known > 0, (table @ squares).sqrt(), torch.nan)  # (S, N)
-        if device.type == "cuda":  # pinned + non_blocking: the device never waits for the host
-            combined = combined.pin_memory()
-        filled = fill_missing_norms(combined.to(device, non_blocking=True))
+        filled = fill_missing_norms(_to_device(combined, device))
         return filled if mask is None else filled * mask
 
 
@@ -250,9 +289,12 @@ class StepRecorder:
     def hook(self, slot: int, rows: ForwardRows, track_padding: bool) -> Callable[[Tensor], None]:
         """The callback for one layer call's backward: grad (B, T, out) → its row norms, kept."""
         def on_grad(grad: Tensor) -> None:
-            norms = torch.linalg.vector_norm(grad, dim=-1, dtype=torch.float32)
-            self._pending.append((slot, rows if track_padding else dataclasses.replace(rows, mask=None), norms))
+            self.record(slot, rows, output_row_norms(grad), track_padding)
         return on_grad
+
+    def record(self, slot: int, rows: ForwardRows, norms: Tensor, track_padding: bool) -> None:
+        """Keep one layer call's (B, T) row norms until the step ends."""
+        self._pending.append((slot, rows if track_padding else dataclasses.replace(rows, mask=None), norms))
 
     def ship(self) -> None:
         """End of a step: one non-blocking transfer per row layout (the layers of a forward share one)."""
@@ -291,11 +333,41 @@ def _ship(records: list[tuple[int, ForwardRows, Tensor]]) -> _StepRecords:
     return _StepRecords([s for s, _, _ in records], rows.example_ids, rows.host_mask, codes, leaks, ready)
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device`, copied so that the device never waits for the host (pinned,
+    non-blocking) where that matters."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _to_host(t: Tensor) -> Tensor:
     if t.device.type == "cpu":
         return t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     return host.copy_(t, non_blocking=True)
+
+
+@dataclass
+class StepPlan:
+    """What `SamplingState.plan_step` prepared for the coming training forward (besides the row
+    layouts and the reader's tables), so that the forward and backward run no host code.
+
+    Attributes:
+        step_key: () int64 on the model's device, this step's key of the counter-based draws.
+        budgets: by row layout (`ForwardRows.key`), k as the length of an empty (k, 0) tensor marked
+            dynamic, and whether k covers every live row: k depends on the batch's real tokens,
+            and as a tensor's size it reaches compiled code as a symbol, so that batches with
+            other numbers of real tokens run the same graph (a Python int would be a constant).
+        norm_sinks: by slot, a (B, T) float32 leaf on the device that the slot's op takes as an
+            input and whose gradient backward sets to the slot's ‖dY_i‖ (None: nothing to record).
+            Norms leave backward as a gradient rather than through a callback: backward then has
+            no Python side effects, which a compiled backward could not keep.
+    """
+
+    step_key: Tensor
+    norm_sinks: list[Tensor | None]
+    budgets: dict[str, tuple[Tensor, bool]]
 
 
 class SamplingState:
@@ -311,11 +383,13 @@ class SamplingState:
         self.recorder = StepRecorder()
         self._rows: dict[str, ForwardRows | None] = {}  # by stream, for this forward
         self._batch_ids: Tensor | None = None  # example ids of the current forward, if known
-        self._uniforms: dict[tuple[torch.device, int], Tensor] = {}
+        self._uniform_tables: dict[tuple[torch.device, str | int], Tensor] = {}
         self._warned_no_ids = False
         self._warned_id_count = False
-        self.hook: torch.utils.hooks.RemovableHandle | None = None  # set by wtacrs.apply
+        self.hooks: tuple[torch.utils.hooks.RemovableHandle, ...] = ()  # set by wtacrs.apply
         self.layer_names: list[str] = []  # qualified names of the sampled layers, by slot
+        self.layer_streams: list[str] = []  # which attention mask lays out each slot's rows
+        self._plan: StepPlan | None = None  # inside `wtacrs.batch(..., model=)`
         self.num_modules = 0  # modules in the model when its layers were last swapped
         # Data parallel (set by wtacrs.integrations.distributed): each rank draws its own rows,
         # and `sync` exchanges the step's cache records so every rank's cache holds all of them.
@@ -349,10 +423,61 @@ class SamplingState:
         # Read the ids now: a checkpoint recompute runs inside backward, which autograd runs on
         # a device thread for CUDA tensors, where the context variable is not set.
         self._batch_ids = None if batch_context is None else batch_context.example_ids
-        self._rows = {stream: _forward_rows(mask, batch_context, host_mask_given=stream != "decoder")
+        self._rows = {stream: _forward_rows(stream, mask, batch_context, host_mask_given=stream != "decoder")
                       for stream, mask in masks.items()}
         if torch.is_grad_enabled():
             self.step += 1
+
+    def plan_step(self, context: BatchContext, device: torch.device) -> None:
+        """`wtacrs.batch(..., model=)` enter: `begin_forward`'s host work for the coming training
+        forward, and the cache's multiplier tables and the norm sinks it will read."""
+        self.flush()
+        self._release_forward_tables()
+        context.states.append(self)
+        self.step += 1
+        self._batch_ids = context.example_ids
+        host_mask = context.attention_mask
+        mask = _to_device(host_mask, device)
+        live = _live_count(host_mask)
+        streams = set(self.layer_streams) - {"decoder"}  # the batch's mask is not a decoder's
+        self._rows = {stream: ForwardRows(stream, mask, host_mask, context.example_ids, live) for stream in streams}
+        for rows in self._rows.values():
+            self._multipliers(rows, device)
+        sinks = []
+        for stream in self.layer_streams:
+            rows = self._rows.get(stream)
+            records = rows is not None and self._records_norms(rows)
+            sinks.append(torch.empty(host_mask.shape, device=device).requires_grad_() if records else None)
+        budgets = {}
+        for key, rows in self._rows.items():
+            k, covers_live = self._host_budget(rows, host_mask.numel())
+            slots = torch.empty(k, 0, device=device)  # no elements: no memory, no copy
+            torch._dynamo.maybe_mark_dynamic(slots, 0)
+            budgets[key] = (slots, covers_live)
+        key = torch.tensor(counter_rng.stream_key(self.config.seed, self.rank, self.step))
+        self._plan = StepPlan(_to_device(key, device), sinks, budgets)
+
+    def drop_draws(self) -> None:
+        """Before and after each top-level forward inside `wtacrs.batch(..., model=)` (all it does
+        on the host): a compiled forward must leave no reference to its tensors in Python state,
+        and a checkpoint recompute draws the same rows again from the step's key."""
+        self.draws.clear()
+        self._uniform_tables.clear()
+
+    def collect_norm_sinks(self) -> None:
+        """`wtacrs.batch(..., model=)` exit: the norms backward left in the sinks, recorded."""
+        for slot, sink in enumerate(self._plan.norm_sinks):
+            if sink is not None and sink.grad is not None:
+                rows = self._rows[self.layer_streams[slot]]
+                self.recorder.record(slot, rows, sink.grad, track_padding=self.config.skip_padding)
+
+    def end_plan(self) -> None:
+        self._plan = None
+
+    @property
+    def planned(self) -> bool:
+        """Inside `wtacrs.batch(..., model=)` of this state's model."""
+        return self._plan is not None
 
     def rows_for(self, stream: str, x: Tensor) -> ForwardRows | None:
         """The example/row layout of x's rows, if they are (example, token) rows of this forward."""
@@ -373,7 +498,8 @@ class SamplingState:
             return None
         key = f"unmasked-{x.shape[0]}x{x.shape[1]}"
         if key not in self._rows:  # one per shape and forward, so the reader's tables key on it
-            self._rows[key] = ForwardRows(None, torch.ones(x.shape[:2], dtype=torch.bool), ids, x.shape[0] * x.shape[1])
+            everything = torch.ones(x.shape[:2], dtype=torch.bool)
+            self._rows[key] = ForwardRows(key, None, everything, ids, x.shape[0] * x.shape[1])
         return self._rows[key]
 
     def sample_for(self, slot: int, x: Tensor, rows: ForwardRows | None) -> RowSample:
@@ -386,45 +512,76 @@ class SamplingState:
 
     def _draw(self, slot: int, x: Tensor, rows: ForwardRows | None) -> RowSample:
         num_rows = x.numel() // x.shape[-1]
-        sampled_mask = rows is not None and rows.mask is not None and self.config.skip_padding
-        k = slot_budget(self.config.ratio, self.config.budget, num_rows, rows.live if sampled_mask else None)
+        k, covers_live = self._budget(rows, num_rows)
         multiplier = None
         if rows is not None:
-            table = self.reader.multipliers(
-                rows if sampled_mask else dataclasses.replace(rows, mask=None),
-                self._cache if self.config.grad_norm == "cache" else None,
-                self.draws.members, self.num_layers, x.device)
+            table = self._multipliers(rows, x.device)
             multiplier = table if table is None or table.shape[0] == 1 else table[slot : slot + 1]
         estimator = self.config.estimator
-        u = self._uniform_table(x.device, uniforms_needed(estimator, k, num_rows))[slot : slot + 1]
-        return draw_rows(x, k, estimator, multiplier, u, rows.live if sampled_mask else None)
+        count = uniforms_needed(estimator, k, num_rows)
+        u = self._uniform_table(x.device, num_rows if rows is None else rows.key, count)[slot : slot + 1]
+        return draw_rows(x, k, estimator, multiplier, u, covers_live)
 
-    def _uniform_table(self, device: torch.device, count: int) -> Tensor:
-        """(S, count) uniforms of this step, one stream per slot, made once per forward and size."""
-        key = (device, count)
-        if key not in self._uniforms:
-            step_key = counter_rng.stream_key(self.config.seed, self.rank, self.step)
+    def _budget(self, rows: ForwardRows | None, num_rows: int) -> tuple[int, bool]:
+        """k of a draw over `num_rows` rows laid out as `rows`, and whether it covers every live row."""
+        if rows is not None and self._plan is not None:
+            slots, covers_live = self._plan.budgets[rows.key]
+            return slots.shape[0], covers_live
+        return self._host_budget(rows, num_rows)
+
+    def _host_budget(self, rows: ForwardRows | None, num_rows: int) -> tuple[int, bool]:
+        live = rows.live if self._samples_inside_mask(rows) else None
+        k = slot_budget(self.config.ratio, self.config.budget, num_rows, live)
+        return k, live is not None and k >= live
+
+    def _samples_inside_mask(self, rows: ForwardRows | None) -> bool:
+        return rows is not None and rows.mask is not None and self.config.skip_padding
+
+    def _multipliers(self, rows: ForwardRows, device: torch.device) -> Tensor | None:
+        """(S, N) or (1, N) score multipliers for `rows` this forward (see `NormReader`), or None."""
+        cache = self._cache if self.config.grad_norm == "cache" else None
+        return self.reader.multipliers(rows, self._samples_inside_mask(rows), cache, self.draws.members,
+                                       self.num_layers, device)
+
+    def _uniform_table(self, device: torch.device, layout: str | int, count: int) -> Tensor:
+        """(S, count) uniforms of this step, one stream per slot, made once per forward and row
+        layout (a `ForwardRows.key`, or the row count of a draw without one), which fixes count.
+        Keyed by layout rather than count: in compiled code count may be a symbol, and a symbol
+        used as a key would be made a constant."""
+        key = (device, layout)
+        if key not in self._uniform_tables:
+            if self._plan is not None:
+                step_key = self._plan.step_key
+            else:
+                step_key = counter_rng.stream_key(self.config.seed, self.rank, self.step)
             slots = torch.arange(self.num_layers, device=device)
-            self._uniforms[key] = counter_rng.uniforms(counter_rng.hash32(slots ^ step_key), count)
-        return self._uniforms[key]
+            self._uniform_tables[key] = counter_rng.uniforms(counter_rng.hash32(slots ^ step_key), count)
+        return self._uniform_tables[key]
 
-    def grad_hook(self, slot: int, rows: ForwardRows | None) -> Callable[[Tensor], None] | None:
-        """In backward: record ‖dY_i‖ per row for the cache and the padding check."""
-        if rows is None:
-            return None
+    def norm_recorder(self, slot: int, rows: ForwardRows | None
+                      ) -> tuple[Callable[[Tensor], None] | None, Tensor | None]:
+        """How this layer call's backward hands over its per-row ‖dY_i‖ (for the cache and the
+        padding check): (callback, None), or (None, the step's norm sink) inside
+        `wtacrs.batch(..., model=)`; (None, None) when nothing needs them."""
+        if rows is None or not self._records_norms(rows):
+            return None, None
+        if self._plan is not None:
+            return None, self._plan.norm_sinks[slot]
+        return self.recorder.hook(slot, rows, track_padding=self.config.skip_padding), None
+
+    def _records_norms(self, rows: ForwardRows) -> bool:
         if rows.example_ids is None or self.config.grad_norm != "cache":
             if not self._warned_no_ids and self.config.grad_norm == "cache":
                 logger.warning("wtacrs: no example ids (use wtacrs.batch(ids)); sampling by activation norms only")
                 self._warned_no_ids = True
-            if rows.mask is None or not self.config.skip_padding:
-                return None
-        return self.recorder.hook(slot, rows, track_padding=self.config.skip_padding)
+            return rows.mask is not None and self.config.skip_padding
+        return True
 
     # -- end of a step -------------------------------------------------------------------------
     def _release_forward_tables(self) -> None:
         self.draws.clear()
         self.reader.clear()
-        self._uniforms.clear()
+        self._uniform_tables.clear()
 
     def commit(self) -> None:
         """End of a training step: ship the recorded norms, folded in at the cache's next use;
@@ -498,7 +655,8 @@ class SamplingState:
             self._cache.load_state_dict(cache)
 
 
-def _forward_rows(mask: Tensor | None, context: BatchContext | None, host_mask_given: bool) -> ForwardRows | None:
+def _forward_rows(stream: str, mask: Tensor | None, context: BatchContext | None,
+                  host_mask_given: bool) -> ForwardRows | None:
     """The row layout of one stream from its (B, T) mask; the host copy comes from the batch
     context when it is this stream's (`host_mask_given`: the batch's attention_mask is not the
     decoder's) and matches (no wait), else from the mask itself (one copy per forward)."""
@@ -511,7 +669,12 @@ def _forward_rows(mask: Tensor | None, context: BatchContext | None, host_mask_g
         host = mask.cpu()
     if ids is not None and ids.numel() != mask.shape[0]:
         ids = None
-    return ForwardRows(mask, host, ids, int(host.sum()))
+    return ForwardRows(stream, mask, host, ids, _live_count(host))
+
+
+def _live_count(host_mask: Tensor) -> int:
+    """Real rows of a (B, T) bool mask on the host (a read of host memory, never a device wait)."""
+    return int(host_mask.sum())
 
 
 class SampledLayerMixin:
@@ -527,7 +690,8 @@ class SampledLayerMixin:
             return F.linear(x, weight, bias)
         slot = self.wtacrs_slot
         rows = state.rows_for(self.wtacrs_stream, x)
-        return linear_with_sample(x, weight, bias, state.sample_for(slot, x, rows), state.grad_hook(slot, rows))
+        on_grad, norm_sink = state.norm_recorder(slot, rows)
+        return linear_with_sample(x, weight, bias, state.sample_for(slot, x, rows), on_grad, norm_sink)
 
 
 class SampledLinear(SampledLayerMixin, nn.Linear):

@@ -103,7 +103,10 @@ def _stream(name: str, encoder_prefix: str | None) -> str:
 
 
 def _begin_forward(model: nn.Module, state: SamplingState, signature: inspect.Signature, module, args, kwargs) -> None:
-    _swap_new_targets(model, state)
+    if state.planned:  # `wtacrs.batch(..., model=)` did the host work (a compiled forward runs none)
+        state.drop_draws()
+        return
+    swap_new_targets(model, state)
     try:
         bound = signature.bind_partial(*args, **kwargs).arguments
     except TypeError:
@@ -113,6 +116,11 @@ def _begin_forward(model: nn.Module, state: SamplingState, signature: inspect.Si
     decoder_mask = bound.get("decoder_attention_mask")
     decoder_mask = decoder_mask if isinstance(decoder_mask, Tensor) and decoder_mask.dim() == 2 else None
     state.begin_forward({"main": mask, "encoder": mask, "decoder": decoder_mask})
+
+
+def _end_forward(state: SamplingState, module, args, output) -> None:
+    if state.planned:
+        state.drop_draws()
 
 
 def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
@@ -140,7 +148,8 @@ def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
     state = SamplingState(config)
     _swap(model, state, targets)
     signature = inspect.signature(model.forward)
-    state.hook = model.register_forward_pre_hook(partial(_begin_forward, model, state, signature), with_kwargs=True)
+    state.hooks = (model.register_forward_pre_hook(partial(_begin_forward, model, state, signature), with_kwargs=True),
+                   model.register_forward_hook(partial(_end_forward, state)))
     setattr(model, _STATE_ATTR, state)
     try:
         if config.attention:  # before the companions, which may swap the attention modules' classes
@@ -168,13 +177,14 @@ def _swap(model: nn.Module, state: SamplingState, targets: list[tuple[str, nn.Mo
     encoder_prefix = _encoder_prefix(model)
     for name, module in targets:
         module.__class__ = _sampled_class_for(module)
-        module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream = (
-            state, state.num_layers, _stream(name, encoder_prefix))
+        stream = _stream(name, encoder_prefix)
+        module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream = state, state.num_layers, stream
         state.layer_names.append(name)
+        state.layer_streams.append(stream)
     state.num_modules = sum(1 for _ in model.modules())
 
 
-def _swap_new_targets(model: nn.Module, state: SamplingState) -> None:
+def swap_new_targets(model: nn.Module, state: SamplingState) -> None:
     """Layers added after `apply` (PEFT injecting LoRA matrices) are sampled too."""
     if sum(1 for _ in model.modules()) != state.num_modules:
         _swap(model, state, find_target_modules(model, state.config))
@@ -192,7 +202,8 @@ def remove(model: nn.Module) -> nn.Module:
         from wtacrs.integrations.attention import disable_sampled_attention
 
         disable_sampled_attention(model)
-    state.hook.remove()
+    for hook in state.hooks:
+        hook.remove()
     delattr(model, _STATE_ATTR)
     return model
 

@@ -24,6 +24,7 @@ SYNC_OPS: frozenset[str] = frozenset({
 # wtacrs code that works on host tensors only (the cache's store, the batch's host mask and ids):
 # its calls cost host time but never make a GPU wait, so they are counted apart.
 HOST_SITES: tuple[str, ...] = ("wtacrs.cache:", "wtacrs.layers:batch", "wtacrs.layers:_forward_rows",
+                               "wtacrs.layers:_live_count",
                                "wtacrs.layers:_check_padding", "wtacrs.layers:_fold",
                                "wtacrs.companions.dropout:_draw_seed")  # a seed from the host generator
 DEVICE_SITES_IN_HOST_MODULES: tuple[str, ...] = ("wtacrs.cache:encode_norms",)
