@@ -114,6 +114,26 @@ def test_gradients_are_unbiased_per_batch_and_head(estimator):
     assert not unbiased_violations(db, exact_db).any(), f"dB max z {max_z(db, exact_db):.1f}"
 
 
+def replicated_keyed_estimates(a, b, dc, samples, **kwargs):
+    """`samples` estimates of (dA, dB), one `key` each (counter-based draws)."""
+    estimates = []
+    for key in range(samples):
+        a.grad = b.grad = None
+        sampled_matmul(a, b, key=key, **kwargs).backward(dc)
+        estimates.append((a.grad.clone(), b.grad.clone()))
+    return torch.stack([e[0] for e in estimates]), torch.stack([e[1] for e in estimates])
+
+
+def test_keyed_draws_are_unbiased_and_a_pure_function_of_the_key():
+    a, b, dc = make()
+    da, db = replicated_keyed_estimates(a, b, dc, 1500, ratio=0.4)
+    exact_da, exact_db = dc @ b.detach().mT, a.detach().mT @ dc
+    assert not unbiased_violations(da, exact_da).any(), f"dA max z {max_z(da, exact_da):.1f}"
+    assert not unbiased_violations(db, exact_db).any(), f"dB max z {max_z(db, exact_db):.1f}"
+    again, _ = replicated_keyed_estimates(a, b, dc, 3, ratio=0.4)
+    assert torch.equal(again, da[:3]) and not torch.equal(da[0], da[1])
+
+
 def test_wta_crs_keeps_winners_on_this_data():
     """The unbiasedness test above exercises the winner branch, not only plain CRS."""
     a, b, _ = make()
@@ -437,6 +457,34 @@ def test_hf_gradient_checkpointing_samples_the_same_entries():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     _, out = step(model, batch)
     assert all(torch.equal(ref[k], out[k]) for k in ref)
+
+
+def test_apply_keys_attention_draws_by_its_seed_and_step():
+    """Under `wtacrs.apply` the attention draws follow the config's seed and the step counter,
+    not the global RNG (with dropout off, the only other user of it): the same seed gives the
+    same gradients whatever the global RNG did, and HF checkpointing's recompute redraws the
+    same slices."""
+    import wtacrs
+
+    case = CASES_BY_NAME["bert"]
+    batch = case.batch()
+
+    def grads_of(seed, checkpointing=False, rng=0):
+        model = case.model()
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, attention=True, seed=seed))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return step(model, batch, seed=rng)[1]
+
+    ref = grads_of(0)
+    for other in (grads_of(0, rng=7), grads_of(0, checkpointing=True)):
+        assert all(torch.equal(ref[k], other[k]) for k in ref)
+    changed = grads_of(1)
+    assert any(not torch.equal(ref[k], changed[k]) for k in ref)
 
 
 def attention_layer_saved_bytes(config, batch, seq, ratio):

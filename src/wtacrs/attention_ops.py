@@ -26,11 +26,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from wtacrs import counter_rng
 from wtacrs.estimators import (
     Estimator,
     column_row_scores,
     sample_budget,
     sample_rows,
+    sample_slots,
+    uniforms_needed,
     validate_estimator,
     validate_ratio,
 )
@@ -45,8 +48,11 @@ def _sample_slices(
     estimator: Estimator,
     generator: torch.Generator | None,
     budget: Budget = "live",
+    key: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Sample slices of x (..., R, C) along `dim` (-2: rows, -1: columns), per leading index.
+    """Sample slices of x (..., R, C) along `dim` (-2: rows, -1: columns), per leading index,
+    with uniforms from `key` (`wtacrs.counter_rng`, one stream per leading index) if given, else
+    from `generator`.
 
     `live` (..., count) bool marks the slices that may be drawn (None: all). The budget k is
     ceil(ratio · the largest live count) ("live") or ceil(ratio · count) capped at the largest
@@ -65,22 +71,29 @@ def _sample_slices(
         norms = norms * live  # a zero score is never drawn
     lead = norms.shape[:-1]
     scores = column_row_scores(norms.reshape(-1)).view(-1, count)  # (L, count)
-    indices, weights = sample_rows(scores, k, estimator, generator)
+    if key is None:
+        indices, weights = sample_rows(scores, k, estimator, generator)
+    else:
+        lanes = torch.arange(scores.shape[0], device=scores.device)
+        u = counter_rng.uniforms(counter_rng.hash32(lanes ^ key), uniforms_needed(estimator, k, count))
+        indices, weights = sample_slots(scores, k, estimator, u)
     indices, weights = indices.view(*lead, k), weights.to(torch.float32).view(*lead, k)
     index = indices.unsqueeze(-1).expand(*lead, k, x.shape[-1]) if dim == -2 else _column_index(indices, x.shape[-2])
     return x.detach().gather(dim, index), indices, weights
 
 
 def _saved_for_backward(
-    x: Tensor, dim: int, needed: bool, keep_whole: bool, live: Tensor | None, **sampling
+    x: Tensor, dim: int, needed: bool, keep_whole: bool, live: Tensor | None, operand: int, key: int | None,
+    **sampling
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """What backward keeps of x: nothing when the other operand's gradient is not wanted, else x
-    whole or its sampled slices along `dim` (see `_sample_slices`)."""
+    whole or its sampled slices along `dim` (see `_sample_slices`; `operand` separates the two
+    operands' streams of one `key`)."""
     if not needed:
         return x.new_empty(0), None, None
     if keep_whole:
         return x, None, None
-    return _sample_slices(x, dim, live, **sampling)
+    return _sample_slices(x, dim, live, key=None if key is None else counter_rng.hash32(key ^ operand), **sampling)
 
 
 def _column_index(indices: Tensor, rows: int) -> Tensor:
@@ -137,6 +150,7 @@ def sampled_matmul(
     keep_a: bool = False,
     live_columns: Tensor | None = None,
     budget: Budget = "live",
+    key: int | None = None,
 ) -> Tensor:
     """torch.matmul(a, b) whose gradients are unbiased column-row estimates (WTA-CRS by default).
 
@@ -156,6 +170,9 @@ def sampled_matmul(
             drawn for dA, and (budget "live") k = ceil(ratio · the largest live count). Unbiased
             only if dC is zero in the other columns (keys masked out of every query have zero
             attention probability, hence zero score gradient). "uniform" draws among all columns.
+        key: a 32-bit stream key (`wtacrs.counter_rng.stream_key`): the draws are a pure
+            function of it (a recompute or a resumed run with the same key draws the same
+            slices, on any device); None draws from `generator`.
         budget: what the columns' ratio counts: "live" the largest live count; "all" every
             column (the paper's counting, padded keys included), capped at the largest live
             count. A budget covering a row's live columns keeps them all (WTA-CRS: exactly).
@@ -177,7 +194,7 @@ def sampled_matmul(
         raise ValueError(f"live_columns must have shape {(*b.shape[:-2], b.shape[-1])}, "
                          f"got {tuple(live_columns.shape)}")
     sampling = dict(ratio=ratio, estimator=estimator, generator=generator, budget=budget)
-    a_part = _saved_for_backward(a, -2, b.requires_grad, keep_a, None, **sampling)  # feeds dB
-    b_part = _saved_for_backward(b, -1, a.requires_grad, False, live_columns, **sampling)  # feeds dA
+    a_part = _saved_for_backward(a, -2, b.requires_grad, keep_a, None, 1, key, **sampling)  # feeds dB
+    b_part = _saved_for_backward(b, -1, a.requires_grad, False, live_columns, 2, key, **sampling)  # feeds dA
     with torch.autocast(a.device.type, enabled=False):
         return _SampledMatmul.apply(a, b, *a_part, *b_part)

@@ -156,8 +156,8 @@ def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
             # transformers' attention registry is the only generic way into HF attention code.
             from wtacrs.integrations.attention import enable_sampled_attention
 
-            # seed=None: draws from the global RNG, which gradient checkpointing restores on recompute.
-            enable_sampled_attention(model, config.ratio, config.estimator, seed=None, budget=config.budget)
+            # Keyed by the state's seed, rank and step like the linears: a recompute redraws the same slices.
+            enable_sampled_attention(model, config.ratio, config.estimator, budget=config.budget, state=state)
         state.companions = apply_companions(
             model,
             dropout=config.lean_dropout,

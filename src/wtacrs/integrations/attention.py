@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +28,15 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from wtacrs.attention_ops import sampled_matmul
+from wtacrs.counter_rng import stream_key
 from wtacrs.estimators import Estimator, validate_estimator, validate_ratio
 from wtacrs.functional import Budget, validate_budget
 
+if TYPE_CHECKING:
+    from wtacrs.layers import SamplingState
+
 ATTN_IMPLEMENTATION = "wtacrs"
+_ATTENTION_STREAM = 1 << 20  # keys the attention draws apart from the linear layers' slots
 _SETTINGS_ATTR = "wtacrs_attention"  # on each attention module: its AttentionSampling
 _PREVIOUS_ATTR = "wtacrs_previous_attn_implementation"  # on the model: what disable restores
 # Keyword arguments some eager attentions honour (Gemma-2 soft-capping, GPT-OSS sinks) that the
@@ -44,13 +50,19 @@ class AttentionNotSupportedError(ValueError):
 
 @dataclass
 class AttentionSampling:
-    """Per attention module: how its two matmuls sample. `seed` None draws from the global RNG
-    (restored by checkpoint recomputation); otherwise a generator per device, seeded once."""
+    """Per attention module: how its two matmuls sample.
+
+    Under `wtacrs.apply` (`state` set) the draws are counter-based, keyed by the model's sampling
+    seed, rank and step and this module's ordinal, like the linear layers': a checkpoint
+    recompute and a resumed run draw the same slices. Otherwise `seed` None draws from the
+    global RNG (restored by checkpoint recomputation), and a seed from a generator per device."""
 
     ratio: float
     estimator: Estimator
     seed: int | None
     budget: Budget = "live"
+    state: SamplingState | None = field(default=None, repr=False)
+    ordinal: int = 0
     generators: dict[torch.device, torch.Generator] = field(default_factory=dict, repr=False)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
@@ -59,6 +71,13 @@ class AttentionSampling:
         if device not in self.generators:
             self.generators[device] = torch.Generator(device).manual_seed(self.seed)
         return self.generators[device]
+
+    def key(self, product: int) -> int | None:
+        """The stream key of this step's draws for `product` (0: QKᵀ, 1: PV), or None."""
+        if self.state is None:
+            return None
+        state = self.state
+        return stream_key(state.config.seed, state.rank, state.step, _ATTENTION_STREAM, self.ordinal, product)
 
 
 def sampled_attention_forward(
@@ -100,10 +119,11 @@ def sampled_attention_forward(
         generator=settings.generator(query.device),
         budget=settings.budget,
     )
+    keys = [settings.key(product) for product in (0, 1)]
     key, value = _repeat_kv_heads(query, key, value)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     live = _attended_keys(attention_mask, key.shape[:-1]) if module.training else None
-    scores = sampled_matmul(query, key.transpose(-1, -2), live_columns=live, **sample) * scale  # "score"
+    scores = sampled_matmul(query, key.transpose(-1, -2), live_columns=live, key=keys[0], **sample) * scale  # "score"
     if position_bias is not None:
         scores = scores + position_bias
     if attention_mask is not None:
@@ -114,7 +134,7 @@ def sampled_attention_forward(
         probs = probs * head_mask
     # Softmax saves its output for its own backward: when probs is that very tensor (no dropout,
     # no cast, no head mask), sampled rows of it would add memory, so PV keeps it whole (dV exact).
-    output = sampled_matmul(probs, value, keep_a=probs is softmaxed, **sample)  # "attout"
+    output = sampled_matmul(probs, value, keep_a=probs is softmaxed, key=keys[1], **sample)  # "attout"
     return output.transpose(1, 2).contiguous(), probs
 
 
@@ -180,6 +200,7 @@ def enable_sampled_attention(
     estimator: Estimator = "wta-crs",
     seed: int | None = None,
     budget: Budget = "live",
+    state: SamplingState | None = None,
 ) -> list[str]:
     """Sample the backward of every attention's QKᵀ and PV products of a transformers model.
 
@@ -192,6 +213,8 @@ def enable_sampled_attention(
             global RNG, which `torch.utils.checkpoint` restores for recomputation.
         budget: what the ratio of keys counts, "live" (unmasked keys) or "all" (every key,
             padding included: the paper's counting); see `sampled_matmul`.
+        state: the model's `SamplingState` (`wtacrs.apply` passes it): draws keyed by its seed,
+            rank and step, as the linear layers' are (`seed` is then unused).
     Returns:
         The qualified names of the attention modules that now sample.
     Raises:
@@ -220,7 +243,8 @@ def enable_sampled_attention(
             f"{type(model).__name__} kept its attention implementation in {refused}")
     for ordinal, name in enumerate(names):
         module_seed = None if seed is None else seed + ordinal
-        setattr(modules[name], _SETTINGS_ATTR, AttentionSampling(ratio, estimator, module_seed, budget))
+        setattr(modules[name], _SETTINGS_ATTR,
+                AttentionSampling(ratio, estimator, module_seed, budget, state=state, ordinal=ordinal))
     return names
 
 
