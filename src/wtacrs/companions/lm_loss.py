@@ -44,39 +44,80 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         targets = targets.reshape(-1)
         rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (T,) positions with a label
         grad_hidden = torch.zeros_like(flat) if ctx.needs_input_grad[0] else None
-        grad_params = [torch.zeros_like(p) if needed else None
-                       for p, needed in zip(params, ctx.needs_input_grad[5:])]
-        wanted = [p for p, g in zip(params, grad_params) if g is not None]
-        total = flat.new_zeros((), dtype=torch.float32)
+        # accumulated in place over the chunks, already divided by the normalizer
+        grad_params = [torch.zeros_like(p) if needed else None for p, needed in zip(params, ctx.needs_input_grad[5:])]
+        linear = type(head) is nn.Linear  # gradients by hand, accumulated with addmm_: no per-chunk (V, H) copy
+        total = flat.new_zeros((), dtype=_loss_dtype(flat.dtype))
         for chunk in rows.split(chunk_rows):
-            with torch.enable_grad():
-                h = flat.index_select(0, chunk).requires_grad_(grad_hidden is not None)
-                logits = head(h).float()  # as ForCausalLMLoss upcasts
-                loss = F.cross_entropy(logits, targets.index_select(0, chunk), reduction="sum")
-                inputs = ([h] if grad_hidden is not None else []) + wanted
-                grads = list(torch.autograd.grad(loss, inputs, allow_unused=True)) if inputs else []
+            h, t = flat.index_select(0, chunk), targets.index_select(0, chunk)  # (C, H), (C,)
+            if linear:
+                loss, grad_h = _linear_chunk(h, t, head, grad_params, 1.0 / normalizer, grad_hidden is not None)
+            else:
+                loss, grad_h = _module_chunk(h, t, head, params, grad_params, 1.0 / normalizer,
+                                             grad_hidden is not None)
             if grad_hidden is not None:
-                grad_hidden.index_copy_(0, chunk, grads.pop(0))
-            for g_total, g in zip((g for g in grad_params if g is not None), grads):
-                if g is not None:
-                    g_total.add_(g)
-            total += loss.detach()
-            del logits, loss  # free this chunk's logits before the next one's
-        ctx.save_for_backward(*([grad_hidden] if grad_hidden is not None else []),
-                              *(g for g in grad_params if g is not None))
-        ctx.has_hidden_grad, ctx.param_needed = grad_hidden is not None, [g is not None for g in grad_params]
-        ctx.normalizer, ctx.hidden_shape = normalizer, hidden.shape
+                grad_hidden.index_copy_(0, chunk, grad_h.to(grad_hidden.dtype))
+            total += loss
+        kept = [grad_hidden, *grad_params]
+        ctx.save_for_backward(*(g for g in kept if g is not None))
+        ctx.present, ctx.hidden_shape = [g is not None for g in kept], hidden.shape
         return total / normalizer
 
     @staticmethod
     def backward(ctx, grad_loss):  # noqa: D102
-        saved = list(ctx.saved_tensors)
-        scale = grad_loss / ctx.normalizer
-        grad_hidden = None
-        if ctx.has_hidden_grad:
-            grad_hidden = (saved.pop(0) * scale).view(ctx.hidden_shape)
-        grad_params = [saved.pop(0) * scale if needed else None for needed in ctx.param_needed]
-        return grad_hidden, None, None, None, None, *grad_params
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) if present else None for present in ctx.present]
+        # the stored gradients are those of the loss itself; scale only when backward starts
+        # elsewhere than loss.backward() (a host read of one number, as Liger-Kernel does)
+        if bool(grad_loss != 1):
+            grads = [None if g is None else g * grad_loss for g in grads]
+        grad_hidden = None if grads[0] is None else grads[0].view(ctx.hidden_shape)
+        return grad_hidden, None, None, None, None, *grads[1:]
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision logits (as ForCausalLMLoss upcasts), float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _linear_chunk(h: Tensor, targets: Tensor, head: nn.Linear, grad_params: list[Tensor | None], scale: float,
+                  want_hidden: bool) -> tuple[Tensor, Tensor | None]:
+    """Summed loss of one chunk of rows h (C, H) under an nn.Linear head, its gradient w.r.t. h
+    (C, H) times `scale`, and `scale` times the head's weight (V, H) / bias (V,) gradients added
+    into `grad_params` (weight first, as `head.parameters()` lists them)."""
+    logits = F.linear(h, head.weight, head.bias)
+    logits = logits.to(_loss_dtype(logits.dtype))  # (C, V), upcast as ForCausalLMLoss does
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (C, 1)
+    loss = (lse.squeeze(1) - logits.gather(1, targets.unsqueeze(1)).squeeze(1)).sum()
+    dlogits = logits.sub_(lse).exp_()  # softmax, in place of the logits
+    dlogits[torch.arange(len(targets), device=targets.device), targets] -= 1
+    dlogits = dlogits.mul_(scale).to(head.weight.dtype)
+    grads = iter(g for g in grad_params)
+    for p in head.parameters():
+        if p.requires_grad:
+            total = next(grads)
+            if total is not None and p is head.weight:
+                total.addmm_(dlogits.mT, h.to(total.dtype))
+            elif total is not None:
+                total.add_(dlogits.sum(0))
+    return loss, dlogits.mm(head.weight) if want_hidden else None
+
+
+def _module_chunk(h: Tensor, targets: Tensor, head: nn.Module, params: tuple[Tensor, ...],
+                  grad_params: list[Tensor | None], scale: float, want_hidden: bool) -> tuple[Tensor, Tensor | None]:
+    """`_linear_chunk` for any head module (a LoRA-wrapped lm_head), through autograd."""
+    wanted = [p for p, g in zip(params, grad_params) if g is not None]
+    with torch.enable_grad():
+        h = h.requires_grad_(want_hidden)
+        logits = head(h)
+        loss = F.cross_entropy(logits.to(_loss_dtype(logits.dtype)), targets, reduction="sum")
+        inputs = ([h] if want_hidden else []) + wanted
+        grads = list(torch.autograd.grad(loss, inputs, allow_unused=True)) if inputs else []
+    grad_h = grads.pop(0) * scale if want_hidden else None
+    for total, g in zip((g for g in grad_params if g is not None), grads):
+        if g is not None:
+            total.add_(g, alpha=scale)
+    return loss.detach(), grad_h
 
 
 def chunked_lm_loss(
@@ -85,7 +126,7 @@ def chunked_lm_loss(
     head: nn.Module,
     *,
     num_items_in_batch: Tensor | int | None = None,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> Tensor:
     """Causal-LM cross-entropy of `head(hidden)` against `labels` shifted by one, computed in
     chunks of tokens (see the module docstring); equal to transformers' `ForCausalLMLoss` on the
@@ -98,9 +139,10 @@ def chunked_lm_loss(
         head: maps (T, H) → (T, V) row by row (the model's `lm_head`).
         num_items_in_batch: the loss's divisor, as transformers' Trainer passes under gradient
             accumulation; None: the number of labelled positions of this batch (the mean).
-        chunk_bytes: float32 logits per chunk; chunks hold max(1, chunk_bytes // (4 V)) tokens.
+        chunk_bytes: float32 logits per chunk (None: CHUNK_BYTES); chunks hold
+            max(1, chunk_bytes // (4 V)) tokens.
     Returns:
-        The scalar loss (float32).
+        The scalar loss (float32; float64 for float64 hidden states and head).
     """
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # (B, L): next token, -100 at the end
     if num_items_in_batch is None:
@@ -108,7 +150,7 @@ def chunked_lm_loss(
     else:
         normalizer = float(num_items_in_batch)
     vocab = _output_features(head, hidden)
-    chunk_rows = max(1, chunk_bytes // (4 * vocab))
+    chunk_rows = max(1, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (4 * vocab))
     params = [p for p in head.parameters() if p.requires_grad]
     return _ChunkedLinearCrossEntropy.apply(hidden, targets, head, chunk_rows, normalizer, *params)
 
@@ -124,8 +166,9 @@ def _output_features(head: nn.Module, hidden: Tensor) -> int:
 
 def has_chunkable_lm_loss(module: nn.Module) -> bool:
     """Whether `module` is a transformers causal LM whose training loss `ChunkedLMLoss` can compute:
-    an `lm_head` module, the `ForCausalLMLoss` loss, and no logit soft-capping after the head."""
-    if not type(module).__name__.endswith("ForCausalLM") or not isinstance(getattr(module, "lm_head", None), nn.Module):
+    an `lm_head` child module, the `ForCausalLMLoss` loss, and no logit soft-capping after the head."""
+    # a direct child: PEFT's PeftModelForCausalLM forwards `lm_head` to the model it wraps
+    if not type(module).__name__.endswith("ForCausalLM") or not isinstance(module._modules.get("lm_head"), nn.Module):
         return False
     try:
         from transformers.loss.loss_utils import ForCausalLMLoss
