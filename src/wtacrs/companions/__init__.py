@@ -63,6 +63,7 @@ from wtacrs.companions.layernorm import (
     rms_norm_from_output,
 )
 from wtacrs.companions.lm_loss import ChunkedLMLoss, chunked_lm_loss, has_chunkable_lm_loss
+from wtacrs.companions.matching import ORIGINAL_CLASS
 from wtacrs.companions.recompute import (
     Recomputed,
     RecomputedGate,
@@ -91,7 +92,7 @@ __all__ = [
 ]
 
 ModuleFilter = Callable[[nn.Module, str], bool]
-_ORIGINAL = "_wtacrs_companion_of"  # class attribute of every swapped-in class: the class it replaced
+_ORIGINAL = ORIGINAL_CLASS  # class attribute of every swapped-in class: the class it replaced
 # instance attributes the companions add
 _MODULE_STATE = ("activation_compression", "_kept_columns_cache", "regenerate_dropout", "recompute_sdpa", "row_recipe",
                  USAGE_ATTR)

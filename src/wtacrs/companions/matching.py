@@ -14,6 +14,9 @@ from functools import cache
 
 from torch import nn
 
+# class attribute of every class a companion swaps in: the class it replaced
+ORIGINAL_CLASS = "_wtacrs_companion_of"
+
 
 @cache
 def _forward_source(cls: type) -> str | None:
@@ -28,7 +31,7 @@ def computes_like(module: nn.Module, reference: type | None) -> bool:
     same source text as `reference.forward`; False when either has none."""
     if reference is None:
         return False
-    cls = getattr(type(module), "_wtacrs_companion_of", type(module))
+    cls = type(module).__dict__.get(ORIGINAL_CLASS, type(module))
     source = _forward_source(cls)
     return source is not None and source == _forward_source(reference)
 
