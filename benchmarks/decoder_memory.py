@@ -17,6 +17,8 @@ Methods (LoRA: r 16, alpha 32, dropout 0, every linear layer of the blocks; PEFT
 "companions" = lean RMSNorm, lean SDPA attention and the chunked LM loss (all exact);
 "recompute" = the gated MLP's recompute; "recompute-attention" = the attention sub-block's.
 A method without "wtacrs@R" samples nothing (estimator "exact"): its gradients are the plain ones.
+"+fused-adamw": each parameter's AdamW step runs in backward as soon as its gradient is complete
+(`wtacrs.bench.training.BackwardFusedAdamW`), so the full set of gradients never exists at once.
 
     python benchmarks/decoder_memory.py --model smollm2-135m --dtype bf16 --batch 2 --seq 512
 """
@@ -34,7 +36,14 @@ import torch
 import wtacrs
 from wtacrs.bench.methods import Method
 from wtacrs.bench.models import build_model, make_batch
-from wtacrs.bench.training import LEARNING_RATE, Trial, measure_step_memory, memory_breakdown, release
+from wtacrs.bench.training import (
+    LEARNING_RATE,
+    BackwardFusedAdamW,
+    Trial,
+    measure_step_memory,
+    memory_breakdown,
+    release,
+)
 
 LORA_RANK, LORA_ALPHA = 16, 32
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -52,7 +61,8 @@ def parse(spec: str) -> dict:
     """{"lora", "velora", "checkpointing", "ratio" (None: no sampling), "companions", "recompute",
     "recompute_attention"} of a method spec."""
     parts = spec.split("+")
-    known = {"lora", "velora", "full", "checkpointing", "companions", "recompute", "recompute-attention"}
+    known = {"lora", "velora", "full", "checkpointing", "companions", "recompute", "recompute-attention",
+             "fused-adamw"}
     ratio = None
     for part in parts:
         if part.startswith("wtacrs@"):
@@ -61,7 +71,8 @@ def parse(spec: str) -> dict:
             raise ValueError(f"unknown component {part!r} in {spec!r}")
     return {"lora": "lora" in parts or "velora" in parts, "velora": "velora" in parts,
             "checkpointing": "checkpointing" in parts, "ratio": ratio, "companions": "companions" in parts,
-            "recompute": "recompute" in parts, "recompute_attention": "recompute-attention" in parts}
+            "recompute": "recompute" in parts, "recompute_attention": "recompute-attention" in parts,
+            "fused_adamw": "fused-adamw" in parts}
 
 
 def make(spec: str, size: str, batch: int, seq: int, dtype: torch.dtype, seed: int = 0) -> Trial:
@@ -86,7 +97,8 @@ def make(spec: str, size: str, batch: int, seq: int, dtype: torch.dtype, seed: i
             chunked_lm_loss=m["companions"], recompute_activation=m["recompute"],
             recompute_attention=m["recompute_attention"]))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
+    optimizer_class = BackwardFusedAdamW if m["fused_adamw"] else torch.optim.AdamW
+    optimizer = optimizer_class(trainable, lr=LEARNING_RATE)
     for p in trainable:  # allocate AdamW's moments now, so every measured step is a steady one
         p.grad = torch.zeros_like(p)
     optimizer.step()
