@@ -256,15 +256,28 @@ def test_decoder_companions_under_peft_lora():
 # ---------------------------------------------------------------- chunked LM loss
 
 
+class _TwoLayerHead(nn.Sequential):
+    """A head that is not an nn.Linear: `chunked_lm_loss` takes its gradients through autograd."""
+
+    def __init__(self):
+        super().__init__(nn.Linear(H, H), nn.Linear(H, V, bias=False))
+
+    @property
+    def weight(self):
+        return self[1].weight
+
+
+@pytest.mark.parametrize("head_class", [lambda: nn.Linear(H, V, bias=False), _TwoLayerHead])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_chunked_lm_loss_equals_the_causal_lm_loss(dtype):
+def test_chunked_lm_loss_equals_the_causal_lm_loss(dtype, head_class):
     """Against cross-entropy on the full logits: float64 to rounding, float32 (where
     transformers' ForCausalLMLoss is the reference) to float32 rounding; with the mean over
-    labelled tokens and with the Trainer's num_items_in_batch; gradients scaled by the caller's."""
+    labelled tokens and with the Trainer's num_items_in_batch; gradients scaled by the caller's;
+    for an nn.Linear head (gradients by hand) and any other module (through autograd)."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     torch.manual_seed(0)
-    head = nn.Linear(H, V, bias=False).to(dtype)
+    head = head_class().to(dtype)
     hidden = torch.randn(B, T, H, dtype=dtype, requires_grad=True)
     labels = lm_batch()["labels"]
     labels[0, :5] = -100
