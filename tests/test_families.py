@@ -114,12 +114,16 @@ def test_summary_says_which_companions_took_effect_and_which_found_nothing():
     model = wtacrs.apply(llama.model(), lean)
     before = wtacrs.summary(model)
     assert "lean_attention         not run yet (0 of 2 modules acted)" in before
-    assert "lean_layernorm         nothing to change (no such module)" in before  # RMSNorm
+    assert "lean_layernorm         not run yet (0 of 5 modules acted)" in before  # LlamaRMSNorm
     model(**llama.batch()).loss.backward()
     after = wtacrs.summary(model)
     assert "lean_attention         took effect (2 of 2 modules acted)" in after
+    assert "lean_layernorm         took effect (5 of 5 modules acted)" in after
     assert "lean_dropout           nothing to change (0 of 2 modules acted)" in after  # attention dropout p = 0
     assert "sampled attention: off" in after
+
+    t5 = CASES_BY_NAME["t5"]  # T5LayerNorm is neither an nn.LayerNorm nor LLaMA's RMSNorm
+    assert "lean_layernorm         nothing to change (no such module)" in wtacrs.summary(wtacrs.apply(t5.model(), lean))
 
     deberta = CASES_BY_NAME["deberta-v2"]
     model = wtacrs.apply(deberta.model(), lean)

@@ -63,14 +63,19 @@ class WTACRSConfig:
             only, as the paper's cache.
         seed: base seed of the per-(step, layer) sampling generators.
         lean_dropout: dropout regenerates its mask in backward instead of storing it (exact).
-        lean_layernorm: LayerNorm backward from its saved output, not its input (exact).
+        lean_layernorm: LayerNorm, and LLaMA-style RMSNorm, backward from its saved output, not
+            its input (exact up to rounding).
         lean_attention: SDPA attention recomputes its probabilities in backward instead of
             saving them (exact; one more attention forward per layer).
         recompute_activation: the activation input of `act(dense(x))` modules (BERT's
-            intermediate) is recomputed in backward (exact; one more matmul per block).
+            intermediate) is recomputed in backward (exact; one more matmul per block); in
+            LLaMA-style gated MLPs the gated part act(gate(x)) ⊙ up(x) (two more).
         recompute_attention: the attention sub-blocks (projections, attention, output
             projection) keep only their input and run again in backward (exact; a third of a
             BERT block's forward matmuls once more).
+        chunked_lm_loss: a causal LM's next-token loss is computed in chunks of tokens, never
+            holding the (tokens × vocabulary) logits; the training forward returns no logits
+            (exact; no extra matmul; `wtacrs.companions.lm_loss`).
         activation_compression: None (exact) or a compact storage of the activation-function
             input (an approximation; see `wtacrs.companions.ACTIVATION_MODES`).
     """
@@ -94,6 +99,8 @@ class WTACRSConfig:
     recompute_activation: bool = field(default=False, metadata={"help": "recompute the activation input in backward"})
     recompute_attention: bool = field(
         default=False, metadata={"help": "recompute the attention sub-blocks in backward"})
+    chunked_lm_loss: bool = field(
+        default=False, metadata={"help": "causal-LM loss in chunks, without the full logits"})
     activation_compression: str | None = field(
         default=None, metadata={"help": "compact activation input (approximate)"})
 
@@ -106,7 +113,7 @@ class WTACRSConfig:
         self._check_choice("budget", BUDGETS)
         self._check_choice("grad_norm", ("cache", "none"))
         flags = ("attention", "lean_dropout", "lean_layernorm", "lean_attention", "recompute_activation",
-                 "recompute_attention", "position_prior", "skip_padding")
+                 "recompute_attention", "chunked_lm_loss", "position_prior", "skip_padding")
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise WTACRSConfigError(f"WTACRSConfig.{name} must be True or False, got {getattr(self, name)!r}")

@@ -166,6 +166,7 @@ def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
             attention=config.lean_attention,
             recompute_activation=config.recompute_activation,
             recompute_attention=config.recompute_attention,
+            lm_loss=config.chunked_lm_loss,
         )
     except Exception:
         remove(model)  # never leave a half-applied model behind
@@ -240,8 +241,8 @@ class CompanionEffect:
 
 def companion_effects(model: nn.Module) -> dict[str, CompanionEffect]:
     """{companion option of the model's WTACRSConfig that is on: its CompanionEffect}, in
-    `COMPANION_OPTIONS` order. A companion that found nothing to change (LLaMA's RMSNorm is no
-    nn.LayerNorm, DeBERTa's attention calls no SDPA) says so instead of claiming a saving."""
+    `COMPANION_OPTIONS` order. A companion that found nothing to change (T5's layer norm is neither an
+    nn.LayerNorm nor LLaMA-style, DeBERTa's attention calls no SDPA) says so instead of claiming a saving."""
     state = sampling_state(model)
     found = companion_usage(model)
     return {

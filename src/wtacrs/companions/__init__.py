@@ -4,15 +4,19 @@
   Exact. See `wtacrs.companions.dropout` for which dropout calls are covered.
 - LayerNorm (`layernorm=True`): backward from the saved output, not the input. Exact up to
   rounding; a real saving only where the next op saves the output anyway (see
-  `wtacrs.companions.layernorm`).
+  `wtacrs.companions.layernorm`). LLaMA-style RMSNorm (`LeanRMSNorm`) likewise.
 - Attention (`attention=True`): SDPA saves no (batch, heads, L, L) probabilities or dropout
   mask; backward recomputes them (exact, bitwise). See `wtacrs.companions.attention`.
 - Activation recompute (`recompute_activation=True`): the input of the activation in
-  `act(dense(x))` modules is recomputed in backward. Exact; one more matmul per block. See
-  `wtacrs.companions.recompute`.
+  `act(dense(x))` modules is recomputed in backward. Exact; one more matmul per block. In
+  LLaMA-style gated MLPs, the gated part act(gate(x)) ⊙ up(x) (`RecomputedGate`): two more.
+  See `wtacrs.companions.recompute`.
 - Attention recompute (`recompute_attention=True`): the attention sub-block (projections,
   attention, output projection) keeps only its input and runs again in backward. Exact; 4 of
   BERT's 12 per-token matmuls once more. See `wtacrs.companions.recompute`.
+- Chunked LM loss (`lm_loss=True`): a causal LM's next-token loss computed in chunks of
+  tokens, never holding the (tokens × vocabulary) logits. Exact; no extra matmul. See
+  `wtacrs.companions.lm_loss`.
 - Activation (`activation="bf16"` or `"int8"`): the input of GELU-like activations is kept
   compressed. An approximation (stated bounds in `wtacrs.companions.activation`); off by default.
 
@@ -22,8 +26,8 @@ recomputes by peaks: saved-tensor hooks do not see what a checkpoint keeps in it
 LayerNorm companion saves nothing next to sampled linears (see `.layernorm`); with sdpa on CPU
 the attention-probability dropout happens inside the kernel and is not covered.
 
-A companion can find nothing to change on a model (no `nn.LayerNorm` under RMSNorm, no SDPA call
-in DeBERTa's attention, no `act(dense(x))` module in a gated MLP): each swapped module records
+A companion can find nothing to change on a model (no LayerNorm or LLaMA-style RMSNorm in T5,
+no SDPA call in DeBERTa's attention, no `act(dense(x))` or gated MLP in GPT-2): each swapped module records
 whether its companion acted in a training forward (`wtacrs.companions.usage`), and
 `wtacrs.summary` / `wtacrs.modeling.companion_effects` report which took effect.
 
@@ -50,9 +54,20 @@ from wtacrs.companions.activation import (
 )
 from wtacrs.companions.attention import AttentionCompanion, RecomputedAttentionMode
 from wtacrs.companions.dropout import RegeneratedDropout, regenerated_dropout
-from wtacrs.companions.layernorm import LeanLayerNorm, ill_conditioned_columns, layer_norm_from_output
+from wtacrs.companions.layernorm import (
+    LeanLayerNorm,
+    LeanRMSNorm,
+    ill_conditioned_columns,
+    is_llama_rms_norm,
+    layer_norm_from_output,
+    rms_norm_from_output,
+)
+from wtacrs.companions.lm_loss import ChunkedLMLoss, chunked_lm_loss, has_chunkable_lm_loss
+from wtacrs.companions.matching import ORIGINAL_CLASS
 from wtacrs.companions.recompute import (
     Recomputed,
+    RecomputedGate,
+    is_gated_mlp,
     is_linear_then_activation,
     maps_rows_alone,
     outermost_attention_names,
@@ -66,16 +81,18 @@ __all__ = [
     "RecomputedAttentionMode",
     "RegeneratedDropout",
     "apply_companions",
+    "chunked_lm_loss",
     "companion_usage",
     "compressed_activation",
     "ill_conditioned_columns",
     "layer_norm_from_output",
     "regenerated_dropout",
     "remove_companions",
+    "rms_norm_from_output",
 ]
 
 ModuleFilter = Callable[[nn.Module, str], bool]
-_ORIGINAL = "_wtacrs_companion_of"  # class attribute of every swapped-in class: the class it replaced
+_ORIGINAL = ORIGINAL_CLASS  # class attribute of every swapped-in class: the class it replaced
 # instance attributes the companions add
 _MODULE_STATE = ("activation_compression", "_kept_columns_cache", "regenerate_dropout", "recompute_sdpa", "row_recipe",
                  USAGE_ATTR)
@@ -105,17 +122,24 @@ def _is_innermost_attention(module: nn.Module) -> bool:
 
 
 def _companion_class(
-    module: nn.Module, *, dropout: bool, layernorm: bool, activation: str | None, attention: bool, recompute: bool
+    module: nn.Module, *, dropout: bool, layernorm: bool, activation: str | None, attention: bool, recompute: bool,
+    recompute_gate: bool, lm_loss: bool
 ) -> type | None:
     """The class to swap `module` to, or None to leave it alone. `recompute`: run `module` under
-    checkpoint (`Recomputed`)."""
+    checkpoint (`Recomputed`); `recompute_gate`: its gated part (`RecomputedGate`)."""
     cls = type(module)
     if dropout and cls is nn.Dropout:
         return RegeneratedDropout
     if layernorm and cls is nn.LayerNorm:
         return LeanLayerNorm
+    if layernorm and is_llama_rms_norm(module):
+        return _with_mixins((LeanRMSNorm,), cls)
     if activation and cls in elementwise_activation_types() and not getattr(module, "inplace", False):
         return _with_mixins((CompressesActivationInput,), cls)
+    if recompute_gate:
+        return _with_mixins((RecomputedGate,), cls)
+    if lm_loss and has_chunkable_lm_loss(module):
+        return _with_mixins((ChunkedLMLoss,), cls)
     mixins = (Recomputed,) if recompute else ()
     if (dropout or attention) and _is_innermost_attention(module):
         mixins += (AttentionCompanion,)
@@ -131,6 +155,7 @@ def apply_companions(
     attention: bool = False,
     recompute_activation: bool = False,
     recompute_attention: bool = False,
+    lm_loss: bool = False,
     module_filter: ModuleFilter | None = None,
 ) -> list[str]:
     """Swap the classes of `model`'s dropout, LayerNorm, activation and attention modules in place.
@@ -145,9 +170,11 @@ def apply_companions(
         attention: SDPA calls inside the innermost "…Attention" modules recompute their
             probabilities in backward instead of saving them (`RecomputedAttentionMode`).
         recompute_activation: `act(dense(x))` modules recompute the activation's input in
-            backward (`Recomputed`).
+            backward (`Recomputed`); LLaMA-style gated MLPs their gated part (`RecomputedGate`).
         recompute_attention: the outermost "…Attention" modules keep only their inputs and run
             again in backward (`Recomputed`).
+        lm_loss: causal LMs compute their next-token loss in chunks without full logits
+            (`ChunkedLMLoss`).
         module_filter: optional (module, qualified name) → bool; modules it rejects are skipped.
     Returns:
         Qualified names of the modules swapped. Already swapped modules are skipped, so applying
@@ -165,7 +192,7 @@ def apply_companions(
         recompute = name in recomputed_attention or (recompute_activation and is_linear_then_activation(module))
         new_cls = _companion_class(
             module, dropout=dropout, layernorm=layernorm, activation=activation, attention=attention,
-            recompute=recompute
+            recompute=recompute, recompute_gate=recompute_activation and is_gated_mlp(module), lm_loss=lm_loss
         )
         if new_cls is None:
             continue
@@ -182,8 +209,13 @@ def _set_up(module: nn.Module, cls: type, *, activation: str | None, dropout: bo
     (`wtacrs.companions.usage`)."""
     if issubclass(cls, RegeneratedDropout):
         expect(module, "lean_dropout")
-    if issubclass(cls, LeanLayerNorm):
+    if issubclass(cls, (LeanLayerNorm, LeanRMSNorm)):
         expect(module, "lean_layernorm")
+    if issubclass(cls, ChunkedLMLoss):
+        expect(module, "chunked_lm_loss")
+    if issubclass(cls, RecomputedGate):
+        module.row_recipe = maps_rows_alone(module)
+        expect(module, "recompute_activation")
     if issubclass(cls, CompressesActivationInput):
         module.activation_compression = activation
         expect(module, "activation_compression")

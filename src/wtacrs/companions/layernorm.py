@@ -1,4 +1,4 @@
-"""LayerNorm whose backward reads its own output instead of its input.
+"""LayerNorm and RMSNorm whose backward reads their own output instead of their input.
 
 y = x̂ ⊙ γ + β with x̂ = (x − mean) · rstd. The usual backward saves x (plus mean and rstd per
 row). Here only y, γ, β and rstd (one float per row) are saved, and backward recovers
@@ -26,6 +26,19 @@ nothing else saves it either.
 
 Since y is saved, code that later modifies y in place gets autograd's "modified by an inplace
 operation" error (the ordinary LayerNorm would not); transformers' BERT-family layers do not.
+
+RMSNorm (LLaMA-family decoders, `LlamaRMSNorm` and its copies): y = γ ⊙ x̂ with x̂ = x · rstd,
+rstd = (mean(x²) + eps)^(-1/2), computed in float32 and x̂ rounded to the input dtype before the
+product with γ. Autograd saves x (as a float32 copy when x is half precision: twice its bytes),
+rstd and x̂ in the input dtype. `rms_norm_from_output` saves only y, γ and rstd, and backward
+recovers x̂ = y / γ (γ_j = 0 columns keep their input column, as above) and applies
+
+    dx = rstd · (g_γ − x̂ · mean(g_γ ⊙ x̂)),   g_γ = dy ⊙ γ,   dγ = Σ_rows dy ⊙ x̂.
+
+In a pre-norm decoder block x is the residual stream, which no other op keeps, while y is the
+input of the attention or MLP projections, which full fine-tuning and LoRA's down-projection save
+anyway and the attention/MLP recomputes keep as their input: the saving is x's copy and x̂
+(6 bytes per element in bf16, 8 in fp32), and nothing is added where y is kept anyway.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wtacrs.companions.matching import computes_like, llama_class
 from wtacrs.companions.usage import acted
 
 # Recovering x̂_j = (y_j − β_j) / γ_j loses about (1 + |β_j| / |γ_j|) ulps of y; columns worse
@@ -97,11 +111,13 @@ class _LayerNormFromOutput(torch.autograd.Function):
         return grad_x, None, grad_weight, grad_bias, None, None
 
 
-def _restore_columns(x_hat: Tensor, columns: Tensor, kept: Tensor, mean: Tensor, rstd: Tensor, dims) -> Tensor:
-    """x_hat (..., *S) with the flat columns (K,) recomputed from the kept input (..., K)."""
+def _restore_columns(x_hat: Tensor, columns: Tensor, kept: Tensor, mean: Tensor | None, rstd: Tensor, dims) -> Tensor:
+    """x_hat (..., *S) with the flat columns (K,) recomputed from the kept input (..., K); `mean`
+    None for RMSNorm (no centring)."""
     first = dims[0]
     flat = x_hat.flatten(first)  # (..., D)
-    exact = (kept.to(flat.dtype) - mean.flatten(first)) * rstd.flatten(first)  # (..., K)
+    centred = kept.to(flat.dtype) if mean is None else kept.to(flat.dtype) - mean.flatten(first)
+    exact = centred * rstd.flatten(first)  # (..., K)
     return flat.index_copy(-1, columns, exact).view_as(x_hat)
 
 
@@ -155,8 +171,87 @@ class LeanLayerNorm(nn.LayerNorm):
         )
 
     def _kept_columns(self) -> Tensor:
-        key = tuple((t.data_ptr(), t._version) for t in (self.weight, self.bias) if t is not None)
-        cached = self.__dict__.get("_kept_columns_cache")
-        if cached is None or cached[0] != key:
-            cached = self._kept_columns_cache = (key, ill_conditioned_columns(self.weight, self.bias))
-        return cached[1]
+        return _cached_kept_columns(self, self.weight, self.bias)
+
+
+def _cached_kept_columns(module: nn.Module, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """`ill_conditioned_columns(weight, bias)`, cached on `module` until γ or β changes (tracked
+    by version counter and storage), so the device sync happens once per optimizer step at most."""
+    key = tuple((t.data_ptr(), t._version) for t in (weight, bias) if t is not None)
+    cached = module.__dict__.get("_kept_columns_cache")
+    if cached is None or cached[0] != key:
+        cached = module._kept_columns_cache = (key, ill_conditioned_columns(weight, bias))
+    return cached[1]
+
+
+class _RMSNormFromOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, kept_columns):  # noqa: D102
+        # LlamaRMSNorm.forward's ops in its order, so y is bitwise its output
+        x_float = x.to(torch.float32)
+        rstd = torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        y = weight * (x_float * rstd).to(x.dtype)
+        kept = x.index_select(-1, kept_columns.to(x.device)) if kept_columns.numel() else None
+        ctx.save_for_backward(y, weight, rstd, kept)
+        ctx.kept_columns, ctx.x_dtype = kept_columns, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        y, weight, rstd, kept = ctx.saved_tensors
+        dtype = _compute_dtype(y.dtype)
+        gamma = weight.to(dtype)
+        x_hat = y.to(dtype) / gamma
+        if kept is not None:
+            x_hat = _restore_columns(x_hat, ctx.kept_columns.to(y.device), kept, None, rstd, (-1,))
+        grad = grad_out.to(dtype)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_scaled = grad * gamma
+            grad_x = (rstd * (grad_scaled - x_hat * (grad_scaled * x_hat).mean(-1, keepdim=True))).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * x_hat).sum(tuple(range(grad.dim() - 1))).to(weight.dtype)
+        return grad_x, grad_weight, None, None
+
+
+def rms_norm_from_output(x: Tensor, weight: Tensor, eps: float, kept_columns: Tensor | None = None) -> Tensor:
+    """`LlamaRMSNorm`'s forward whose backward is computed from the saved output, not the input.
+
+    Args:
+        x: (..., D) input.
+        weight: (D,) γ.
+        eps: added to the mean square.
+        kept_columns: (K,) int64 columns whose input is saved because γ_j = 0 there; None computes
+            `ill_conditioned_columns(weight, None)` (a device sync; `LeanRMSNorm` caches it).
+    Returns:
+        (..., D), bitwise equal to LlamaRMSNorm's output. Saves y, γ and rstd (one float32 per
+        row), plus (..., K) input columns when K > 0.
+    """
+    if kept_columns is None:
+        kept_columns = ill_conditioned_columns(weight, None)
+    return _RMSNormFromOutput.apply(x, weight, eps, kept_columns)
+
+
+def is_llama_rms_norm(module: nn.Module) -> bool:
+    """Whether `module` computes exactly LlamaRMSNorm's forward (`computes_like`: transformers
+    copies it into Mistral, Qwen2, ... as is; Gemma's (1 + γ) and T5's variants differ), with a
+    (D,) weight and a float `variance_epsilon`."""
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(weight, nn.Parameter) and weight.dim() == 1
+        and isinstance(getattr(module, "variance_epsilon", None), float)
+        and computes_like(module, llama_class("LlamaRMSNorm"))
+    )
+
+
+class LeanRMSNorm:
+    """Mixin for LlamaRMSNorm-like modules (`is_llama_rms_norm`): saves its output rather than
+    its input for backward (`rms_norm_from_output`); the γ = 0 columns are cached as
+    `LeanLayerNorm` caches its own."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:  # noqa: D102
+        if not (torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad)):
+            return super().forward(hidden_states)
+        acted(self, "lean_layernorm")
+        kept_columns = _cached_kept_columns(self, self.weight, None)
+        return rms_norm_from_output(hidden_states, self.weight, self.variance_epsilon, kept_columns)

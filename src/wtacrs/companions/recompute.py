@@ -15,9 +15,16 @@ recompute. Two kinds of module are worth it:
   LayerNorm keeps anyway. Cost: one more hidden → 4·hidden matmul per block. The output is
   tagged with a `RowRecipe`, so the sampled projection reading it (BERT's output dense) saves
   no rows either: backward recomputes act(dense(x_i)) for its M sampled rows (the same values
-  up to rounding), a 4·hidden-wide matmul on M rows. Other MLPs (T5,
-  GPT-2, LLaMA, DistilBERT) also contain their output projection, which would be recomputed
-  too; they are left alone.
+  up to rounding), a 4·hidden-wide matmul on M rows. Other MLPs (T5, GPT-2, DistilBERT) also
+  contain their output projection, which would be recomputed too; they are left alone.
+- Gated MLP (`recompute_activation`, `RecomputedGate`): LLaMA's SwiGLU MLP
+  down(act(gate(x)) ⊙ up(x)) and its verbatim copies (`is_gated_mlp`). Only the gated part
+  act(gate(x)) ⊙ up(x) runs under checkpoint: forward keeps x (the post-attention RMSNorm's
+  output, which lean RMSNorm keeps anyway), not gate(x), act(gate(x)) and up(x) (three
+  intermediate-size tensors, the largest a LoRA step saves). The gated output is tagged with a
+  `RowRecipe` from x, so a sampled down projection (or its LoRA `lora_A`) saves no rows either.
+  Cost: the gate and up matmuls once more in backward (two of the MLP's three), plus both on the
+  M sampled rows for the down projection's weight gradient.
 - Attention (`recompute_attention`): the outermost module whose class name contains
   "Attention" (`BertAttention`: q/k/v projections, attention, output projection, dropout and
   LayerNorm; `GPT2Attention`, `T5LayerSelfAttention`, ...). Without it a block keeps q, k and v
@@ -38,6 +45,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from wtacrs.companions.activation import elementwise_activation_types
+from wtacrs.companions.matching import computes_like, llama_class
 from wtacrs.companions.usage import acted
 from wtacrs.functional import attach_row_recipe
 
@@ -69,12 +77,30 @@ def _encloses(outer: str, inner: str) -> bool:
     return outer == "" or inner.startswith(outer + ".")
 
 
-def maps_rows_alone(module: nn.Module) -> bool:
-    """Whether a linear-then-activation `module` computes each output row from its input row
-    alone and deterministically (no dropout, e.g. in a LoRA adapter), so rows can be recomputed."""
-    return is_linear_then_activation(module) and not any(
-        isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules()
+def is_gated_mlp(module: nn.Module) -> bool:
+    """Whether `module` is LLaMA's gated MLP or a verbatim copy (`computes_like` LlamaMLP:
+    down_proj(act_fn(gate_proj(x)) * up_proj(x))) with linear (maybe LoRA-wrapped) projections
+    and an elementwise activation."""
+    projections = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    return (
+        all(p is not None and _is_linear(p) for p in projections)
+        and isinstance(getattr(module, "act_fn", None), elementwise_activation_types())
+        and computes_like(module, llama_class("LlamaMLP"))
     )
+
+
+def _deterministic(*modules: nn.Module) -> bool:
+    """No active dropout inside `modules` (e.g. in a LoRA adapter): each output row depends on
+    its input row alone, so rows can be recomputed."""
+    return not any(isinstance(m, nn.Dropout) and m.p > 0 for module in modules for m in module.modules())
+
+
+def maps_rows_alone(module: nn.Module) -> bool:
+    """Whether a linear-then-activation `module`, or the gated part of a gated MLP, computes each
+    output row from its input row alone and deterministically, so rows can be recomputed."""
+    if is_gated_mlp(module):
+        return _deterministic(module.gate_proj, module.up_proj)
+    return is_linear_then_activation(module) and _deterministic(module)
 
 
 class Recomputed:
@@ -110,3 +136,22 @@ def _without_autograd(forward, device_type: str):
             return forward(rows)
 
     return rows_again
+
+
+class RecomputedGate:
+    """Mixin for gated MLPs (`is_gated_mlp`): in training, the gated part runs under non-reentrant
+    checkpoint and, with `row_recipe` set, its output carries a `RowRecipe` from the MLP input
+    (see module docstring). Same output as the original forward, bitwise."""
+
+    def forward(self, x):  # noqa: D102
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        acted(self, "recompute_activation")
+        gated = checkpoint(self._gated, x, use_reentrant=False)
+        if self.__dict__.get("row_recipe", False):
+            attach_row_recipe(gated, x, _without_autograd(self._gated, x.device.type))
+        return self.down_proj(gated)
+
+    def _gated(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) → (..., intermediate): act(gate_proj(x)) * up_proj(x), LlamaMLP's order."""
+        return self.act_fn(self.gate_proj(x)) * self.up_proj(x)

@@ -15,7 +15,7 @@ from torch import nn
 
 # The WTACRSConfig options of the companions, in the order reports list them.
 COMPANION_OPTIONS = ("lean_dropout", "lean_layernorm", "lean_attention", "activation_compression",
-                     "recompute_activation", "recompute_attention")
+                     "recompute_activation", "recompute_attention", "chunked_lm_loss")
 USAGE_ATTR = "wtacrs_companion_use"  # instance attribute: {companion option: acted since applied}
 
 

@@ -1,0 +1,190 @@
+"""Decoder fine-tuning memory and time: LoRA / full fine-tuning of a LLaMA-style causal LM
+against WTA-CRS with the decoder companions, checkpointing and VeLoRA, on next-token labels.
+
+Each method gets its own model (same random weights, `wtacrs.bench.models.build_model`), AdamW
+with its state allocated, and the same random batch. Per method:
+- live peak: the exact peak of live tensor bytes over one training step (`LiveTensorPeak`),
+  counting weights, AdamW state and the batch from the start (as `wtacrs bench memory`);
+- step MB: that peak minus what lives before the step (weights, AdamW state, batch): the
+  activations, logits and gradients the step adds at its worst moment;
+- step time: the median of `--steps` steps, the methods interleaved step by step (so a slow
+  phase of a shared machine hits all of them alike), after `--warmup` steps each.
+
+Methods (LoRA: r 16, alpha 32, dropout 0, every linear layer of the blocks; PEFT):
+    lora, lora+checkpointing, velora (PEFT's VeloraConfig on the same LoRA),
+    lora+wtacrs@R, lora+wtacrs@R+companions[+recompute[+recompute-attention]], lora+companions,
+    full, full+checkpointing, full+companions, wtacrs@R+companions[+recompute[+recompute-attention]]
+"companions" = lean RMSNorm, lean SDPA attention and the chunked LM loss (all exact);
+"recompute" = the gated MLP's recompute; "recompute-attention" = the attention sub-block's.
+A method without "wtacrs@R" samples nothing (estimator "exact"): its gradients are the plain ones.
+"+fused-adamw": each parameter's AdamW step runs in backward as soon as its gradient is complete
+(`wtacrs.bench.training.BackwardFusedAdamW`), so the full set of gradients never exists at once.
+
+    python benchmarks/decoder_memory.py --model smollm2-135m --dtype bf16 --batch 2 --seq 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import wtacrs
+from wtacrs.bench.methods import Method
+from wtacrs.bench.models import build_model, make_batch
+from wtacrs.bench.training import (
+    LEARNING_RATE,
+    BackwardFusedAdamW,
+    Trial,
+    measure_step_memory,
+    memory_breakdown,
+    release,
+)
+
+LORA_RANK, LORA_ALPHA = 16, 32
+BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_METHODS = (
+    "lora", "lora+checkpointing", "velora", "lora+wtacrs@0.3",
+    "lora+wtacrs@0.3+companions", "lora+wtacrs@0.3+companions+recompute",
+    "lora+wtacrs@0.3+companions+recompute+recompute-attention", "lora+companions+recompute+recompute-attention",
+    "full", "full+checkpointing", "full+companions",
+    "wtacrs@0.3+companions", "wtacrs@0.3+companions+recompute+recompute-attention",
+)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse(spec: str) -> dict:
+    """{"lora", "velora", "checkpointing", "ratio" (None: no sampling), "companions", "recompute",
+    "recompute_attention"} of a method spec."""
+    parts = spec.split("+")
+    known = {"lora", "velora", "full", "checkpointing", "companions", "recompute", "recompute-attention",
+             "fused-adamw"}
+    ratio = None
+    for part in parts:
+        if part.startswith("wtacrs@"):
+            ratio = float(part.removeprefix("wtacrs@"))
+        elif part not in known:
+            raise ValueError(f"unknown component {part!r} in {spec!r}")
+    return {"lora": "lora" in parts or "velora" in parts, "velora": "velora" in parts,
+            "checkpointing": "checkpointing" in parts, "ratio": ratio, "companions": "companions" in parts,
+            "recompute": "recompute" in parts, "recompute_attention": "recompute-attention" in parts,
+            "fused_adamw": "fused-adamw" in parts}
+
+
+def make(spec: str, size: str, batch: int, seq: int, dtype: torch.dtype, seed: int = 0) -> Trial:
+    """A `Trial` (model, AdamW with allocated state, batch) for one method spec."""
+    m = parse(spec)
+    model = build_model(size, seed).to(dtype=dtype)
+    if m["checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if m["lora"]:
+        import peft
+
+        velora = {"velora_config": peft.VeloraConfig()} if m["velora"] else {}
+        config = peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, r=LORA_RANK, lora_alpha=LORA_ALPHA,
+                                 lora_dropout=0.0, target_modules=BLOCK_LINEARS, **velora)
+        model = peft.get_peft_model(model, config)
+    uses_wtacrs = m["ratio"] is not None or m["companions"] or m["recompute"] or m["recompute_attention"]
+    if uses_wtacrs:
+        sampled = m["ratio"] is not None
+        wtacrs.apply(model, wtacrs.WTACRSConfig(
+            ratio=m["ratio"] if sampled else 1.0, estimator="wta-crs" if sampled else "exact", seed=seed,
+            lean_layernorm=m["companions"], lean_attention=m["companions"], lean_dropout=m["companions"],
+            chunked_lm_loss=m["companions"], recompute_activation=m["recompute"],
+            recompute_attention=m["recompute_attention"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer_class = BackwardFusedAdamW if m["fused_adamw"] else torch.optim.AdamW
+    optimizer = optimizer_class(trainable, lr=LEARNING_RATE)
+    for p in trainable:  # allocate AdamW's moments now, so every measured step is a steady one
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    inputs = make_batch(model, batch, seq, seed)
+    # `Method` only tells Trial.step whether to open `wtacrs.batch` (the gradient-norm cache)
+    method = Method(spec, estimator="wta-crs" if m["ratio"] is not None else None, companions=uses_wtacrs)
+    return Trial(method, model, optimizer, inputs, torch.arange(batch), inputs["attention_mask"].cpu())
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per method (0: memory only)")
+    p.add_argument("--skip-memory", action="store_true", help="time only")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    rows = {spec: {"method": spec} for spec in args.methods}
+    for spec in [] if args.skip_memory else args.methods:  # memory: one method at a time, each freed before the next
+        trial = make(spec, args.model, args.batch, args.seq, dtype)
+        measured, resident = measure_step_memory(trial), memory_breakdown(trial)
+        before_step = resident["weights_bytes"] + resident["optimizer_bytes"] + sum(
+            t.untyped_storage().nbytes() for t in trial.inputs.values())
+        rows[spec] |= {"peak_mb": measured["peak_bytes"] / 2**20,
+                      "step_mb": (measured["peak_bytes"] - before_step) / 2**20,
+                      "saved_mb": measured["saved_bytes"] / 2**20}
+        print(f"memory {spec:<60} peak {rows[spec]['peak_mb']:8.1f} MB  added by the step "
+              f"{rows[spec]['step_mb']:8.1f} MB", file=sys.stderr, flush=True)
+        del trial
+        release()
+        _write(args, rows)
+    if args.steps:
+        _time(args, dtype, rows)
+    _table(args, rows)
+    _write(args, rows)
+    return 0
+
+
+def _time(args: argparse.Namespace, dtype: torch.dtype, rows: dict[str, dict]) -> None:
+    """Median step seconds per method, the methods interleaved step by step."""
+    trials = {spec: make(spec, args.model, args.batch, args.seq, dtype) for spec in args.methods}
+    times: dict[str, list[float]] = {spec: [] for spec in args.methods}
+    for round_ in range(args.warmup + args.steps):  # interleaved: method after method, step by step
+        for spec, trial in trials.items():
+            start = time.perf_counter()
+            trial.step()
+            if round_ >= args.warmup:
+                times[spec].append(time.perf_counter() - start)
+                print(f"time {spec:<60} {times[spec][-1]:.1f} s", file=sys.stderr, flush=True)
+    for spec in args.methods:
+        rows[spec]["step_s"] = statistics.median(times[spec])
+        rows[spec]["step_times_s"] = times[spec]
+
+
+def _table(args: argparse.Namespace, rows: dict[str, dict]) -> None:
+    """The Markdown table on stdout; ratios to "lora" for LoRA methods, to "full" for the others."""
+    print(f"\n{args.model}, {args.dtype}, batch {args.batch}, seq {args.seq}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; ratios to lora (LoRA methods) or full (the others)\n")
+    print("| method | live peak MB | step adds MB | step s | peak × | time × |")
+    print("|---|---|---|---|---|---|")
+    for spec, row in rows.items():
+        ref = rows.get("lora" if parse(spec)["lora"] else "full", {})
+        cells = [_cell(row, "peak_mb", "{:.0f}"), _cell(row, "step_mb", "{:.0f}"), _cell(row, "step_s", "{:.1f}")]
+        for key in ("peak_mb", "step_s"):
+            cells.append(f"{row[key] / ref[key]:.2f}" if key in row and key in ref else "–")
+        print(f"| {spec} | " + " | ".join(cells) + " |")
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return fmt.format(row[key]) if key in row else "–"
+
+
+def _write(args: argparse.Namespace, rows: dict[str, dict]) -> None:
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "torch": torch.__version__, "rows": list(rows.values())}, f, indent=1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
