@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from wtacrs.bench.variance import capture_linear_io, exact_variances
 from wtacrs.cache import GradNormCache, decode_norms, encode_norms
-from wtacrs.finetuning.models import packaged_model_dir
+from wtacrs.packaged import packaged_model_dir
 from wtacrs.estimators import column_row_scores
 
 SST2_TRAIN = "../shared/data/glue/SST-2/train.tsv"

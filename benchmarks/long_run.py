@@ -53,7 +53,7 @@ def load_data(args):
     """(tokenized train subset with example ids, tokenized eval subset, tokenizer)."""
     from transformers import AutoTokenizer
 
-    from wtacrs.finetuning.models import packaged_model_dir
+    from wtacrs.packaged import packaged_model_dir
     from wtacrs.tasks import get_task, load_tweets, tokenize_sequences
 
     tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir())
@@ -69,7 +69,7 @@ def build_model(args, method: str):
     from transformers import AutoModelForSequenceClassification
 
     import wtacrs
-    from wtacrs.finetuning.models import packaged_model_dir
+    from wtacrs.packaged import packaged_model_dir
 
     torch.manual_seed(args.seed)
     if args.hidden:  # a randomly initialised small BERT on MiniLM's vocabulary (fits a busy CPU)

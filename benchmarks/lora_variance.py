@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from wtacrs.bench.variance import capture_linear_io, exact_variances
-from wtacrs.finetuning.models import packaged_model_dir
+from wtacrs.packaged import packaged_model_dir
 
 LAYERS = r"layer\.(0|3|5)\.attention\.self\.(query|value)"
 

@@ -23,7 +23,7 @@ import statistics
 import torch
 
 import wtacrs
-from wtacrs.finetuning.models import packaged_model_dir
+from wtacrs.packaged import packaged_model_dir
 from wtacrs.tasks import load_task
 from wtacrs.tasks.squad import first_train_windows
 

@@ -22,7 +22,7 @@ import statistics
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-from wtacrs.finetuning.models import packaged_model_dir
+from wtacrs.packaged import packaged_model_dir
 from wtacrs.tasks.squad import first_train_windows
 
 

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from wtacrs.finetuning.models import packaged_model_dir
+from wtacrs.packaged import packaged_model_dir
 from wtacrs.tasks import fixed_subset, get_task, load_task, tokenize_sequences
 
 

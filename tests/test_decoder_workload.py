@@ -128,3 +128,38 @@ def test_bench_memory_on_a_decoder(tmp_path):
     rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["full", "wtacrs@0.3+companions"]
     assert all("error" not in r and r["peak_bytes"] > 0 for r in rows)
+
+
+def test_finetune_tweet_lm_end_to_end_with_lora_and_wtacrs(tmp_path, capsys):
+    """`wtacrs finetune --task tweet_lm` on a tiny random LLaMA: next-token accuracy as the score,
+    the language-model head kept, LoRA as a CAUSAL_LM adapter, the chunked loss among the
+    companions that take effect."""
+    import json
+
+    import transformers as hf
+
+    from wtacrs.cli import main
+    from wtacrs.packaged import packaged_model_dir
+
+    tokenizer = hf.AutoTokenizer.from_pretrained(packaged_model_dir())
+    tokenizer.eos_token, tokenizer.bos_token = tokenizer.sep_token, tokenizer.cls_token
+    config = hf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                            eos_token_id=tokenizer.sep_token_id)
+    torch.manual_seed(0)
+    hf.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    argv = ["finetune", "--task", "tweet_lm", "--model", str(tmp_path / "llama"), "--output-dir", str(tmp_path / "out"),
+            "--in-process", "--method", "lora", "lora+wtacrs@0.3+companions", "--max-train-samples", "16",
+            "--max-eval-samples", "8", "--batch-size", "8", "--max-length", "24", "--no-progress"]
+    assert main(argv) == 0
+    assert "lora+wtacrs@0.3+companions" in capsys.readouterr().out
+    records = {p.parent.parent.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*/*/*/seed0/results.json")}
+    lora, sampled = records["lora"], records["lora+wtacrs@0.3+companions"]
+    for record in (lora, sampled):
+        assert record["task"] == "tweet_lm" and record["model_kind"] == "decoder"
+        assert record["score_name"] == "next-token accuracy" and 0.0 <= record["score"] <= 1.0
+    assert sampled["companion_effects"]["chunked_lm_loss"] == "took effect"
+    assert sampled["companion_effects"]["lean_layernorm"] == "took effect"  # RMSNorm
+    assert sampled["trainable_parameters"] == lora["trainable_parameters"]

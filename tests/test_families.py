@@ -20,17 +20,19 @@ from test_tasks import squad_doc
 from wtacrs.cli import main
 from wtacrs.finetuning import models as finetune_models
 from wtacrs.finetuning import train
+from wtacrs.packaged import packaged_model_dir
 
 FAST = ["--max-train-samples", "8", "--max-eval-samples", "4", "--epochs", "1", "--max-length", "16",
         "--batch-size", "4", "--no-progress"]
 SAMPLED = "wtacrs@0.3+companions+recompute+recompute-attention"  # the recipe: its run folder and report row
-REQUESTED = ("lean_dropout", "lean_layernorm", "lean_attention", "recompute_activation", "recompute_attention")
+REQUESTED = ("lean_dropout", "lean_layernorm", "lean_attention", "recompute_activation", "recompute_attention",
+             "chunked_lm_loss")  # what the recipe's companions+recompute+recompute-attention ask for
 KINDS = {"t5": "encoder-decoder", "gpt2": "decoder", "llama": "decoder"}  # every other family: "encoder"
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return hf.AutoTokenizer.from_pretrained(finetune_models.packaged_model_dir())
+    return hf.AutoTokenizer.from_pretrained(packaged_model_dir())
 
 
 @pytest.fixture(scope="module")

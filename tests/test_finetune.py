@@ -26,7 +26,7 @@ def tiny_model(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from wtacrs.finetuning.models import packaged_model_dir
+    from wtacrs.packaged import packaged_model_dir
 
     path = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
@@ -141,7 +141,8 @@ def test_recipes_are_recorded_by_their_canonical_spec(tiny_model, tmp_path, caps
         "wtacrs@0.5+companions+recompute+recompute-attention", 0.5, "lora+companions", None)
     assert sampled["hyperparameters"]["lr"] == lora["hyperparameters"]["lr"] == 1e-3
     assert sampled["companion_effects"]["recompute_attention"] == "took effect"
-    assert set(lora["companion_effects"]) == {"lean_dropout", "lean_layernorm", "lean_attention"}
+    assert set(lora["companion_effects"]) == {"lean_dropout", "lean_layernorm", "lean_attention", "chunked_lm_loss"}
+    assert lora["companion_effects"]["chunked_lm_loss"] == "nothing to change"  # a classifier: no LM loss
 
 
 @pytest.mark.parametrize("method, message", [
@@ -269,7 +270,7 @@ def test_decoder_model_gpt2_with_wtacrs(tmp_path):
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2Model
 
-    from wtacrs.finetuning.models import packaged_model_dir
+    from wtacrs.packaged import packaged_model_dir
 
     torch.manual_seed(0)
     GPT2Model(GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(

@@ -58,7 +58,7 @@ def test_wtacrs_config_maps_every_component():
         0.3, "wta-crs", 3, "all", False)
     assert config.target_modules == ["output.dense"] and config.attention
     assert config.lean_dropout and config.lean_layernorm and config.lean_attention
-    assert config.recompute_activation and config.recompute_attention
+    assert config.recompute_activation and config.recompute_attention and config.chunked_lm_loss
     exact = parse_recipe("lora+companions").wtacrs_config()
     assert (exact.estimator, exact.ratio, exact.recompute_activation) == ("exact", 1.0, False)
 

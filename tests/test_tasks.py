@@ -244,7 +244,7 @@ def test_postprocess_takes_the_best_valid_span_over_windows_and_null_answers_for
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from wtacrs.finetuning.models import packaged_model_dir
+    from wtacrs.packaged import packaged_model_dir
 
     return AutoTokenizer.from_pretrained(packaged_model_dir())
 

@@ -11,8 +11,9 @@ A recipe is components joined by "+", e.g. ``lora+wtacrs@0.3+companions+recomput
     SAMPLER@R            `wtacrs.apply` with that estimator keeping a fraction R of the token rows
                          (wtacrs, crs, priority, topk, uniform)
     attention            the attention score and output matmuls sampled too (needs a sampler)
-    companions           the exact memory companions: dropout masks regenerated, LayerNorm backward
-                         from its output, attention probabilities recomputed
+    companions           the exact memory companions: dropout masks regenerated, LayerNorm/RMSNorm
+                         backward from its output, attention probabilities recomputed, and a causal
+                         LM's next-token loss in chunks (never the whole batch's logits)
     recompute            the activation function's input recomputed in backward (exact)
     recompute-attention  the attention sub-blocks recomputed in backward (exact)
     act=MODE             the activation input stored compressed (an approximation)
@@ -118,6 +119,7 @@ class Recipe:
             attention=self.sampled_attention, seed=seed, lean_dropout=self.companions,
             lean_layernorm=self.companions, lean_attention=self.companions, recompute_activation=self.recompute,
             recompute_attention=self.recompute_attention, activation_compression=self.activation_compression,
+            chunked_lm_loss=self.companions,
         )
 
     def prepare(self, model: nn.Module, *, seed: int = 0, task_type: str = "SEQ_CLS",

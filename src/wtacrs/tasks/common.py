@@ -66,7 +66,7 @@ def require_nonempty(path: str | Path, rows: list, what: str = "examples") -> li
     return rows
 
 
-TaskKind = Literal["classification", "regression", "qa"]
+TaskKind = Literal["classification", "regression", "qa", "causal_lm"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Task:
 
     Attributes:
         name: CLI name (e.g. "sst2").
-        kind: "classification", "regression" (STS-B) or "qa" (SQuAD).
+        kind: "classification", "regression" (STS-B), "qa" (SQuAD) or "causal_lm" (next-token).
         text_columns: one or two text columns fed to the tokenizer as a (pair of) sequence(s).
         label_names: class names in label-id order (empty for regression and QA).
         eval_splits: validation split names; the first one selects the best checkpoint.
