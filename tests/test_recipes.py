@@ -24,7 +24,7 @@ def test_components_compose():
 
 @pytest.mark.parametrize("spec, canonical", [
     ("full", "full"), ("lora", "lora"), ("checkpointing", "checkpointing"), ("full+checkpointing", "checkpointing"),
-    ("recompute-attention+wtacrs@0.30+companions+recompute", BEST_EXACT),
+    ("recompute-attention+wtacrs@0.30+companions+recompute", BEST_EXACT + "+recompute-attention"),
     ("companions+lora+wtacrs@0.3", "lora+wtacrs@0.3+companions"), ("full+fused-adamw", "full+fused-adamw"),
     ("crs@0.1+attention+act=int8", "crs@0.1+attention+act=int8"), ("velora+checkpointing", "velora+checkpointing"),
     ("lora+velora", "velora"),
