@@ -52,7 +52,7 @@ def test_bad_specs_name_the_problem(spec, message):
 
 
 def test_wtacrs_config_maps_every_component():
-    config = parse_recipe(BEST_EXACT + "+attention").wtacrs_config(
+    config = parse_recipe(BEST_EXACT + "+recompute-attention+attention").wtacrs_config(
         seed=3, sampling=SamplingSettings(budget="all", target_modules=("output.dense",), skip_padding=False))
     assert (config.ratio, config.estimator, config.seed, config.budget, config.skip_padding) == (
         0.3, "wta-crs", 3, "all", False)
