@@ -684,6 +684,12 @@ class SampledLayerMixin:
     wtacrs_slot: int
     wtacrs_stream: str
 
+    @classmethod
+    def original_class(cls) -> type[nn.Module]:
+        """The class this sampled class stands in for (the one after the mixin), for `remove`."""
+        mro = cls.__mro__
+        return mro[mro.index(SampledLayerMixin) + 1]
+
     def _sampled_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         state = self.wtacrs_state
         if not (self.training and needs_sampling(weight, state.config.ratio, state.config.estimator)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -128,7 +129,9 @@ def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
 
     Forward outputs are unchanged (bitwise) in train and eval mode; in training, each targeted
     layer stores only the sampled rows of its input. Works on plain Transformers models and on
-    PEFT-wrapped ones (the frozen base weights store nothing; LoRA matrices are sampled).
+    PEFT-wrapped ones (the frozen base weights store nothing; LoRA matrices are sampled). The
+    model is changed by `TRANSFORMS` in turn, all sharing one `SamplingState` (config, seed,
+    step); if one fails, those already made are undone.
 
     Returns:
         the same `model`.
@@ -139,39 +142,95 @@ def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
     config = config or WTACRSConfig()
     if hasattr(model, _STATE_ATTR):
         raise ValueError("wtacrs is already applied to this model; call wtacrs.remove(model) first")
-    targets = find_target_modules(model, config)
+    state = SamplingState(config)
+    made: list[Transform] = []
+    try:
+        for transform in TRANSFORMS:
+            transform.apply(model, state)
+            made.append(transform)
+    except Exception:
+        for transform in reversed(made):  # never leave a half-applied model behind
+            transform.remove(model, state)
+        raise
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo `apply`: plain layers with the identical Parameter objects; returns `model`."""
+    state = sampling_state(model)
+    for transform in reversed(TRANSFORMS):
+        transform.remove(model, state)
+    return model
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One change `apply` makes to a model, and its undoing by `remove`."""
+
+    name: str
+    apply: Callable[[nn.Module, SamplingState], None]
+    remove: Callable[[nn.Module, SamplingState], None]
+
+
+def _sample_linears(model: nn.Module, state: SamplingState) -> None:
+    targets = find_target_modules(model, state.config)
     if not targets:
         raise NoMatchingModulesError(
-            f"no nn.Linear/Conv1D layer matched target_modules={config.target_modules!r} "
-            f"(exclude_modules={config.exclude_modules!r})"
+            f"no nn.Linear/Conv1D layer matched target_modules={state.config.target_modules!r} "
+            f"(exclude_modules={state.config.exclude_modules!r})"
         )
-    state = SamplingState(config)
     _swap(model, state, targets)
     signature = inspect.signature(model.forward)
     state.hooks = (model.register_forward_pre_hook(partial(_begin_forward, model, state, signature), with_kwargs=True),
                    model.register_forward_hook(partial(_end_forward, state)))
     setattr(model, _STATE_ATTR, state)
-    try:
-        if config.attention:  # before the companions, which may swap the attention modules' classes
-            # transformers' attention registry is the only generic way into HF attention code.
-            from wtacrs.integrations.attention import enable_sampled_attention
 
-            # Keyed by the state's seed, rank and step like the linears: a recompute redraws the same slices.
-            enable_sampled_attention(model, config.ratio, config.estimator, budget=config.budget, state=state)
-        state.companions = apply_companions(
-            model,
-            dropout=config.lean_dropout,
-            layernorm=config.lean_layernorm,
-            activation=config.activation_compression,
-            attention=config.lean_attention,
-            recompute_activation=config.recompute_activation,
-            recompute_attention=config.recompute_attention,
-            lm_loss=config.chunked_lm_loss,
-        )
-    except Exception:
-        remove(model)  # never leave a half-applied model behind
-        raise
-    return model
+
+def _unsample_linears(model: nn.Module, state: SamplingState) -> None:
+    for module in model.modules():
+        if isinstance(module, SampledLayerMixin):
+            module.__class__ = module.original_class()
+            del module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream
+    for hook in state.hooks:
+        hook.remove()
+    delattr(model, _STATE_ATTR)
+
+
+def _sample_attention(model: nn.Module, state: SamplingState) -> None:
+    config = state.config
+    if config.attention:  # transformers' attention registry is the only generic way into HF attention code
+        from wtacrs.integrations.attention import enable_sampled_attention
+
+        # Keyed by the state's seed, rank and step like the linears: a recompute redraws the same slices.
+        enable_sampled_attention(model, config.ratio, config.estimator, budget=config.budget, state=state)
+
+
+def _unsample_attention(model: nn.Module, state: SamplingState) -> None:
+    if _runs_sampled_attention(model):
+        from wtacrs.integrations.attention import disable_sampled_attention
+
+        disable_sampled_attention(model)
+
+
+def _add_companions(model: nn.Module, state: SamplingState) -> None:
+    config = state.config
+    state.companions = apply_companions(
+        model, dropout=config.lean_dropout, layernorm=config.lean_layernorm, activation=config.activation_compression,
+        attention=config.lean_attention, recompute_activation=config.recompute_activation,
+        recompute_attention=config.recompute_attention, lm_loss=config.chunked_lm_loss,
+    )
+
+
+def _remove_companions(model: nn.Module, state: SamplingState) -> None:
+    remove_companions(model)
+
+
+# In order: sampled attention before the companions, which may swap the attention modules' classes.
+TRANSFORMS: tuple[Transform, ...] = (
+    Transform("sampled linears", _sample_linears, _unsample_linears),
+    Transform("sampled attention", _sample_attention, _unsample_attention),
+    Transform("companions", _add_companions, _remove_companions),
+)
 
 
 def _swap(model: nn.Module, state: SamplingState, targets: list[tuple[str, nn.Module]]) -> None:
@@ -189,24 +248,6 @@ def swap_new_targets(model: nn.Module, state: SamplingState) -> None:
     """Layers added after `apply` (PEFT injecting LoRA matrices) are sampled too."""
     if sum(1 for _ in model.modules()) != state.num_modules:
         _swap(model, state, find_target_modules(model, state.config))
-
-
-def remove(model: nn.Module) -> nn.Module:
-    """Undo `apply`: plain layers with the identical Parameter objects; returns `model`."""
-    state = sampling_state(model)
-    for module in model.modules():
-        if isinstance(module, SampledLayerMixin):
-            module.__class__ = module.__class__.__mro__[2]  # (Sampled*, SampledLayerMixin, original, ...)
-            del module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream
-    remove_companions(model)
-    if _runs_sampled_attention(model):
-        from wtacrs.integrations.attention import disable_sampled_attention
-
-        disable_sampled_attention(model)
-    for hook in state.hooks:
-        hook.remove()
-    delattr(model, _STATE_ATTR)
-    return model
 
 
 def sampling_state(model: nn.Module) -> SamplingState:
