@@ -23,7 +23,7 @@ declare -A TASK_ARGS=(
 run() {  # task method ratio seed [finetune flags: --budget all, --pad-to-max-length]
   local task=$1 method=$2 ratio=$3 seed=$4 label=$2
   shift 4; local extra="$*"
-  [[ $method =~ wtacrs|crs|topk ]] && label="$method-$ratio"
+  [[ $method =~ wtacrs|crs|topk ]] && label="$method@$ratio"
   [[ $extra == *"--budget all"* ]] && label+="+budget-all"
   [[ $extra == *"--pad-to-max-length"* ]] && label+="+pad-max"
   local dir; dir=$(ls -d "$OUT/$task"/*/"$label/seed$seed" 2>/dev/null | head -1)

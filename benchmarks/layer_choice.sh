@@ -22,6 +22,6 @@ run() {  # label seed [finetune flags]
 }
 
 for seed in 0 1 2; do
-  run wtacrs-0.3 "$seed"
-  run wtacrs-0.3+targets=output.dense,intermediate.dense "$seed" --target-modules output.dense intermediate.dense
+  run wtacrs@0.3 "$seed"
+  run wtacrs@0.3+targets=output.dense,intermediate.dense "$seed" --target-modules output.dense intermediate.dense
 done

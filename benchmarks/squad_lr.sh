@@ -13,7 +13,7 @@ mkdir -p "$OUT/logs"
 
 run() {  # method ratio lr seed
   local method=$1 ratio=$2 lr=$3 seed=$4 label=$1
-  [[ $method == wtacrs ]] && label="$method-$ratio"
+  [[ $method == wtacrs ]] && label="$method@$ratio"
   if ls "$OUT/lr$lr"/squad/*/"$label/seed$seed/results.json" >/dev/null 2>&1; then
     echo "skip $label lr$lr seed$seed"; return
   fi

@@ -3,7 +3,7 @@
 # skipping a run that has its results.json; needs GLUE and OUT set and "$OUT/logs" present.
 run() {  # method ratio lr seed
   local method=$1 ratio=$2 lr=$3 seed=$4 label=$1
-  [[ $method != full ]] && label="$method-$ratio"
+  [[ $method != full ]] && label="$method@$ratio"
   local out="$OUT/lr$lr"
   if ls "$out"/sst2/*/"$label/seed$seed/results.json" >/dev/null 2>&1; then echo "skip $label lr$lr seed$seed"; return; fi
   echo "$(date -u +%FT%TZ) start $label lr$lr seed$seed"
