@@ -24,7 +24,8 @@ def test_components_compose():
 
 @pytest.mark.parametrize("spec, canonical", [
     ("full", "full"), ("lora", "lora"), ("checkpointing", "checkpointing"), ("full+checkpointing", "checkpointing"),
-    ("recompute-attention+wtacrs@0.30+companions+recompute", BEST_EXACT + "+recompute-attention"),
+    ("recompute-attention+wtacrs@0.30+recompute", BEST_EXACT),
+    ("recompute-attention+wtacrs@0.3+companions+recompute", "wtacrs@0.3+companions+recompute+recompute-attention"),
     ("companions+lora+wtacrs@0.3", "lora+wtacrs@0.3+companions"), ("full+fused-adamw", "full+fused-adamw"),
     ("crs@0.1+attention+act=int8", "crs@0.1+attention+act=int8"), ("velora+checkpointing", "velora+checkpointing"),
     ("lora+velora", "velora"),
@@ -52,7 +53,7 @@ def test_bad_specs_name_the_problem(spec, message):
 
 
 def test_wtacrs_config_maps_every_component():
-    config = parse_recipe(BEST_EXACT + "+recompute-attention+attention").wtacrs_config(
+    config = parse_recipe(BEST_EXACT + "+companions+attention").wtacrs_config(
         seed=3, sampling=SamplingSettings(budget="all", target_modules=("output.dense",), skip_padding=False))
     assert (config.ratio, config.estimator, config.seed, config.budget, config.skip_padding) == (
         0.3, "wta-crs", 3, "all", False)
