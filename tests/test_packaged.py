@@ -74,6 +74,22 @@ def test_task_head_gets_the_causal_lm_body(auto_class, body):
         assert model.config.num_labels == 3 and model.score.out_features == 3
 
 
+def test_a_gguf_causal_lm_is_rebuilt_unmarked_for_training():
+    """from_pretrained marks a GGUF model quantized (its weights are dequantised), and the Trainer
+    refuses to train a model so marked: the causal LM itself is rebuilt with every weight and no
+    quantization config."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    causal = transformers.LlamaForCausalLM(config)
+    causal.config.quantization_config = {"quant_method": "gguf"}
+    model = packaged.with_task_head(causal, transformers.AutoModelForCausalLM)
+    assert type(model) is type(causal) and getattr(model.config, "quantization_config", None) is None
+    for (name, p), (_, q) in zip(model.state_dict().items(), causal.state_dict().items()):
+        assert torch.equal(p, q), name  # the untied lm_head too
+
+
 @pytest.mark.slow
 def test_packaged_smollm2_generates_paris():
     """The real SmolLM2-135M-Instruct (dequantised from 4 bits): 134.5M parameters, and greedy

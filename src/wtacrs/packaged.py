@@ -179,29 +179,27 @@ def _from_gguf(entry: PackagedModel, auto_class: Any, kwargs: dict[str, Any]) ->
     import transformers
 
     causal = transformers.AutoModelForCausalLM.from_pretrained(entry.folder(), **entry.load_kwargs(), **kwargs)
-    if isinstance(causal, _model_class(auto_class, causal.config)):
-        return causal
+    # Rebuilt even as a causal LM: from_pretrained marks a GGUF model quantized (its weights are
+    # dequantised already), and the Trainer refuses to train a model so marked.
     return with_task_head(causal, auto_class, **kwargs)
 
 
 def with_task_head(causal: nn.Module, auto_class: Any, **kwargs: Any) -> nn.Module:
     """A model of `auto_class` (e.g. `AutoModelForSequenceClassification`) built from `causal`'s
-    config with `kwargs` overriding it (dtype options aside), holding `causal`'s body weights
-    (`base_model`, by state dict) and a new head from the global RNG; in eval mode."""
+    config with `kwargs` overriding it (dtype options aside) and without its quantization
+    config, holding `causal`'s body weights (`base_model`, by state dict) and a new head from the
+    global RNG, or all of `causal`'s weights when `auto_class` builds its class; in eval mode."""
     dtype_options = {k: v for k, v in kwargs.items() if k in ("torch_dtype", "dtype")}
     overrides = {k: v for k, v in kwargs.items() if k not in dtype_options}
     values = {**causal.config.to_dict(), **overrides}
     values.pop("quantization_config", None)  # the GGUF file's, already dequantised: not for a new model
     config = causal.config.__class__.from_dict(values)
     model = auto_class.from_config(config, **dtype_options)
-    model.base_model.load_state_dict(causal.base_model.state_dict())
+    if type(model) is type(causal):
+        model.load_state_dict(causal.state_dict())
+    else:
+        model.base_model.load_state_dict(causal.base_model.state_dict())
     return model.eval()
-
-
-def _model_class(auto_class: Any, config) -> type:
-    """The concrete class `auto_class` builds for `config` (itself if already concrete)."""
-    mapping = getattr(auto_class, "_model_mapping", None)
-    return mapping[type(config)] if mapping is not None else auto_class
 
 
 def _pad_token_id(name: str, config) -> int:
