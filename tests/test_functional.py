@@ -277,3 +277,29 @@ def test_row_recipe_source_must_have_the_same_rows():
     s, u, _, _ = recipe_case()
     with pytest.raises(ValueError, match="source rows"):
         attach_row_recipe(torch.tanh(s @ u), s[:, :8], lambda rows: rows)
+
+
+def test_output_row_norms_of_every_dtype_are_float32():
+    """The cache stores float32 norms: low-precision gradients are summed in float32, float64
+    ones in float64 (vector_norm refuses to narrow), so float64 models train with the cache."""
+    from wtacrs.functional import output_row_norms
+
+    g = torch.randn(3, 5, 7, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        norms = output_row_norms(g.to(dtype))
+        assert norms.dtype == torch.float32 and norms.shape == (3, 5)
+        torch.testing.assert_close(norms, g.to(dtype).double().norm(dim=-1).float())
+
+
+def test_a_float64_model_trains_with_the_gradient_norm_cache():
+    import wtacrs
+    from models import CASES_BY_NAME
+
+    case = CASES_BY_NAME["bert"]
+    model = wtacrs.apply(case.model().double(), wtacrs.WTACRSConfig(ratio=0.3))
+    batch = case.batch()
+    for _ in range(2):  # the second step reads what the first cached
+        with wtacrs.batch(torch.arange(3), batch["attention_mask"]):
+            model(**batch).loss.backward()
+    assert wtacrs.modeling.sampling_state(model).cache is not None
+    assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in model.parameters() if p.requires_grad)

@@ -185,8 +185,10 @@ def _weighted_rows(x: Tensor, flat: Tensor, indices: Tensor, weights: Tensor) ->
 
 
 def output_row_norms(grad_out: Tensor) -> Tensor:
-    """(..., out_features) output gradient → (...) float32 ‖dY_i‖ per row."""
-    return torch.linalg.vector_norm(grad_out, dim=-1, dtype=torch.float32)
+    """(..., out_features) output gradient → (...) float32 ‖dY_i‖ per row (bf16/fp16 summed in
+    float32; float64 in float64, which vector_norm will not narrow)."""
+    wide = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(grad_out, dim=-1, dtype=wide).float()
 
 
 class _LinearWithRowSample(torch.autograd.Function):
