@@ -16,7 +16,9 @@ blockwise in backward, which costs the head's matmul once more.
 to the embedding). The matmuls are those of the plain step, none repeated; what stays alive
 between forward and backward is the gradient of h (tokens × hidden) and of the trainable head
 parameters (which backward produces anyway). Tokens whose label is ignored (-100: padding, and
-each row's last position after the shift) are skipped. Exact: the same sums, in chunks.
+each row's last position after the shift) count zero; their logits are still computed in their
+chunk, since fixed chunks of all rows need no host read (no count or index of the labelled rows
+comes back from the device inside the step). Exact: the same sums, in chunks.
 
 `ChunkedLMLoss` is the companion (`WTACRSConfig.chunked_lm_loss`): a mixin for transformers'
 `*ForCausalLM` models whose loss is `ForCausalLMLoss`; in a training forward given `labels`, it
@@ -40,37 +42,39 @@ CHUNK_BYTES = 32 * 2**20  # float32 logits per chunk: 32 MiB is 170 tokens at a 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, targets, head, chunk_rows, normalizer, *params):  # noqa: D102
+        # Fixed chunks of all N rows, ignored ones included (their loss and gradient are zero):
+        # selecting the labelled rows first would read their count back from the device.
         flat = hidden.detach().reshape(-1, hidden.shape[-1])  # (N, H)
         targets = targets.reshape(-1)
-        rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (T,) positions with a label
+        scale = normalizer.reciprocal()  # () on the device
         grad_hidden = torch.zeros_like(flat) if ctx.needs_input_grad[0] else None
         # accumulated in place over the chunks, already divided by the normalizer
         grad_params = [torch.zeros_like(p) if needed else None for p, needed in zip(params, ctx.needs_input_grad[5:])]
         linear = type(head) is nn.Linear  # gradients by hand, accumulated with addmm_: no per-chunk (V, H) copy
         total = flat.new_zeros((), dtype=_loss_dtype(flat.dtype))
-        for chunk in rows.split(chunk_rows):
-            h, t = flat.index_select(0, chunk), targets.index_select(0, chunk)  # (C, H), (C,)
+        for start in range(0, flat.shape[0], chunk_rows):
+            h, t = flat[start:start + chunk_rows], targets[start:start + chunk_rows]  # (C, H), (C,)
             if linear:
-                loss, grad_h = _linear_chunk(h, t, head, grad_params, 1.0 / normalizer, grad_hidden is not None)
+                loss, grad_h = _linear_chunk(h, t, head, grad_params, scale, grad_hidden is not None)
             else:
-                loss, grad_h = _module_chunk(h, t, head, params, grad_params, 1.0 / normalizer,
-                                             grad_hidden is not None)
+                loss, grad_h = _module_chunk(h, t, head, params, grad_params, scale, grad_hidden is not None)
             if grad_hidden is not None:
-                grad_hidden.index_copy_(0, chunk, grad_h.to(grad_hidden.dtype))
+                grad_hidden[start:start + chunk_rows] = grad_h
             total += loss
         kept = [grad_hidden, *grad_params]
         ctx.save_for_backward(*(g for g in kept if g is not None))
-        ctx.present, ctx.hidden_shape = [g is not None for g in kept], hidden.shape
-        return total / normalizer
+        ctx.present, ctx.hidden_shape, ctx.used = [g is not None for g in kept], hidden.shape, False
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad_loss):  # noqa: D102
+        if ctx.used:  # the stored gradients are scaled in place below
+            raise RuntimeError("chunked_lm_loss supports one backward per forward (no retain_graph reuse)")
+        ctx.used = True
         saved = iter(ctx.saved_tensors)
-        grads = [next(saved) if present else None for present in ctx.present]
-        # the stored gradients are those of the loss itself; scale only when backward starts
-        # elsewhere than loss.backward() (a host read of one number, as Liger-Kernel does)
-        if bool(grad_loss != 1):
-            grads = [None if g is None else g * grad_loss for g in grads]
+        # The stored gradients are those of the loss itself: scaled by the incoming gradient in
+        # place (1 after loss.backward()), with no host read of it and no second copy.
+        grads = [next(saved).mul_(grad_loss) if present else None for present in ctx.present]
         grad_hidden = None if grads[0] is None else grads[0].view(ctx.hidden_shape)
         return grad_hidden, None, None, None, None, *grads[1:]
 
@@ -80,18 +84,21 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _linear_chunk(h: Tensor, targets: Tensor, head: nn.Linear, grad_params: list[Tensor | None], scale: float,
+def _linear_chunk(h: Tensor, targets: Tensor, head: nn.Linear, grad_params: list[Tensor | None], scale: Tensor,
                   want_hidden: bool) -> tuple[Tensor, Tensor | None]:
-    """Summed loss of one chunk of rows h (C, H) under an nn.Linear head, its gradient w.r.t. h
-    (C, H) times `scale`, and `scale` times the head's weight (V, H) / bias (V,) gradients added
-    into `grad_params` (weight first, as `head.parameters()` lists them)."""
+    """Summed loss of one chunk of rows h (C, H) under an nn.Linear head (rows labelled
+    IGNORE_INDEX count zero), its gradient w.r.t. h (C, H) times `scale` (a 0-dim tensor), and
+    `scale` times the head's weight (V, H) / bias (V,) gradients added into `grad_params`
+    (weight first, as `head.parameters()` lists them)."""
+    labelled = targets != IGNORE_INDEX  # (C,)
+    targets = targets.clamp_min(0).unsqueeze(1)  # (C, 1); an ignored row's value is multiplied by 0 below
     logits = F.linear(h, head.weight, head.bias)
     logits = logits.to(_loss_dtype(logits.dtype))  # (C, V), upcast as ForCausalLMLoss does
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (C, 1)
-    loss = (lse.squeeze(1) - logits.gather(1, targets.unsqueeze(1)).squeeze(1)).sum()
+    loss = ((lse - logits.gather(1, targets)).squeeze(1) * labelled).sum()
     dlogits = logits.sub_(lse).exp_()  # softmax, in place of the logits
-    dlogits[torch.arange(len(targets), device=targets.device), targets] -= 1
-    dlogits = dlogits.mul_(scale).to(head.weight.dtype)
+    dlogits.scatter_add_(1, targets, torch.full_like(lse, -1.0))
+    dlogits = dlogits.mul_((labelled.unsqueeze(1) * scale).to(dlogits.dtype)).to(head.weight.dtype)
     grads = iter(g for g in grad_params)
     for p in head.parameters():
         if p.requires_grad:
@@ -104,19 +111,20 @@ def _linear_chunk(h: Tensor, targets: Tensor, head: nn.Linear, grad_params: list
 
 
 def _module_chunk(h: Tensor, targets: Tensor, head: nn.Module, params: tuple[Tensor, ...],
-                  grad_params: list[Tensor | None], scale: float, want_hidden: bool) -> tuple[Tensor, Tensor | None]:
+                  grad_params: list[Tensor | None], scale: Tensor, want_hidden: bool) -> tuple[Tensor, Tensor | None]:
     """`_linear_chunk` for any head module (a LoRA-wrapped lm_head), through autograd."""
     wanted = [p for p, g in zip(params, grad_params) if g is not None]
     with torch.enable_grad():
         h = h.requires_grad_(want_hidden)
         logits = head(h)
-        loss = F.cross_entropy(logits.to(_loss_dtype(logits.dtype)), targets, reduction="sum")
+        loss = F.cross_entropy(logits.to(_loss_dtype(logits.dtype)), targets, ignore_index=IGNORE_INDEX,
+                               reduction="sum")
         inputs = ([h] if want_hidden else []) + wanted
         grads = list(torch.autograd.grad(loss, inputs, allow_unused=True)) if inputs else []
     grad_h = grads.pop(0) * scale if want_hidden else None
     for total, g in zip((g for g in grad_params if g is not None), grads):
         if g is not None:
-            total.add_(g, alpha=scale)
+            total.add_(g.mul_(scale))  # g is autograd.grad's fresh tensor: scaled where it is
     return loss.detach(), grad_h
 
 
@@ -145,10 +153,9 @@ def chunked_lm_loss(
         The scalar loss (float32; float64 for float64 hidden states and head).
     """
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # (B, L): next token, -100 at the end
-    if num_items_in_batch is None:
-        normalizer = float((targets != IGNORE_INDEX).sum())
-    else:
-        normalizer = float(num_items_in_batch)
+    # the divisor stays a device tensor: a float() of it would make the step wait for the device
+    count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch
+    normalizer = torch.as_tensor(count, device=hidden.device).to(_loss_dtype(hidden.dtype))
     vocab = _output_features(head, hidden)
     chunk_rows = max(1, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (4 * vocab))
     params = [p for p in head.parameters() if p.requires_grad]
