@@ -73,42 +73,62 @@ def ill_conditioned_columns(weight: Tensor | None, bias: Tensor | None) -> Tenso
 class _LayerNormFromOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, normalized_shape, weight, bias, eps, kept_columns):  # noqa: D102
-        y = F.layer_norm(x, normalized_shape, weight, bias, eps)
-        dims = tuple(range(-len(normalized_shape), 0))
-        x_used = x.to(_compute_dtype(y.dtype))  # the dtype F.layer_norm computed in (autocast may cast)
-        var, mean = torch.var_mean(x_used, dim=dims, correction=0, keepdim=True)  # (..., 1…1)
-        rstd = var.add_(eps).rsqrt_()
+        # torch.native_layer_norm is the kernel F.layer_norm calls (y bitwise equal), and it gives
+        # the row means and rstd from the same pass. Under autocast F.layer_norm itself runs, so
+        # that autocast's device-specific cast decides y's dtype.
+        mean = rstd = None
+        if torch.is_autocast_enabled(x.device.type):
+            y = F.layer_norm(x, normalized_shape, weight, bias, eps)
+        else:
+            y, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+        if rstd is None or rstd.dtype != _compute_dtype(y.dtype):  # half statistics: redo in float32
+            mean, rstd = _row_statistics(x.to(_compute_dtype(y.dtype)), len(normalized_shape), eps)
         kept = None
         if kept_columns.numel():  # (..., K) input columns whose x̂ is not recoverable from y
+            dims = tuple(range(-len(normalized_shape), 0))
             kept = x.flatten(dims[0]).index_select(-1, kept_columns.to(x.device))
         ctx.save_for_backward(y, weight, bias, rstd, kept, mean if kept is not None else None)
-        ctx.kept_columns, ctx.dims, ctx.x_dtype = kept_columns, dims, x.dtype
+        ctx.kept_columns, ctx.normalized_shape, ctx.x_dtype = kept_columns, normalized_shape, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         y, weight, bias, rstd, kept, mean = ctx.saved_tensors
-        dtype, dims = rstd.dtype, ctx.dims
-        grad, x_hat = grad_out.to(dtype), y.to(dtype)
-        if bias is not None:
-            x_hat = x_hat - bias.to(dtype)
-        grad_scaled = grad
-        if weight is not None:
-            x_hat = x_hat / weight.to(dtype)
-            grad_scaled = grad * weight.to(dtype)
+        dtype, shape = rstd.dtype, ctx.normalized_shape
+        gamma = None if weight is None else weight.to(dtype)
+        beta = None if bias is None else bias.to(dtype)
+        x_hat = _normalized_from_output(y.to(dtype), gamma, beta)
         if kept is not None:
+            dims = tuple(range(-len(shape), 0))
             x_hat = _restore_columns(x_hat, ctx.kept_columns.to(y.device), kept, mean, rstd, dims)
-        lead = tuple(range(grad.dim() - len(dims)))
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            mean_g = grad_scaled.mean(dims, keepdim=True)
-            mean_gx = (grad_scaled * x_hat).mean(dims, keepdim=True)
-            grad_x = (rstd * (grad_scaled - mean_g - x_hat * mean_gx)).to(ctx.x_dtype)
-        if weight is not None and ctx.needs_input_grad[2]:
-            grad_weight = (grad * x_hat).sum(lead).to(weight.dtype)
-        if bias is not None and ctx.needs_input_grad[3]:
-            grad_bias = grad.sum(lead).to(bias.dtype)
+        # The native backward (one fused kernel) fed x̂ with mean 0 and rstd 1 computes
+        # g_γ − mean(g_γ) − x̂·mean(g_γ ⊙ x̂), dγ and dβ exactly; dx is that times the true rstd.
+        needs = [ctx.needs_input_grad[0], gamma is not None and ctx.needs_input_grad[2],
+                 beta is not None and ctx.needs_input_grad[3]]
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
+            grad_out.to(dtype), x_hat, shape, torch.zeros_like(rstd), torch.ones_like(rstd), gamma, beta, needs
+        )
+        if grad_x is not None:
+            grad_x = grad_x.mul_(rstd).to(ctx.x_dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
         return grad_x, None, grad_weight, grad_bias, None, None
+
+
+def _row_statistics(x: Tensor, num_dims: int, eps: float) -> tuple[Tensor, Tensor]:
+    """Row means and rstd of x (..., *S) over its last `num_dims` dimensions, (..., 1…1) each."""
+    var, mean = torch.var_mean(x, dim=tuple(range(-num_dims, 0)), correction=0, keepdim=True)
+    return mean, var.add_(eps).rsqrt_()
+
+
+def _normalized_from_output(y: Tensor, gamma: Tensor | None, beta: Tensor | None) -> Tensor:
+    """x̂ = (y − β) / γ in one fused pass: y · (1/γ) − β/γ."""
+    if gamma is None:
+        return y if beta is None else y - beta
+    shift = torch.zeros_like(gamma) if beta is None else beta / gamma
+    return torch.addcmul(-shift, y, gamma.reciprocal())
 
 
 def _restore_columns(x_hat: Tensor, columns: Tensor, kept: Tensor, mean: Tensor | None, rstd: Tensor, dims) -> Tensor:
