@@ -89,13 +89,34 @@ def _collate(features):
     }
 
 
-def _trainer(output_dir, epochs=2, seed=0):
-    model = wtacrs.apply(BERT.model(seed), wtacrs.WTACRSConfig(ratio=0.3, seed=seed))
+def _trainer(output_dir, epochs=2, seed=0, model=None, **arguments):
+    model = model or wtacrs.apply(BERT.model(seed), wtacrs.WTACRSConfig(ratio=0.3, seed=seed))
     args = TrainingArguments(
         str(output_dir), per_device_train_batch_size=6, num_train_epochs=epochs, save_steps=4, seed=seed,
-        report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
+        report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000, **arguments,
     )
     return WTACRSTrainer(model=model, args=args, train_dataset=_dataset(), data_collator=_collate)
+
+
+def test_trainer_with_torch_compile_trains_like_eager(tmp_path):
+    """`torch_compile=True` runs each step as `wtacrs.batch(..., model=)`: the compiled model
+    (aot_eager here; dropout off, compiled dropout draws from another stream) trains to eager's
+    weights and fills the same cache."""
+    trainers = {}
+    for compiled in (False, True):
+        model = BERT.model(0)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model = wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, seed=0))
+        extra = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
+        trainers[compiled] = _trainer(tmp_path / str(compiled), epochs=1, model=model, save_strategy="no", **extra)
+        trainers[compiled].train()
+    eager, compiled = (wtacrs.sampling_state(trainers[c].model) for c in (False, True))
+    assert compiled.cache.num_examples == eager.cache.num_examples == 24
+    torch.testing.assert_close(compiled.cache.state_dict()["data"], eager.cache.state_dict()["data"], rtol=0, atol=1)
+    for (name, p), q in zip(trainers[False].model.named_parameters(), trainers[True].model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_trainer_fills_cache_and_resumes_exactly(tmp_path):
@@ -165,7 +186,8 @@ def test_trainer_batches_carry_a_host_mask_the_step_hands_to_wtacrs_batch(monkey
 
     seen = []
     real_batch = trainer_module.batch
-    monkeypatch.setattr(trainer_module, "batch", lambda ids, mask=None: seen.append(mask) or real_batch(ids, mask))
+    monkeypatch.setattr(trainer_module, "batch",
+                        lambda ids, mask=None, model=None: seen.append(mask) or real_batch(ids, mask, model))
     trainer = _trainer(tmp_path, epochs=1)
     collated = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1)])
     assert collated[trainer_module.HOST_MASK_KEY].shape == tuple(collated["attention_mask"].shape)

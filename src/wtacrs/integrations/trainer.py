@@ -58,6 +58,10 @@ class WTACRSTrainer(Trainer):
     - Keeps "example_id" from being dropped by `remove_unused_columns`.
     - Saves the sampling state (step counter and cache) into each checkpoint and restores it
       on `train(resume_from_checkpoint=...)`.
+    - With `TrainingArguments(torch_compile=True)`, runs each step as `wtacrs.batch(ids, mask,
+      model=model)`: the step's host work (cache lookup, row layout, the draws' key) happens
+      before the forward and after the backward, so the compiled model runs no host code and
+      has no graph break in the sampled layers.
     """
 
     def __init__(self, *args, **kwargs):
@@ -87,7 +91,8 @@ class WTACRSTrainer(Trainer):
         if ids is None:
             return super().training_step(model, inputs, num_items_in_batch)
         host_mask = None if host_mask is None else torch.from_numpy(host_mask)
-        with batch(ids, host_mask):  # a host mask spares the step its one copy back from the device
+        planned = self._unwrapped() if self.args.torch_compile and host_mask is not None else None
+        with batch(ids, host_mask, model=planned):  # a host mask spares the step its copy back from the device
             return super().training_step(model, inputs, num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
