@@ -15,7 +15,7 @@ from torch import Tensor
 
 _LOG2_MIN = -40.0
 _CODES_PER_OCTAVE = 4.0
-MISSING = 0  # the code of a missing (non-finite or never recorded) norm
+_MISSING = 0  # the code of a missing (non-finite or never recorded) norm
 _INDEX_BYTES_PER_EXAMPLE = 12  # int64 offset + int32 length
 
 
@@ -23,13 +23,13 @@ def encode_norms(norms: Tensor) -> Tensor:
     """(…) float norms → (…) uint8 codes, 0 for non-finite (treated as missing)."""
     g = norms.float()
     code = torch.round((torch.log2(g.clamp(min=2.0**_LOG2_MIN)) - _LOG2_MIN) * _CODES_PER_OCTAVE) + 1
-    return torch.where(torch.isfinite(g), code.clamp(1, 255), MISSING).to(torch.uint8)
+    return torch.where(torch.isfinite(g), code.clamp(1, 255), _MISSING).to(torch.uint8)
 
 
 def decode_norms(codes: Tensor) -> Tensor:
     """(…) uint8 codes → (…) float32 norms, NaN where missing."""
     g = torch.exp2((codes.float() - 1) / _CODES_PER_OCTAVE + _LOG2_MIN)
-    return torch.where(codes == MISSING, torch.nan, g)
+    return torch.where(codes == _MISSING, torch.nan, g)
 
 
 def real_token_ordinals(mask: Tensor) -> Tensor:
@@ -69,7 +69,7 @@ class NormStore:
         Args:
             slots: S slots; ids: (B,) int64 on the host; mask: (B, T) bool on the host, True at real tokens.
         Returns:
-            (S, B, T) uint8 codes (`MISSING` where nothing is stored), and (B, T) bool: the real
+            (S, B, T) uint8 codes (0, missing, where nothing is stored), and (B, T) bool: the real
             tokens of examples stored at this length (the others are unseen).
         """
         offset, length = self._entries(ids)
@@ -116,7 +116,7 @@ class NormStore:
             sizes = self.num_slots * length[stale][first].to(torch.int64)
             starts = self._used + sizes.cumsum(0) - sizes
             self._used += int(sizes.sum())
-            self._data = _grown(self._data, self._used, MISSING)
+            self._data = _grown(self._data, self._used, _MISSING)
             self._offset[new_ids] = starts
             self._length[new_ids] = length[stale][first]
         return self._offset[ids]
