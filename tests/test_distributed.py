@@ -443,7 +443,7 @@ def test_one_rank_checkpoint_resumes_on_two_ranks_with_the_cache(ranks):
 
 
 def test_wire_format_round_trips_with_any_padding():
-    from wtacrs.cache import GradNormCache
+    from wtacrs.cache import GradNormCache, PendingRecord
 
     mask = torch.tensor([[True, True, False], [False, True, True]])  # right- and left-padded rows
     direct, exchanged = GradNormCache(2), GradNormCache(2)
@@ -454,7 +454,7 @@ def test_wire_format_round_trips_with_any_padding():
     for key, value in direct.state_dict().items():  # the position prior is NaN where no record reached
         torch.testing.assert_close(value, exchanged.state_dict()[key], rtol=0, atol=0, equal_nan=True, msg=key)
     assert unpack_records(pack_records([])) == []
-    one = [(0, torch.tensor([1]), mask[:1], torch.ones(1, 3, dtype=torch.uint8))]
+    one = [PendingRecord(0, torch.tensor([1]), mask[:1], torch.ones(1, 3, dtype=torch.uint8))]
     with pytest.raises(ValueError, match="truncated"):
         unpack_records(pack_records(one)[:-1])
 

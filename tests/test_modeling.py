@@ -111,7 +111,7 @@ def test_query_key_value_share_one_sample():
     case = CASES_BY_NAME["bert"]
     model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3))
     step(model, case.batch(), ids=torch.arange(3))
-    groups = sorted(sorted(g) for g in wtacrs.sampling_state(model)._groups.values())
+    groups = sorted(sorted(g) for g in wtacrs.sampling_state(model).draws.groups.values())
     assert groups == [[0, 1, 2], [6, 7, 8]]  # q, k, v of each of the two layers
     assert "shares input" in wtacrs.summary(model)
 

@@ -9,9 +9,10 @@ Model", NeurIPS 2023, arXiv:2305.15265.
         model(**inputs).loss.backward()
 """
 
+from wtacrs.batching import batch
 from wtacrs.config import WTACRSConfig, WTACRSConfigError
-from wtacrs.layers import PaddingGradientError, batch
 from wtacrs.modeling import NoMatchingModulesError, apply, remove, sampling_state, summary
+from wtacrs.sampling import PaddingGradientError
 
 __version__ = "0.1.0"
 __all__ = [

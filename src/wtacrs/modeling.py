@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from wtacrs.companions import COMPANION_OPTIONS, apply_companions, companion_usage, remove_companions
 from wtacrs.config import WTACRSConfig
-from wtacrs.layers import SampledLayerMixin, SampledLinear, SamplingState, sampled_conv1d_class
+from wtacrs.layers import SampledLayerMixin, SampledLinear, sampled_conv1d_class
+from wtacrs.sampling import SamplingState
 
 _STATE_ATTR = "wtacrs_state"
 
@@ -331,7 +332,7 @@ def summary(model: nn.Module) -> str:
 
 def _layer_lines(state: SamplingState, layers: list[tuple[str, nn.Module]]) -> list[str]:
     """One line per sampled layer, then the saved input bytes per token before and after."""
-    leader_of = {s: leader for leader, group in state._groups.items() for s in group}
+    leader_of = {s: leader for leader, group in state.draws.groups.items() for s in group}
     lines = []
     before = after = 0.0
     drawn = set()

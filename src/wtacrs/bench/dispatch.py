@@ -23,11 +23,11 @@ SYNC_OPS: frozenset[str] = frozenset({
 
 # wtacrs code that works on host tensors only (the cache's store, the batch's host mask and ids):
 # its calls cost host time but never make a GPU wait, so they are counted apart.
-HOST_SITES: tuple[str, ...] = ("wtacrs.cache:", "wtacrs.layers:batch", "wtacrs.layers:_forward_rows",
-                               "wtacrs.layers:_live_count",
-                               "wtacrs.layers:_check_padding", "wtacrs.layers:_fold",
+HOST_SITES: tuple[str, ...] = ("wtacrs.cache.", "wtacrs.batching:batch", "wtacrs.sampling.rows:forward_rows",
+                               "wtacrs.sampling.rows:live_count", "wtacrs.sampling.recorder:check_padding",
+                               "wtacrs.sampling.fold:",
                                "wtacrs.companions.dropout:_draw_seed")  # a seed from the host generator
-DEVICE_SITES_IN_HOST_MODULES: tuple[str, ...] = ("wtacrs.cache:encode_norms",)
+DEVICE_SITES_IN_HOST_MODULES: tuple[str, ...] = ("wtacrs.cache.store:encode_norms",)
 
 
 def is_host_site(site: str) -> bool:

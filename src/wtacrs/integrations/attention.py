@@ -33,7 +33,7 @@ from wtacrs.estimators import Estimator, validate_estimator, validate_ratio
 from wtacrs.functional import Budget, validate_budget
 
 if TYPE_CHECKING:
-    from wtacrs.layers import SamplingState
+    from wtacrs.sampling import SamplingState
 
 ATTN_IMPLEMENTATION = "wtacrs"
 _ATTENTION_STREAM = 1 << 20  # keys the attention draws apart from the linear layers' slots

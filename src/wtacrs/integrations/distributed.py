@@ -162,11 +162,12 @@ def pack_records(records: list[PendingRecord]) -> Tensor:
     """Records → one uint8 buffer holding only the real tokens' codes."""
     header = [len(records)]
     ids, counts, codes = [], [], []
-    for slot, example_ids, mask, record_codes in records:
-        header += [slot, example_ids.numel(), int(mask.sum())]
-        ids.append(example_ids.to(torch.int64))
+    for record in records:
+        mask = record.row_mask
+        header += [record.slot, record.example_ids.numel(), int(mask.sum())]
+        ids.append(record.example_ids.to(torch.int64))
         counts.append(mask.sum(1).to(torch.int32))
-        codes.append(record_codes[mask])
+        codes.append(record.codes[mask])
     parts = [torch.tensor(header, dtype=torch.int64), *ids, *counts]
     return torch.cat([p.contiguous().view(torch.uint8) for p in parts] + codes)
 

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
 from wtacrs.atomic import atomic_path
+from wtacrs.batching import batch
 from wtacrs.integrations.checkpoints import last_complete_checkpoint, verify_checkpoint
 from wtacrs.integrations.distributed import enable_data_parallel
-from wtacrs.layers import batch
 from wtacrs.modeling import sampling_state
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,46 @@
+"""The current training step's examples: what `wtacrs.batch` tells the sampled models."""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from wtacrs.sampling.state import SamplingState
+
+_current: contextvars.ContextVar["BatchContext | None"] = contextvars.ContextVar("wtacrs_batch", default=None)
+
+
+@dataclass
+class BatchContext:
+    """One `wtacrs.batch` block.
+
+    Attributes:
+        example_ids: (B,) int64 on the host.
+        attention_mask: (B, T) bool on the host, if the caller gave it.
+        states: the sampling states that ran a forward inside the block (committed at its exit).
+    """
+
+    example_ids: Tensor
+    attention_mask: Tensor | None
+    states: list["SamplingState"] = dataclasses.field(default_factory=list)
+
+
+def current_batch() -> BatchContext | None:
+    """The innermost `wtacrs.batch` block of this thread, if any."""
+    return _current.get()
+
+
+@contextmanager
+def inside(context: BatchContext) -> Iterator[None]:
+    """Make `context` the current batch for the duration of the block."""
+    token = _current.set(context)
+    try:
+        yield
+    finally:
+        _current.reset(token)

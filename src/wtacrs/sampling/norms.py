@@ -1,0 +1,57 @@
+"""Reading norms for a forward: example ids → gradient-norm cache → each slot's score multiplier.
+
+Inside `wtacrs.batch(ids)`, one host lookup per forward and row layout brings every layer's cached
+‖dY‖ to the device in one asynchronous copy, already combined per shared draw and masked.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from wtacrs.cache import GradNormCache
+from wtacrs.estimators import fill_missing_norms
+from wtacrs.sampling.rows import ForwardRows
+from wtacrs.sampling.transport import to_device
+
+
+class NormReader:
+    """Per forward and row layout: every slot's score multiplier, on the device, in one copy.
+
+    multiplier[slot] = ‖dY‖ cached for the slot's draw group (Σ_members ‖dY‖²)^½ (shared draws serve
+    several layers: this p minimises their summed variance), missing ones filled
+    (`estimators.fill_missing_norms`), times the row mask."""
+
+    def __init__(self):
+        self._tables: dict[str, Tensor | None] = {}  # ForwardRows.key -> (S, N) float32 on the device
+
+    def clear(self) -> None:
+        self._tables.clear()
+
+    def multipliers(self, rows: ForwardRows, use_mask: bool, cache: GradNormCache | None,
+                    members: Callable[[int], Tensor], num_slots: int, device: torch.device) -> Tensor | None:
+        """(S, N) or (1, N) float32 multipliers for `rows` (row mask applied if `use_mask`), or None for 1.
+
+        Args:
+            cache: None to score by activation norms only.
+            members: num_slots -> (S, S) draw-group membership (`DrawRegistry.members`).
+        """
+        if rows.key not in self._tables:
+            self._tables[rows.key] = self._build(rows, use_mask, cache, members, num_slots, device)
+        return self._tables[rows.key]
+
+    @staticmethod
+    def _build(rows: ForwardRows, use_mask: bool, cache: GradNormCache | None, members: Callable[[int], Tensor],
+               num_slots: int, device: torch.device) -> Tensor | None:
+        mask = rows.mask.view(1, -1).to(torch.float32) if use_mask else None  # (1, N)
+        if cache is None or rows.example_ids is None:
+            return mask
+        norms = cache.lookup_slots(list(range(cache.num_slots)), rows.example_ids, rows.host_mask)  # (S', B, T)
+        known = norms.isfinite().reshape(cache.num_slots, -1).float()
+        squares = norms.nan_to_num(0.0).square().reshape(cache.num_slots, -1)
+        table = members(num_slots)[:, : cache.num_slots]  # layers added after the cache have no slot
+        combined = torch.where(table @ known > 0, (table @ squares).sqrt(), torch.nan)  # (S, N)
+        filled = fill_missing_norms(to_device(combined, device))
+        return filled if mask is None else filled * mask
