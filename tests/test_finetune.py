@@ -121,8 +121,16 @@ def test_default_run_compares_full_checkpointing_and_the_best_exact_recipe(tiny_
     assert sampled["saved_activation_bytes"] < full["saved_activation_bytes"]
     assert checkpointing["saved_activation_bytes"] < full["saved_activation_bytes"]
     # (no order of live peaks to assert: the tiny model's peak is its embedding gradient and AdamW state)
-    # sampling recipes train at 1.5x the default learning rate; --lr sets every run's
-    assert sampled["hyperparameters"]["lr"] == pytest.approx(1.5 * full["hyperparameters"]["lr"])
+    # the base rate is the task's; each sampled layer trains at it times sqrt(1 + v), v measured
+    assert sampled["hyperparameters"]["lr"] == full["hyperparameters"]["lr"]
+    assert sampled["hyperparameters"]["sampled_lr"] == "measured" and "sampled_lr" not in full["hyperparameters"]
+    measured = json.loads(next(tmp_path.glob(f"*/*/{BEST_EXACT}/seed0/lr_scales.json")).read_text())
+    assert measured["scales"].keys() == measured["first_visit_variance"].keys()
+    for name, v in measured["first_visit_variance"].items():
+        assert v > 0 and measured["scales"][name] == pytest.approx((1 + v) ** 0.5)
+    spread = sampled["sampled_lr_scales"]
+    assert 1 < spread["min"] <= spread["median"] <= spread["max"] and spread["layers"] == len(measured["scales"])
+    assert full["sampled_lr_scales"] is None
     assert list(tmp_path.glob("*/*/full/seed0/runs/*"))  # TensorBoard logs
 
 

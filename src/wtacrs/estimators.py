@@ -143,6 +143,44 @@ def winner_counts(top: Tensor, total: Tensor) -> Tensor:
     return (residual / _countdown(top.shape[1], top.device)).argmin(1, keepdim=True)
 
 
+def winner_mask(scores: Tensor, k: int, estimator: Estimator) -> Tensor:
+    """(N,) bool: the rows a draw of k slots keeps exactly for these scores (N,): every row that
+    can be drawn when k covers them all (the exact product), else WTA-CRS's winners, chosen as
+    `sample_slots` chooses them, or none (CRS)."""
+    drawable = scores > 0
+    if k >= int(drawable.sum()):
+        return drawable
+    keep = torch.zeros_like(drawable)
+    if estimator != "wta-crs":
+        return keep
+    top, order = scores.float().topk(k)
+    count = int(winner_counts(top.unsqueeze(0), scores.float().sum().reshape(1, 1)))
+    return keep.index_fill_(0, order[:count], True)
+
+
+def column_row_variance(products: Tensor, scores: Tensor, winners: Tensor, draws: int, rest_norm2: Tensor) -> Tensor:
+    """E‖dŴ − dW‖² of (WTA-)CRS: the winners exact, `draws` i.i.d. draws among the other rows
+    with probabilities q_i = s_i / Σ_{j∉C} s_j (Liu et al. 2023, Sec. 3; the bound of their
+    Eq. 4 is this with q_i ∝ ‖X_i‖‖dY_i‖):
+
+        (Σ_{i∉C} ‖X_i‖² ‖dY_i‖² / q_i − ‖Σ_{i∉C} dY_iᵀ X_i‖²) / draws.
+
+    Args:
+        products: (N,) ‖X_i‖ · ‖dY_i‖.
+        scores: (N,) the scores the draw used, positive wherever products are.
+        winners: (N,) bool, the set C.
+        draws: k − |C|, at least 1.
+        rest_norm2: () ‖Σ_{i∉C} dY_iᵀ X_i‖², the squared norm of the part the draws estimate.
+    Returns:
+        () float64.
+    """
+    rest = ~winners
+    s, g = scores.double()[rest], products.double()[rest]
+    drawn = s > 0  # a zero score must mean a zero product (unbiasedness); it adds nothing
+    second_moment = (g[drawn].square() / s[drawn]).sum() * s.sum()
+    return (second_moment - rest_norm2.double()) / draws
+
+
 def _countdown(k: int, device: torch.device) -> Tensor:
     """k, k − 1, …, 1: the draws left after each number of winners."""
     return _arange(k, 0, -1, device)

@@ -117,7 +117,7 @@ def _begin_forward(model: nn.Module, state: SamplingState, signature: inspect.Si
     mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
     decoder_mask = bound.get("decoder_attention_mask")
     decoder_mask = decoder_mask if isinstance(decoder_mask, Tensor) and decoder_mask.dim() == 2 else None
-    state.begin_forward({"main": mask, "encoder": mask, "decoder": decoder_mask})
+    state.begin_forward({"main": mask, "encoder": mask, "decoder": decoder_mask}, training=model.training)
 
 
 def _end_forward(state: SamplingState, module, args, output) -> None:

@@ -32,7 +32,7 @@ from typing import NoReturn
 from wtacrs.finetuning.guards import check_output_dir
 from wtacrs.finetuning.results import RESULTS_FILE, method_label, score_percent
 from wtacrs.finetuning.run_folder import RunFolder, RunFolderError
-from wtacrs.finetuning.spec import DEFAULTS, SAMPLED_LR_FACTOR, RunSpec, Settings, parse_recipes
+from wtacrs.finetuning.spec import DEFAULTS, MEASURED, RunSpec, Settings, parse_recipes
 from wtacrs.packaged import PACKAGED_MODELS
 from wtacrs.recipes import BEST_EXACT, RecipeError
 
@@ -64,10 +64,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pad every batch to --max-length (run_glue.py's flag; the paper's runs did) instead of "
                         "to its longest sequence")
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed (default 0)")
-    p.add_argument("--lr", type=float, help=f"peak learning rate of every run (default: the task's, {DEFAULTS['lr']} "
-                   f"for most and 1e-4 for the offline default task; LoRA recipes {DEFAULTS['lora_lr']}; sampling "
-                   f"recipes {SAMPLED_LR_FACTOR}x that: their gradient noise shortens Adam's steps, "
-                   "benchmarks/ACCURACY.md)")
+    p.add_argument("--lr", type=float, help=f"base peak learning rate of every run (default: the task's, "
+                   f"{DEFAULTS['lr']} for most and 1e-4 for the offline default task; LoRA recipes "
+                   f"{DEFAULTS['lora_lr']}); sampling recipes raise it as --sampled-lr says")
+    p.add_argument("--sampled-lr", type=_sampled_lr, default=MEASURED, metavar="measured|FACTOR",
+                   help="sampling recipes: their gradient noise shortens Adam's steps (benchmarks/ACCURACY.md). "
+                        "'measured' (default): each sampled layer trains at the base rate times sqrt(1 + v), v its "
+                        "gradient's relative variance measured on the first batch before training "
+                        "(wtacrs.learning_rate), every other parameter at the base rate; a number: every "
+                        "parameter at the base rate times it (1: no change)")
     p.add_argument("--epochs", type=float, help=_default_help("epochs"))
     p.add_argument("--batch-size", type=int, help=_default_help("batch_size"))
     p.add_argument("--max-length", type=int,
@@ -133,7 +138,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     settings = Settings(
         task=args.task, model=args.model or DEFAULT_PACKAGED_MODEL, data_dir=args.data_dir, recipes=recipes,
         seeds=tuple(args.seed), output_dir=output_dir, **filled, default_lr=defaults["lr"],
-        default_lora_lr=defaults["lora_lr"], lr=args.lr, budget=args.budget,
+        default_lora_lr=defaults["lora_lr"], lr=args.lr, sampled_lr=args.sampled_lr, budget=args.budget,
         target_modules=tuple(args.target_modules) if args.target_modules else None,
         pad_to_max_length=args.pad_to_max_length, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, doc_stride=args.doc_stride, n_best=args.n_best,
@@ -142,6 +147,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
     _check_settings(settings)
     return settings
+
+
+def _sampled_lr(text: str) -> str | float:
+    """--sampled-lr: "measured" or a positive finite factor."""
+    if text == MEASURED:
+        return text
+    try:
+        factor = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected '{MEASURED}' or a number, got {text!r}") from None
+    if not (math.isfinite(factor) and factor > 0):
+        raise argparse.ArgumentTypeError(f"the factor must be a positive number, got {text!r}")
+    return factor
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -174,6 +192,7 @@ def _check_options(args: argparse.Namespace) -> None:
 def _check_settings(s: Settings) -> None:
     """Checks of values the task's defaults may have filled in."""
     from wtacrs.finetuning.models import check_max_length
+    from wtacrs.learning_rate import MEASURED_ESTIMATORS
     from wtacrs.tasks import get_task
 
     if s.weight_decay < 0:
@@ -188,6 +207,10 @@ def _check_settings(s: Settings) -> None:
         raise ValueError(f"--resume: --output-dir {s.output_dir} does not exist (no runs to continue)")
     check_output_dir(s.output_dir)
     check_max_length(s.model, s.max_length)
+    unmeasured = [r.spec for r in s.recipes if r.samples and r.estimator not in MEASURED_ESTIMATORS]
+    if unmeasured and s.sampled_lr == MEASURED:
+        raise ValueError(f"--sampled-lr measured needs a {' or '.join(MEASURED_ESTIMATORS)} sampler, not "
+                         f"{', '.join(unmeasured)}: give a factor (--sampled-lr 1.5)")
 
 
 def _check_distinct(option: str, values: list) -> None:

@@ -41,7 +41,8 @@ def finished_record(run: RunSpec, *, scores: dict, training: dict, measured: dic
         scores: {"metrics", "score", "best_epoch", "history", "eval_examples"} of the evaluations.
         training: the run's training.json record (step time, peak memory).
         measured: {"saved_activation_bytes", "live_peak_bytes", "train_examples",
-            "train_samples_per_second", "model_family", "model_kind", "companion_effects"}.
+            "train_samples_per_second", "model_family", "model_kind", "companion_effects",
+            "sampled_lr_scales"}.
     """
     s = run.settings
     return {
@@ -49,7 +50,8 @@ def finished_record(run: RunSpec, *, scores: dict, training: dict, measured: dic
         "peak_memory_bytes": training["peak_memory_bytes"], "peak_memory_kind": training["peak_memory_kind"],
         "step_seconds": training["step_seconds"] / training["steps_timed"] if training["steps_timed"] else None,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "hyperparameters": {k: getattr(s, k) for k in HYPERPARAMETERS} | {"lr": run.learning_rate},
+        "hyperparameters": {k: getattr(s, k) for k in HYPERPARAMETERS} | {"lr": run.learning_rate}
+        | ({"sampled_lr": s.sampled_lr} if run.recipe.samples else {}),
         "device": "cuda" if training["peak_memory_kind"].startswith("cuda") else "cpu", "versions": versions(),
         "world_size": trainer.args.world_size,  # data-parallel ranks; peak memory is rank 0's
     }

@@ -15,11 +15,12 @@ DEFAULTS = {
     "epochs": 3.0, "batch_size": 32, "max_length": 128, "warmup_ratio": 0.06, "weight_decay": 0.01,
     "max_train_samples": None, "max_eval_samples": None, "lr": 5e-5, "lora_lr": 5e-4,
 }
-# Sampling recipes train best at a larger learning rate than their baseline: the sampling noise
-# inflates Adam's second moment and so shortens its steps (benchmarks/ACCURACY.md: WTA-CRS@0.3's
-# best lr on SST-2 was 1.5x full fine-tuning's; DESIGN.md "An unbiased estimator still changes
-# the optimiser's step"). Applied to a default learning rate only, never to --lr.
-SAMPLED_LR_FACTOR = 1.5
+# Sampling recipes need larger steps than their baseline: the sampling noise inflates Adam's
+# second moment and so shortens its steps (benchmarks/ACCURACY.md; DESIGN.md "An unbiased
+# estimator still changes the optimiser's step"). MEASURED: each sampled layer's learning rate
+# times √(1 + v), v its gradient's relative variance measured before training
+# (`wtacrs.learning_rate`); a number instead: every parameter's times that factor.
+MEASURED = "measured"
 # Settings recorded per run (a --resume must repeat them) on top of the task's extra ones.
 TRAINING_SETTINGS = ("epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "max_train_samples",
                      "max_eval_samples", "bf16", "fp16")
@@ -45,7 +46,8 @@ class Settings:
     max_eval_samples: int | None
     default_lr: float  # full fine-tuning's default learning rate for this task
     default_lora_lr: float
-    lr: float | None = None  # --lr: every run's learning rate, as given
+    lr: float | None = None  # --lr: every run's base learning rate
+    sampled_lr: str | float = MEASURED  # --sampled-lr: how sampling recipes raise the base rate
     budget: str = "live"
     target_modules: tuple[str, ...] | None = None
     pad_to_max_length: bool = False
@@ -113,13 +115,17 @@ class RunSpec:
 
     @property
     def learning_rate(self) -> float:
-        """--lr if given, else the task's default for LoRA or full fine-tuning, raised by
-        SAMPLED_LR_FACTOR for sampling recipes."""
+        """The base learning rate: --lr if given, else the task's default for LoRA or full
+        fine-tuning; for a sampling recipe times --sampled-lr when that is a number (with
+        "measured", the sampled layers' own scales apply on top: `measures_lr`)."""
         s = self.settings
-        if s.lr is not None:
-            return s.lr
-        base = s.default_lora_lr if self.recipe.lora else s.default_lr
-        return base * SAMPLED_LR_FACTOR if self.recipe.samples else base
+        base = s.lr if s.lr is not None else s.default_lora_lr if self.recipe.lora else s.default_lr
+        return base * s.sampled_lr if self.recipe.samples and s.sampled_lr != MEASURED else base
+
+    @property
+    def measures_lr(self) -> bool:
+        """Whether the run scales each sampled layer's learning rate by its measured noise."""
+        return self.recipe.samples and self.settings.sampled_lr == MEASURED
 
     @property
     def sampling(self) -> SamplingSettings:
@@ -134,7 +140,8 @@ class RunSpec:
         names = [*TRAINING_SETTINGS, *(LORA_SETTINGS if self.recipe.lora else ()), *self.task.extra_settings]
         local = {name: os.path.abspath(value) if value is not None and Path(value).exists() else value
                  for name, value in (("model", s.model), ("data_dir", s.data_dir))}
-        return {**local, "lr": self.learning_rate, **{name: getattr(s, name) for name in names}}
+        sampled = {"sampled_lr": s.sampled_lr} if self.recipe.samples else {}
+        return {**local, "lr": self.learning_rate, **sampled, **{name: getattr(s, name) for name in names}}
 
 
 def parse_recipes(specs: list[str], default_ratio: float) -> tuple[Recipe, ...]:

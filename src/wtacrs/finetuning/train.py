@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from wtacrs.integrations.distributed import is_rank_zero, on_rank_zero
 from wtacrs.memory import process_peak_rss
 
 _TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
+LR_SCALES_FILE = "lr_scales.json"
 
 
 def train_one(run: RunSpec) -> dict | None:
@@ -55,6 +57,8 @@ def train_one(run: RunSpec) -> dict | None:
     with folder, _failure_recorded(run, folder):
         timer = step_timer()
         trainer = build_trainer(run, folder.path, model, tokenizer, train_set, eval_sets, compute_metrics, timer)
+        if run.measures_lr:
+            trainer.lr_scales = sampled_lr_scales(trainer, folder.path, resuming=action == RESUME)
         trainer.train(resume_from_checkpoint=on_rank_zero(lambda: last_checkpoint(folder.path))
                       if action == RESUME else None)
         training = training_record(folder.path, trainer, timer, start)
@@ -236,8 +240,17 @@ def collect_results(run: RunSpec, trainer, training: dict, eval_examples: dict[s
         measured={"saved_activation_bytes": saved, "live_peak_bytes": live_peak, "train_examples": num_train,
                   "train_samples_per_second": epochs_timed * num_train / seconds if seconds else None,
                   "model_family": config.model_type, "model_kind": model_kind(config),
-                  "companion_effects": {option: effect.status for option, effect in effects.items()}},
+                  "companion_effects": {option: effect.status for option, effect in effects.items()},
+                  "sampled_lr_scales": _spread(getattr(trainer, "lr_scales", None))},
     )
+
+
+def _spread(scales: dict[str, float] | None) -> dict[str, float] | None:
+    """Median, least and largest of the measured learning-rate scales (all in <run>/lr_scales.json)."""
+    if not scales:
+        return None
+    values = sorted(scales.values())
+    return {"median": statistics.median(values), "min": values[0], "max": values[-1], "layers": len(values)}
 
 
 def best_epoch_metrics(trainer, eval_splits) -> tuple[float, dict[str, dict[str, float]], list[dict]]:
@@ -255,10 +268,41 @@ def best_epoch_metrics(trainer, eval_splits) -> tuple[float, dict[str, dict[str,
     return best["epoch"], metrics, history
 
 
+def sampled_lr_scales(trainer, out: Path, resuming: bool) -> dict[str, float]:
+    """{sampled module: learning-rate scale} (`wtacrs.learning_rate`), measured on the probe batch
+    before training and written to <run>/lr_scales.json with the variances they come from; a
+    resumed run reads them back, so it trains at the rates it started with."""
+    from wtacrs.learning_rate import first_visit_variances, lr_scales
+
+    path = out / LR_SCALES_FILE
+    if resuming and path.is_file():
+        return json.loads(path.read_text())["scales"]
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        inputs, _, _ = probe_inputs(trainer)
+        variances = first_visit_variances(trainer.model, inputs)
+    scales = lr_scales(variances)
+    if trainer.is_world_process_zero():
+        write_json_atomic(path, {"first_visit_variance": variances, "scales": scales})
+    return scales
+
+
+def probe_inputs(trainer) -> tuple[dict, object, object]:
+    """(inputs, example ids, host mask) of the probe batch: the first batch-size training examples
+    in dataset order, collated by the evaluation loader (in order, the Trainer's collator and
+    column filter), the same for every recipe and seed, so runs compare."""
+    from wtacrs.integrations.trainer import EXAMPLE_ID_COLUMN, HOST_MASK_KEY
+
+    data = trainer.train_dataset
+    probe = data.select(range(min(trainer.args.per_device_train_batch_size, len(data))))
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_test_dataloader(probe))))
+    return inputs, inputs.pop(EXAMPLE_ID_COLUMN, None), inputs.pop(HOST_MASK_KEY, None)
+
+
 def probe_step_memory(trainer) -> tuple[int, int]:
-    """(bytes saved for backward, live-tensor peak) of one training forward and backward on a
-    fixed probe batch: the first batch-size training examples in dataset order, the same for
-    every recipe and seed, so runs compare.
+    """(bytes saved for backward, live-tensor peak) of one training forward and backward on the
+    probe batch (`probe_inputs`).
 
     Saved bytes exclude parameters and buffers (`wtacrs.memory.SavedTensorBytes`). The live peak
     (`wtacrs.memory.LiveTensorPeak`) counts weights, optimizer state and the batch from the
@@ -268,19 +312,13 @@ def probe_step_memory(trainer) -> tuple[int, int]:
     import torch
 
     import wtacrs
-    from wtacrs.integrations.trainer import EXAMPLE_ID_COLUMN, HOST_MASK_KEY
     from wtacrs.memory import LiveTensorPeak, SavedTensorBytes, optimizer_state_tensors, parameter_tensors
 
     model = trainer.model
     model.train()
-    data = trainer.train_dataset
-    probe = data.select(range(min(trainer.args.per_device_train_batch_size, len(data))))
     optimizer_state = optimizer_state_tensors(trainer.optimizer) if trainer.optimizer is not None else []
     with torch.random.fork_rng(devices=[]):
-        # the evaluation loader: in order, with the Trainer's collator and column filter
-        inputs = trainer._prepare_inputs(next(iter(trainer.get_test_dataloader(probe))))
-        ids = inputs.pop(EXAMPLE_ID_COLUMN, None)
-        host_mask = inputs.pop(HOST_MASK_KEY, None)
+        inputs, ids, host_mask = probe_inputs(trainer)
         baseline = [*parameter_tensors(model), *optimizer_state,
                     *(v for v in inputs.values() if isinstance(v, torch.Tensor))]
         model.zero_grad(set_to_none=True)

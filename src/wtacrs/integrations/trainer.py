@@ -15,6 +15,7 @@ from wtacrs.atomic import atomic_path
 from wtacrs.batching import batch
 from wtacrs.integrations.checkpoints import last_complete_checkpoint, verify_checkpoint
 from wtacrs.integrations.distributed import enable_data_parallel
+from wtacrs.learning_rate import scale_param_groups
 from wtacrs.modeling import sampling_state
 
 logger = logging.getLogger(__name__)
@@ -58,15 +59,25 @@ class WTACRSTrainer(Trainer):
     - Keeps "example_id" from being dropped by `remove_unused_columns`.
     - Saves the sampling state (step counter and cache) into each checkpoint and restores it
       on `train(resume_from_checkpoint=...)`.
+    - `lr_scales` ({sampled module name: factor}, e.g. `wtacrs.learning_rate.lr_scales` of the
+      measured noise): each named module's weight trains at the learning rate times its factor.
     - With `TrainingArguments(torch_compile=True)`, runs each step as `wtacrs.batch(ids, mask,
       model=model)`: the step's host work (cache lookup, row layout, the draws' key) happens
       before the forward and after the backward, so the compiled model runs no host code and
       has no graph break in the sampled layers.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, lr_scales: dict[str, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.data_collator = _WithHostMask(self.data_collator)
+        self.lr_scales = lr_scales
+
+    def create_optimizer(self, model=None):
+        """`Trainer.create_optimizer`, then each module of `lr_scales` in a group of its own."""
+        optimizer = super().create_optimizer(model)
+        if self.lr_scales:
+            scale_param_groups(optimizer, self._unwrapped(), self.lr_scales)
+        return optimizer
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

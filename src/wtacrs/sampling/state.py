@@ -76,15 +76,16 @@ class SamplingState:
         return self._plan is not None
 
     # -- per forward pass ----------------------------------------------------------------------
-    def begin_forward(self, masks: dict[str, Tensor | None]) -> None:
-        """Before each top-level forward of the model, given its (B, T) masks by stream."""
+    def begin_forward(self, masks: dict[str, Tensor | None], training: bool = True) -> None:
+        """Before each top-level forward of the model, given its (B, T) masks by stream; a
+        training forward with gradients (the only kind that samples) counts a step."""
         self.flush()
         self._release_forward_tables()
         context = current_batch()
         if context is not None and self not in context.states:
             context.states.append(self)
         self.rows.begin(masks, context)
-        if torch.is_grad_enabled():
+        if training and torch.is_grad_enabled():
             self.step += 1
 
     def plan_step(self, context: BatchContext, device: torch.device) -> None:

@@ -1,0 +1,180 @@
+"""Learning-rate scales that give each sampled layer back the Adam step its gradient noise takes.
+
+Adam divides a weight's step by the root of the running mean of its squared gradients. A sampled
+weight gradient dŴ is unbiased, dŴ = dW + noise, with relative variance v = E‖dŴ − dW‖² / ‖dW‖²,
+so E‖dŴ‖² = (1 + v) ‖dW‖²: the noise enters Adam's second moment but mostly averages out of its
+first, and the layer's steps shrink by about 1 / √(1 + v). (benchmarks/ACCURACY.md measured the
+effect: on SST-2, WTA-CRS@0.3 at a learning rate lr trained like full fine-tuning at 0.67 lr,
+with v ≈ 1.2.) Multiplying each sampled layer's learning rate by √(1 + v) gives the steps back;
+the parameters nobody samples (embeddings, norms, biases, the task head) keep the base rate.
+
+v is measured once, before training, on one batch (`first_visit_variances`), in closed form
+(`wtacrs.estimators.column_row_variance`), with the scores of an example's first visit: its
+activation norms, as the first epoch samples before the gradient-norm cache holds its norms.
+That is the largest v of a run; the cache lowers it later, and the scale stays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from wtacrs.estimators import column_row_variance, winner_mask
+from wtacrs.functional import row_norms, slot_budget
+from wtacrs.modeling import sampled_modules, sampling_state
+
+MEASURED_ESTIMATORS = ("wta-crs", "crs")
+
+
+@dataclass
+class _Call:
+    """One call of a sampled layer in the batch's forward: its draw, and what backward adds up."""
+
+    scores: Tensor  # (N,) first-visit scores of its rows, 0 outside the attention mask
+    winners: Tensor  # (N,) bool
+    draws: int  # k − |C|
+    products: Tensor  # (N,) ‖X_i‖‖dY_i‖, filled chunk by chunk
+    rest_sum: Tensor | None = None  # (out, in) Σ_{i∉C} dY_iᵀ X_i
+
+
+@dataclass
+class _Layer:
+    calls: list[_Call] = field(default_factory=list)
+    total: Tensor | None = None  # (out, in) dW, every call
+
+
+def first_visit_variances(model: nn.Module, inputs: dict[str, Tensor], chunk_examples: int = 1) -> dict[str, float]:
+    """Relative variance E‖dŴ − dW‖² / ‖dW‖² of each trainable sampled layer's weight gradient on
+    this batch, at the examples' first visit (scores ‖X_i‖, rows outside the attention mask
+    never drawn unless the config samples padding).
+
+    Runs one forward without gradients on the whole batch (the draws: scores, k and winners of
+    every layer), then forward and backward in chunks of `chunk_examples` examples, in eval mode
+    (no dropout, no sampling: the exact gradients the estimate is measured against). The memory
+    is one chunk's activations plus two gradient-sized sums per sampled layer, before any
+    optimizer state exists. Parameter gradients are dropped at the end and the training mode
+    restored; no random number is drawn.
+
+    Args:
+        model: a model prepared with `wtacrs.apply` (estimator "wta-crs" or "crs").
+        inputs: the batch, with labels (the model's output must carry `.loss`, a mean over
+            examples: each chunk's loss is weighted by its share of them).
+        chunk_examples: examples per forward/backward.
+    Returns:
+        {sampled module name: v}.
+    """
+    config = sampling_state(model).config
+    if config.estimator not in MEASURED_ESTIMATORS:
+        raise ValueError(f"first-visit variances are measured for the {' and '.join(MEASURED_ESTIMATORS)} "
+                         f"estimators, not {config.estimator!r}")
+    layers = {name: m for name, m in sampled_modules(model) if m.weight.requires_grad}
+    mask = inputs.get("attention_mask")
+    live = None if mask is None or not config.skip_padding else mask.bool()
+    examples = next(v.shape[0] for v in inputs.values() if isinstance(v, Tensor) and v.dim())
+    state = {name: _Layer() for name in layers}
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _hooks(layers, lambda name, index, x, out: _plan(state[name], x, live, config)):
+            model(**inputs)
+
+        def measure(name: str, index: int, x: Tensor, output: Tensor) -> None:
+            call = state[name].calls[index]
+            _measure(state[name], call, x, output, first=start * (call.scores.numel() // examples))
+
+        for start in range(0, examples, chunk_examples):
+            rows = slice(start, min(start + chunk_examples, examples))
+            chunk = {k: v[rows] if isinstance(v, Tensor) and v.dim() and v.shape[0] == examples else v
+                     for k, v in inputs.items()}
+            with torch.enable_grad(), _hooks(layers, measure):
+                loss = model(**chunk).loss * ((rows.stop - rows.start) / examples)
+                loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(training)
+    return {name: _relative_variance(layer) for name, layer in state.items()}
+
+
+def lr_scales(variances: dict[str, float]) -> dict[str, float]:
+    """{module name: √(1 + v)}, the factor that gives Adam's steps back (module docstring)."""
+    return {name: math.sqrt(1.0 + v) for name, v in variances.items()}
+
+
+def scale_param_groups(optimizer: torch.optim.Optimizer, model: nn.Module, scales: dict[str, float]) -> None:
+    """Give the weight of each module named in `scales` a parameter group of its own, at its
+    group's learning rate times its scale; every other parameter stays in its group. The groups
+    depend on the names alone (a checkpoint's optimizer state loads back whatever the values).
+    Call before a learning-rate scheduler is built on the optimizer (it records each group's
+    initial rate)."""
+    modules = dict(model.named_modules())
+    unknown = sorted(set(scales) - set(modules))
+    if unknown:
+        raise ValueError(f"learning-rate scales name modules the model does not have: {', '.join(unknown[:3])}")
+    scaled = {id(modules[name].weight): name for name in scales}
+    groups = []
+    for group in optimizer.param_groups:
+        own = [p for p in group["params"] if id(p) in scaled]
+        rest = [p for p in group["params"] if id(p) not in scaled]
+        groups += [{**group, "params": rest}] if rest else []
+        groups += [{**group, "params": [p], "lr": group["lr"] * scales[scaled[id(p)]]} for p in own]
+    optimizer.param_groups.clear()
+    for group in groups:
+        optimizer.add_param_group(group)
+
+
+@contextmanager
+def _hooks(layers: dict[str, nn.Module], on_call) -> Iterator[None]:
+    """Calls `on_call(name, call index in this block, input, output)` on every forward of `layers`."""
+    counts = dict.fromkeys(layers, 0)
+
+    def hook(module, args, output, name):
+        on_call(name, counts[name], args[0], output)
+        counts[name] += 1
+
+    handles = [m.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name, m in layers.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _plan(layer: _Layer, x: Tensor, live: Tensor | None, config) -> None:
+    """The draw of one call on the whole batch: first-visit scores, k and the winners."""
+    flat = x.detach().reshape(-1, x.shape[-1])
+    scores = row_norms(flat)
+    rows_live = None
+    if live is not None and live.numel() == scores.numel():  # rows laid out as the mask (not a decoder's)
+        scores = scores * live.reshape(-1)
+        rows_live = int(live.sum())
+    k = slot_budget(config.ratio, config.budget, scores.numel(), rows_live)
+    winners = winner_mask(scores, k, config.estimator)
+    layer.calls.append(_Call(scores, winners, max(k - int(winners.sum()), 1), torch.zeros_like(scores)))
+
+
+def _measure(layer: _Layer, call: _Call, x: Tensor, output: Tensor, first: int) -> None:
+    """One chunk's call, its rows from `first` on: its output's gradient adds them to the sums."""
+    flat = x.detach().reshape(-1, x.shape[-1])
+    rows = slice(first, first + flat.shape[0])
+
+    def on_grad(grad: Tensor) -> None:
+        dy = grad.detach().reshape(-1, grad.shape[-1]).to(flat.dtype)
+        call.products[rows] = row_norms(flat) * row_norms(dy)
+        rest = ~call.winners[rows]
+        part, whole = dy[rest].mT @ flat[rest], dy.mT @ flat  # (out, in)
+        call.rest_sum = part if call.rest_sum is None else call.rest_sum + part
+        layer.total = whole if layer.total is None else layer.total + whole
+
+    output.register_hook(on_grad)
+
+
+def _relative_variance(layer: _Layer) -> float:
+    """Σ over the layer's calls of their variance (independent draws), over ‖dW‖²."""
+    variance = sum(column_row_variance(c.products, c.scores, c.winners, c.draws, c.rest_sum.double().square().sum())
+                   for c in layer.calls)
+    return float(variance / layer.total.double().square().sum())

@@ -1,0 +1,102 @@
+"""`wtacrs.learning_rate`: the closed-form first-visit variance against the sampled path's own
+draws, and the learning-rate scales reaching the optimizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+import wtacrs
+from models import CASES_BY_NAME
+from wtacrs.integrations import WTACRSTrainer
+from wtacrs.learning_rate import first_visit_variances, lr_scales, scale_param_groups
+
+BERT = CASES_BY_NAME["bert"]
+
+
+def _model(config: wtacrs.WTACRSConfig | None = None, seed: int = 0):
+    """The tiny BERT with dropout off (every draw then differentiates the same function)."""
+    model = BERT.model(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model if config is None else wtacrs.apply(model, config)
+
+
+def _weight_grads(model, batch) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith(".weight") and p.grad is not None}
+
+
+@pytest.mark.parametrize("estimator", ["wta-crs", "crs"])
+def test_measured_variance_is_the_sampled_paths_own(estimator):
+    """Mean of ‖dŴ − dW‖²/‖dW‖² over 200 draws of the real sampled step (activation-norm scores,
+    padding never drawn, q/k/v sharing one draw) against the closed form, per layer, within 4.5
+    standard errors of the mean (from the draws' own spread)."""
+    batch = BERT.batch()
+    exact = _weight_grads(_model(), batch)
+    model = _model(wtacrs.WTACRSConfig(ratio=0.3, estimator=estimator, grad_norm="none"))
+    predicted = first_visit_variances(model, batch)
+    draws = 200
+    errors = {name: [] for name in predicted}
+    for _ in range(draws):  # each step draws anew (the step counter keys the draws)
+        with wtacrs.batch(torch.arange(3), batch["attention_mask"]):
+            grads = _weight_grads(model, batch)
+        for name in predicted:
+            reference = exact[name + ".weight"]
+            errors[name].append(float((grads[name + ".weight"] - reference).square().sum() / reference.square().sum()))
+    assert len(predicted) == 12
+    for name, v in predicted.items():
+        observed = torch.tensor(errors[name])
+        standard_error = float(observed.std() / draws**0.5)
+        assert abs(float(observed.mean()) - v) < 4.5 * standard_error, (name, v, float(observed.mean()))
+
+
+def test_chunks_change_nothing_and_the_model_is_left_as_found():
+    model = _model(wtacrs.WTACRSConfig(ratio=0.3))
+    batch = BERT.batch()
+    rng = torch.get_rng_state()
+    one, whole = first_visit_variances(model, batch, chunk_examples=1), first_visit_variances(model, batch, 100)
+    assert one.keys() == whole.keys()
+    for name in one:
+        assert one[name] == pytest.approx(whole[name], rel=1e-5)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)  # no dropout, no draw: the run's randomness is untouched
+    assert wtacrs.sampling_state(model).step == 0
+
+
+def test_a_larger_ratio_has_less_noise_and_ratio_one_none():
+    batch = BERT.batch()
+    low, high = (first_visit_variances(_model(wtacrs.WTACRSConfig(ratio=r)), batch) for r in (0.2, 0.6))
+    assert all(high[name] < low[name] for name in low)
+    assert set(first_visit_variances(_model(wtacrs.WTACRSConfig(ratio=1.0)), batch).values()) == {0.0}
+
+
+def test_unmeasured_estimators_are_refused():
+    with pytest.raises(ValueError, match="wta-crs and crs estimators, not 'topk'"):
+        first_visit_variances(_model(wtacrs.WTACRSConfig(ratio=0.3, estimator="topk")), BERT.batch())
+
+
+def test_scaled_groups_reach_the_trainers_optimizer_and_scheduler(tmp_path):
+    model = _model(wtacrs.WTACRSConfig(ratio=0.3))
+    scales = lr_scales({"bert.encoder.layer.0.intermediate.dense": 3.0, "bert.encoder.layer.1.output.dense": 0.0})
+    assert scales == {"bert.encoder.layer.0.intermediate.dense": 2.0, "bert.encoder.layer.1.output.dense": 1.0}
+    args = TrainingArguments(str(tmp_path), learning_rate=1e-3, weight_decay=0.01, report_to=[], use_cpu=True)
+    trainer = WTACRSTrainer(model=model, args=args, lr_scales=scales)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    rate = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    weights = dict(model.named_parameters())
+    assert rate[id(weights["bert.encoder.layer.0.intermediate.dense.weight"])] == pytest.approx(2e-3)
+    assert rate[id(weights["bert.encoder.layer.1.output.dense.weight"])] == pytest.approx(1e-3)
+    assert rate[id(weights["bert.encoder.layer.0.intermediate.dense.bias"])] == pytest.approx(1e-3)
+    assert len(rate) == len(weights)  # every parameter in exactly one group
+    assert [g["initial_lr"] for g in trainer.optimizer.param_groups] == [g["lr"] for g in trainer.optimizer.param_groups]
+
+
+def test_scales_naming_a_missing_module_are_refused():
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="modules the model does not have: nope"):
+        scale_param_groups(optimizer, model, {"nope": 2.0})
