@@ -18,3 +18,11 @@ for seed in 0 1 2; do
   run full 1 1e-4 "$seed"
 done
 for seed in 0 1 2; do SAMPLED_LR=measured run wtacrs 0.1 1e-4 "$seed"; done
+# one epoch over twice the sentences (the same 126 steps): every step a first visit, the
+# regime of issue 19's one-epoch target, where the cache never helps
+export TRAIN=4000 EPOCHS=1 OUT=$OUT/one-epoch
+mkdir -p "$OUT/logs"
+for seed in 0 1 2; do
+  SAMPLED_LR=measured run wtacrs 0.3 1e-4 "$seed"
+  run full 1 1e-4 "$seed"
+done
