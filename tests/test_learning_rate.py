@@ -100,3 +100,37 @@ def test_scales_naming_a_missing_module_are_refused():
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match="modules the model does not have: nope"):
         scale_param_groups(optimizer, model, {"nope": 2.0})
+
+
+def test_lora_a_takes_the_noise_of_its_base_product():
+    """PEFT starts B at zero (A has no gradient yet): A's v is that of the frozen product it adapts,
+    drawn with the same rows and first-visit scores, so equal to the plain layer's."""
+    from peft import LoraConfig, get_peft_model
+
+    batch = BERT.batch()
+    plain = first_visit_variances(_model(wtacrs.WTACRSConfig(ratio=0.3)), batch)
+    lora = get_peft_model(_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                               lora_dropout=0.0, task_type="SEQ_CLS"))
+    measured = first_visit_variances(wtacrs.apply(lora, wtacrs.WTACRSConfig(ratio=0.3)), batch)
+    a_matrices = {name: v for name, v in measured.items() if ".lora_A." in name}
+    assert len(a_matrices) == 4
+    for name, v in a_matrices.items():
+        base = name.removeprefix("base_model.model.").split(".lora_A.")[0]
+        assert v == pytest.approx(plain[base], rel=1e-5), name
+
+
+def test_a_layer_without_gradient_keeps_the_base_rate():
+    """No gradient on the measured batch: v is unknown (NaN) and the scale 1; the optimizer never
+    sees a NaN rate."""
+    import math
+
+    model = _model(wtacrs.WTACRSConfig(ratio=0.3))
+    batch = {**BERT.batch(), "labels": torch.zeros(3, dtype=torch.long)}
+    for p in model.classifier.parameters():
+        torch.nn.init.zeros_(p)  # no gradient reaches the encoder
+    variances = first_visit_variances(model, batch)
+    assert all(math.isnan(v) for v in variances.values())
+    assert set(lr_scales(variances).values()) == {1.0}
+    with pytest.raises(ValueError, match="positive and finite: bert.encoder.layer.0.output.dense has nan"):
+        scale_param_groups(torch.optim.AdamW(model.parameters()), model,
+                           {"bert.encoder.layer.0.output.dense": float("nan")})

@@ -72,7 +72,7 @@ def first_visit_variances(model: nn.Module, inputs: dict[str, Tensor], chunk_exa
     if config.estimator not in MEASURED_ESTIMATORS:
         raise ValueError(f"first-visit variances are measured for the {' and '.join(MEASURED_ESTIMATORS)} "
                          f"estimators, not {config.estimator!r}")
-    layers = {name: m for name, m in sampled_modules(model) if m.weight.requires_grad}
+    layers = {name: _measured_module(model, name, m) for name, m in sampled_modules(model) if m.weight.requires_grad}
     mask = inputs.get("attention_mask")
     live = None if mask is None or not config.skip_padding else mask.bool()
     examples = next(v.shape[0] for v in inputs.values() if isinstance(v, Tensor) and v.dim())
@@ -101,8 +101,9 @@ def first_visit_variances(model: nn.Module, inputs: dict[str, Tensor], chunk_exa
 
 
 def lr_scales(variances: dict[str, float]) -> dict[str, float]:
-    """{module name: √(1 + v)}, the factor that gives Adam's steps back (module docstring)."""
-    return {name: math.sqrt(1.0 + v) for name, v in variances.items()}
+    """{module name: √(1 + v)}, the factor that gives Adam's steps back (module docstring); 1 for
+    a layer whose v is unknown (NaN: no gradient on the measured batch)."""
+    return {name: 1.0 if math.isnan(v) else math.sqrt(1.0 + v) for name, v in variances.items()}
 
 
 def scale_param_groups(optimizer: torch.optim.Optimizer, model: nn.Module, scales: dict[str, float]) -> None:
@@ -115,6 +116,9 @@ def scale_param_groups(optimizer: torch.optim.Optimizer, model: nn.Module, scale
     unknown = sorted(set(scales) - set(modules))
     if unknown:
         raise ValueError(f"learning-rate scales name modules the model does not have: {', '.join(unknown[:3])}")
+    bad = sorted(name for name, scale in scales.items() if not (math.isfinite(scale) and scale > 0))
+    if bad:
+        raise ValueError(f"learning-rate scales must be positive and finite: {bad[0]} has {scales[bad[0]]}")
     scaled = {id(modules[name].weight): name for name in scales}
     groups = []
     for group in optimizer.param_groups:
@@ -173,8 +177,20 @@ def _measure(layer: _Layer, call: _Call, x: Tensor, output: Tensor, first: int) 
     output.register_hook(on_grad)
 
 
+def _measured_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """The module whose input X and output gradient dY stand for `name`'s. A LoRA A matrix's is
+    the LoRA layer around it (input X, output gradient that of its frozen base product): PEFT
+    starts B at zero, so A has no gradient before training, and once it has one,
+    dA = Bᵀ dYᵀX is drawn with the same rows and the same first-visit scores ‖X_i‖, so its
+    relative variance is dYᵀX's for a B that mixes its rows evenly."""
+    owner, separator, _ = name.partition(".lora_A.")
+    return model.get_submodule(owner) if separator else module
+
+
 def _relative_variance(layer: _Layer) -> float:
-    """Σ over the layer's calls of their variance (independent draws), over ‖dW‖²."""
+    """Σ over the layer's calls of their variance (independent draws), over ‖dW‖²; NaN when the
+    batch gives the layer no gradient at all."""
     variance = sum(column_row_variance(c.products, c.scores, c.winners, c.draws, c.rest_sum.double().square().sum())
                    for c in layer.calls)
-    return float(variance / layer.total.double().square().sum())
+    exact = layer.total.double().square().sum()
+    return float(variance / exact) if exact > 0 else math.nan
