@@ -36,9 +36,10 @@ def batch(example_ids: Tensor | list[int], attention_mask: Tensor | None = None,
             `attention_mask` (an encoder-decoder's decoder samples by activation norms only).
         anchors: (B, K) int64 host tensor of each example's label positions in [0, T) (extractive
             QA: start and end positions), −1 for none; needs `attention_mask`. Examples not in the
-            cache yet are then scored by the prior's tables keyed by offset from the nearest anchor
-            and by token type (`wtacrs.cache.first_visit`) instead of by position; examples whose
-            anchors are all −1 are scored as without anchors.
+            cache yet (and the padding of every anchored example, which the cache never holds) are
+            then scored by the prior's tables keyed by offset from the nearest anchor and by token
+            type (`wtacrs.cache.first_visit`) before position; examples whose anchors are all −1
+            are scored as without anchors.
         token_type_ids: (B, T) integer host tensor of segment ids (BERT-like tokenizers), used with
             `anchors` to tell question from context; without it they share one token type.
     """
