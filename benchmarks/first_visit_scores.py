@@ -12,6 +12,9 @@ under candidate scorings whose learnt statistics come only from OTHER batches.
     # 2. the measurements (fresh head, then the fine-tuned state)
     python benchmarks/first_visit_scores.py measure --task squad [--state /tmp/fv19/squad100.pt]
     python benchmarks/first_visit_scores.py measure --task sst2 [--state /tmp/fv19/sst2_100.pt]
+    # 3. the library's own first-visit scores (after the integration): its sampled steps on the
+    #    prior batches fill its cache and prior, and its NormReader's multipliers score the measured batch
+    python benchmarks/first_visit_scores.py library --task squad [--state /tmp/fv19/squad100.pt]
 
 Model: all-MiniLM-L6-v2 (`wtacrs.packaged`), dropout off, fp32, CPU; a fresh task head seeded as
 `benchmarks/model_unbiasedness.py` does. See benchmarks/FIRST_VISIT.md for the candidates and
@@ -359,9 +362,76 @@ def measure(args) -> None:
     print()
 
 
+# -- the library's own scores ----------------------------------------------------------------------
+def library_multipliers(model, priors: list[dict], measured: dict, anchored: bool) -> tuple[list[str], torch.Tensor]:
+    """The sampled layers' names and (L, N) the score multipliers the library's draws would use on
+    the measured batch's first visit (each layer's draw group leader's row: q/k/v share one).
+
+    `model` (not sampled yet) gets `wtacrs.apply` as `wtacrs finetune` samples QA
+    (skip_padding=False) or classification; one sampled forward/backward per prior batch, inside
+    `wtacrs.batch` with fresh ids (and start/end anchors, token_type_ids, if `anchored`), fills its
+    cache and prior; no optimizer step, so the weights, and the norms, stay the measured model's.
+    The measured batch's multipliers are those `wtacrs.batch(..., model=)` builds at enter."""
+    import wtacrs
+
+    qa = "start_positions" in measured
+    wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, skip_padding=not qa))
+    state = wtacrs.sampling_state(model)
+
+    def block(inputs: dict, ids: torch.Tensor, plan: bool):
+        first_visit = {}
+        if anchored and qa:
+            first_visit = dict(anchors=torch.stack([inputs["start_positions"], inputs["end_positions"]], 1),
+                               token_type_ids=inputs["token_type_ids"])
+        return wtacrs.batch(ids, inputs["attention_mask"], model=model if plan else None, **first_visit)
+
+    for n, inputs in enumerate(priors):
+        with block(inputs, torch.arange(len(inputs["input_ids"])) + 1000 * (n + 1), plan=False):
+            model(**inputs).loss.backward()
+        model.zero_grad(set_to_none=True)
+    with block(measured, torch.arange(len(measured["input_ids"])), plan=True):
+        rows = state.rows.of("main")
+        table = state._multipliers(rows, torch.device("cpu"))  # built at the block's enter, as a step reads it
+    leaders = state.draws.leaders(state.num_layers)
+    return state.layer_names, table[leaders]
+
+
+def library(args) -> None:
+    """Median / mean / max relative variance over layers of the library's own first-visit scores
+    (anchored, and without anchors as before issue #19) on the SQuAD batches `measure` uses."""
+    tokenizer, model = tokenizer_for(), build(args.task, args.state)
+    records = squad_records()
+    load = lambda s: squad_windows(records, tokenizer, 16, s)  # noqa: E731
+    measured_starts, prior_starts = (0, 2000), [200 + 16 * j for j in range(args.priors)]
+    priors = [load(s) for s in prior_starts]
+    print(f"## library first-visit scores, squad, {args.state or 'fresh head'}, WTA-CRS@{args.ratio}\n")
+    print(f"Command: `python benchmarks/first_visit_scores.py library --task squad"
+          + (f" --state {args.state}" if args.state else "") + f" --ratio {args.ratio} --priors {args.priors}`; "
+          f"torch {torch.__version__}, CPU.\n")
+    print("| library scores | " + " | ".join(f"batch@{s}: median / mean / max" for s in measured_starts) + " |")
+    print("|---|" + "---:|" * len(measured_starts))
+    for anchored in (False, True):
+        cells = []
+        for start in measured_starts:
+            inputs = load(start)
+            m = capture(model, inputs, keep_io=True)
+            names, mult = library_multipliers(build(args.task, args.state), priors, inputs, anchored)
+            by_name = dict(zip(names, mult))
+            variances = []
+            for name, (x, dy) in m["io"].items():
+                exact = dy.double().mT @ x.double()
+                scores = x.norm(dim=1) * by_name[name]
+                variances.append(relative_variance(x, dy, exact, args.ratio, scores))
+            cells.append(variances)
+        label = "anchors (start/end) + token types" if anchored else "no anchors (position prior, as before)"
+        print(f"| {label} | " + " | ".join(
+            f"{statistics.median(v):.3f} / {statistics.mean(v):.3f} / {max(v):.2f}" for v in cells) + " |", flush=True)
+    print()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("finetune", "measure"))
+    p.add_argument("mode", choices=("finetune", "measure", "library"))
     p.add_argument("--task", choices=("squad", "sst2"), default="squad")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--save")
@@ -372,6 +442,8 @@ def main() -> None:
     torch.set_num_threads(2)
     if args.mode == "finetune":
         finetune(args.task, args.steps, args.save)
+    elif args.mode == "library":
+        library(args)
     else:
         measure(args)
 

@@ -257,8 +257,13 @@ def test_glue_folder_lora_and_checkpointing(tiny_model, tmp_path):
     assert checkpointing["saved_activation_bytes"] < lora["saved_activation_bytes"]
 
 
-def test_squad_single_file_split_by_article(tiny_model, tmp_path):
+def test_squad_single_file_split_by_article(tiny_model, tmp_path, monkeypatch):
+    import wtacrs.integrations.trainer as trainer_module
     from test_tasks import squad_doc
+
+    anchors = []  # the training steps' first-visit anchors: start and end positions, on the host
+    real_batch = trainer_module.batch
+    monkeypatch.setattr(trainer_module, "batch", lambda *a, **kw: anchors.append(kw["anchors"]) or real_batch(*a, **kw))
 
     path = tmp_path / "squad.json"
     path.write_text(json.dumps(squad_doc(10)))
@@ -270,6 +275,7 @@ def test_squad_single_file_split_by_article(tiny_model, tmp_path):
     check_schema(record)
     assert set(record["metrics"]["validation"]) >= {"exact_match", "f1", "score"}
     assert record["eval_examples"] == {"validation": 2}  # articles 4 and 9, one question each
+    assert anchors and all(a.device.type == "cpu" and str(a.dtype) == "torch.int64" and a.shape[1] == 2 for a in anchors)
 
 
 @pytest.mark.slow

@@ -187,7 +187,8 @@ def test_trainer_batches_carry_a_host_mask_the_step_hands_to_wtacrs_batch(monkey
     seen = []
     real_batch = trainer_module.batch
     monkeypatch.setattr(trainer_module, "batch",
-                        lambda ids, mask=None, model=None: seen.append(mask) or real_batch(ids, mask, model))
+                        lambda ids, mask=None, model=None, **first_visit: seen.append(mask)
+                        or real_batch(ids, mask, model, **first_visit))
     trainer = _trainer(tmp_path, epochs=1)
     collated = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1)])
     assert collated[trainer_module.HOST_MASK_KEY].shape == tuple(collated["attention_mask"].shape)

@@ -23,7 +23,7 @@ SYNC_OPS: frozenset[str] = frozenset({
 
 # wtacrs code that works on host tensors only (the cache's store, the batch's host mask and ids):
 # its calls cost host time but never make a GPU wait, so they are counted apart.
-HOST_SITES: tuple[str, ...] = ("wtacrs.cache.", "wtacrs.batching:batch", "wtacrs.sampling.rows:forward_rows",
+HOST_SITES: tuple[str, ...] = ("wtacrs.cache.", "wtacrs.batching:", "wtacrs.sampling.rows:forward_rows",
                                "wtacrs.sampling.rows:live_count", "wtacrs.sampling.recorder:check_padding",
                                "wtacrs.sampling.fold:",
                                "wtacrs.companions.dropout:_draw_seed")  # a seed from the host generator

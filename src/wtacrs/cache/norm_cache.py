@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from wtacrs.cache.first_visit import FirstVisitKeys
 from wtacrs.cache.prior import PositionPrior
 from wtacrs.cache.records import PendingRecord, on_host
 from wtacrs.cache.store import NormStore, decode_norms, encode_norms, real_token_ordinals
@@ -22,8 +23,9 @@ class GradNormCache:
 
     Args:
         num_slots: number of sampled layers that record norms (each gets a slot index).
-        position_prior: answer lookups of unseen examples with the slot's per-position mean
-            (`wtacrs.cache.prior`); False returns NaN for them (the paper's cache).
+        position_prior: answer lookups of unseen examples with the slot's prior (`wtacrs.cache.prior`:
+            per-position means, and per anchor offset and token type for steps with anchors);
+            False returns NaN for them (the paper's cache).
     """
 
     def __init__(self, num_slots: int, position_prior: bool = True):
@@ -61,31 +63,48 @@ class GradNormCache:
         """
         return self.lookup_slots([slot], example_ids, row_mask)[0]
 
-    def lookup_slots(self, slots: list[int], example_ids: Tensor, row_mask: Tensor) -> Tensor:
-        """`lookup` for several slots at once (layers sharing one draw): (S, B, T) float32."""
+    def lookup_slots(self, slots: list[int], example_ids: Tensor, row_mask: Tensor,
+                     keys: FirstVisitKeys | None = None) -> Tensor:
+        """`lookup` for several slots at once (layers sharing one draw): (S, B, T) float32.
+
+        With `keys` (a step with anchors), rows the store does not hold (unseen examples' rows,
+        and padding, which it never holds) of anchored examples are answered by the prior's
+        anchor, token-type, then position table; rows of examples without anchors as without keys.
+        """
         ids = self._check_ids(example_ids, row_mask)
         for slot in slots:
             self._check_slot(slot)
         mask = row_mask.detach().cpu().to(torch.bool)
         codes, found = self.store.read(slots, ids, mask)
         norms = decode_norms(codes)
+        if not self.position_prior:
+            return norms
         unseen = mask & ~found
-        if self.position_prior and bool(unseen.any()):
+        if keys is not None:
+            unseen = unseen | (~found & (keys.token_type >= 0))  # anchored examples' padding too
+            if bool(unseen.any()):
+                positions = torch.where(mask, real_token_ordinals(mask), -1)[unseen]
+                norms[:, unseen] = self.prior.lookup_first_visit(slots, keys.anchor[unseen],
+                                                                 keys.token_type[unseen], positions)
+        elif bool(unseen.any()):
             norms[:, unseen] = self.prior.lookup(slots, real_token_ordinals(mask)[unseen])
         return norms
 
     # -- updates -------------------------------------------------------------------------------
-    def record(self, slot: int, example_ids: Tensor, row_mask: Tensor, norms: Tensor) -> None:
-        """Buffer (B, T) norms of one layer's output gradient (any device); written at the next `commit`."""
+    def record(self, slot: int, example_ids: Tensor, row_mask: Tensor, norms: Tensor,
+               keys: FirstVisitKeys | None = None) -> None:
+        """Buffer (B, T) norms of one layer's output gradient (any device); written at the next
+        `commit` (with `keys`, the step's anchors: into the prior's first-visit tables too)."""
         self._check_slot(slot)
         ids = self._check_ids(example_ids, row_mask)
         if norms.shape != row_mask.shape:
             raise ValueError(f"norms shape {tuple(norms.shape)} does not match row_mask {tuple(row_mask.shape)}")
         # Encoded and kept where they are (maybe a GPU) until commit: a copy to the host here
         # would stall every backward step on every sampled layer.
-        self._pending.append(PendingRecord(slot, ids, row_mask.detach(), encode_norms(norms.detach())))
+        self._pending.append(PendingRecord(slot, ids, row_mask.detach(), encode_norms(norms.detach()), keys))
 
-    def record_layers(self, slots: list[int], example_ids: Tensor, row_mask: Tensor, codes: Tensor) -> None:
+    def record_layers(self, slots: list[int], example_ids: Tensor, row_mask: Tensor, codes: Tensor,
+                      keys: FirstVisitKeys | None = None) -> None:
         """`record` of one step's layers at once, already encoded: codes (len(slots), B, T) uint8
         on the host (`encode_norms`); the arguments are checked once for all of them."""
         ids = self._check_ids(example_ids, row_mask)
@@ -94,7 +113,7 @@ class GradNormCache:
         if codes.dtype != torch.uint8 or codes.shape != (len(slots), *row_mask.shape):
             raise ValueError(f"codes must be uint8 of shape {(len(slots), *row_mask.shape)}, "
                              f"got {codes.dtype} {tuple(codes.shape)}")
-        self._pending.extend(PendingRecord(slot, ids, row_mask, code) for slot, code in zip(slots, codes))
+        self._pending.extend(PendingRecord(slot, ids, row_mask, code, keys) for slot, code in zip(slots, codes))
 
     def discard_pending(self) -> None:
         """Drop buffered records (e.g. a step skipped for non-finite gradients)."""
@@ -115,9 +134,12 @@ class GradNormCache:
             records = list({r.slot: r for r in records}.values())  # a slot called twice (ALBERT): its last call
             ids, mask = records[0].example_ids, records[0].row_mask
             slots = torch.tensor([r.slot for r in records])  # (R,)
-            codes = torch.stack([r.codes for r in records])[:, mask]  # (R, U) codes of the real tokens
+            every = torch.stack([r.codes for r in records])  # (R, B, T), padding included
+            codes = every[:, mask]  # (R, U) codes of the real tokens
             self.store.write(slots, ids, mask, codes)
             self.prior.update(slots, real_token_ordinals(mask)[mask], decode_norms(codes))
+            if records[0].keys is not None:
+                self.prior.update_first_visit(slots, records[0].keys, decode_norms(every))
         self._pending.clear()
 
     # -- checkpoints ---------------------------------------------------------------------------

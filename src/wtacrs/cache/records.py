@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from wtacrs.cache.first_visit import FirstVisitKeys
+
 
 @dataclass(frozen=True)
 class PendingRecord:
@@ -18,6 +20,7 @@ class PendingRecord:
         example_ids: (B,) int64 on the host.
         row_mask: (B, T) bool, True at real tokens.
         codes: (B, T) uint8 `encode_norms` codes of ‖dY_i‖ (0: missing), padding included.
+        keys: the rows' first-visit keys (host) if the step gave anchors, else None.
     `row_mask` and `codes` may still be on the device that computed them (`on_host` moves them):
     copying them out in backward would stall every sampled layer.
     """
@@ -26,6 +29,7 @@ class PendingRecord:
     example_ids: Tensor
     row_mask: Tensor
     codes: Tensor
+    keys: FirstVisitKeys | None = None
 
 
 def on_host(records: list[PendingRecord]) -> list[PendingRecord]:

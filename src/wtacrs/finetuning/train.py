@@ -292,11 +292,13 @@ def probe_inputs(trainer) -> tuple[dict, object, object]:
     """(inputs, example ids, host mask) of the probe batch: the first batch-size training examples
     in dataset order, collated by the evaluation loader (in order, the Trainer's collator and
     column filter), the same for every recipe and seed, so runs compare."""
-    from wtacrs.integrations.trainer import EXAMPLE_ID_COLUMN, HOST_MASK_KEY
+    from wtacrs.integrations.trainer import EXAMPLE_ID_COLUMN, HOST_ANCHORS_KEY, HOST_MASK_KEY, HOST_TOKEN_TYPES_KEY
 
     data = trainer.train_dataset
     probe = data.select(range(min(trainer.args.per_device_train_batch_size, len(data))))
     inputs = trainer._prepare_inputs(next(iter(trainer.get_test_dataloader(probe))))
+    for key in (HOST_ANCHORS_KEY, HOST_TOKEN_TYPES_KEY):  # first-visit keys: no use to a probe
+        inputs.pop(key, None)
     return inputs, inputs.pop(EXAMPLE_ID_COLUMN, None), inputs.pop(HOST_MASK_KEY, None)
 
 

@@ -22,23 +22,40 @@ logger = logging.getLogger(__name__)
 
 EXAMPLE_ID_COLUMN = "example_id"
 HOST_MASK_KEY = "wtacrs_host_attention_mask"  # the collated mask as a numpy array: no loader moves it
+HOST_ANCHORS_KEY = "wtacrs_host_anchors"  # (B, 2) start and end positions (extractive QA), numpy
+HOST_TOKEN_TYPES_KEY = "wtacrs_host_token_type_ids"  # (B, T) segment ids, numpy, kept with the anchors
+_HOST_KEYS = (HOST_MASK_KEY, HOST_ANCHORS_KEY, HOST_TOKEN_TYPES_KEY)
 STATE_FILE = "wtacrs_state.safetensors"
 
 
 class _WithHostMask:
-    """Wraps a data collator: each batch also carries its attention mask as a numpy array, which
-    accelerate's loader leaves on the host when it moves the tensors to the GPU, so the training
-    step can count live rows and read the cache without copying the mask back."""
+    """Wraps a data collator: each batch also carries host copies, as numpy arrays (which
+    accelerate's loader leaves on the host when it moves the tensors to the GPU), of its attention
+    mask, so the training step can count live rows and read the cache without copying the mask
+    back, and, when it has "start_positions" and "end_positions" (extractive QA), of those label
+    positions and of its token_type_ids, which key the first-visit scores (`wtacrs.batch(anchors=)`)."""
 
     def __init__(self, collator):
         self.collator = collator
 
     def __call__(self, features):
         batch = self.collator(features)
-        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        if isinstance(mask, torch.Tensor) and mask.device.type == "cpu":
+        if not isinstance(batch, dict):
+            return batch
+        mask = batch.get("attention_mask")
+        if _on_host(mask):
             batch[HOST_MASK_KEY] = mask.numpy()
+            start, end = batch.get("start_positions"), batch.get("end_positions")
+            if _on_host(start) and _on_host(end) and start.dim() == end.dim() == 1:
+                batch[HOST_ANCHORS_KEY] = torch.stack([start, end], 1).to(torch.int64).numpy()
+                types = batch.get("token_type_ids")
+                if _on_host(types):
+                    batch[HOST_TOKEN_TYPES_KEY] = types.numpy()
         return batch
+
+
+def _on_host(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type == "cpu"
 
 
 def add_example_ids(dataset, column: str = EXAMPLE_ID_COLUMN):
@@ -54,7 +71,8 @@ class WTACRSTrainer(Trainer):
     """`transformers.Trainer` for models prepared with `wtacrs.apply`.
 
     - Pops the "example_id" column from each batch and runs the step inside `wtacrs.batch`, so
-      sampling uses the gradient-norm cache. Without the column, sampling falls back to
+      sampling uses the gradient-norm cache; batches with start and end positions (extractive QA)
+      pass them as anchors, which score examples not in the cache yet. Without the column, sampling falls back to
       activation-norm scores (still unbiased) and says so once.
     - Keeps "example_id" from being dropped by `remove_unused_columns`.
     - Saves the sampling state (step counter and cache) into each checkpoint and restores it
@@ -98,17 +116,19 @@ class WTACRSTrainer(Trainer):
     def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         enable_data_parallel(self._unwrapped())  # no-op unless torch.distributed runs several ranks
         ids = inputs.pop(EXAMPLE_ID_COLUMN, None)
-        host_mask = inputs.pop(HOST_MASK_KEY, None)
+        host_mask, anchors, token_types = (inputs.pop(key, None) for key in _HOST_KEYS)
         if ids is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        host_mask = None if host_mask is None else torch.from_numpy(host_mask)
+        host_mask, anchors, token_types = (None if a is None else torch.from_numpy(a)
+                                           for a in (host_mask, anchors, token_types))
         planned = self._unwrapped() if self.args.torch_compile and host_mask is not None else None
-        with batch(ids, host_mask, model=planned):  # a host mask spares the step its copy back from the device
+        # a host mask spares the step its copy back from the device; anchors score first visits
+        with batch(ids, host_mask, model=planned, anchors=anchors, token_type_ids=token_types):
             return super().training_step(model, inputs, num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs.pop(EXAMPLE_ID_COLUMN, None)
-        inputs.pop(HOST_MASK_KEY, None)
+        for key in (EXAMPLE_ID_COLUMN, *_HOST_KEYS):
+            inputs.pop(key, None)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def _save_checkpoint(self, model, trial) -> None:

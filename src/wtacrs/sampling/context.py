@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Iterator
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from wtacrs.cache.first_visit import FirstVisitKeys
     from wtacrs.sampling.state import SamplingState
 
 _current: contextvars.ContextVar["BatchContext | None"] = contextvars.ContextVar("wtacrs_batch", default=None)
@@ -23,11 +24,14 @@ class BatchContext:
     Attributes:
         example_ids: (B,) int64 on the host.
         attention_mask: (B, T) bool on the host, if the caller gave it.
+        first_visit: the rows' first-visit keys (host, laid out as `attention_mask`), if the
+            caller gave anchors.
         states: the sampling states that ran a forward inside the block (committed at its exit).
     """
 
     example_ids: Tensor
     attention_mask: Tensor | None
+    first_visit: "FirstVisitKeys | None" = None
     states: list["SamplingState"] = dataclasses.field(default_factory=list)
 
 

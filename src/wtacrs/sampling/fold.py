@@ -39,7 +39,8 @@ class NormFolder:
             known = [i for i, slot in enumerate(step.slots) if slot < self.cache.num_slots]  # layers added
             if step.example_ids is not None and known:  # after the cache was sized have no slot
                 codes = step.codes if len(known) == len(step.slots) else step.codes[known]
-                self.cache.record_layers([step.slots[i] for i in known], step.example_ids, step.host_mask, codes)
+                self.cache.record_layers([step.slots[i] for i in known], step.example_ids, step.host_mask, codes,
+                                         step.first_visit)
         if exchange is not None:
             self.cache.exchange_pending(exchange)
         self.cache.commit()

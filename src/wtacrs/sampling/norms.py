@@ -22,7 +22,9 @@ class NormReader:
 
     multiplier[slot] = ‖dY‖ cached for the slot's draw group (Σ_members ‖dY‖²)^½ (shared draws serve
     several layers: this p minimises their summed variance), missing ones filled
-    (`estimators.fill_missing_norms`), times the row mask."""
+    (`estimators.fill_missing_norms`: its floor, relative to the mean, comes after the prior's
+    lookup and the group combination, so a learnt 0 never gives a drawable row probability 0),
+    times the row mask."""
 
     def __init__(self):
         self._tables: dict[str, Tensor | None] = {}  # ForwardRows.key -> (S, N) float32 on the device
@@ -48,7 +50,10 @@ class NormReader:
         mask = rows.mask.view(1, -1).to(torch.float32) if use_mask else None  # (1, N)
         if cache is None or rows.example_ids is None:
             return mask
-        norms = cache.lookup_slots(list(range(cache.num_slots)), rows.example_ids, rows.host_mask)  # (S', B, T)
+        norms = cache.lookup_slots(list(range(cache.num_slots)), rows.example_ids, rows.host_mask,
+                                   rows.first_visit)  # (S', B, T)
+        if use_mask and rows.first_visit is not None:  # padding is not drawn: its prior must not move the fill
+            norms[:, ~rows.host_mask] = torch.nan
         known = norms.isfinite().reshape(cache.num_slots, -1).float()
         squares = norms.nan_to_num(0.0).square().reshape(cache.num_slots, -1)
         table = members(num_slots)[:, : cache.num_slots]  # layers added after the cache have no slot

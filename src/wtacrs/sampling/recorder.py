@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from wtacrs.cache import encode_norms
+from wtacrs.cache.first_visit import FirstVisitKeys
 from wtacrs.config import WTACRSConfig
 from wtacrs.functional import output_row_norms
 from wtacrs.sampling.rows import ForwardRows
@@ -43,6 +44,7 @@ class ShippedStep:
         codes: (R, B, T) uint8 `encode_norms` codes (host memory; valid once `ready` has passed).
         leaks: (R,) bool, a row outside the mask got gradient; None when no record was checked.
         ready: the event after the device-to-host copies (None on the CPU).
+        first_visit: the rows' first-visit keys (host) if the step gave anchors.
     """
 
     slots: list[int]
@@ -51,6 +53,7 @@ class ShippedStep:
     codes: Tensor
     leaks: Tensor | None
     ready: torch.cuda.Event | None
+    first_visit: FirstVisitKeys | None = None
 
     def wait(self) -> None:
         """Block until the copies to the host are done."""
@@ -129,7 +132,8 @@ def _ship(records: list[tuple[int, ForwardRows, Tensor]]) -> ShippedStep:
     if norms.device.type == "cuda":
         ready = torch.cuda.Event()
         ready.record()
-    return ShippedStep([s for s, _, _ in records], rows.example_ids, rows.host_mask, codes, leaks, ready)
+    return ShippedStep([s for s, _, _ in records], rows.example_ids, rows.host_mask, codes, leaks, ready,
+                       rows.first_visit)
 
 
 def _leaks(norms: Tensor, masks: list[Tensor | None]) -> Tensor | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from wtacrs.cache.first_visit import FirstVisitKeys
 from wtacrs.sampling.context import BatchContext
 from wtacrs.sampling.transport import to_device
 
@@ -28,6 +29,7 @@ class ForwardRows:
         host_mask: (B, T) bool on the host (cache keys and live-row counts).
         example_ids: (B,) int64 on the host, or None outside `wtacrs.batch`.
         live: real rows (host_mask's count).
+        first_visit: the rows' first-visit keys (host) when the batch gave anchors for this layout.
     """
 
     key: str
@@ -35,6 +37,7 @@ class ForwardRows:
     host_mask: Tensor
     example_ids: Tensor | None
     live: int
+    first_visit: FirstVisitKeys | None = None
 
     def matches(self, x: Tensor) -> bool:
         return x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.host_mask.shape)
@@ -62,7 +65,8 @@ class RowLayouts:
         mask = to_device(host_mask, device)
         live = live_count(host_mask)
         self._ids = context.example_ids
-        self._rows = {stream: ForwardRows(stream, mask, host_mask, context.example_ids, live) for stream in streams}
+        self._rows = {stream: ForwardRows(stream, mask, host_mask, context.example_ids, live, context.first_visit)
+                      for stream in streams}
         return list(self._rows.values())
 
     def of(self, stream: str) -> ForwardRows | None:
@@ -103,11 +107,12 @@ def forward_rows(stream: str, mask: Tensor | None, context: BatchContext | None,
         return None
     mask = mask.to(torch.bool)
     host = context.attention_mask if context is not None and host_mask_given else None
+    keys = None if host is None else context.first_visit  # anchors index the batch's own layout
     if host is None or host.shape != mask.shape:
-        host = mask.cpu()
+        host, keys = mask.cpu(), None
     if ids is not None and ids.numel() != mask.shape[0]:
         ids = None
-    return ForwardRows(stream, mask, host, ids, live_count(host))
+    return ForwardRows(stream, mask, host, ids, live_count(host), keys)
 
 
 def live_count(host_mask: Tensor) -> int:
