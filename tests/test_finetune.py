@@ -121,7 +121,9 @@ def test_default_run_compares_full_checkpointing_and_the_best_exact_recipe(tiny_
     assert sampled["saved_activation_bytes"] < full["saved_activation_bytes"]
     assert checkpointing["saved_activation_bytes"] < full["saved_activation_bytes"]
     # (no order of live peaks to assert: the tiny model's peak is its embedding gradient and AdamW state)
-    # the base rate is the task's; each sampled layer trains at it times sqrt(1 + v), v measured
+    # the base rate is the task's; the sampled run trains at it times sqrt(1 + median v), v measured
+    import statistics
+
     assert sampled["hyperparameters"]["lr"] == full["hyperparameters"]["lr"]
     assert sampled["hyperparameters"]["sampled_lr"] == "measured" and "sampled_lr" not in full["hyperparameters"]
     measured = json.loads(next(tmp_path.glob(f"*/*/{BEST_EXACT}/seed0/lr_scales.json")).read_text())
@@ -130,7 +132,13 @@ def test_default_run_compares_full_checkpointing_and_the_best_exact_recipe(tiny_
         assert v > 0 and measured["scales"][name] == pytest.approx((1 + v) ** 0.5)
     spread = sampled["sampled_lr_scales"]
     assert 1 < spread["min"] <= spread["median"] <= spread["max"] and spread["layers"] == len(measured["scales"])
-    assert full["sampled_lr_scales"] is None
+    median = statistics.median(measured["first_visit_variance"].values())
+    assert sampled["sampled_lr_factor"] == measured["factor"] == pytest.approx((1 + median) ** 0.5)
+    assert full["sampled_lr_scales"] is None and full["sampled_lr_factor"] is None
+    peak_lr = {name: max(h["learning_rate"] for h in json.loads(next(tmp_path.glob(f"*/*/{name}/seed0/training.json"))
+                                                               .read_text())["log_history"] if "learning_rate" in h)
+               for name in ("full", BEST_EXACT)}
+    assert peak_lr[BEST_EXACT] == pytest.approx(peak_lr["full"] * measured["factor"])  # same schedule, raised
     assert list(tmp_path.glob("*/*/full/seed0/runs/*"))  # TensorBoard logs
 
 

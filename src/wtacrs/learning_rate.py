@@ -17,6 +17,7 @@ That is the largest v of a run; the cache lowers it later, and the scale stays.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -98,6 +99,14 @@ def first_visit_variances(model: nn.Module, inputs: dict[str, Tensor], chunk_exa
         model.zero_grad(set_to_none=True)
         model.train(training)
     return {name: _relative_variance(layer) for name, layer in state.items()}
+
+
+def global_scale(variances: dict[str, float]) -> float:
+    """√(1 + median v) over the layers whose v is known (1 when none is): one factor for every
+    parameter, which on SST-2 trained better than the per-layer scales (benchmarks/ACCURACY.md,
+    "A measured learning rate")."""
+    known = sorted(v for v in variances.values() if not math.isnan(v))
+    return math.sqrt(1.0 + statistics.median(known)) if known else 1.0
 
 
 def lr_scales(variances: dict[str, float]) -> dict[str, float]:

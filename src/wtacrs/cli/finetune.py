@@ -32,7 +32,7 @@ from typing import NoReturn
 from wtacrs.finetuning.guards import check_output_dir
 from wtacrs.finetuning.results import RESULTS_FILE, method_label, score_percent
 from wtacrs.finetuning.run_folder import RunFolder, RunFolderError
-from wtacrs.finetuning.spec import DEFAULTS, MEASURED, RunSpec, Settings, parse_recipes
+from wtacrs.finetuning.spec import DEFAULTS, MEASURED, PER_LAYER, RunSpec, Settings, parse_recipes
 from wtacrs.packaged import PACKAGED_MODELS
 from wtacrs.recipes import BEST_EXACT, RecipeError
 
@@ -67,12 +67,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help=f"base peak learning rate of every run (default: the task's, "
                    f"{DEFAULTS['lr']} for most and 1e-4 for the offline default task; LoRA recipes "
                    f"{DEFAULTS['lora_lr']}); sampling recipes raise it as --sampled-lr says")
-    p.add_argument("--sampled-lr", type=_sampled_lr, default=MEASURED, metavar="measured|FACTOR",
+    p.add_argument("--sampled-lr", type=_sampled_lr, default=MEASURED, metavar="measured|measured-per-layer|FACTOR",
                    help="sampling recipes: their gradient noise shortens Adam's steps (benchmarks/ACCURACY.md). "
-                        "'measured' (default): each sampled layer trains at the base rate times sqrt(1 + v), v its "
-                        "gradient's relative variance measured on the first batch before training "
-                        "(wtacrs.learning_rate), every other parameter at the base rate; a number: every "
-                        "parameter at the base rate times it (1: no change)")
+                        "v, each sampled layer's relative gradient variance, is measured on the first batch before "
+                        "training (wtacrs.learning_rate). 'measured' (default): every parameter at the base rate "
+                        "times sqrt(1 + median v); 'measured-per-layer': each sampled layer at the base rate times "
+                        "sqrt(1 + its v), the rest at the base rate; a number: every parameter at the base rate "
+                        "times it (1: no change)")
     p.add_argument("--epochs", type=float, help=_default_help("epochs"))
     p.add_argument("--batch-size", type=int, help=_default_help("batch_size"))
     p.add_argument("--max-length", type=int,
@@ -150,13 +151,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def _sampled_lr(text: str) -> str | float:
-    """--sampled-lr: "measured" or a positive finite factor."""
-    if text == MEASURED:
+    """--sampled-lr: "measured", "measured-per-layer" or a positive finite factor."""
+    if text in (MEASURED, PER_LAYER):
         return text
     try:
         factor = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected '{MEASURED}' or a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected '{MEASURED}', '{PER_LAYER}' or a number, got {text!r}") from None
     if not (math.isfinite(factor) and factor > 0):
         raise argparse.ArgumentTypeError(f"the factor must be a positive number, got {text!r}")
     return factor
@@ -208,8 +209,8 @@ def _check_settings(s: Settings) -> None:
     check_output_dir(s.output_dir)
     check_max_length(s.model, s.max_length)
     unmeasured = [r.spec for r in s.recipes if r.samples and r.estimator not in MEASURED_ESTIMATORS]
-    if unmeasured and s.sampled_lr == MEASURED:
-        raise ValueError(f"--sampled-lr measured needs a {' or '.join(MEASURED_ESTIMATORS)} sampler, not "
+    if unmeasured and s.sampled_lr in (MEASURED, PER_LAYER):
+        raise ValueError(f"--sampled-lr {s.sampled_lr} needs a {' or '.join(MEASURED_ESTIMATORS)} sampler, not "
                          f"{', '.join(unmeasured)}: give a factor (--sampled-lr 1.5)")
 
 

@@ -42,7 +42,7 @@ def finished_record(run: RunSpec, *, scores: dict, training: dict, measured: dic
         training: the run's training.json record (step time, peak memory).
         measured: {"saved_activation_bytes", "live_peak_bytes", "train_examples",
             "train_samples_per_second", "model_family", "model_kind", "companion_effects",
-            "sampled_lr_scales"}.
+            "sampled_lr_scales", "sampled_lr_factor"}.
     """
     s = run.settings
     return {

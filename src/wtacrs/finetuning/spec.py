@@ -17,10 +17,13 @@ DEFAULTS = {
 }
 # Sampling recipes need larger steps than their baseline: the sampling noise inflates Adam's
 # second moment and so shortens its steps (benchmarks/ACCURACY.md; DESIGN.md "An unbiased
-# estimator still changes the optimiser's step"). MEASURED: each sampled layer's learning rate
-# times √(1 + v), v its gradient's relative variance measured before training
-# (`wtacrs.learning_rate`); a number instead: every parameter's times that factor.
+# estimator still changes the optimiser's step"). v, each sampled layer's relative gradient
+# variance, is measured before training (`wtacrs.learning_rate`). MEASURED: every parameter's
+# rate times √(1 + median v); PER_LAYER: each sampled layer's times √(1 + its v), the others
+# unchanged (the theory's rule; it trained worse on SST-2, benchmarks/ACCURACY.md); a number:
+# every parameter's times it.
 MEASURED = "measured"
+PER_LAYER = "measured-per-layer"
 # Settings recorded per run (a --resume must repeat them) on top of the task's extra ones.
 TRAINING_SETTINGS = ("epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "max_train_samples",
                      "max_eval_samples", "bf16", "fp16")
@@ -116,16 +119,16 @@ class RunSpec:
     @property
     def learning_rate(self) -> float:
         """The base learning rate: --lr if given, else the task's default for LoRA or full
-        fine-tuning; for a sampling recipe times --sampled-lr when that is a number (with
-        "measured", the sampled layers' own scales apply on top: `measures_lr`)."""
+        fine-tuning; for a sampling recipe times --sampled-lr when that is a number (when it is
+        measured, the measured factor applies on top: `measures_lr`)."""
         s = self.settings
         base = s.lr if s.lr is not None else s.default_lora_lr if self.recipe.lora else s.default_lr
-        return base * s.sampled_lr if self.recipe.samples and s.sampled_lr != MEASURED else base
+        return base * s.sampled_lr if self.recipe.samples and not self.measures_lr else base
 
     @property
     def measures_lr(self) -> bool:
-        """Whether the run scales each sampled layer's learning rate by its measured noise."""
-        return self.recipe.samples and self.settings.sampled_lr == MEASURED
+        """Whether the run's learning rates come from the measured gradient noise."""
+        return self.recipe.samples and self.settings.sampled_lr in (MEASURED, PER_LAYER)
 
     @property
     def sampling(self) -> SamplingSettings:

@@ -58,7 +58,7 @@ def train_one(run: RunSpec) -> dict | None:
         timer = step_timer()
         trainer = build_trainer(run, folder.path, model, tokenizer, train_set, eval_sets, compute_metrics, timer)
         if run.measures_lr:
-            trainer.lr_scales = sampled_lr_scales(trainer, folder.path, resuming=action == RESUME)
+            apply_measured_lr(trainer, run, sampled_lr_scales(trainer, folder.path, resuming=action == RESUME))
         trainer.train(resume_from_checkpoint=on_rank_zero(lambda: last_checkpoint(folder.path))
                       if action == RESUME else None)
         training = training_record(folder.path, trainer, timer, start)
@@ -241,7 +241,8 @@ def collect_results(run: RunSpec, trainer, training: dict, eval_examples: dict[s
                   "train_samples_per_second": epochs_timed * num_train / seconds if seconds else None,
                   "model_family": config.model_type, "model_kind": model_kind(config),
                   "companion_effects": {option: effect.status for option, effect in effects.items()},
-                  "sampled_lr_scales": _spread(getattr(trainer, "lr_scales", None))},
+                  "sampled_lr_scales": _spread(getattr(trainer, "measured_lr", {}).get("scales")),
+                  "sampled_lr_factor": getattr(trainer, "measured_lr", {}).get("factor")},
     )
 
 
@@ -268,24 +269,37 @@ def best_epoch_metrics(trainer, eval_splits) -> tuple[float, dict[str, dict[str,
     return best["epoch"], metrics, history
 
 
-def sampled_lr_scales(trainer, out: Path, resuming: bool) -> dict[str, float]:
-    """{sampled module: learning-rate scale} (`wtacrs.learning_rate`), measured on the probe batch
-    before training and written to <run>/lr_scales.json with the variances they come from; a
-    resumed run reads them back, so it trains at the rates it started with."""
-    from wtacrs.learning_rate import first_visit_variances, lr_scales
+def sampled_lr_scales(trainer, out: Path, resuming: bool) -> dict:
+    """{"first_visit_variance", "scales", "factor"} (`wtacrs.learning_rate`: per sampled layer v
+    and √(1 + v), and √(1 + median v)), measured on the probe batch before training and written
+    to <run>/lr_scales.json; a resumed run reads them back, so it trains at the rates it started
+    with."""
+    import torch
+
+    from wtacrs.learning_rate import first_visit_variances, global_scale, lr_scales
 
     path = out / LR_SCALES_FILE
     if resuming and path.is_file():
-        return json.loads(path.read_text())["scales"]
-    import torch
-
+        return json.loads(path.read_text())
     with torch.random.fork_rng(devices=[]):
         inputs, _, _ = probe_inputs(trainer)
         variances = first_visit_variances(trainer.model, inputs)
-    scales = lr_scales(variances)
+    measured = {"first_visit_variance": variances, "scales": lr_scales(variances), "factor": global_scale(variances)}
     if trainer.is_world_process_zero():
-        write_json_atomic(path, {"first_visit_variance": variances, "scales": scales})
-    return scales
+        write_json_atomic(path, measured)
+    return measured
+
+
+def apply_measured_lr(trainer, run: RunSpec, measured: dict) -> None:
+    """Every parameter at the base rate times the measured factor (--sampled-lr measured), or
+    each sampled layer at its own scale (measured-per-layer); before the optimizer exists."""
+    from wtacrs.finetuning.spec import PER_LAYER
+
+    trainer.measured_lr = measured
+    if run.settings.sampled_lr == PER_LAYER:
+        trainer.lr_scales = measured["scales"]
+    else:
+        trainer.args.learning_rate = run.learning_rate * measured["factor"]
 
 
 def probe_inputs(trainer) -> tuple[dict, object, object]:
