@@ -14,9 +14,9 @@ Methods (LoRA: r 16, alpha 32, dropout 0, every linear layer of the blocks; PEFT
     lora, lora+checkpointing, velora (PEFT's VeloraConfig on the same LoRA),
     lora+wtacrs@R, lora+wtacrs@R+companions[+recompute[+recompute-attention]], lora+companions,
     full, full+checkpointing, full+companions, wtacrs@R+companions[+recompute[+recompute-attention]]
-"companions" = lean RMSNorm, lean SDPA attention and the chunked LM loss (all exact);
-"recompute" = the gated MLP's recompute; "recompute-attention" = the attention sub-block's.
-A method without "wtacrs@R" samples nothing (estimator "exact"): its gradients are the plain ones.
+Specs are `wtacrs.recipes` specs ("companions" = lean RMSNorm, lean SDPA attention and the
+chunked LM loss, all exact; "recompute" = the gated MLP's recompute; "recompute-attention" = the
+attention sub-block's). A method without "wtacrs@R" samples nothing: its gradients are the plain ones.
 "+fused-adamw": each parameter's AdamW step runs in backward as soon as its gradient is complete
 (`wtacrs.bench.training.BackwardFusedAdamW`), so the full set of gradients never exists at once.
 
@@ -33,8 +33,6 @@ import time
 
 import torch
 
-import wtacrs
-from wtacrs.bench.methods import Method
 from wtacrs.bench.models import build_model, make_batch
 from wtacrs.bench.training import (
     LEARNING_RATE,
@@ -44,9 +42,10 @@ from wtacrs.bench.training import (
     memory_breakdown,
     release,
 )
+from wtacrs.recipes import LoraSettings, parse_recipe
 
-LORA_RANK, LORA_ALPHA = 16, 32
-BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA = LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=(
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))  # every linear of the blocks
 DEFAULT_METHODS = (
     "lora", "lora+checkpointing", "velora", "lora+wtacrs@0.3",
     "lora+wtacrs@0.3+companions", "lora+wtacrs@0.3+companions+recompute",
@@ -57,56 +56,19 @@ DEFAULT_METHODS = (
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def parse(spec: str) -> dict:
-    """{"lora", "velora", "checkpointing", "ratio" (None: no sampling), "companions", "recompute",
-    "recompute_attention"} of a method spec."""
-    parts = spec.split("+")
-    known = {"lora", "velora", "full", "checkpointing", "companions", "recompute", "recompute-attention",
-             "fused-adamw"}
-    ratio = None
-    for part in parts:
-        if part.startswith("wtacrs@"):
-            ratio = float(part.removeprefix("wtacrs@"))
-        elif part not in known:
-            raise ValueError(f"unknown component {part!r} in {spec!r}")
-    return {"lora": "lora" in parts or "velora" in parts, "velora": "velora" in parts,
-            "checkpointing": "checkpointing" in parts, "ratio": ratio, "companions": "companions" in parts,
-            "recompute": "recompute" in parts, "recompute_attention": "recompute-attention" in parts,
-            "fused_adamw": "fused-adamw" in parts}
-
-
 def make(spec: str, size: str, batch: int, seq: int, dtype: torch.dtype, seed: int = 0) -> Trial:
-    """A `Trial` (model, AdamW with allocated state, batch) for one method spec."""
-    m = parse(spec)
-    model = build_model(size, seed).to(dtype=dtype)
-    if m["checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if m["lora"]:
-        import peft
-
-        velora = {"velora_config": peft.VeloraConfig()} if m["velora"] else {}
-        config = peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, r=LORA_RANK, lora_alpha=LORA_ALPHA,
-                                 lora_dropout=0.0, target_modules=BLOCK_LINEARS, **velora)
-        model = peft.get_peft_model(model, config)
-    uses_wtacrs = m["ratio"] is not None or m["companions"] or m["recompute"] or m["recompute_attention"]
-    if uses_wtacrs:
-        sampled = m["ratio"] is not None
-        wtacrs.apply(model, wtacrs.WTACRSConfig(
-            ratio=m["ratio"] if sampled else 1.0, estimator="wta-crs" if sampled else "exact", seed=seed,
-            lean_layernorm=m["companions"], lean_attention=m["companions"], lean_dropout=m["companions"],
-            chunked_lm_loss=m["companions"], recompute_activation=m["recompute"],
-            recompute_attention=m["recompute_attention"]))
+    """A `Trial` (model, AdamW with allocated state, batch) for one recipe spec (`wtacrs.recipes`)."""
+    recipe = parse_recipe(spec)
+    model = recipe.prepare(build_model(size, seed).to(dtype=dtype), seed=seed, task_type="CAUSAL_LM", lora=LORA)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer_class = BackwardFusedAdamW if m["fused_adamw"] else torch.optim.AdamW
+    optimizer_class = BackwardFusedAdamW if recipe.fused_adamw else torch.optim.AdamW
     optimizer = optimizer_class(trainable, lr=LEARNING_RATE)
     for p in trainable:  # allocate AdamW's moments now, so every measured step is a steady one
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     inputs = make_batch(model, batch, seq, seed)
-    # `Method` only tells Trial.step whether to open `wtacrs.batch` (the gradient-norm cache)
-    method = Method(spec, estimator="wta-crs" if m["ratio"] is not None else None, companions=uses_wtacrs)
-    return Trial(method, model, optimizer, inputs, torch.arange(batch), inputs["attention_mask"].cpu())
+    return Trial(recipe, model, optimizer, inputs, torch.arange(batch), inputs["attention_mask"].cpu())
 
 
 def main(argv: list[str]) -> int:
@@ -169,7 +131,7 @@ def _table(args: argparse.Namespace, rows: dict[str, dict]) -> None:
     print("| method | live peak MB | step adds MB | step s | peak × | time × |")
     print("|---|---|---|---|---|---|")
     for spec, row in rows.items():
-        ref = rows.get("lora" if parse(spec)["lora"] else "full", {})
+        ref = rows.get("lora" if parse_recipe(spec).lora else "full", {})
         cells = [_cell(row, "peak_mb", "{:.0f}"), _cell(row, "step_mb", "{:.0f}"), _cell(row, "step_s", "{:.1f}")]
         for key in ("peak_mb", "step_s"):
             cells.append(f"{row[key] / ref[key]:.2f}" if key in row and key in ref else "–")
