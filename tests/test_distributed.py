@@ -245,10 +245,46 @@ def _cli_run_folder(rank: int, out: dict, output_dir: str) -> None:
         out["error"] = f"{type(e).__name__}: {e}"
 
 
+def _left_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch with each row's real tokens moved to the end (left padding)."""
+    width = batch["attention_mask"].shape[1]
+    shift = width - batch["attention_mask"].sum(1, keepdim=True)
+    index = (torch.arange(width) - shift) % width  # (B, T) source column of each column
+    return {k: v.gather(1, index) if v.dim() == 2 else v for k, v in batch.items()}
+
+
+ANCHORED_CONFIG = wtacrs.WTACRSConfig(ratio=0.3, skip_padding=False)  # the pooler reads rank 1's left padding
+
+
+def _anchored_inputs(rank: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Rank's local batch (rank 1's left-padded) and its `wtacrs.batch` arguments with anchors: an
+    anchor at [CLS], one next to padding (so padding rows get anchor keys), an example without any,
+    and segment B from each example's fourth real token."""
+    batch = _local(_global_batch(), rank)
+    batch = _left_padded(batch) if rank == 1 else batch
+    mask = batch["attention_mask"].bool()
+    anchors = torch.tensor([[[3, 5], [0, 4]], [[5, 8], [-1, -1]]][rank])
+    segments = ((mask.cumsum(1) > 3) & mask).long()
+    context = dict(example_ids=torch.arange(2) + 2 * rank, attention_mask=batch["attention_mask"], anchors=anchors,
+                   token_type_ids=segments)
+    return batch, context
+
+
+def _anchored_cache(rank: int, out: dict) -> None:
+    """One DDP step with anchors; the cache it commits (every rank's records, prior tables included)."""
+    model = DistributedDataParallel(wtacrs.apply(_bert(), ANCHORED_CONFIG))
+    enable_data_parallel(model)
+    batch, context = _anchored_inputs(rank)
+    with wtacrs.batch(**context):
+        model(**batch).loss.backward()
+    out["cache"] = wtacrs.sampling_state(model.module).cache.state_dict()
+
+
 def _all_checks(rank: int, out: dict, run_dir: str, cli_dir: str, resume_dirs: tuple[str, str]) -> None:
     """Everything the tests check, in one pair of processes (spawning costs seconds)."""
     for name, body, args in (("ratio_one", _ratio_one_gradients, ()), ("sampled", _sampled_mean_gradient, ()),
-                             ("cache", _shared_cache, ()), ("trainer", _trainer_writes_once, (run_dir,)),
+                             ("cache", _shared_cache, ()), ("anchored", _anchored_cache, ()),
+                             ("trainer", _trainer_writes_once, (run_dir,)),
                              ("cli", _cli_run_folder, (cli_dir,)), ("resume", _resume_on_two_ranks, resume_dirs),
                              ("fsdp2", _fsdp2_training, ())):
         out[name] = {}
@@ -349,6 +385,29 @@ def test_cache_is_shared_across_ranks_and_identical(ranks):
     expected = 8 + rank0["slots"] * (24 + 12 * 2 + rank0["real_tokens"])
     assert rank0["bytes_sent"] == expected
     assert rank0["bytes_received"] == WORLD * max(expected, 8 + rank1["slots"] * (24 + 24 + rank1["real_tokens"]))
+
+
+@pytest.mark.timeout(JOIN_TIMEOUT_S + 30)
+def test_anchored_step_teaches_every_rank_the_prior_a_single_process_learns(ranks):
+    """The DDP commit writes rank 0's layout, then rank 1's; one process committing the two local
+    batches as consecutive steps does the same writes and prior updates (the norms are the local
+    losses' in both), so its cache, anchor and type tables included, is the reference."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: the same float sums, so the same codes
+    try:
+        model = wtacrs.apply(_bert(), ANCHORED_CONFIG)
+        for rank in range(WORLD):
+            batch, context = _anchored_inputs(rank)
+            with wtacrs.batch(**context):
+                model(**batch).loss.backward()
+    finally:
+        torch.set_num_threads(threads)
+    reference = wtacrs.sampling_state(model).cache.state_dict()
+    assert reference["prior_anchor"].isfinite().any() and reference["prior_type"].isfinite().any()
+    for rank in (r["anchored"]["cache"] for r in ranks):
+        assert rank.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(rank[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
 
 
 @pytest.mark.timeout(JOIN_TIMEOUT_S + 30)
@@ -457,6 +516,74 @@ def test_wire_format_round_trips_with_any_padding():
     one = [PendingRecord(0, torch.tensor([1]), mask[:1], torch.ones(1, 3, dtype=torch.uint8))]
     with pytest.raises(ValueError, match="truncated"):
         unpack_records(pack_records(one)[:-1])
+
+
+def _compact_buffer(records) -> torch.Tensor:
+    """The format of records without keys as it was before keys travelled, built by hand."""
+    header = [len(records)] + [v for r in records for v in (r.slot, r.example_ids.numel(), int(r.row_mask.sum()))]
+    parts = [torch.tensor(header), *(r.example_ids for r in records), *(r.row_mask.sum(1).int() for r in records)]
+    return torch.cat([p.view(torch.uint8) for p in parts] + [r.codes[r.row_mask] for r in records])
+
+
+def test_records_without_keys_keep_the_compact_format():
+    from wtacrs.cache import PendingRecord
+
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    codes = torch.tensor([[7, 8, 9], [10, 11, 12]], dtype=torch.uint8)
+    records = [PendingRecord(slot, torch.tensor([5, 2]), mask, codes) for slot in (0, 1)]
+    assert torch.equal(pack_records(records), _compact_buffer(records))
+    assert pack_records(records).numel() == 8 + 2 * (24 + 12 * 2 + 4)
+
+
+def _record_anchored_and_plain(cache) -> None:
+    """A plain step, an anchored one (right- and left-padded rows, an anchor at [CLS], one next to
+    padding, an example without anchors; slot 1 recorded twice, as ALBERT does), a plain one."""
+    from wtacrs.cache import encode_norms
+    from wtacrs.cache.first_visit import first_visit_keys
+
+    g = torch.Generator().manual_seed(0)
+    plain = torch.tensor([[True, True, True, False], [False, True, True, True]])
+    cache.record(0, torch.tensor([7, 8]), plain, torch.rand(2, 4, generator=g))
+    mask = torch.tensor([[True, True, True, True, False, False], [False, False, True, True, True, True],
+                         [True, True, False, False, False, False]])
+    keys = first_visit_keys(mask, torch.tensor([[2, 3], [2, 4], [-1, -1]]), (mask.cumsum(1) > 2) & mask)
+    norms = torch.rand(3, 3, 6, generator=g) + 0.1  # padding rows have norms too
+    cache.record_layers([0, 1, 1], torch.tensor([0, 1, 2]), mask, encode_norms(norms), keys)
+    cache.record(1, torch.tensor([8, 9]), plain, torch.rand(2, 4, generator=g))
+
+
+def test_records_with_keys_round_trip_into_the_same_cache():
+    from wtacrs.cache import GradNormCache
+
+    direct, exchanged = GradNormCache(2), GradNormCache(2)
+    for cache in (direct, exchanged):
+        _record_anchored_and_plain(cache)
+    exchanged.exchange_pending(lambda records: unpack_records(pack_records(records)))
+    direct.commit(), exchanged.commit()
+    expected = direct.state_dict()
+    assert expected["prior_anchor"].isfinite().any() and expected["prior_type"].isfinite().any()
+    assert expected["prior_type"][:, 0].isfinite().all(), "the padding type learns from padding rows"
+    for key, value in expected.items():
+        torch.testing.assert_close(exchanged.state_dict()[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+def test_records_with_keys_add_their_layout_once():
+    from wtacrs.cache import GradNormCache
+
+    cache = GradNormCache(2)
+    _record_anchored_and_plain(cache)
+    records = cache._pending
+    plain = [r for r in records if r.keys is None]
+    buffer = pack_records(records)
+    assert torch.equal(buffer[: _compact_buffer(plain).numel()], _compact_buffer(plain))
+    # keyed section: 16 B counts, 24 B per record, 16 B per layout; ids, mask, keys once; codes per record
+    assert buffer.numel() == _compact_buffer(plain).numel() + 16 + 3 * 24 + 16 + 3 * 8 + 18 * (1 + 4 + 1) + 3 * 18
+    for cut in (1, 18, buffer.numel() - _compact_buffer(plain).numel() - 8):
+        with pytest.raises(ValueError, match="truncated"):
+            unpack_records(buffer[:-cut])
+    unpacked = unpack_records(buffer)
+    assert [(r.slot, r.keys is None) for r in unpacked] == [(r.slot, r.keys is None) for r in records]
+    assert unpacked[1].row_mask is unpacked[3].row_mask, "records of a layout share it, as the originals did"
 
 
 def test_single_process_needs_no_sync():

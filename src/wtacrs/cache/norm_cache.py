@@ -14,7 +14,7 @@ from torch import Tensor
 
 from wtacrs.cache.first_visit import FirstVisitKeys
 from wtacrs.cache.prior import PositionPrior
-from wtacrs.cache.records import PendingRecord, on_host
+from wtacrs.cache.records import PendingRecord, layout_of, on_host
 from wtacrs.cache.store import NormStore, decode_norms, encode_norms, real_token_ordinals
 
 
@@ -128,8 +128,7 @@ class GradNormCache:
         """Write all buffered records: one scatter per row layout (the layers of a step share one)."""
         groups: dict[tuple, list[PendingRecord]] = {}
         for record in on_host(self._pending):
-            ids, mask = record.example_ids, record.row_mask  # the records of a step share them
-            groups.setdefault((ids.data_ptr(), mask.data_ptr(), tuple(mask.shape)), []).append(record)
+            groups.setdefault(layout_of(record), []).append(record)
         for records in groups.values():
             records = list({r.slot: r for r in records}.values())  # a slot called twice (ALBERT): its last call
             ids, mask = records[0].example_ids, records[0].row_mask

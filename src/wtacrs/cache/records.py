@@ -32,6 +32,12 @@ class PendingRecord:
     keys: FirstVisitKeys | None = None
 
 
+def layout_of(record: PendingRecord) -> tuple:
+    """What identifies a record's row layout: the records of one step share their ids and mask
+    tensors (a commit writes each layout once, and a data-parallel exchange sends it once)."""
+    return record.example_ids.data_ptr(), record.row_mask.data_ptr(), tuple(record.row_mask.shape)
+
+
 def on_host(records: list[PendingRecord]) -> list[PendingRecord]:
     """The records with host tensors. Codes on a device move in one transfer per (device, shape)
     (one copy per layer would cost a device round trip each); the layers of a forward share a few

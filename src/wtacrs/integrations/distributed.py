@@ -19,9 +19,12 @@ records, (example ids, real-token counts, one uint8 code per real token per laye
 them all in rank order, so every rank holds the same cache, byte for byte, and lookups stay
 local (no communication in the forward pass). Cost per step and rank: it sends
 Σ_layers (12 B + tokens) bytes per local example and receives R times that (padded to the
-largest rank's payload); host memory is the whole dataset's cache on every rank. A cache
-sharded by example id would divide host memory by R, but every forward would wait on an
-all-to-all lookup; the replicated cache costs one small collective after backward instead.
+largest rank's payload). A step with anchors (`wtacrs.batch(anchors=)`) also feeds the prior's
+first-visit tables, which learn from padding rows too, so it sends its padded layout instead:
+per example T bytes per layer and once 8 + 6·T bytes (ids, mask, keys), T the padded length
+(see the wire format above `pack_records`). Host memory is the whole dataset's cache on every
+rank. A cache sharded by example id would divide host memory by R, but every forward would wait
+on an all-to-all lookup; the replicated cache costs one small collective after backward instead.
 Because all ranks hold the same cache, rank 0 alone saves it with the checkpoint and a run can
 resume on any number of ranks (the step counter is global; ranks are assigned at start-up).
 
@@ -41,6 +44,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from wtacrs.cache import PendingRecord
+from wtacrs.cache.first_visit import FirstVisitKeys
+from wtacrs.cache.records import layout_of
 from wtacrs.modeling import sampling_state
 
 _HEADER_FIELDS = 3  # per record: slot, examples, real tokens
@@ -154,12 +159,40 @@ def on_rank_zero(fn: Callable[[], T]) -> T:
 
 
 # -- wire format: one uint8 buffer per rank and step ---------------------------------------------
-# int64 header [count, (slot, examples, tokens) × count], int64 ids, int32 real-token counts,
-# uint8 codes of the real tokens in order. Padding is never sent: the cache keys a token by its
-# ordinal among the example's real tokens, so a left-aligned mask rebuilt from the counts reads
-# and writes the same entries as the original (right- or left-padded) one.
+# Two sections; the second is present only when some record has first-visit keys.
+# 1. Records without keys, compact: int64 header [count, (slot, examples, tokens) × count], int64
+#    ids, int32 real-token counts, uint8 codes of the real tokens in order. Padding is not sent:
+#    the store and the position prior key a token by its ordinal among the example's real tokens,
+#    so a left-aligned mask rebuilt from the counts reads and writes the same entries as the
+#    original (right- or left-padded) one.
+# 2. Records with keys (steps with anchors), whole: the prior's anchor and type tables learn from
+#    every row with a key, padding included, so these travel in their original (B, T) layout,
+#    which keeps codes, mask and keys aligned as recorded. int64 header [count, layouts,
+#    (position, slot, layout) × count, (examples, width) × layouts]; per layout: int64 ids (B),
+#    uint8 mask (B·T), int32 anchor columns (B·T), int8 token types (B·T); per record: uint8 codes
+#    (B·T) of its layout. `position` is the record's index in the packed list (the commit order
+#    decides the prior's moving averages); records sharing a layout come back sharing its tensors,
+#    so a commit groups them as it would have the originals.
 def pack_records(records: list[PendingRecord]) -> Tensor:
-    """Records → one uint8 buffer holding only the real tokens' codes."""
+    """Host records → one uint8 buffer: section 1 alone when no record has keys."""
+    plain = [record for record in records if record.keys is None]
+    buffer = _pack_compact(plain)
+    return buffer if len(plain) == len(records) else torch.cat([buffer, _pack_keyed(records)])
+
+
+def unpack_records(buffer: Tensor) -> list[PendingRecord]:
+    """Inverse of `pack_records`, in the packed order (masks of records without keys come back
+    left-aligned)."""
+    reader = _Reader(buffer)
+    plain = _unpack_compact(reader)
+    keyed = _unpack_keyed(reader) if reader.position < buffer.numel() else []
+    if reader.position != buffer.numel():
+        raise ValueError(f"cache records buffer has {buffer.numel() - reader.position} trailing bytes")
+    return _interleave(plain, keyed)
+
+
+def _pack_compact(records: list[PendingRecord]) -> Tensor:
+    """Section 1: records without keys, their real tokens' codes only."""
     header = [len(records)]
     ids, counts, codes = [], [], []
     for record in records:
@@ -168,13 +201,32 @@ def pack_records(records: list[PendingRecord]) -> Tensor:
         ids.append(record.example_ids.to(torch.int64))
         counts.append(mask.sum(1).to(torch.int32))
         codes.append(record.codes[mask])
-    parts = [torch.tensor(header, dtype=torch.int64), *ids, *counts]
-    return torch.cat([p.contiguous().view(torch.uint8) for p in parts] + codes)
+    return _bytes([torch.tensor(header, dtype=torch.int64), *ids, *counts, *codes])
 
 
-def unpack_records(buffer: Tensor) -> list[PendingRecord]:
-    """Inverse of `pack_records` (masks come back left-aligned)."""
-    reader = _Reader(buffer)
+def _pack_keyed(records: list[PendingRecord]) -> Tensor:
+    """Section 2: the records with keys (their positions in `records`), each layout sent once."""
+    layouts: dict[tuple, int] = {}
+    firsts: list[PendingRecord] = []  # the first record of each layout: its ids, mask and keys
+    entries: list[tuple[int, int, int]] = []  # (position, slot, layout)
+    for position, record in enumerate(records):
+        if record.keys is not None:
+            layout = layouts.setdefault(layout_of(record), len(layouts))
+            if layout == len(firsts):
+                firsts.append(record)
+            entries.append((position, record.slot, layout))
+    header = [len(entries), len(firsts), *(v for entry in entries for v in entry),
+              *(size for first in firsts for size in first.row_mask.shape)]
+    parts = [torch.tensor(header, dtype=torch.int64)]
+    for first in firsts:
+        parts += [first.example_ids.to(torch.int64), first.row_mask.to(torch.uint8),
+                  first.keys.anchor.to(torch.int32), first.keys.token_type.to(torch.int8)]
+    parts += [records[position].codes for position, _, _ in entries]
+    return _bytes(parts)
+
+
+def _unpack_compact(reader: _Reader) -> list[PendingRecord]:
+    """Section 1 → records with left-aligned (B, max real tokens) masks and zero padding codes."""
     count = int(reader.take(1, torch.int64))
     header = reader.take(_HEADER_FIELDS * count, torch.int64).view(count, _HEADER_FIELDS).tolist()
     ids = [reader.take(examples, torch.int64) for _, examples, _ in header]
@@ -186,9 +238,45 @@ def unpack_records(buffer: Tensor) -> list[PendingRecord]:
         codes = torch.zeros(mask.shape, dtype=torch.uint8)
         codes[mask] = reader.take(tokens, torch.uint8)
         records.append(PendingRecord(slot, example_ids, mask, codes))
-    if reader.position != buffer.numel():
-        raise ValueError(f"cache records buffer has {buffer.numel() - reader.position} trailing bytes")
     return records
+
+
+def _unpack_keyed(reader: _Reader) -> list[tuple[int, PendingRecord]]:
+    """Section 2 → (position, record) pairs; the records of a layout share its tensors."""
+    count, num_layouts = reader.take(2, torch.int64).tolist()
+    entries = reader.take(3 * count, torch.int64).view(count, 3).tolist()
+    shapes = reader.take(2 * num_layouts, torch.int64).view(num_layouts, 2).tolist()
+    layouts = []
+    for batch, width in shapes:
+        ids = reader.take(batch, torch.int64)
+        mask = reader.take(batch * width, torch.uint8).view(batch, width).to(torch.bool)
+        anchor = reader.take(batch * width, torch.int32).view(batch, width).to(torch.int64)
+        token_type = reader.take(batch * width, torch.int8).view(batch, width).to(torch.int64)
+        layouts.append((ids, mask, FirstVisitKeys(anchor, token_type)))
+    records = []
+    for position, slot, layout in entries:
+        if not 0 <= layout < num_layouts:
+            raise ValueError(f"cache record names layout {layout} of {num_layouts}")
+        ids, mask, keys = layouts[layout]
+        codes = reader.take(mask.numel(), torch.uint8).view(mask.shape)
+        records.append((position, PendingRecord(slot, ids, mask, codes, keys)))
+    return records
+
+
+def _interleave(plain: list[PendingRecord], keyed: list[tuple[int, PendingRecord]]) -> list[PendingRecord]:
+    """The packed order: keyed records at their positions, the others in order around them."""
+    total = len(plain) + len(keyed)
+    positions = [position for position, _ in keyed]
+    if positions != sorted(set(positions)) or any(not 0 <= p < total for p in positions):
+        raise ValueError(f"cache record positions {positions} do not fit {total} records")
+    at = dict(keyed)
+    rest = iter(plain)
+    return [at[i] if i in at else next(rest) for i in range(total)]
+
+
+def _bytes(parts: list[Tensor]) -> Tensor:
+    """The parts' bytes, concatenated: (Σ bytes,) uint8."""
+    return torch.cat([part.contiguous().reshape(-1).view(torch.uint8) for part in parts])
 
 
 class _Reader:
