@@ -121,11 +121,12 @@ def test_default_run_compares_full_checkpointing_and_the_best_exact_recipe(tiny_
     assert sampled["saved_activation_bytes"] < full["saved_activation_bytes"]
     assert checkpointing["saved_activation_bytes"] < full["saved_activation_bytes"]
     # (no order of live peaks to assert: the tiny model's peak is its embedding gradient and AdamW state)
-    # the base rate is the task's; the sampled run trains at it times sqrt(1 + median v), v measured
+    # the base rate is the task's; each sampled layer trains at it times sqrt(1 + its v), v measured
     import statistics
 
     assert sampled["hyperparameters"]["lr"] == full["hyperparameters"]["lr"]
-    assert sampled["hyperparameters"]["sampled_lr"] == "measured" and "sampled_lr" not in full["hyperparameters"]
+    assert sampled["hyperparameters"]["sampled_lr"] == "measured-per-layer"
+    assert "sampled_lr" not in full["hyperparameters"]
     measured = json.loads(next(tmp_path.glob(f"*/*/{BEST_EXACT}/seed0/lr_scales.json")).read_text())
     assert measured["scales"].keys() == measured["first_visit_variance"].keys()
     for name, v in measured["first_visit_variance"].items():
@@ -138,7 +139,7 @@ def test_default_run_compares_full_checkpointing_and_the_best_exact_recipe(tiny_
     peak_lr = {name: max(h["learning_rate"] for h in json.loads(next(tmp_path.glob(f"*/*/{name}/seed0/training.json"))
                                                                .read_text())["log_history"] if "learning_rate" in h)
                for name in ("full", BEST_EXACT)}
-    assert peak_lr[BEST_EXACT] == pytest.approx(peak_lr["full"] * measured["factor"])  # same schedule, raised
+    assert peak_lr[BEST_EXACT] == pytest.approx(peak_lr["full"])  # the logged (first) group: unsampled parameters
     assert list(tmp_path.glob("*/*/full/seed0/runs/*"))  # TensorBoard logs
 
 
@@ -147,7 +148,7 @@ def test_recipes_are_recorded_by_their_canonical_spec(tiny_model, tmp_path, caps
     companions apply to LoRA and full runs too, and take effect."""
     argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--in-process", "--method",
             "recompute-attention+companions+wtacrs+recompute", "lora+companions", "--ratio", "0.5", *FAST,
-            "--lr", "1e-3"]
+            "--lr", "1e-3", "--sampled-lr", "measured"]
     assert main(argv) == 0
     assert "wtacrs@0.5+companions+recompute+recompute-attention" in capsys.readouterr().out
     sampled = results_of(tmp_path, "wtacrs@0.5+companions+recompute+recompute-attention")
@@ -156,6 +157,13 @@ def test_recipes_are_recorded_by_their_canonical_spec(tiny_model, tmp_path, caps
     assert (sampled["method"], sampled["ratio"], lora["method"], lora["ratio"]) == (
         "wtacrs@0.5+companions+recompute+recompute-attention", 0.5, "lora+companions", None)
     assert sampled["hyperparameters"]["lr"] == lora["hyperparameters"]["lr"] == 1e-3
+    # --sampled-lr measured: every parameter of the sampled run at 1e-3 times sqrt(1 + median v)
+    history = json.loads(next(tmp_path.glob("*/*/wtacrs@0.5*/seed0/training.json")).read_text())["log_history"]
+    peak = max(h["learning_rate"] for h in history if "learning_rate" in h)
+    lora_history = json.loads(next(tmp_path.glob("*/*/lora+companions/seed0/training.json")).read_text())["log_history"]
+    assert sampled["sampled_lr_factor"] > 1 and sampled["sampled_lr_scales"] is not None
+    assert peak == pytest.approx(sampled["sampled_lr_factor"] * max(
+        h["learning_rate"] for h in lora_history if "learning_rate" in h))
     assert sampled["companion_effects"]["recompute_attention"] == "took effect"
     assert set(lora["companion_effects"]) == {"lean_dropout", "lean_layernorm", "lean_attention", "chunked_lm_loss"}
     assert lora["companion_effects"]["chunked_lm_loss"] == "nothing to change"  # a classifier: no LM loss

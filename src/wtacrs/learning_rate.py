@@ -103,8 +103,8 @@ def first_visit_variances(model: nn.Module, inputs: dict[str, Tensor], chunk_exa
 
 def global_scale(variances: dict[str, float]) -> float:
     """√(1 + median v) over the layers whose v is known (1 when none is): one factor for every
-    parameter, which on SST-2 trained better than the per-layer scales (benchmarks/ACCURACY.md,
-    "A measured learning rate")."""
+    parameter (on SST-2 no better than the per-layer scales, worse at ratio 0.1:
+    benchmarks/ACCURACY.md, "A measured learning rate")."""
     known = sorted(v for v in variances.values() if not math.isnan(v))
     return math.sqrt(1.0 + statistics.median(known)) if known else 1.0
 

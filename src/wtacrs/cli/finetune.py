@@ -67,13 +67,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help=f"base peak learning rate of every run (default: the task's, "
                    f"{DEFAULTS['lr']} for most and 1e-4 for the offline default task; LoRA recipes "
                    f"{DEFAULTS['lora_lr']}); sampling recipes raise it as --sampled-lr says")
-    p.add_argument("--sampled-lr", type=_sampled_lr, default=MEASURED, metavar="measured|measured-per-layer|FACTOR",
+    p.add_argument("--sampled-lr", type=_sampled_lr, default=PER_LAYER, metavar="measured-per-layer|measured|FACTOR",
                    help="sampling recipes: their gradient noise shortens Adam's steps (benchmarks/ACCURACY.md). "
                         "v, each sampled layer's relative gradient variance, is measured on the first batch before "
-                        "training (wtacrs.learning_rate). 'measured' (default): every parameter at the base rate "
-                        "times sqrt(1 + median v); 'measured-per-layer': each sampled layer at the base rate times "
-                        "sqrt(1 + its v), the rest at the base rate; a number: every parameter at the base rate "
-                        "times it (1: no change)")
+                        "training (wtacrs.learning_rate). 'measured-per-layer' (default): each sampled layer at the "
+                        "base rate times sqrt(1 + its v), the rest at the base rate; 'measured': every parameter at "
+                        "the base rate times sqrt(1 + median v); a number: every parameter at the base rate times it "
+                        "(1: no change)")
     p.add_argument("--epochs", type=float, help=_default_help("epochs"))
     p.add_argument("--batch-size", type=int, help=_default_help("batch_size"))
     p.add_argument("--max-length", type=int,

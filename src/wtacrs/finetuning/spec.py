@@ -18,9 +18,9 @@ DEFAULTS = {
 # Sampling recipes need larger steps than their baseline: the sampling noise inflates Adam's
 # second moment and so shortens its steps (benchmarks/ACCURACY.md; DESIGN.md "An unbiased
 # estimator still changes the optimiser's step"). v, each sampled layer's relative gradient
-# variance, is measured before training (`wtacrs.learning_rate`). MEASURED: every parameter's
-# rate times √(1 + median v); PER_LAYER: each sampled layer's times √(1 + its v), the others
-# unchanged (the theory's rule; it trained worse on SST-2, benchmarks/ACCURACY.md); a number:
+# variance, is measured before training (`wtacrs.learning_rate`). PER_LAYER (the default): each
+# sampled layer's rate times √(1 + its v), the others unchanged; MEASURED: every parameter's times
+# √(1 + median v) (no better on SST-2, worse at ratio 0.1: benchmarks/ACCURACY.md); a number:
 # every parameter's times it.
 MEASURED = "measured"
 PER_LAYER = "measured-per-layer"
@@ -50,7 +50,7 @@ class Settings:
     default_lr: float  # full fine-tuning's default learning rate for this task
     default_lora_lr: float
     lr: float | None = None  # --lr: every run's base learning rate
-    sampled_lr: str | float = MEASURED  # --sampled-lr: how sampling recipes raise the base rate
+    sampled_lr: str | float = PER_LAYER  # --sampled-lr: how sampling recipes raise the base rate
     budget: str = "live"
     target_modules: tuple[str, ...] | None = None
     pad_to_max_length: bool = False
