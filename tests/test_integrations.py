@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -180,20 +181,23 @@ def test_failed_apply_leaves_the_model_untouched():
 
 
 def test_trainer_batches_carry_a_host_mask_the_step_hands_to_wtacrs_batch(monkeypatch, tmp_path):
-    """The collated mask travels as a numpy array (a GPU loader moves only tensors), and the
-    training step passes it to `wtacrs.batch`, so counting live rows needs no copy back."""
+    """The collated mask and example ids travel as numpy arrays (a GPU loader moves only tensors),
+    and the training step passes them to `wtacrs.batch`, so counting live rows and reading the
+    cache need no copy back."""
     import wtacrs.integrations.trainer as trainer_module
 
-    seen = []
+    seen, seen_ids = [], []
     real_batch = trainer_module.batch
     monkeypatch.setattr(trainer_module, "batch",
-                        lambda ids, mask=None, model=None, **first_visit: seen.append(mask)
+                        lambda ids, mask=None, model=None, **first_visit: seen.append(mask) or seen_ids.append(ids)
                         or real_batch(ids, mask, model, **first_visit))
     trainer = _trainer(tmp_path, epochs=1)
     collated = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1)])
     assert collated[trainer_module.HOST_MASK_KEY].shape == tuple(collated["attention_mask"].shape)
+    assert isinstance(collated["example_id"], np.ndarray)  # ids stay on the host too: no copy back per step
     trainer.train()
     assert seen and all(m is not None and m.device.type == "cpu" for m in seen)
+    assert all(isinstance(i, torch.Tensor) and i.dtype == torch.int64 for i in seen_ids)
 
 
 def test_a_padding_gradient_error_is_raised_before_a_checkpoint_is_written(tmp_path):

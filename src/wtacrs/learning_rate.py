@@ -83,15 +83,15 @@ def first_visit_variances(model: nn.Module, inputs: dict[str, Tensor], chunk_exa
     try:
         with torch.no_grad(), _hooks(layers, lambda name, index, x, out: _plan(state[name], x, live, config)):
             model(**inputs)
-
-        def measure(name: str, index: int, x: Tensor, output: Tensor) -> None:
-            call = state[name].calls[index]
-            _measure(state[name], call, x, output, first=start * (call.scores.numel() // examples))
-
         for start in range(0, examples, chunk_examples):
             rows = slice(start, min(start + chunk_examples, examples))
             chunk = {k: v[rows] if isinstance(v, Tensor) and v.dim() and v.shape[0] == examples else v
                      for k, v in inputs.items()}
+
+            def measure(name: str, index: int, x: Tensor, output: Tensor, start: int = start) -> None:
+                call = state[name].calls[index]  # the chunk's rows start at its first example's
+                _measure(state[name], call, x, output, first=start * (call.scores.numel() // examples))
+
             with torch.enable_grad(), _hooks(layers, measure):
                 loss = model(**chunk).loss * ((rows.stop - rows.start) / examples)
                 loss.backward()

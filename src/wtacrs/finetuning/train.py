@@ -23,7 +23,7 @@ from wtacrs.finetuning.guards import NonFiniteError, non_finite_guard
 from wtacrs.finetuning.models import load_model, model_config, model_kind
 from wtacrs.finetuning.results import RESULTS_FILE, TRAINING_FILE, failed_record, finished_record
 from wtacrs.finetuning.run_folder import KEEP, RESUME, RunFolder, RunFolderError
-from wtacrs.finetuning.spec import RunSpec
+from wtacrs.finetuning.spec import PER_LAYER, RunSpec
 from wtacrs.integrations.distributed import is_rank_zero, on_rank_zero
 from wtacrs.memory import process_peak_rss
 
@@ -57,14 +57,15 @@ def train_one(run: RunSpec) -> dict | None:
     with folder, _failure_recorded(run, folder):
         timer = step_timer()
         trainer = build_trainer(run, folder.path, model, tokenizer, train_set, eval_sets, compute_metrics, timer)
-        if run.measures_lr:
-            apply_measured_lr(trainer, run, sampled_lr_scales(trainer, folder.path, resuming=action == RESUME))
+        measured_lr = sampled_lr_scales(trainer, folder.path, resuming=action == RESUME) if run.measures_lr else None
+        if measured_lr is not None:
+            apply_measured_lr(trainer, run, measured_lr)
         trainer.train(resume_from_checkpoint=on_rank_zero(lambda: last_checkpoint(folder.path))
                       if action == RESUME else None)
         training = training_record(folder.path, trainer, timer, start)
         finishing = time.perf_counter()
         try:
-            results = collect_results(run, trainer, training, {k: len(v) for k, v in evals_raw.items()})
+            results = collect_results(run, trainer, training, {k: len(v) for k, v in evals_raw.items()}, measured_lr)
             results["wall_seconds"] = training["wall_seconds"] + time.perf_counter() - finishing
             if trainer.is_world_process_zero():  # under torchrun every rank gets here; one writes
                 write_json_atomic(folder.path / RESULTS_FILE, results)
@@ -222,8 +223,10 @@ def peak_memory() -> tuple[int, str]:
 
 
 # -- results -----------------------------------------------------------------------------------
-def collect_results(run: RunSpec, trainer, training: dict, eval_examples: dict[str, int]) -> dict:
-    """The results record of a finished run; `training` is its `training_record`."""
+def collect_results(run: RunSpec, trainer, training: dict, eval_examples: dict[str, int],
+                    measured_lr: dict | None = None) -> dict:
+    """The results record of a finished run; `training` is its `training_record`, `measured_lr`
+    its `sampled_lr_scales` (None: the run measured none)."""
     from wtacrs.modeling import companion_effects
 
     best_epoch, metrics, history = best_epoch_metrics(trainer, eval_examples)
@@ -241,15 +244,13 @@ def collect_results(run: RunSpec, trainer, training: dict, eval_examples: dict[s
                   "train_samples_per_second": epochs_timed * num_train / seconds if seconds else None,
                   "model_family": config.model_type, "model_kind": model_kind(config),
                   "companion_effects": {option: effect.status for option, effect in effects.items()},
-                  "sampled_lr_scales": _spread(getattr(trainer, "measured_lr", {}).get("scales")),
-                  "sampled_lr_factor": getattr(trainer, "measured_lr", {}).get("factor")},
+                  "sampled_lr_scales": _spread(measured_lr["scales"]) if measured_lr else None,
+                  "sampled_lr_factor": measured_lr["factor"] if measured_lr else None},
     )
 
 
-def _spread(scales: dict[str, float] | None) -> dict[str, float] | None:
+def _spread(scales: dict[str, float]) -> dict[str, float]:
     """Median, least and largest of the measured learning-rate scales (all in <run>/lr_scales.json)."""
-    if not scales:
-        return None
     values = sorted(scales.values())
     return {"median": statistics.median(values), "min": values[0], "max": values[-1], "layers": len(values)}
 
@@ -293,9 +294,6 @@ def sampled_lr_scales(trainer, out: Path, resuming: bool) -> dict:
 def apply_measured_lr(trainer, run: RunSpec, measured: dict) -> None:
     """Every parameter at the base rate times the measured factor (--sampled-lr measured), or
     each sampled layer at its own scale (measured-per-layer); before the optimizer exists."""
-    from wtacrs.finetuning.spec import PER_LAYER
-
-    trainer.measured_lr = measured
     if run.settings.sampled_lr == PER_LAYER:
         trainer.lr_scales = measured["scales"]
     else:

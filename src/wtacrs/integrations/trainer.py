@@ -29,9 +29,9 @@ STATE_FILE = "wtacrs_state.safetensors"
 
 
 class _WithHostMask:
-    """Wraps a data collator: each batch also carries host copies, as numpy arrays (which
-    accelerate's loader leaves on the host when it moves the tensors to the GPU), of its attention
-    mask, so the training step can count live rows and read the cache without copying the mask
+    """Wraps a data collator: each batch carries its example ids as a numpy array, and host copies,
+    as numpy arrays too (which accelerate's loader leaves on the host when it moves the tensors to
+    the GPU), of its attention mask, so the training step can count live rows and read the cache without copying the mask
     back, and, when it has "start_positions" and "end_positions" (extractive QA), of those label
     positions and of its token_type_ids, which key the first-visit scores (`wtacrs.batch(anchors=)`)."""
 
@@ -42,6 +42,8 @@ class _WithHostMask:
         batch = self.collator(features)
         if not isinstance(batch, dict):
             return batch
+        if _on_host(batch.get(EXAMPLE_ID_COLUMN)):  # the step reads them on the host: no copy back
+            batch[EXAMPLE_ID_COLUMN] = batch[EXAMPLE_ID_COLUMN].numpy()
         mask = batch.get("attention_mask")
         if _on_host(mask):
             batch[HOST_MASK_KEY] = mask.numpy()
@@ -119,8 +121,8 @@ class WTACRSTrainer(Trainer):
         host_mask, anchors, token_types = (inputs.pop(key, None) for key in _HOST_KEYS)
         if ids is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        host_mask, anchors, token_types = (None if a is None else torch.from_numpy(a)
-                                           for a in (host_mask, anchors, token_types))
+        ids, host_mask, anchors, token_types = (None if a is None else torch.as_tensor(a)
+                                                for a in (ids, host_mask, anchors, token_types))
         planned = self._unwrapped() if self.args.torch_compile and host_mask is not None else None
         # a host mask spares the step its copy back from the device; anchors score first visits
         with batch(ids, host_mask, model=planned, anchors=anchors, token_type_ids=token_types):
