@@ -49,8 +49,11 @@ CASES = {
     "heavy_tailed": (heavy_tailed_scores(), 16),
     "zero_score_rows": (torch.cat([heavy_tailed_scores(40), torch.zeros(24, dtype=torch.float64)]), 16),
     "ties": (torch.tensor([5.0] * 10 + [1.0] * 30, dtype=torch.float64), 12),
+    # Seed 1: in float32 the residual after the 5 winners rounds a hair below 0 (CI caught it
+    # with an unseeded draw; 37 seeds of 200 did that before winner_counts clamped it).
     "winners_hold_all_mass": (
-        torch.cat([torch.rand(5, dtype=torch.float64) + 1, torch.zeros(30, dtype=torch.float64)]), 8),
+        torch.cat([torch.rand(5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 1,
+                   torch.zeros(30, dtype=torch.float64)]), 8),
     "one_dominant_row": (
         torch.cat([torch.tensor([50.0], dtype=torch.float64), torch.ones(40, dtype=torch.float64)]), 10),
     "k_at_least_n": (heavy_tailed_scores(10), 10),

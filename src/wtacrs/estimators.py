@@ -137,9 +137,11 @@ def winner_counts(top: Tensor, total: Tensor) -> Tensor:
         total: (L, 1) each distribution's sum of scores.
     Returns:
         (L, 1) int64 (the first minimum: the fewest winners among equals). The residual here is
-        a difference and may cancel; it only chooses |C|, which any value leaves unbiased.
+        a difference and may cancel; it only chooses |C|, which any value leaves unbiased. It is
+        clamped at 0: when the winners hold all the mass, rounding can leave it a hair below 0,
+        and the most negative bound would then take zero-score rows as winners.
     """
-    residual = total - (top.cumsum(1) - top)  # (L, k): mass outside the first i winners
+    residual = (total - (top.cumsum(1) - top)).clamp_(min=0.0)  # (L, k): mass outside the first i winners
     return (residual / _countdown(top.shape[1], top.device)).argmin(1, keepdim=True)
 
 
