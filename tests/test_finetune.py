@@ -196,6 +196,23 @@ def test_paper_budget_and_max_padding_are_recorded_and_labelled(tiny_model, tmp_
     assert lengths and set(lengths) == {32}  # FAST's --max-length
 
 
+def test_compile_trains_the_model_under_torch_compile_and_records_the_backend(tiny_model, tmp_path, monkeypatch):
+    """--compile BACKEND: the Trainer compiles the model with that backend (the sampled layers then
+    run each step planned, without host code) and the run records it."""
+    import torch
+
+    backends = []
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: backends.append(kw.get("backend")) or compile_(model, **kw))
+    argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--in-process", "--method", "wtacrs",
+            "--compile", "aot_eager", "--pad-to-max-length", *FAST]
+    assert main(argv) == 0
+    assert backends == ["aot_eager"]
+    record = results_of(tmp_path, "wtacrs@0.3+pad-max")
+    assert record["hyperparameters"]["compile"] == "aot_eager"
+    assert 0.0 <= record["score"] <= 1.0
+
+
 def test_target_modules_sample_only_the_named_layers(tiny_model, tmp_path, capsys):
     """The paper's GLUE choice (query/key/value exact) keeps more bytes than sampling every layer;
     a suffix that matches nothing stops the run with a message naming it."""

@@ -95,6 +95,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     precision.add_argument("--fp16", action="store_true", help="float16 autocast (CUDA)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="train under torch.compile (default backend inductor; e.g. aot_eager). The sampled "
+                        "layers run each step without host code (wtacrs.batch(..., model=)); with dynamic "
+                        "padding each new length compiles anew: add --pad-to-max-length")
     p.add_argument("--output-dir", help="root of the run folders (default: wtacrs-output/run-<time>)")
     p.add_argument("--resume", action="store_true", help="continue each run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete earlier checkpoints and results of these runs")
@@ -143,7 +147,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         target_modules=tuple(args.target_modules) if args.target_modules else None,
         pad_to_max_length=args.pad_to_max_length, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, doc_stride=args.doc_stride, n_best=args.n_best,
-        max_answer_length=args.max_answer_length, bf16=args.bf16, fp16=args.fp16, resume=args.resume,
+        max_answer_length=args.max_answer_length, bf16=args.bf16, fp16=args.fp16, compile=args.compile,
+        resume=args.resume,
         overwrite=args.overwrite, in_process=args.in_process, no_progress=args.no_progress,
     )
     _check_settings(settings)

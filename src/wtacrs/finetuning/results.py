@@ -18,7 +18,7 @@ REQUIRED = ("task", "model", "method", "ratio", "seed", "score", "peak_memory_by
             "train_samples_per_second")
 PERCENT_ALREADY = ("squad", "squad_v2")
 HYPERPARAMETERS = ("epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "lora_r", "lora_alpha",
-                   "lora_dropout", "max_train_samples", "max_eval_samples", "bf16", "fp16")
+                   "lora_dropout", "max_train_samples", "max_eval_samples", "bf16", "fp16", "compile")
 
 __all__ = ["RESULTS_FILE", "TRAINING_FILE", "failed_record", "failure", "finished_record", "load_result",
            "method_label", "score_percent"]

@@ -62,6 +62,7 @@ class Settings:
     max_answer_length: int = 30
     bf16: bool = False
     fp16: bool = False
+    compile: str | None = None  # --compile: a torch.compile backend, or None for eager
     resume: bool = False
     overwrite: bool = False
     in_process: bool = False

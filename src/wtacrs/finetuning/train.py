@@ -181,7 +181,7 @@ def build_trainer(run: RunSpec, out: Path, model, tokenizer, train_set, eval_set
         metric_for_best_model=f"{first_split}_score", greater_is_better=True,
         logging_steps=max(1, steps_per_epoch // 10), report_to=["tensorboard"], seed=run.seed, data_seed=run.seed,
         bf16=s.bf16, fp16=s.fp16, disable_tqdm=s.no_progress, use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
+        torch_compile=s.compile is not None, torch_compile_backend=s.compile, dataloader_num_workers=0,
         logging_nan_inf_filter=False,  # a NaN loss must reach the log, where non_finite_guard sees it
     )
     trainer_class = WTACRSTrainer if run.recipe.uses_wtacrs else Trainer
