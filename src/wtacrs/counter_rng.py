@@ -43,6 +43,12 @@ def stream_key(*keys: int) -> int:
     return key
 
 
+def lane_keys(lanes: int, key: int) -> Tensor:
+    """(lanes,) int64 on the host: hash32(lane ^ key) for lane = 0 … lanes − 1, the keys of
+    `lanes` streams under one key (computed on Python ints: no tensor op)."""
+    return torch.tensor([hash32(lane ^ key) for lane in range(lanes)], dtype=torch.int64)
+
+
 def uniforms(keys: Tensor, count: int) -> Tensor:
     """`count` uniforms in (0, 1] for each key.
 
@@ -52,6 +58,20 @@ def uniforms(keys: Tensor, count: int) -> Tensor:
         (L, count) float32 with 24 random bits each (exact in float32), never 0, so that
         s / u and -log(u) stay finite.
     """
-    counters = torch.arange(count, dtype=torch.int64, device=keys.device)
-    bits = hash32(hash32(counters) ^ keys.unsqueeze(1))  # hashing the counter first: nearby keys share no values
+    bits = hash32(_counter_hashes(count, keys.device) ^ keys.unsqueeze(1))  # hashing the counter first: nearby keys share no values
     return ((bits >> 8) + 1).to(torch.float32) * 2.0**-24
+
+
+_COUNTER_HASHES: dict[torch.device, Tensor] = {}  # by device: hash32(0 … n − 1) for the largest count so far
+
+
+def _counter_hashes(count: int, device: torch.device) -> Tensor:
+    """(count,) hash32(0 … count − 1), the same for every key: made once per device in eager code
+    and sliced (the longest so far is kept); compiled code makes it in the graph."""
+    if torch.compiler.is_compiling():
+        return hash32(torch.arange(count, dtype=torch.int64, device=device))
+    made = _COUNTER_HASHES.get(device)
+    if made is None or made.shape[0] < count:
+        made = hash32(torch.arange(count, dtype=torch.int64, device=device))
+        _COUNTER_HASHES[device] = made
+    return made[:count]

@@ -133,16 +133,16 @@ def winner_counts(top: Tensor, total: Tensor) -> Tensor:
     """|C| per distribution: the first i < k minimising (total − Σ_{j<i} top_j) / (k − i).
 
     Args:
-        top: (L, k) the k largest scores of each distribution, in descending order.
-        total: (L, 1) each distribution's sum of scores.
+        top: (..., k) the k largest scores of each distribution, in descending order.
+        total: (..., 1) each distribution's sum of scores.
     Returns:
-        (L, 1) int64 (the first minimum: the fewest winners among equals). The residual here is
+        (..., 1) int64 (the first minimum: the fewest winners among equals). The residual here is
         a difference and may cancel; it only chooses |C|, which any value leaves unbiased. It is
         clamped at 0: when the winners hold all the mass, rounding can leave it a hair below 0,
         and the most negative bound would then take zero-score rows as winners.
     """
-    residual = (total - (top.cumsum(1) - top)).clamp_(min=0.0)  # (L, k): mass outside the first i winners
-    return (residual / _countdown(top.shape[1], top.device)).argmin(1, keepdim=True)
+    residual = (total - (top.cumsum(-1) - top)).clamp_(min=0.0)  # (..., k): mass outside the first i winners
+    return (residual / _countdown(top.shape[-1], top.device)).argmin(-1, keepdim=True)
 
 
 def winner_mask(scores: Tensor, k: int, estimator: Estimator) -> Tensor:
@@ -206,7 +206,7 @@ def _cached_arange(start: int, end: int, step: int, device: torch.device) -> Ten
 
 
 def _column_row(scores: Tensor, k: int, u: Tensor, winners: bool) -> tuple[Tensor, Tensor]:
-    """CRS (winners=False) or WTA-CRS per distribution of scores (L, N), k < N, u (L, k).
+    """CRS (winners=False) or WTA-CRS per distribution of scores (..., N), k < N, u (..., k).
 
     Slot t < |C| holds the t-th winner with weight 1; the other k − |C| slots hold i.i.d. draws
     j from the non-winners with probability r_j / Σ r (r: the scores outside C), found as the first
@@ -214,33 +214,34 @@ def _column_row(scores: Tensor, k: int, u: Tensor, winners: bool) -> tuple[Tenso
     as the step of the cumulative sum at j, so the weight inverts the very probability the float32
     sum drew with: no cancellation can bias it.
     """
+    n = scores.shape[-1]
     if winners:
-        top, order = scores.topk(k, dim=1)  # (L, k) descending
-        count = winner_counts(top, scores.sum(1, keepdim=True))  # (L, 1)
-        is_winner = _slots(k, scores.device) < count  # (L, k)
-        rest = scores.scatter(1, order, top.masked_fill(is_winner, 0.0))  # winners' scores removed
+        top, order = scores.topk(k)  # (..., k) descending
+        count = winner_counts(top, scores.sum(-1, keepdim=True))  # (..., 1)
+        is_winner = _slots(k, scores.device) < count  # (..., k)
+        rest = scores.scatter(-1, order, top.masked_fill(is_winner, 0.0))  # winners' scores removed
         draws_left = k - count
     else:
         rest, draws_left = scores, k
-    cumulative = torch.nn.functional.pad(rest.cumsum(1), (1, 0))  # (L, N + 1), starts at 0
-    mass = cumulative[:, -1:]  # (L, 1)
-    # u ∈ (0, 1]: the target is positive, so the first index reaching it has a positive step.
-    after = torch.searchsorted(cumulative, u * mass).clamp_(1, scores.shape[1])  # (L, k): row + 1
-    drawn = after - 1
-    step = cumulative.gather(1, after) - cumulative.gather(1, drawn)  # r_j as the sum drew it
-    weights = (mass / step / draws_left).nan_to_num_(nan=0.0, posinf=0.0)  # mass 0: nothing to draw
+    cumulative = rest.cumsum(-1)  # (..., N)
+    mass = cumulative[..., -1:]  # (..., 1)
+    # u ∈ (0, 1]: the target is positive and at most the mass, so the first row reaching it has a
+    # positive step (the clamp only keeps a NaN target, from non-finite scores, in range).
+    drawn = torch.searchsorted(cumulative, u * mass).clamp_(max=n - 1)  # (..., k)
+    steps = cumulative - torch.nn.functional.pad(cumulative[..., :-1], (1, 0))  # (..., N): r_j as the sum drew it
+    weights = (mass / steps.gather(-1, drawn) / draws_left).nan_to_num_(nan=0.0, posinf=0.0)  # mass 0: no draw
     if not winners:
         return drawn, weights
     return torch.where(is_winner, order, drawn), weights.masked_fill_(is_winner, 1.0)
 
 
 def _priority(scores: Tensor, k: int, u: Tensor) -> tuple[Tensor, Tensor]:
-    """Priority sampling per distribution of scores (L, N), 2 <= k < N, u (L, N): the k rows of
+    """Priority sampling per distribution of scores (..., N), 2 <= k < N, u (..., N): the k rows of
     largest s_i / u_i, weighted max(1, τ / s_i) with τ the (k+1)-th largest priority; weight 0
     on a zero-score row (taken only when fewer than k rows of its distribution are positive)."""
-    top = torch.topk(scores / u, k + 1, dim=1)
-    indices, tau = top.indices[:, :k], top.values[:, k:]  # (L, k), (L, 1)
-    kept = scores.gather(1, indices)
+    top = torch.topk(scores / u, k + 1)
+    indices, tau = top.indices[..., :k], top.values[..., k:]  # (..., k), (..., 1)
+    kept = scores.gather(-1, indices)
     return indices, torch.where(kept > 0, (tau / kept).clamp(min=1.0), 0.0)
 
 
@@ -249,9 +250,9 @@ def _uniform(scores: Tensor, k: int, u: Tensor) -> tuple[Tensor, Tensor]:
     them), each weighted N' / k (inclusion probability k / N'); every live row, weight 1, when
     N' <= k. Zero-score rows have a zero product: never kept (weight 0)."""
     live = scores > 0
-    indices = torch.where(live, u, 2.0).topk(k, dim=1, largest=False).indices
-    share = (live.sum(1, keepdim=True) / k).clamp(min=1.0)
-    return indices, torch.where(live.gather(1, indices), share, 0.0)
+    indices = torch.where(live, u, 2.0).topk(k, largest=False).indices
+    share = (live.sum(-1, keepdim=True) / k).clamp(min=1.0)
+    return indices, torch.where(live.gather(-1, indices), share, 0.0)
 
 
 def uniforms_needed(estimator: Estimator, k: int, num_rows: int) -> int:
@@ -263,27 +264,29 @@ def sample_slots(scores: Tensor, k: int, estimator: Estimator, u: Tensor | None)
     """Draw k slots per distribution, with shapes that never depend on the data.
 
     Args:
-        scores: (L, N) non-negative float32 scores (see `column_row_scores`); a zero score must mean
-            the row's product is zero. Not checked here (that would wait for the device).
+        scores: (L, N) non-negative float32 scores (see `column_row_scores`), or (N,) for one
+            distribution; a zero score must mean the row's product is zero. Not checked here (that
+            would wait for the device).
         k: slots per distribution, 1 <= k <= N. With k = N every row is kept with weight 1.
         estimator: one of ESTIMATORS ("exact" keeps every row: k must be N).
-        u: (L, >= uniforms_needed(estimator, k, N)) uniforms in (0, 1], or None for "topk"/"exact".
+        u: (L, >= uniforms_needed(estimator, k, N)) uniforms in (0, 1] ((>= …,) for scores (N,)),
+            or None for "topk"/"exact".
     Returns:
-        indices (L, k) int64 and weights (L, k) float32 with
+        indices (L, k) int64 and weights (L, k) float32 ((k,) for scores (N,)) with
         Σ_t weights[l, t] · term[l, indices[l, t]] estimating Σ_i term[l, i] (unbiased except for
         "topk"). Indices may repeat within a distribution; unused slots weigh 0.
     """
-    num_dists, n = scores.shape
+    n = scores.shape[-1]
     if estimator == "priority" and k < 2:
         estimator = "crs"  # priority sampling's variance is infinite at k = 1 (module docstring)
     if k >= n or estimator == "exact":
-        indices = torch.arange(n, device=scores.device).expand(num_dists, n)
-        return indices, torch.ones(num_dists, n, device=scores.device)
+        indices = torch.arange(n, device=scores.device).expand(scores.shape)
+        return indices, torch.ones(scores.shape, device=scores.device)
     if estimator == "topk":
-        values, indices = scores.topk(k, dim=1)
+        values, indices = scores.topk(k)
         return indices, (values > 0).float()
     needed = uniforms_needed(estimator, k, n)
-    u = u if u.shape[1] == needed else u[:, :needed]
+    u = u if u.shape[-1] == needed else u[..., :needed]
     if estimator == "uniform":
         return _uniform(scores, k, u)
     if estimator == "priority" and k >= 2:

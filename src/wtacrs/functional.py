@@ -107,21 +107,21 @@ def draw_rows(x: Tensor, k: int, estimator: Estimator, multiplier: Tensor | None
     """k slots of the rows of x (..., in_features), scored ‖X_i‖ · multiplier_i.
 
     Args:
-        multiplier: (1, N) float32 per-row factor of the score: the gradient-norm estimate, 0 for
+        multiplier: (N,) float32 per-row factor of the score: the gradient-norm estimate, 0 for
             rows never to be drawn (padding); None for 1.
-        u: (1, >= uniforms_needed(estimator, k, N)) uniforms in (0, 1]; see `wtacrs.counter_rng`.
+        u: (>= uniforms_needed(estimator, k, N),) uniforms in (0, 1]; see `wtacrs.counter_rng`.
         covers_live: k is at least the number of rows with a non-zero multiplier (known on the
             host): they are all kept with weight 1 (the exact product).
     """
     if covers_live:
         estimator = "topk"  # the k largest scores hold every live row: exact, not an approximation
-    flat = x.detach().reshape(-1, x.shape[-1])
-    scores = row_norms(flat.view(1, *flat.shape)).to(torch.float32)  # (1, N); a no-op unless float64
-    if multiplier is not None:
-        scores = scores * multiplier
-    indices, weights = sample_slots(scores, k, estimator, u)
-    indices, weights = indices[0], weights[0]
-    return RowSample(indices, weights, _weighted_rows(x, flat, indices, weights), flat.shape[0])
+    with torch.no_grad():
+        flat = x.reshape(-1, x.shape[-1])  # (N, in_features)
+        scores = row_norms(flat).to(torch.float32)  # (N,); a no-op unless float64
+        if multiplier is not None:
+            scores = scores * multiplier
+        indices, weights = sample_slots(scores, k, estimator, u)
+        return RowSample(indices, weights, _weighted_rows(x, flat, indices, weights), flat.shape[0])
 
 
 def draw_row_sample(
@@ -158,13 +158,13 @@ def draw_row_sample(
     if not bool(torch.isfinite(x.detach()).all()):
         raise ValueError("sampling scores must be finite (non-finite activations?)")
     num_rows = x.numel() // x.shape[-1]
-    multiplier = None if grad_norm is None else fill_missing_norms(grad_norm.reshape(1, -1))
+    multiplier = None if grad_norm is None else fill_missing_norms(grad_norm.reshape(-1))
     if row_mask is not None:
-        mask = row_mask.reshape(1, -1).to(torch.float32)
+        mask = row_mask.reshape(-1).to(torch.float32)
         multiplier = mask if multiplier is None else multiplier * mask
     live = None if row_mask is None else int(row_mask.sum())
     k = slot_budget(ratio, budget, num_rows, live)
-    u = 1.0 - torch.rand(1, uniforms_needed(estimator, k, num_rows), generator=generator, device=x.device)  # (0, 1]
+    u = 1.0 - torch.rand(uniforms_needed(estimator, k, num_rows), generator=generator, device=x.device)  # (0, 1]
     return draw_rows(x, k, estimator, multiplier, u, covers_live=live is not None and k >= live)
 
 
@@ -175,7 +175,7 @@ def gather_rows(x: Tensor, indices: Tensor, weights: Tensor) -> Tensor | RowReci
 
 
 def _weighted_rows(x: Tensor, flat: Tensor, indices: Tensor, weights: Tensor) -> Tensor | RowRecipe:
-    """`gather_rows` given x's detached (N, in_features) view `flat`."""
+    """`gather_rows` given x's (N, in_features) view `flat`, detached or made without grad."""
     recipe = getattr(x, _RECIPE, None)
     if recipe is not None and recipe.version == x._version:
         return recipe
@@ -207,7 +207,7 @@ class _LinearWithRowSample(torch.autograd.Function):
         flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         grad_x = grad_w = grad_b = grad_sink = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out.matmul(weight)
+            grad_x = flat.mm(weight).view(*grad_out.shape[:-1], weight.shape[1])  # grad_out.matmul(weight)
         if ctx.needs_input_grad[1]:
             if ctx.recompute_rows is not None:
                 with torch.no_grad():

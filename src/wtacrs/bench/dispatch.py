@@ -26,8 +26,12 @@ SYNC_OPS: frozenset[str] = frozenset({
 HOST_SITES: tuple[str, ...] = ("wtacrs.cache.", "wtacrs.batching:", "wtacrs.sampling.rows:forward_rows",
                                "wtacrs.sampling.rows:live_count", "wtacrs.sampling.recorder:check_padding",
                                "wtacrs.sampling.fold:",
-                               "wtacrs.companions.dropout:_draw_seed")  # a seed from the host generator
+                               "wtacrs.companions.dropout:_draw_seed",  # a seed from the host generator
+                               "wtacrs.sampling.norms:_filled_norms")
 DEVICE_SITES_IN_HOST_MODULES: tuple[str, ...] = ("wtacrs.cache.store:encode_norms",)
+# Host-only functions that call shared tensor math (`estimators.fill_missing_norms` on the cache's
+# norms): every call under them is theirs, whichever function makes it.
+HOST_CALLERS: frozenset[str] = frozenset({"wtacrs.sampling.norms:_filled_norms"})
 
 
 def is_host_site(site: str) -> bool:
@@ -83,14 +87,19 @@ def _copies_to_host(name: str, args: tuple, kwargs: dict) -> bool:
 
 
 def _library_site() -> str:
-    """The innermost library function (outside wtacrs.bench and wtacrs.cli) on the stack, or "model"."""
+    """The innermost library function (outside wtacrs.bench and wtacrs.cli) on the stack, or "model";
+    or the host-only function in HOST_CALLERS that it runs under."""
     frame = sys._getframe(2)
+    site = None
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         name = frame.f_code.co_name
         # A companion's TorchFunctionMode sits between any caller and the op: not a site of its own.
         if (module.startswith("wtacrs.") and not module.startswith(("wtacrs.bench", "wtacrs.cli"))
                 and name != "__torch_function__"):
-            return f"{module}:{name}"
+            here = f"{module}:{name}"
+            if here in HOST_CALLERS:
+                return here
+            site = site or here
         frame = frame.f_back
-    return "model"
+    return site or "model"

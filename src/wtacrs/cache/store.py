@@ -20,10 +20,10 @@ _INDEX_BYTES_PER_EXAMPLE = 12  # int64 offset + int32 length
 
 
 def encode_norms(norms: Tensor) -> Tensor:
-    """(…) float norms → (…) uint8 codes, 0 for non-finite (treated as missing)."""
+    """(…) float norms (never negative) → (…) uint8 codes, 0 for non-finite (treated as missing)."""
     g = norms.float()
-    code = torch.round((torch.log2(g.clamp(min=2.0**_LOG2_MIN)) - _LOG2_MIN) * _CODES_PER_OCTAVE) + 1
-    return torch.where(torch.isfinite(g), code.clamp(1, 255), _MISSING).to(torch.uint8)
+    code = torch.round((torch.log2(g.clamp(min=2.0**_LOG2_MIN)) - _LOG2_MIN) * _CODES_PER_OCTAVE) + 1  # >= 1 if finite
+    return code.nan_to_num_(nan=_MISSING, posinf=_MISSING).clamp_(max=255).to(torch.uint8)
 
 
 def decode_norms(codes: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from wtacrs import counter_rng
 from wtacrs.config import WTACRSConfig
 from wtacrs.functional import RowSample, gather_rows, slot_budget
 from wtacrs.sampling.rows import ForwardRows
+from wtacrs.sampling.transport import to_device
 
 
 @dataclass
@@ -119,19 +120,32 @@ class StepUniforms:
 
     def __init__(self):
         self._tables: dict[tuple[torch.device, str | int], Tensor] = {}
+        self._rows: dict[tuple[torch.device, str | int], tuple[Tensor, ...]] = {}  # the tables' rows, by slot
 
     def clear(self) -> None:
         self._tables.clear()
+        self._rows.clear()
 
     def table(self, device: torch.device, layout: str | int, count: int, num_slots: int,
               step_key: Tensor | int) -> Tensor:
-        """(num_slots, count) float32 uniforms for draws laid out as `layout` under `step_key`
-        (a `counter_rng.stream_key` of seed, rank and step; a device scalar in a planned step)."""
+        """(num_slots, count) float32 uniforms for draws laid out as `layout` under `step_key`: a
+        `counter_rng.stream_key` of seed, rank and step, whose slot keys hash32(slot ^ step_key)
+        are made on the host; or in a planned step those slot keys, (num_slots,) on the device."""
         key = (device, layout)
         if key not in self._tables:
-            slots = torch.arange(num_slots, device=device)
-            self._tables[key] = counter_rng.uniforms(counter_rng.hash32(slots ^ step_key), count)
+            slot_keys = step_key if isinstance(step_key, Tensor) else to_device(
+                counter_rng.lane_keys(num_slots, step_key), device)
+            self._tables[key] = counter_rng.uniforms(slot_keys, count)
         return self._tables[key]
+
+    def of_slot(self, slot: int, device: torch.device, layout: str | int, count: int, num_slots: int,
+                step_key: Tensor | int) -> Tensor:
+        """(count,) the uniforms of `slot`'s draw: its row of `table` (the table is split once,
+        not sliced per draw)."""
+        key = (device, layout)
+        if key not in self._rows:
+            self._rows[key] = self.table(device, layout, count, num_slots, step_key).unbind(0)
+        return self._rows[key][slot]
 
 
 def samples_inside_mask(config: WTACRSConfig, rows: ForwardRows | None) -> bool:

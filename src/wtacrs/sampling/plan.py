@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from wtacrs import counter_rng
 from wtacrs.config import WTACRSConfig
 from wtacrs.sampling.draws import draw_budget
 from wtacrs.sampling.recorder import StepRecorder
@@ -22,7 +23,8 @@ class StepPlan:
     layouts and the reader's tables).
 
     Attributes:
-        step_key: () int64 on the model's device, this step's key of the counter-based draws.
+        slot_keys: (S,) int64 on the model's device, each slot's key of this step's counter-based
+            draws (`counter_rng.lane_keys` of the step's key, made on the host).
         norm_sinks: by slot, a (B, T) float32 leaf on the device that the slot's op takes as an
             input and whose gradient backward sets to the slot's ‖dY_i‖ (None: nothing to record).
             Norms leave backward as a gradient rather than through a callback: backward then has
@@ -33,7 +35,7 @@ class StepPlan:
             other numbers of real tokens run the same graph (a Python int would be a constant).
     """
 
-    step_key: Tensor
+    slot_keys: Tensor
     norm_sinks: list[Tensor | None]
     budgets: dict[str, tuple[Tensor, bool]]
 
@@ -53,7 +55,7 @@ class StepPlan:
             slots = torch.empty(k, 0, device=device)  # no elements: no memory, no copy
             torch._dynamo.maybe_mark_dynamic(slots, 0)
             budgets[rows.key] = (slots, covers_live)
-        return cls(to_device(torch.tensor(step_key), device), sinks, budgets)
+        return cls(to_device(counter_rng.lane_keys(len(layer_streams), step_key), device), sinks, budgets)
 
     def budget(self, key: str) -> tuple[int, bool]:
         """k and covers_live of the draws over the layout `key`."""

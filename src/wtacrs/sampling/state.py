@@ -136,18 +136,19 @@ class SamplingState:
             k, covers_live = draw_budget(self.config, rows, num_rows)
         multiplier = None
         if rows is not None:
-            table = self._multipliers(rows, x.device)
-            multiplier = table if table is None or table.shape[0] == 1 else table[slot : slot + 1]
+            multipliers = self._multipliers(rows, x.device)
+            multiplier = multipliers if multipliers is None or isinstance(multipliers, Tensor) else multipliers[slot]
         estimator = self.config.estimator
         count = uniforms_needed(estimator, k, num_rows)
-        step_key = self._plan.step_key if self._plan is not None else counter_rng.stream_key(
+        step_key = self._plan.slot_keys if self._plan is not None else counter_rng.stream_key(
             self.config.seed, self.rank, self.step)
         layout = num_rows if rows is None else rows.key
-        u = self.uniforms.table(x.device, layout, count, self.num_layers, step_key)[slot : slot + 1]
+        u = self.uniforms.of_slot(slot, x.device, layout, count, self.num_layers, step_key)
         return draw_rows(x, k, estimator, multiplier, u, covers_live)
 
-    def _multipliers(self, rows: ForwardRows, device: torch.device) -> Tensor | None:
-        """(S, N) or (1, N) score multipliers for `rows` this forward (see `NormReader`), or None."""
+    def _multipliers(self, rows: ForwardRows, device: torch.device) -> Tensor | tuple[Tensor, ...] | None:
+        """Score multipliers for `rows` this forward (see `NormReader`): (N,) for every slot, one
+        (N,) per slot, or None."""
         cache = self.folder.cache if self.config.grad_norm == "cache" else None
         return self.reader.multipliers(rows, samples_inside_mask(self.config, rows), cache, self.draws.members,
                                        self.num_layers, device)
