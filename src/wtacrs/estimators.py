@@ -193,14 +193,15 @@ def _slots(k: int, device: torch.device) -> Tensor:
 
 
 def _arange(start: int, end: int, step: int, device: torch.device) -> Tensor:
-    """torch.arange, made once per arguments and device in eager code (one ATen call per draw
-    fewer); compiled code makes it in the graph (dynamo would trace through the cache anyway)."""
+    """torch.arange, kept for the most recent arguments and devices in eager code (one ATen call
+    per draw fewer; bounded, as dynamic padding makes a new k for most batch lengths); compiled
+    code makes it in the graph (dynamo would trace through the cache anyway)."""
     if torch.compiler.is_compiling():
         return torch.arange(start, end, step, device=device)
     return _cached_arange(start, end, step, device)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)
 def _cached_arange(start: int, end: int, step: int, device: torch.device) -> Tensor:
     return torch.arange(start, end, step, device=device)
 
