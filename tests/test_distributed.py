@@ -381,10 +381,12 @@ def test_cache_is_shared_across_ranks_and_identical(ranks):
     assert torch.isfinite(found[rank1["own_norms"].isfinite()]).all() and found.isfinite().any()
     for key, value in rank0["caches"][0].items():
         torch.testing.assert_close(value, rank0["caches"][1][key], rtol=0, atol=0, equal_nan=True, msg=key)
-    # one step's traffic: 8 B count + per layer slot 24 B header, 12 B per example, 1 B per real token
-    expected = 8 + rank0["slots"] * (24 + 12 * 2 + rank0["real_tokens"])
-    assert rank0["bytes_sent"] == expected
-    assert rank0["bytes_received"] == WORLD * max(expected, 8 + rank1["slots"] * (24 + 24 + rank1["real_tokens"]))
+    # one step's traffic: 16 B of counts; per layer 16 B and 1 B per real token; its one layout
+    # once: 16 B and 12 B per example (2 per rank)
+    def traffic(rank):
+        return 16 + rank["slots"] * (16 + rank["real_tokens"]) + 16 + 12 * 2
+    assert rank0["bytes_sent"] == traffic(rank0)
+    assert rank0["bytes_received"] == WORLD * max(traffic(rank0), traffic(rank1))
 
 
 @pytest.mark.timeout(JOIN_TIMEOUT_S + 30)
@@ -519,20 +521,40 @@ def test_wire_format_round_trips_with_any_padding():
 
 
 def _compact_buffer(records) -> torch.Tensor:
-    """The format of records without keys as it was before keys travelled, built by hand."""
-    header = [len(records)] + [v for r in records for v in (r.slot, r.example_ids.numel(), int(r.row_mask.sum()))]
-    parts = [torch.tensor(header), *(r.example_ids for r in records), *(r.row_mask.sum(1).int() for r in records)]
+    """The format of records without keys, built by hand: each layout (ids and mask tensors) once."""
+    from wtacrs.cache.records import layout_of
+
+    layouts = list(dict.fromkeys(layout_of(r) for r in records))
+    firsts = [next(r for r in records if layout_of(r) == layout) for layout in layouts]
+    header = [len(records), len(layouts), *(v for r in records for v in (r.slot, layouts.index(layout_of(r)))),
+              *(v for f in firsts for v in (f.example_ids.numel(), int(f.row_mask.sum())))]
+    parts = [torch.tensor(header)] + [p for f in firsts for p in (f.example_ids, f.row_mask.sum(1).int())]
     return torch.cat([p.view(torch.uint8) for p in parts] + [r.codes[r.row_mask] for r in records])
 
 
-def test_records_without_keys_keep_the_compact_format():
-    from wtacrs.cache import PendingRecord
+def test_records_without_keys_send_their_layout_once_and_share_it_back():
+    """A step's layers share one layout: ids and counts travel once (16 B of counts, 16 B per
+    record, 16 B per layout, 12 B per example, the real tokens' codes), and the records come back
+    sharing it, so a commit groups them as it would have the originals: ALBERT's layer called
+    twice updates the prior once, from its last call, as on one rank."""
+    from wtacrs.cache import GradNormCache, PendingRecord
 
     mask = torch.tensor([[True, True, False], [False, True, True]])
-    codes = torch.tensor([[7, 8, 9], [10, 11, 12]], dtype=torch.uint8)
-    records = [PendingRecord(slot, torch.tensor([5, 2]), mask, codes) for slot in (0, 1)]
-    assert torch.equal(pack_records(records), _compact_buffer(records))
-    assert pack_records(records).numel() == 8 + 2 * (24 + 12 * 2 + 4)
+    ids = torch.tensor([5, 2])
+    records = [PendingRecord(slot, ids, mask, torch.tensor([[7, 8, 9], [10, 11, 12]], dtype=torch.uint8) + slot)
+               for slot in (0, 1, 1)]
+    buffer = pack_records(records)
+    assert torch.equal(buffer, _compact_buffer(records))
+    assert buffer.numel() == 16 + 3 * 16 + 16 + 2 * 12 + 3 * 4
+    unpacked = unpack_records(buffer)
+    assert unpacked[0].row_mask is unpacked[2].row_mask and unpacked[0].example_ids is unpacked[1].example_ids
+    direct, exchanged = GradNormCache(2), GradNormCache(2)
+    for cache in (direct, exchanged):
+        cache._pending.extend(records)
+    exchanged.exchange_pending(lambda pending: unpack_records(pack_records(pending)))
+    direct.commit(), exchanged.commit()
+    for key, value in direct.state_dict().items():
+        torch.testing.assert_close(exchanged.state_dict()[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
 
 
 def _record_anchored_and_plain(cache) -> None:

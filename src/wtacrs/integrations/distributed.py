@@ -17,9 +17,9 @@ the estimate, but they waste the variance reduction the cache exists for.
 The choice: a replicated cache. At every committed step each rank all-gathers every rank's new
 records, (example ids, real-token counts, one uint8 code per real token per layer), and commits
 them all in rank order, so every rank holds the same cache, byte for byte, and lookups stay
-local (no communication in the forward pass). Cost per step and rank: it sends
-Σ_layers (12 B + tokens) bytes per local example and receives R times that (padded to the
-largest rank's payload). A step with anchors (`wtacrs.batch(anchors=)`) also feeds the prior's
+local (no communication in the forward pass). Cost per step and rank: it sends 16 B plus one
+byte per local real token for each layer, and 12 B per local example once, and receives R times
+that (padded to the largest rank's payload). A step with anchors (`wtacrs.batch(anchors=)`) also feeds the prior's
 first-visit tables, which learn from padding rows too, so it sends its padded layout instead:
 per example T bytes per layer and once 8 + 6·T bytes (ids, mask, keys), T the padded length
 (see the wire format above `pack_records`). Host memory is the whole dataset's cache on every
@@ -48,7 +48,6 @@ from wtacrs.cache.first_visit import FirstVisitKeys
 from wtacrs.cache.records import layout_of
 from wtacrs.modeling import sampling_state
 
-_HEADER_FIELDS = 3  # per record: slot, examples, real tokens
 T = TypeVar("T")
 
 
@@ -160,11 +159,14 @@ def on_rank_zero(fn: Callable[[], T]) -> T:
 
 # -- wire format: one uint8 buffer per rank and step ---------------------------------------------
 # Two sections; the second is present only when some record has first-visit keys.
-# 1. Records without keys, compact: int64 header [count, (slot, examples, tokens) × count], int64
-#    ids, int32 real-token counts, uint8 codes of the real tokens in order. Padding is not sent:
-#    the store and the position prior key a token by its ordinal among the example's real tokens,
-#    so a left-aligned mask rebuilt from the counts reads and writes the same entries as the
-#    original (right- or left-padded) one.
+# 1. Records without keys, compact: int64 header [count, layouts, (slot, layout) × count,
+#    (examples, tokens) × layouts]; per layout: int64 ids, int32 real-token counts; per record:
+#    uint8 codes of its layout's real tokens in order. Padding is not sent: the store and the
+#    position prior key a token by its ordinal among the example's real tokens, so a left-aligned
+#    mask rebuilt from the counts reads and writes the same entries as the original (right- or
+#    left-padded) one. The layers of a step share one layout: its ids and counts travel once, and
+#    its records come back sharing its tensors, so a commit groups them as it would have the
+#    originals (ALBERT's layer called twice a step then updates the prior once, as on one rank).
 # 2. Records with keys (steps with anchors), whole: the prior's anchor and type tables learn from
 #    every row with a key, padding included, so these travel in their original (B, T) layout,
 #    which keeps codes, mask and keys aligned as recorded. int64 header [count, layouts,
@@ -192,16 +194,23 @@ def unpack_records(buffer: Tensor) -> list[PendingRecord]:
 
 
 def _pack_compact(records: list[PendingRecord]) -> Tensor:
-    """Section 1: records without keys, their real tokens' codes only."""
-    header = [len(records)]
-    ids, counts, codes = [], [], []
+    """Section 1: records without keys, each layout's ids and counts once, each record's real
+    tokens' codes."""
+    layouts: dict[tuple, int] = {}
+    firsts: list[PendingRecord] = []  # the first record of each layout: its ids and mask
+    entries: list[tuple[int, int]] = []  # (slot, layout)
     for record in records:
-        mask = record.row_mask
-        header += [record.slot, record.example_ids.numel(), int(mask.sum())]
-        ids.append(record.example_ids.to(torch.int64))
-        counts.append(mask.sum(1).to(torch.int32))
-        codes.append(record.codes[mask])
-    return _bytes([torch.tensor(header, dtype=torch.int64), *ids, *counts, *codes])
+        layout = layouts.setdefault(layout_of(record), len(layouts))
+        if layout == len(firsts):
+            firsts.append(record)
+        entries.append((record.slot, layout))
+    header = [len(entries), len(firsts), *(v for entry in entries for v in entry),
+              *(v for first in firsts for v in (first.example_ids.numel(), int(first.row_mask.sum())))]
+    parts = [torch.tensor(header, dtype=torch.int64)]
+    for first in firsts:
+        parts += [first.example_ids.to(torch.int64), first.row_mask.sum(1).to(torch.int32)]
+    parts += [record.codes[record.row_mask] for record in records]
+    return _bytes(parts)
 
 
 def _pack_keyed(records: list[PendingRecord]) -> Tensor:
@@ -226,18 +235,25 @@ def _pack_keyed(records: list[PendingRecord]) -> Tensor:
 
 
 def _unpack_compact(reader: _Reader) -> list[PendingRecord]:
-    """Section 1 → records with left-aligned (B, max real tokens) masks and zero padding codes."""
-    count = int(reader.take(1, torch.int64))
-    header = reader.take(_HEADER_FIELDS * count, torch.int64).view(count, _HEADER_FIELDS).tolist()
-    ids = [reader.take(examples, torch.int64) for _, examples, _ in header]
-    counts = [reader.take(examples, torch.int32) for _, examples, _ in header]
-    records = []
-    for (slot, _, tokens), example_ids, lengths in zip(header, ids, counts):
+    """Section 1 → records with left-aligned (B, max real tokens) masks and zero padding codes;
+    the records of a layout share its tensors."""
+    count, num_layouts = reader.take(2, torch.int64).tolist()
+    entries = reader.take(2 * count, torch.int64).view(count, 2).tolist()
+    sizes = reader.take(2 * num_layouts, torch.int64).view(num_layouts, 2).tolist()
+    layouts = []
+    for examples, _ in sizes:
+        ids = reader.take(examples, torch.int64)
+        lengths = reader.take(examples, torch.int32)
         width = int(lengths.max()) if lengths.numel() else 0
-        mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T) left-aligned
+        layouts.append((ids, torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)))  # (B, T) left-aligned
+    records = []
+    for slot, layout in entries:
+        if not 0 <= layout < num_layouts:
+            raise ValueError(f"cache record names layout {layout} of {num_layouts}")
+        ids, mask = layouts[layout]
         codes = torch.zeros(mask.shape, dtype=torch.uint8)
-        codes[mask] = reader.take(tokens, torch.uint8)
-        records.append(PendingRecord(slot, example_ids, mask, codes))
+        codes[mask] = reader.take(sizes[layout][1], torch.uint8)
+        records.append(PendingRecord(slot, ids, mask, codes))
     return records
 
 
