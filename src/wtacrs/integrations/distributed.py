@@ -196,17 +196,10 @@ def unpack_records(buffer: Tensor) -> list[PendingRecord]:
 def _pack_compact(records: list[PendingRecord]) -> Tensor:
     """Section 1: records without keys, each layout's ids and counts once, each record's real
     tokens' codes."""
-    layouts: dict[tuple, int] = {}
-    firsts: list[PendingRecord] = []  # the first record of each layout: its ids and mask
-    entries: list[tuple[int, int]] = []  # (slot, layout)
-    for record in records:
-        layout = layouts.setdefault(layout_of(record), len(layouts))
-        if layout == len(firsts):
-            firsts.append(record)
-        entries.append((record.slot, layout))
-    header = [len(entries), len(firsts), *(v for entry in entries for v in entry),
-              *(v for first in firsts for v in (first.example_ids.numel(), int(first.row_mask.sum())))]
-    parts = [torch.tensor(header, dtype=torch.int64)]
+    firsts, layouts = _index_layouts(records)
+    entries = [(record.slot, layout) for record, layout in zip(records, layouts)]
+    sizes = [(first.example_ids.numel(), int(first.row_mask.sum())) for first in firsts]
+    parts = [_header(entries, sizes)]
     for first in firsts:
         parts += [first.example_ids.to(torch.int64), first.row_mask.sum(1).to(torch.int32)]
     parts += [record.codes[record.row_mask] for record in records]
@@ -215,31 +208,53 @@ def _pack_compact(records: list[PendingRecord]) -> Tensor:
 
 def _pack_keyed(records: list[PendingRecord]) -> Tensor:
     """Section 2: the records with keys (their positions in `records`), each layout sent once."""
-    layouts: dict[tuple, int] = {}
-    firsts: list[PendingRecord] = []  # the first record of each layout: its ids, mask and keys
-    entries: list[tuple[int, int, int]] = []  # (position, slot, layout)
-    for position, record in enumerate(records):
-        if record.keys is not None:
-            layout = layouts.setdefault(layout_of(record), len(layouts))
-            if layout == len(firsts):
-                firsts.append(record)
-            entries.append((position, record.slot, layout))
-    header = [len(entries), len(firsts), *(v for entry in entries for v in entry),
-              *(size for first in firsts for size in first.row_mask.shape)]
-    parts = [torch.tensor(header, dtype=torch.int64)]
+    keyed = [(position, record) for position, record in enumerate(records) if record.keys is not None]
+    firsts, layouts = _index_layouts([record for _, record in keyed])
+    entries = [(position, record.slot, layout) for (position, record), layout in zip(keyed, layouts)]
+    parts = [_header(entries, [tuple(first.row_mask.shape) for first in firsts])]
     for first in firsts:
         parts += [first.example_ids.to(torch.int64), first.row_mask.to(torch.uint8),
                   first.keys.anchor.to(torch.int32), first.keys.token_type.to(torch.int8)]
-    parts += [records[position].codes for position, _, _ in entries]
+    parts += [record.codes for _, record in keyed]
     return _bytes(parts)
+
+
+def _index_layouts(records: list[PendingRecord]) -> tuple[list[PendingRecord], list[int]]:
+    """The first record of each row layout (its ids, mask and keys travel for all), and each
+    record's layout index."""
+    index: dict[tuple, int] = {}
+    firsts: list[PendingRecord] = []
+    layouts = []
+    for record in records:
+        layout = index.setdefault(layout_of(record), len(index))
+        if layout == len(firsts):
+            firsts.append(record)
+        layouts.append(layout)
+    return firsts, layouts
+
+
+def _header(entries: list[tuple[int, ...]], sizes: list[tuple[int, int]]) -> Tensor:
+    """int64 [records, layouts, entries..., (two sizes) × layouts]."""
+    return torch.tensor([len(entries), len(sizes), *(v for entry in entries for v in entry),
+                         *(v for size in sizes for v in size)], dtype=torch.int64)
+
+
+def _read_header(reader: _Reader, fields: int) -> tuple[list[list[int]], list[list[int]]]:
+    """A `_header` back: the entries (`fields` values each) and two sizes per layout; every entry's
+    last value must name one of the layouts."""
+    count, num_layouts = reader.take(2, torch.int64).tolist()
+    entries = reader.take(fields * count, torch.int64).view(count, fields).tolist()
+    sizes = reader.take(2 * num_layouts, torch.int64).view(num_layouts, 2).tolist()
+    for entry in entries:
+        if not 0 <= entry[-1] < num_layouts:
+            raise ValueError(f"cache record names layout {entry[-1]} of {num_layouts}")
+    return entries, sizes
 
 
 def _unpack_compact(reader: _Reader) -> list[PendingRecord]:
     """Section 1 → records with left-aligned (B, max real tokens) masks and zero padding codes;
     the records of a layout share its tensors."""
-    count, num_layouts = reader.take(2, torch.int64).tolist()
-    entries = reader.take(2 * count, torch.int64).view(count, 2).tolist()
-    sizes = reader.take(2 * num_layouts, torch.int64).view(num_layouts, 2).tolist()
+    entries, sizes = _read_header(reader, 2)
     layouts = []
     for examples, _ in sizes:
         ids = reader.take(examples, torch.int64)
@@ -248,8 +263,6 @@ def _unpack_compact(reader: _Reader) -> list[PendingRecord]:
         layouts.append((ids, torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)))  # (B, T) left-aligned
     records = []
     for slot, layout in entries:
-        if not 0 <= layout < num_layouts:
-            raise ValueError(f"cache record names layout {layout} of {num_layouts}")
         ids, mask = layouts[layout]
         codes = torch.zeros(mask.shape, dtype=torch.uint8)
         codes[mask] = reader.take(sizes[layout][1], torch.uint8)
@@ -259,9 +272,7 @@ def _unpack_compact(reader: _Reader) -> list[PendingRecord]:
 
 def _unpack_keyed(reader: _Reader) -> list[tuple[int, PendingRecord]]:
     """Section 2 → (position, record) pairs; the records of a layout share its tensors."""
-    count, num_layouts = reader.take(2, torch.int64).tolist()
-    entries = reader.take(3 * count, torch.int64).view(count, 3).tolist()
-    shapes = reader.take(2 * num_layouts, torch.int64).view(num_layouts, 2).tolist()
+    entries, shapes = _read_header(reader, 3)
     layouts = []
     for batch, width in shapes:
         ids = reader.take(batch, torch.int64)
@@ -271,8 +282,6 @@ def _unpack_keyed(reader: _Reader) -> list[tuple[int, PendingRecord]]:
         layouts.append((ids, mask, FirstVisitKeys(anchor, token_type)))
     records = []
     for position, slot, layout in entries:
-        if not 0 <= layout < num_layouts:
-            raise ValueError(f"cache record names layout {layout} of {num_layouts}")
         ids, mask, keys = layouts[layout]
         codes = reader.take(mask.numel(), torch.uint8).view(mask.shape)
         records.append((position, PendingRecord(slot, ids, mask, codes, keys)))
