@@ -20,6 +20,7 @@ from wtacrs.estimators import (
     num_winners,
     sample_budget,
     sample_rows,
+    sample_slots,
     validate_ratio,
 )
 
@@ -83,6 +84,33 @@ def test_expected_weight_of_every_live_row_is_one(case, estimator):
     assert (w[:, ~live] == 0).all()
     budget = scores.numel() if estimator == "exact" else min(k, scores.numel())
     assert ((w > 0).sum(1) <= budget).all(), "more rows drawn than the budget"
+
+
+def test_a_cumulative_sum_that_dips_still_draws_each_row_with_its_weights_inverse(monkeypatch):
+    """A parallel scan (CUDA's) may round a prefix below an earlier one. The draw must then still
+    invert a sorted table: E[w_j] = 1 for every row it can draw, here computed over a fine grid of
+    uniforms (each slot's draw is a function of its own u), and 0 for the row the dip hides."""
+    scores = heavy_tailed_scores(64).float().unsqueeze(0)
+    cumsum = torch.Tensor.cumsum
+
+    def dipping(self, dim):
+        out = cumsum(self, dim)
+        out[..., 10] = out[..., 5]  # prefix 10 rounded below prefixes 6 to 9
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "cumsum", dipping)
+    grid, k = 2000, 63
+    u = (torch.arange(grid * k, dtype=torch.float64) + 0.5).div(grid * k).float().view(grid, k)
+    indices, weights = sample_slots(scores.expand(grid, 64), k, "crs", u)
+    expected = torch.zeros(64, dtype=torch.float64).index_add_(0, indices.flatten(), weights.double().flatten()) / grid
+    assert expected[10] == 0, "the row whose step the dip removed is never drawn"
+    # A row of probability p_j covers p_j · grid · k grid points, give or take one: E[w_j] is off
+    # by at most 1 / (grid · k · p_j) (row 11 inherits row 10's share of the table).
+    p = scores[0].double() / scores.sum()
+    p[11] += p[10]
+    tolerance = 1.0 / (grid * k * p) + 1e-4
+    live = torch.arange(64) != 10
+    assert ((expected - 1).abs() <= tolerance)[live].all(), ((expected - 1).abs() / tolerance)[live].max()
 
 
 def test_topk_is_biased():

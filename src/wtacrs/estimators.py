@@ -224,7 +224,10 @@ def _column_row(scores: Tensor, k: int, u: Tensor, winners: bool) -> tuple[Tenso
         draws_left = k - count
     else:
         rest, draws_left = scores, k
-    cumulative = rest.cumsum(-1)  # (..., N)
+    # A parallel scan (CUDA's) may round a prefix below the one before it; the running maximum
+    # keeps the sum non-decreasing, so searchsorted sees a sorted table and no step is negative
+    # (a row whose step it zeroes is never drawn; on the CPU the sum is sequential: a no-op).
+    cumulative = rest.cumsum(-1).cummax(-1).values  # (..., N)
     mass = cumulative[..., -1:]  # (..., 1)
     # u ∈ (0, 1]: the target is positive and at most the mass, so the first row reaching it has a
     # positive step (the clamp only keeps a NaN target, from non-finite scores, in range).
