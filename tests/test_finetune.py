@@ -384,6 +384,19 @@ def test_report_table_mean_std_over_seeds_and_plots(tmp_path, capsys):
         assert (tmp_path / "report" / name).stat().st_size > 0
 
 
+def test_report_pairs_each_row_with_its_reference_seed_by_seed(tmp_path, capsys):
+    """Δ = row − reference on the seeds both ran (full; LoRA for LoRA recipes): mean ± std/√n."""
+    records = [fake_result("sst2", "full", None, seed, score) for seed, score in ((0, 0.90), (1, 0.92), (2, 0.80))]
+    records += [fake_result("sst2", "wtacrs", 0.3, seed, score) for seed, score in ((0, 0.89), (1, 0.90), (3, 0.5))]
+    records += [fake_result("sst2", "lora", None, 0, 0.85), fake_result("sst2", "lora+wtacrs", 0.3, 0, 0.86)]
+    write_results(tmp_path / "results", records)
+    assert main(["report", str(tmp_path / "results")]) == 0
+    text = capsys.readouterr().out
+    assert "| MiniLM | wtacrs@0.3 | sst2 | -1.50 ± 0.50 | 2 |" in text  # seeds 0 and 1: -1 and -2
+    assert "| MiniLM | lora+wtacrs@0.3 | sst2 | +1.00 ± nan | 1 |" in text  # against LoRA, not full
+    assert "| MiniLM | lora | sst2 | -5.00 ± nan | 1 |" in text
+
+
 def test_report_splits_rows_by_a_varying_hyperparameter_and_refuses_duplicate_runs(tmp_path, capsys):
     """An lr sweep: the lr joins the row label only where runs of one method and task differ in it;
     the max length differs between tasks only and splits nothing."""

@@ -5,7 +5,8 @@ Rows are model × method (with ratio), columns the tasks and their average, each
 for backward, peak memory and training throughput over the row's runs. Scores are percent
 (GLUE and tweet metrics × 100; SQuAD F1 is already percent). A second table orders every row
 by peak memory with its architecture (bidirectional encoder or unidirectional decoder), the
-comparison at equal memory budget. Plots: score vs. ratio, and score vs. peak memory. Rows whose
+comparison at equal memory budget. A third pairs each row with its reference (full fine-tuning,
+or LoRA for LoRA recipes) seed by seed: the mean difference and its standard error. Plots: score vs. ratio, and score vs. peak memory. Rows whose
 runs asked for a memory companion that found nothing to change on their model (results'
 `companion_effects`) are listed after the tables: their memory is not what the label promises.
 
@@ -136,6 +137,32 @@ def by_memory(records: list[dict], varying: tuple[str, ...] = ()) -> str:
     return "\n".join(lines)
 
 
+def paired_differences(records: list[dict], varying: tuple[str, ...] = ()) -> str:
+    """Markdown: each row's score minus its reference's (full fine-tuning; LoRA for LoRA recipes)
+    on the seeds both ran, per task: mean ± standard error of the paired differences. A run's seed
+    fixes the data order, initialisation and dropout of both rows, so pairing removes the part of
+    the seed-to-seed spread they share. "" when no row has a reference with a common seed."""
+    rows = group(records, varying)
+    lines = []
+    for (model, method), by_task in sorted(rows.items()):
+        reference = rows.get((model, "lora" if method.startswith("lora+") else "full"))
+        if reference is None or reference is by_task:
+            continue
+        for task in sorted(by_task, key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else 99):
+            theirs = {r["seed"]: percent(r) for r in reference.get(task, [])}
+            deltas = [percent(r) - theirs[r["seed"]] for r in by_task[task] if r["seed"] in theirs]
+            if deltas:
+                error = statistics.stdev(deltas) / len(deltas) ** 0.5 if len(deltas) > 1 else float("nan")
+                lines.append(f"| {model} | {method} | {task} | {statistics.mean(deltas):+.2f} ± {error:.2f} "
+                             f"| {len(deltas)} |")
+    if not lines:
+        return ""
+    return "\n".join(["| model | method | task | Δ vs reference (mean ± SE) | seeds |", "|---|---|---|---|---|", *lines,
+                      "\nΔ: the row's score minus its reference's (full fine-tuning; LoRA for LoRA recipes) on each "
+                      "seed both ran, mean ± its standard error (std of the differences / √seeds; nan with one "
+                      "seed). A Δ within about 2 SE of 0 is not told apart from 0 by these seeds."])
+
+
 def idle_companions(records: list[dict], varying: tuple[str, ...] = ()) -> str:
     """Markdown lines naming, per row, the companions that found nothing to change in its runs;
     "" when every companion asked for took effect."""
@@ -235,6 +262,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"wtacrs report: error: no results of a finished run under {', '.join(args.paths)}", file=sys.stderr)
         return 2
     text = f"{table1(records, varying)}\n\n### By peak memory\n\n{by_memory(records, varying)}\n"
+    paired = paired_differences(records, varying)
+    if paired:
+        text += f"\n### Paired by seed\n\n{paired}\n"
     idle = idle_companions(records, varying)
     if idle:
         text += f"\n### Companions that found nothing to change\n\n{idle}\n"
