@@ -515,6 +515,8 @@ def test_wire_format_round_trips_with_any_padding():
     for key, value in direct.state_dict().items():  # the position prior is NaN where no record reached
         torch.testing.assert_close(value, exchanged.state_dict()[key], rtol=0, atol=0, equal_nan=True, msg=key)
     assert unpack_records(pack_records([])) == []
+    with pytest.raises(ValueError, match="host memory"):  # parsing it must never wait for a device
+        unpack_records(pack_records([]).to("meta"))
     one = [PendingRecord(0, torch.tensor([1]), mask[:1], torch.ones(1, 3, dtype=torch.uint8))]
     with pytest.raises(ValueError, match="truncated"):
         unpack_records(pack_records(one)[:-1])

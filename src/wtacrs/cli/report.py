@@ -6,8 +6,8 @@ for backward, peak memory and training throughput over the row's runs. Scores ar
 (GLUE and tweet metrics × 100; SQuAD F1 is already percent). A second table orders every row
 by peak memory with its architecture (bidirectional encoder or unidirectional decoder), the
 comparison at equal memory budget. A third pairs each row with its reference (full fine-tuning,
-or LoRA for LoRA recipes) seed by seed: the mean difference and its standard error. Plots: score vs. ratio, and score vs. peak memory. Rows whose
-runs asked for a memory companion that found nothing to change on their model (results'
+or LoRA for LoRA recipes) seed by seed: the mean difference and its standard error. Plots:
+score vs. ratio, and score vs. peak memory. Rows whose runs asked for a memory companion that found nothing to change on their model (results'
 `companion_effects`) are listed after the tables: their memory is not what the label promises.
 
 Runs of one model, method and task that differ in a hyperparameter (a learning-rate sweep) get
@@ -28,6 +28,13 @@ from wtacrs.bench.output import save_figure
 from wtacrs.finetuning.results import failure, load_result, method_label, score_percent as percent
 
 TASK_ORDER = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb", "squad", "squad_v2", "tweet_sentiment")
+
+
+def _task_rank(task: str) -> tuple[int, str]:
+    """Sort key: TASK_ORDER's tasks in its order, then the others by name."""
+    return (TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER), task)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="results.json files, or folders searched for them")
     p.add_argument("--output-dir", help="write report.md and the PNG plots here (default: print only)")
@@ -112,8 +119,7 @@ def _row_stats(by_task: dict[str, list[dict]]) -> dict[str, float]:
 def table1(records: list[dict], varying: tuple[str, ...] = ()) -> str:
     """Markdown: model × method rows, task columns (mean ± std (n)), average, memory, speed."""
     rows = group(records, varying)
-    tasks = [t for t in TASK_ORDER if any(t in by_task for by_task in rows.values())]
-    tasks += sorted({r["task"] for r in records} - set(tasks))
+    tasks = sorted({r["task"] for r in records}, key=_task_rank)
     head = ["model", "method", *tasks, "avg", "act. MiB", "peak MiB", "samples/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (model, method), by_task in sorted(rows.items()):
@@ -148,7 +154,7 @@ def paired_differences(records: list[dict], varying: tuple[str, ...] = ()) -> st
         reference = rows.get((model, "lora" if method.startswith("lora+") else "full"))
         if reference is None or reference is by_task:
             continue
-        for task in sorted(by_task, key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else 99):
+        for task in sorted(by_task, key=_task_rank):
             theirs = {r["seed"]: percent(r) for r in reference.get(task, [])}
             deltas = [percent(r) - theirs[r["seed"]] for r in by_task[task] if r["seed"] in theirs]
             if deltas:
@@ -181,7 +187,7 @@ def plot(records: list[dict], output_dir: Path, varying: tuple[str, ...] = ()) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({r["task"] for r in records}, key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else 99)
+    tasks = sorted({r["task"] for r in records}, key=_task_rank)
     paths = []
     for name, draw in (("score_vs_ratio.png", _draw_ratio), ("score_vs_memory.png", _draw_memory)):
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 6), squeeze=False)

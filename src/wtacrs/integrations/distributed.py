@@ -176,7 +176,8 @@ def on_rank_zero(fn: Callable[[], T]) -> T:
 #    decides the prior's moving averages); records sharing a layout come back sharing its tensors,
 #    so a commit groups them as it would have the originals.
 def pack_records(records: list[PendingRecord]) -> Tensor:
-    """Host records → one uint8 buffer: section 1 alone when no record has keys."""
+    """Host records (`on_host`: the mask sums here read host memory) → one uint8 buffer: section 1
+    alone when no record has keys."""
     plain = [record for record in records if record.keys is None]
     buffer = _pack_compact(plain)
     return buffer if len(plain) == len(records) else torch.cat([buffer, _pack_keyed(records)])
@@ -305,7 +306,13 @@ def _bytes(parts: list[Tensor]) -> Tensor:
 
 
 class _Reader:
+    """Reads a wire buffer front to back. The buffer is host memory (`all_gather_bytes` hands
+    back CPU tensors; its `.cpu()` is the exchange's one wait for the device), so the header's
+    `.tolist()` reads read no device."""
+
     def __init__(self, buffer: Tensor):
+        if buffer.device.type != "cpu":
+            raise ValueError(f"cache records buffer must be in host memory, got one on {buffer.device}")
         self.buffer, self.position = buffer, 0
 
     def take(self, count: int, dtype: torch.dtype) -> Tensor:
