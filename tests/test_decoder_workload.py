@@ -130,15 +130,10 @@ def test_bench_memory_on_a_decoder(tmp_path):
     assert all("error" not in r and r["peak_bytes"] > 0 for r in rows)
 
 
-def test_finetune_tweet_lm_end_to_end_with_lora_and_wtacrs(tmp_path, capsys):
-    """`wtacrs finetune --task tweet_lm` on a tiny random LLaMA: next-token accuracy as the score,
-    the language-model head kept, LoRA as a CAUSAL_LM adapter, the chunked loss among the
-    companions that take effect."""
-    import json
-
+def _save_tiny_llama(folder, tie_word_embeddings: bool = False) -> None:
+    """A tiny random LlamaForCausalLM with the packaged MiniLM's tokenizer, saved to `folder`."""
     import transformers as hf
 
-    from wtacrs.cli import main
     from wtacrs.packaged import packaged_model_dir
 
     tokenizer = hf.AutoTokenizer.from_pretrained(packaged_model_dir())
@@ -146,10 +141,21 @@ def test_finetune_tweet_lm_end_to_end_with_lora_and_wtacrs(tmp_path, capsys):
     config = hf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
-                            eos_token_id=tokenizer.sep_token_id)
+                            eos_token_id=tokenizer.sep_token_id, tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(0)
-    hf.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
-    tokenizer.save_pretrained(tmp_path / "llama")
+    hf.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_finetune_tweet_lm_end_to_end_with_lora_and_wtacrs(tmp_path, capsys):
+    """`wtacrs finetune --task tweet_lm` on a tiny random LLaMA: next-token accuracy as the score,
+    the language-model head kept, LoRA as a CAUSAL_LM adapter, the chunked loss among the
+    companions that take effect."""
+    import json
+
+    from wtacrs.cli import main
+
+    _save_tiny_llama(tmp_path / "llama")
     argv = ["finetune", "--task", "tweet_lm", "--model", str(tmp_path / "llama"), "--output-dir", str(tmp_path / "out"),
             "--in-process", "--method", "lora", "lora+wtacrs@0.3+companions", "--max-train-samples", "16",
             "--max-eval-samples", "8", "--batch-size", "8", "--max-length", "24", "--no-progress"]
@@ -163,3 +169,21 @@ def test_finetune_tweet_lm_end_to_end_with_lora_and_wtacrs(tmp_path, capsys):
     assert sampled["companion_effects"]["chunked_lm_loss"] == "took effect"
     assert sampled["companion_effects"]["lean_layernorm"] == "took effect"  # RMSNorm
     assert sampled["trainable_parameters"] == lora["trainable_parameters"]
+
+
+def test_best_model_reload_of_a_tied_head_says_nothing_missing(tmp_path, capfd):
+    """SmolLM2 ties its head to the embeddings, so a checkpoint holds that tensor once; the
+    Trainer's best-model reload used to warn "missing keys: ['lm_head.weight']" (harmless, and
+    alarming): the loaded model names the copy as not saved."""
+    from wtacrs.cli import main
+    from wtacrs.finetuning.models import load_model
+    from wtacrs.tasks import get_task
+
+    _save_tiny_llama(tmp_path / "llama", tie_word_embeddings=True)
+    _, model = load_model(str(tmp_path / "llama"), get_task("tweet_lm"))
+    assert model._keys_to_ignore_on_save == {"lm_head.weight"}
+    argv = ["finetune", "--task", "tweet_lm", "--model", str(tmp_path / "llama"), "--output-dir", str(tmp_path / "out"),
+            "--in-process", "--method", "full", "--max-train-samples", "16", "--max-eval-samples", "8",
+            "--batch-size", "8", "--max-length", "24", "--no-progress"]
+    assert main(argv) == 0
+    assert "missing keys" not in capfd.readouterr().err

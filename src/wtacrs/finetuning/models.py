@@ -52,7 +52,23 @@ def _load(name_or_path: str, task):
     if tokenizer.pad_token is None:  # GPT-style decoders have none; padded positions are masked
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
+    _ignore_tied_copies_on_save(model)
     return tokenizer, model
+
+
+def _ignore_tied_copies_on_save(model) -> None:
+    """Name each tied parameter's second name (a decoder's `lm_head.weight`, the embedding's tensor)
+    in `_keys_to_ignore_on_save`. A checkpoint holds a tied tensor once, so the Trainer's
+    best-model reload finds the copy "missing" and warns about it unless the model says the
+    key is not saved; then it re-ties the weights instead."""
+    first_name: dict[int, str] = {}
+    copies = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first_name:
+            copies.add(name)
+        first_name.setdefault(id(parameter), name)
+    if copies:
+        model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) | copies
 
 
 def max_model_length(config) -> int | None:
