@@ -24,6 +24,7 @@ from wtacrs.companions import (
 )
 from wtacrs.companions.activation import elementwise_activation_types
 from wtacrs.memory import LiveTensorPeak, SavedTensorBytes, parameter_tensors
+from wtacrs.modeling import sampled_modules
 
 transformers = pytest.importorskip("transformers")
 
@@ -471,14 +472,15 @@ def test_recomputed_attention_in_eval_and_no_grad_is_plain():
 
 
 def sampled_step(recompute: bool, input_ids: torch.Tensor, *, recompute_attention: bool = False,
-                 row_recipe: bool = True):
-    """Grads and live peak of one step of tiny BERT under WTA-CRS@0.3 with the exact companions."""
+                 row_recipe: bool = True, backward_draws: bool = False):
+    """Grads and live peak of one step of tiny BERT under WTA-CRS@0.3 with the exact companions
+    (recomputed layers redo the forward's draws unless `backward_draws`)."""
     import wtacrs
 
     model = tiny_bert("sdpa", dropout=0.1)
     config = wtacrs.WTACRSConfig(
         ratio=0.3, lean_dropout=True, lean_layernorm=True, lean_attention=True, recompute_activation=recompute,
-        recompute_attention=recompute_attention,
+        recompute_attention=recompute_attention, backward_draws=backward_draws,
     )
     wtacrs.apply(model, config)
     for layer in model.encoder.layer:
@@ -546,6 +548,28 @@ def test_recomputed_attention_is_exact_and_lowers_the_peak():
         assert torch.equal(grad, reference)  # the RNG is restored: same draws, same dropout masks
     q_k_v = 3 * 4 * 32 * 32 * 4  # q, k, v of (B, T, hidden) fp32 per layer
     assert peak - lean_peak >= (2 - 1) * q_k_v
+
+
+def test_recomputed_layers_draw_in_backward_alone_and_at_no_memory_cost():
+    """With backward draws (the default) the layers inside recomputed sub-blocks (q, k, v, the
+    attention output, the intermediate) and the output projection reading the recomputed
+    activation's row recipe estimate their weight gradients from rows drawn with the true output
+    gradient; every other gradient is bitwise that of forward draws (input gradients are exact
+    either way), and the step's live peak grows by no more than one attention context
+    (B, T, hidden), held while its block's backward runs."""
+    input_ids = torch.randint(0, 100, (4, 32))
+    model, forward_drawn, peak = sampled_step(True, input_ids, recompute_attention=True)
+    _, backward_drawn, backward_peak = sampled_step(True, input_ids, recompute_attention=True, backward_draws=True)
+    names = [name for name, _ in model.named_parameters()]
+    sampled = {f"{name}.weight" for name, _ in sampled_modules(model)}
+    assert len(sampled) == 12
+    for name, grad, reference in zip(names, backward_drawn, forward_drawn):
+        assert torch.isfinite(grad).all()
+        if name in sampled:
+            assert not torch.equal(grad, reference), name
+        else:
+            assert torch.equal(grad, reference), name
+    assert backward_peak - peak <= 4 * 32 * 32 * 4
 
 
 def test_recompute_attention_takes_the_outermost_attention_modules():

@@ -65,7 +65,10 @@ class _nothing:
 
 
 def with_wtacrs(model: nn.Module, ratio: float = 1.0, **flags) -> nn.Module:
+    """`wtacrs.apply`; recomputed layers redo the forward's draws unless `backward_draws=True`
+    (so a recompute's gradients are bitwise those without it)."""
     estimator = "wta-crs" if ratio < 1 else "exact"
+    flags = {"backward_draws": False, **flags}
     return wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=ratio, estimator=estimator, seed=0, **flags))
 
 

@@ -30,14 +30,17 @@ def _weight_grads(model, batch) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith(".weight") and p.grad is not None}
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("estimator", ["wta-crs", "crs"])
-def test_measured_variance_is_the_sampled_paths_own(estimator):
+def test_measured_variance_is_the_sampled_paths_own(estimator, recompute):
     """Mean of ‖dŴ − dW‖²/‖dW‖² over 200 draws of the real sampled step (activation-norm scores,
-    padding never drawn, q/k/v sharing one draw) against the closed form, per layer, within 4.5
-    standard errors of the mean (from the draws' own spread)."""
+    padding never drawn, q/k/v sharing one draw; with both recomputes, every layer but the output
+    projection drawing in backward with its true ‖dY_i‖) against the closed form, per layer,
+    within 4.5 standard errors of the mean (from the draws' own spread)."""
     batch = BERT.batch()
     exact = _weight_grads(_model(), batch)
-    model = _model(wtacrs.WTACRSConfig(ratio=0.3, estimator=estimator, grad_norm="none"))
+    model = _model(wtacrs.WTACRSConfig(ratio=0.3, estimator=estimator, grad_norm="none",
+                                       recompute_activation=recompute, recompute_attention=recompute))
     predicted = first_visit_variances(model, batch)
     draws = 200
     errors = {name: [] for name in predicted}
@@ -51,7 +54,8 @@ def test_measured_variance_is_the_sampled_paths_own(estimator):
     for name, v in predicted.items():
         observed = torch.tensor(errors[name])
         standard_error = float(observed.std() / draws**0.5)
-        assert abs(float(observed.mean()) - v) < 4.5 * standard_error, (name, v, float(observed.mean()))
+        rounding = 1e-9  # a layer whose draws keep every row with a gradient is exact up to float32 sums
+        assert abs(float(observed.mean()) - v) < 4.5 * standard_error + rounding, (name, v, float(observed.mean()))
 
 
 def test_chunks_change_nothing_and_the_model_is_left_as_found():

@@ -73,6 +73,11 @@ class WTACRSConfig:
         recompute_attention: the attention sub-blocks (projections, attention, output
             projection) keep only their input and run again in backward (exact; a third of a
             BERT block's forward matmuls once more).
+        backward_draws: layers inside a recomputed sub-block (`recompute_activation`,
+            `recompute_attention`) draw their rows in backward, scored with the true ‖dY_i‖
+            instead of the cache's or the prior's estimate: the least-variance scores, at no
+            memory cost (their inputs live until backward anyway). False draws them in forward
+            like every other layer (the paper's estimator; bitwise the gradients without recompute).
         chunked_lm_loss: a causal LM's next-token loss is computed in chunks of tokens, never
             holding the (tokens × vocabulary) logits; the training forward returns no logits
             (exact; no extra matmul; `wtacrs.companions.lm_loss`).
@@ -99,6 +104,8 @@ class WTACRSConfig:
     recompute_activation: bool = field(default=False, metadata={"help": "recompute the activation input in backward"})
     recompute_attention: bool = field(
         default=False, metadata={"help": "recompute the attention sub-blocks in backward"})
+    backward_draws: bool = field(
+        default=True, metadata={"help": "layers of recomputed sub-blocks draw in backward with the true |dY|"})
     chunked_lm_loss: bool = field(
         default=False, metadata={"help": "causal-LM loss in chunks, without the full logits"})
     activation_compression: str | None = field(
@@ -113,7 +120,7 @@ class WTACRSConfig:
         self._check_choice("budget", BUDGETS)
         self._check_choice("grad_norm", ("cache", "none"))
         flags = ("attention", "lean_dropout", "lean_layernorm", "lean_attention", "recompute_activation",
-                 "recompute_attention", "chunked_lm_loss", "position_prior", "skip_padding")
+                 "recompute_attention", "backward_draws", "chunked_lm_loss", "position_prior", "skip_padding")
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise WTACRSConfigError(f"WTACRSConfig.{name} must be True or False, got {getattr(self, name)!r}")

@@ -6,11 +6,17 @@ Only dW = dYᵀ X is replaced by Σ_m w_m dY_{i_m}ᵀ X_{i_m} over the k slots d
 rows of X (already multiplied by their weights) are saved for backward. k depends on shapes and
 the ratio alone, and drawing never reads a value on the host: a GPU never waits for it. Where X = f(S) row by row and S is kept anyway (`RowRecipe`), not
 even those: backward recomputes f(S_{i_m}).
+
+Where X stays alive until backward anyway (a layer inside a region that gradient checkpointing
+recomputes), the draw waits for backward (`linear_drawn_in_backward`): its scores are then
+‖X_i‖ · ‖dY_i‖ with the true output gradient, the scores that minimise the estimate's variance
+(the paper's Eq. 5 with its ‖dY_i‖ known, not estimated), at no memory cost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -113,15 +119,24 @@ def draw_rows(x: Tensor, k: int, estimator: Estimator, multiplier: Tensor | None
         covers_live: k is at least the number of rows with a non-zero multiplier (known on the
             host): they are all kept with weight 1 (the exact product).
     """
-    if covers_live:
-        estimator = "topk"  # the k largest scores hold every live row: exact, not an approximation
     with torch.no_grad():
         flat = x.reshape(-1, x.shape[-1])  # (N, in_features)
-        scores = row_norms(flat).to(torch.float32)  # (N,); a no-op unless float64
-        if multiplier is not None:
-            scores = scores * multiplier
-        indices, weights = sample_slots(scores, k, estimator, u)
+        indices, weights = _draw_slots(flat, k, estimator, multiplier, u, covers_live)
         return RowSample(indices, weights, _weighted_rows(x, flat, indices, weights), flat.shape[0])
+
+
+def _draw_slots(flat: Tensor, k: int, estimator: Estimator, multiplier: Tensor | None, u: Tensor | None,
+                covers_live: bool) -> tuple[Tensor, Tensor]:
+    """(indices, weights) of k slots over the rows of flat (N, in_features), scored ‖X_i‖ · multiplier_i."""
+    return _slots(row_norms(flat).to(torch.float32), k, estimator, multiplier, u, covers_live)  # a no-op unless float64
+
+
+def _slots(norms: Tensor, k: int, estimator: Estimator, multiplier: Tensor | None, u: Tensor | None,
+           covers_live: bool) -> tuple[Tensor, Tensor]:
+    """(indices, weights) of k slots over rows of norms (N,) ‖X_i‖, scored ‖X_i‖ · multiplier_i."""
+    if covers_live:
+        estimator = "topk"  # the k largest scores hold every live row: exact, not an approximation
+    return sample_slots(norms if multiplier is None else norms * multiplier, k, estimator, u)
 
 
 def draw_row_sample(
@@ -174,10 +189,16 @@ def gather_rows(x: Tensor, indices: Tensor, weights: Tensor) -> Tensor | RowReci
     return _weighted_rows(x, x.detach().reshape(-1, x.shape[-1]), indices, weights)
 
 
+def row_recipe(x: Tensor) -> RowRecipe | None:
+    """x's `RowRecipe`, if it has one still valid (x not changed in place since)."""
+    recipe = getattr(x, _RECIPE, None)
+    return recipe if recipe is not None and recipe.version == x._version else None
+
+
 def _weighted_rows(x: Tensor, flat: Tensor, indices: Tensor, weights: Tensor) -> Tensor | RowRecipe:
     """`gather_rows` given x's (N, in_features) view `flat`, detached or made without grad."""
-    recipe = getattr(x, _RECIPE, None)
-    if recipe is not None and recipe.version == x._version:
+    recipe = row_recipe(x)
+    if recipe is not None:
         return recipe
     rows = flat.index_select(0, indices).mul_(weights.unsqueeze(1))
     dtype = autocast_dtype(x)
@@ -256,6 +277,101 @@ def linear_with_sample(x: Tensor, weight: Tensor, bias: Tensor | None, sample: R
     with torch.autocast(x.device.type, enabled=False):
         return _LinearWithRowSample.apply(*cast, rows, sample.indices, sample.weights, recompute_rows, on_grad,
                                           norm_sink)
+
+
+_INPUTS_KEPT = [0]  # depth of `inputs_kept_for_backward` contexts (a list: no `global` statement to trace)
+
+
+@contextmanager
+def inputs_kept_for_backward() -> Iterator[None]:
+    """Inside, every layer input stays alive until backward anyway: the forward of a region under
+    non-reentrant checkpoint, and its recompute (which hands backward the tensors it saves).
+    Sampled layers there draw in backward (`linear_drawn_in_backward`)."""
+    _INPUTS_KEPT[0] += 1
+    try:
+        yield
+    finally:
+        _INPUTS_KEPT[0] -= 1
+
+
+def inputs_kept() -> bool:
+    """Whether this forward runs inside `inputs_kept_for_backward`."""
+    return _INPUTS_KEPT[0] > 0
+
+
+@dataclass(frozen=True)
+class BackwardDraw:
+    """What a draw made in backward needs from forward (`linear_drawn_in_backward`).
+
+    Attributes:
+        k: slots.
+        estimator: a `wtacrs.estimators` name.
+        mask: (N,) float32, 0 at rows never drawn (padding), or None.
+        u: the draw's uniforms (see `draw_rows`), or None.
+        covers_live: k holds every drawable row (`draw_rows`).
+    """
+
+    k: int
+    estimator: Estimator
+    mask: Tensor | None
+    u: Tensor | None
+    covers_live: bool
+
+
+class _LinearDrawnInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, draw, source, recompute_rows, on_grad, norm_sink):  # noqa: D102
+        # x (alive until backward anyway: `inputs_kept_for_backward`), or with `recompute_rows`
+        # the recipe's source and x's row norms (N,): backward recomputes the drawn rows
+        if recompute_rows is None:
+            ctx.save_for_backward(x, weight, None)
+        else:
+            ctx.save_for_backward(source, weight, row_norms(x.detach().reshape(-1, x.shape[-1])).to(torch.float32))
+        ctx.has_bias, ctx.draw, ctx.recompute_rows, ctx.on_grad = bias is not None, draw, recompute_rows, on_grad
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        x, weight, x_norms = ctx.saved_tensors
+        if ctx.on_grad is not None:
+            ctx.on_grad(grad_out)
+        flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        norms = output_row_norms(grad_out) if ctx.needs_input_grad[1] or ctx.needs_input_grad[7] else None
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = flat.mm(weight).view(*grad_out.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            draw, inputs = ctx.draw, x.reshape(-1, x.shape[-1])
+            multiplier = norms.reshape(-1) if draw.mask is None else norms.reshape(-1) * draw.mask
+            if x_norms is None:
+                indices, weights = _draw_slots(inputs, draw.k, draw.estimator, multiplier, draw.u, draw.covers_live)
+                rows = inputs.index_select(0, indices)
+            else:
+                indices, weights = _slots(x_norms, draw.k, draw.estimator, multiplier, draw.u, draw.covers_live)
+                with torch.no_grad():
+                    rows = ctx.recompute_rows(inputs.index_select(0, indices)).to(weight.dtype)
+            grad_w = flat.index_select(0, indices).mT.mm(rows * weights.to(rows.dtype).unsqueeze(1))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None, None, norms if ctx.needs_input_grad[7] else None
+
+
+def linear_drawn_in_backward(x: Tensor, weight: Tensor, bias: Tensor | None, draw: BackwardDraw,
+                             on_grad: Callable[[Tensor], None] | None = None,
+                             norm_sink: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) whose weight gradient is estimated in backward from k rows of x
+    drawn there, scored ‖X_i‖ · ‖dY_i‖ · mask_i with the true output gradient. Saves x itself,
+    for an x that lives until backward anyway (`inputs_kept_for_backward`); or, for an x with a
+    `RowRecipe`, its source and x's row norms (N floats), and recomputes the drawn rows.
+    `on_grad` and `norm_sink` as in `linear_with_sample`; autocast as there."""
+    recipe = row_recipe(x)
+    source, recompute_rows = (None, None) if recipe is None else (recipe.source, recipe.fn)
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return _LinearDrawnInBackward.apply(x, weight, bias, draw, source, recompute_rows, on_grad, norm_sink)
+    cast = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
+    with torch.autocast(x.device.type, enabled=False):  # the recipe's fn computes in its own dtypes
+        return _LinearDrawnInBackward.apply(*cast, draw, source, recompute_rows, on_grad, norm_sink)
 
 
 def needs_sampling(weight: Tensor, ratio: float, estimator: str) -> bool:

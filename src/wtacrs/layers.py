@@ -3,7 +3,9 @@
 `wtacrs.apply` changes the class of each targeted `nn.Linear` (or GPT-2's `Conv1D`) to the sampled
 subclass here, keeping its Parameter objects; the subclass's training forward asks the model's
 `SamplingState` (`wtacrs.sampling`) for its row sample and runs `functional.linear_with_sample`.
-Forward outputs are unchanged; eval mode and frozen weights take the plain path.
+Inside a recomputed sub-block (`functional.inputs_kept`), and for an input with a row recipe,
+the draw waits for backward instead (`functional.linear_drawn_in_backward`). Forward outputs are unchanged; eval mode and frozen
+weights take the plain path.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import functools
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wtacrs.functional import linear_with_sample, needs_sampling
+from wtacrs.functional import inputs_kept, linear_drawn_in_backward, linear_with_sample, needs_sampling, row_recipe
 from wtacrs.sampling import SamplingState
 
 
@@ -35,6 +37,9 @@ class SampledLayerMixin:
         state = self.wtacrs_state
         if not (self.training and needs_sampling(weight, state.config.ratio, state.config.estimator)):
             return F.linear(x, weight, bias)
+        if state.config.backward_draws and (inputs_kept() or row_recipe(x) is not None):
+            draw, on_grad, norm_sink = state.backward_draw(self.wtacrs_slot, self.wtacrs_stream, x)
+            return linear_drawn_in_backward(x, weight, bias, draw, on_grad, norm_sink)
         sample, on_grad, norm_sink = state.layer_call(self.wtacrs_slot, self.wtacrs_stream, x)
         return linear_with_sample(x, weight, bias, sample, on_grad, norm_sink)
 

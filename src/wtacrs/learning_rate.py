@@ -11,7 +11,10 @@ the parameters nobody samples (embeddings, norms, biases, the task head) keep th
 v is measured once, before training, on one batch (`first_visit_variances`), in closed form
 (`wtacrs.estimators.column_row_variance`), with the scores of an example's first visit: its
 activation norms, as the first epoch samples before the gradient-norm cache holds its norms.
-That is the largest v of a run; the cache lowers it later, and the scale stays.
+That is the largest v of a run; the cache lowers it later, and the scale stays (Adam's second
+moment averages the squared gradients of the whole run so far, noisy first visits included).
+Layers that draw in backward (inside recomputed sub-blocks, `WTACRSConfig.backward_draws`) score
+every visit with the true ‖dY_i‖: their v is measured with those scores.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from wtacrs.companions.recompute import Recomputed, RecomputedGate, recomputed_module_names
 from wtacrs.estimators import column_row_variance, winner_mask
-from wtacrs.functional import row_norms, slot_budget
+from wtacrs.functional import row_norms, row_recipe, slot_budget
 from wtacrs.modeling import sampled_modules, sampling_state
 
 MEASURED_ESTIMATORS = ("wta-crs", "crs")
@@ -37,22 +41,29 @@ class _Call:
     """One call of a sampled layer in the batch's forward: its draw, and what backward adds up."""
 
     scores: Tensor  # (N,) first-visit scores of its rows, 0 outside the attention mask
+    k: int
     winners: Tensor  # (N,) bool
-    draws: int  # k − |C|
     products: Tensor  # (N,) ‖X_i‖‖dY_i‖, filled chunk by chunk
     rest_sum: Tensor | None = None  # (out, in) Σ_{i∉C} dY_iᵀ X_i
+
+    @property
+    def draws(self) -> int:
+        """k − |C|, at least 1."""
+        return max(self.k - int(self.winners.sum()), 1)
 
 
 @dataclass
 class _Layer:
     calls: list[_Call] = field(default_factory=list)
     total: Tensor | None = None  # (out, in) dW, every call
+    reads_recipe: bool = False  # its input carries a row recipe: it draws in backward
 
 
 def first_visit_variances(model: nn.Module, inputs: dict[str, Tensor], chunk_examples: int = 1) -> dict[str, float]:
     """Relative variance E‖dŴ − dW‖² / ‖dW‖² of each trainable sampled layer's weight gradient on
     this batch, at the examples' first visit (scores ‖X_i‖, rows outside the attention mask
-    never drawn unless the config samples padding).
+    never drawn unless the config samples padding; layers that draw in backward with their
+    scores ‖X_i‖‖dY_i‖, measured by a second pass over the chunks).
 
     Runs one forward without gradients on the whole batch (the draws: scores, k and winners of
     every layer), then forward and backward in chunks of `chunk_examples` examples, in eval mode
@@ -83,22 +94,58 @@ def first_visit_variances(model: nn.Module, inputs: dict[str, Tensor], chunk_exa
     try:
         with torch.no_grad(), _hooks(layers, lambda name, index, x, out: _plan(state[name], x, live, config)):
             model(**inputs)
-        for start in range(0, examples, chunk_examples):
-            rows = slice(start, min(start + chunk_examples, examples))
-            chunk = {k: v[rows] if isinstance(v, Tensor) and v.dim() and v.shape[0] == examples else v
-                     for k, v in inputs.items()}
-
-            def measure(name: str, index: int, x: Tensor, output: Tensor, start: int = start) -> None:
-                call = state[name].calls[index]  # the chunk's rows start at its first example's
-                _measure(state[name], call, x, output, first=start * (call.scores.numel() // examples))
-
-            with torch.enable_grad(), _hooks(layers, measure):
-                loss = model(**chunk).loss * ((rows.stop - rows.start) / examples)
-                loss.backward()
+        with _recomputing(model):
+            _backward_chunks(model, inputs, examples, chunk_examples, layers, state, totals=True)
+        in_backward = set()
+        if config.backward_draws:
+            in_backward = (recomputed_module_names(model) & set(layers)) | {n for n, l in state.items() if l.reads_recipe}
+        if in_backward:  # their winners from the products just measured; Σ_{i∉C} once more
+            for name in in_backward:
+                for call in state[name].calls:
+                    _rescore(call, call.products * (call.scores > 0), config)
+            _backward_chunks(model, inputs, examples, chunk_examples, {n: layers[n] for n in in_backward}, state,
+                             totals=False)
     finally:
         model.zero_grad(set_to_none=True)
         model.train(training)
     return {name: _relative_variance(layer) for name, layer in state.items()}
+
+
+@contextmanager
+def _recomputing(model: nn.Module) -> Iterator[None]:
+    """The recomputing companions themselves in training mode, their children left in eval (no
+    dropout, no sampling): their outputs then carry the row recipes of training, so the layers
+    reading them are known to draw in backward."""
+    modules = [m for m in model.modules() if isinstance(m, (Recomputed, RecomputedGate))]
+    for module in modules:
+        module.training = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.training = False
+
+
+def _backward_chunks(model: nn.Module, inputs: dict[str, Tensor], examples: int, chunk_examples: int,
+                     layers: dict[str, nn.Module], state: dict[str, _Layer], totals: bool) -> None:
+    """Forward and backward of the batch in chunks of examples, adding each call's rows to its
+    sums (`_measure`)."""
+    for start in range(0, examples, chunk_examples):
+        rows = slice(start, min(start + chunk_examples, examples))
+        chunk = {k: v[rows] if isinstance(v, Tensor) and v.dim() and v.shape[0] == examples else v
+                 for k, v in inputs.items()}
+
+        forward = [True]  # a recomputed sub-block runs its layers again in backward: not new calls
+
+        def measure(name: str, index: int, x: Tensor, output: Tensor, start: int = start) -> None:
+            if forward[0]:
+                call = state[name].calls[index]  # the chunk's rows start at its first example's
+                _measure(state[name], call, x, output, first=start * (call.scores.numel() // examples), totals=totals)
+
+        with torch.enable_grad(), _hooks(layers, measure):
+            loss = model(**chunk).loss * ((rows.stop - rows.start) / examples)
+            forward[0] = False
+            loss.backward()
 
 
 def global_scale(variances: dict[str, float]) -> float:
@@ -166,22 +213,36 @@ def _plan(layer: _Layer, x: Tensor, live: Tensor | None, config) -> None:
         scores = scores * live.reshape(-1)
         rows_live = int(live.sum())
     k = slot_budget(config.ratio, config.budget, scores.numel(), rows_live)
-    winners = winner_mask(scores, k, config.estimator)
-    layer.calls.append(_Call(scores, winners, max(k - int(winners.sum()), 1), torch.zeros_like(scores)))
+    layer.calls.append(_Call(scores, k, winner_mask(scores, k, config.estimator), torch.zeros_like(scores)))
 
 
-def _measure(layer: _Layer, call: _Call, x: Tensor, output: Tensor, first: int) -> None:
-    """One chunk's call, its rows from `first` on: its output's gradient adds them to the sums."""
+def _rescore(call: _Call, scores: Tensor, config) -> None:
+    """The call drawn with other scores (same k, same rows drawable): its winners, and Σ_{i∉C} to
+    add up again. Where fewer than k rows score above 0, WTA-CRS keeps them all (its winners
+    hold all the mass); CRS still draws k times unless k covers every drawable row."""
+    winners = winner_mask(scores, call.k, config.estimator)
+    if config.estimator == "crs" and call.k < int((call.scores > 0).sum()):
+        winners = torch.zeros_like(winners)
+    call.scores, call.winners, call.rest_sum = scores, winners, None
+
+
+def _measure(layer: _Layer, call: _Call, x: Tensor, output: Tensor, first: int, totals: bool) -> None:
+    """One chunk's call, its rows from `first` on: its output's gradient adds them to Σ_{i∉C}
+    and, with `totals`, to the products and dW."""
     flat = x.detach().reshape(-1, x.shape[-1])
     rows = slice(first, first + flat.shape[0])
 
+    layer.reads_recipe = layer.reads_recipe or row_recipe(x) is not None
+
     def on_grad(grad: Tensor) -> None:
         dy = grad.detach().reshape(-1, grad.shape[-1]).to(flat.dtype)
-        call.products[rows] = row_norms(flat) * row_norms(dy)
         rest = ~call.winners[rows]
-        part, whole = dy[rest].mT @ flat[rest], dy.mT @ flat  # (out, in)
+        part = dy[rest].mT @ flat[rest]  # (out, in)
         call.rest_sum = part if call.rest_sum is None else call.rest_sum + part
-        layer.total = whole if layer.total is None else layer.total + whole
+        if totals:
+            call.products[rows] = row_norms(flat) * row_norms(dy)
+            whole = dy.mT @ flat
+            layer.total = whole if layer.total is None else layer.total + whole
 
     output.register_hook(on_grad)
 

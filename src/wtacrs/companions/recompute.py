@@ -3,9 +3,12 @@ recomputation, Korthikanti et al. 2022, arXiv 2205.05198, §4.2). Exact.
 
 A module marked here runs its forward under non-reentrant `torch.utils.checkpoint`: forward
 keeps only the module's inputs, and backward runs the module again. Checkpoint restores the
-RNG state first, so dropout draws the same masks, and sampled layers inside redo the same draw
-(draws are keyed by the input tensor and regathered): the gradients are bitwise those without
-recompute. Two kinds of module are worth it:
+RNG state first, so dropout draws the same masks. Every input of a sampled layer inside then
+lives until that layer's backward anyway, so by default (`WTACRSConfig.backward_draws`) the
+layer draws its rows there, scored with its true output gradient (`functional.inputs_kept`):
+the least-variance scores, with no cache and no extra memory. With `backward_draws=False`
+the layers redo the forward's draw (keyed by the input tensor and regathered) and the
+gradients are bitwise those without recompute. Two kinds of module are worth it:
 
 - Activation (`recompute_activation`): modules whose children are exactly one linear layer
   (plain or LoRA-wrapped) and one elementwise activation, `act(dense(x))` (`BertIntermediate`
@@ -47,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 from wtacrs.companions.activation import elementwise_activation_types
 from wtacrs.companions.matching import computes_like, llama_class
 from wtacrs.companions.usage import acted
-from wtacrs.functional import attach_row_recipe
+from wtacrs.functional import attach_row_recipe, inputs_kept_for_backward
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -111,11 +114,21 @@ class Recomputed:
         if not (self.training and torch.is_grad_enabled()) or _passes_a_cache(kwargs):
             return super().forward(*args, **kwargs)
         acted(self, "recompute_activation", "recompute_attention")
-        output = checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+        output = checkpoint(_keeping_inputs(super().forward), *args, use_reentrant=False, **kwargs)
         rowwise = len(args) == 1 and not kwargs and output.shape[:-1] == args[0].shape[:-1]  # not a pooler
         if self.__dict__.get("row_recipe", False) and rowwise:
             attach_row_recipe(output, args[0], _without_autograd(super().forward, args[0].device.type))
         return output
+
+
+def _keeping_inputs(forward):
+    """`forward` run inside `inputs_kept_for_backward`: under checkpoint, in the first pass and in
+    the recompute alike (the recompute must save what the first pass would have)."""
+    def run(*args, **kwargs):
+        with inputs_kept_for_backward():
+            return forward(*args, **kwargs)
+
+    return run
 
 
 def _passes_a_cache(kwargs: dict) -> bool:
@@ -147,7 +160,7 @@ class RecomputedGate:
         if not (self.training and torch.is_grad_enabled()):
             return super().forward(x)
         acted(self, "recompute_activation")
-        gated = checkpoint(self._gated, x, use_reentrant=False)
+        gated = checkpoint(_keeping_inputs(self._gated), x, use_reentrant=False)
         if self.__dict__.get("row_recipe", False):
             attach_row_recipe(gated, x, _without_autograd(self._gated, x.device.type))
         return self.down_proj(gated)
@@ -155,3 +168,17 @@ class RecomputedGate:
     def _gated(self, x: torch.Tensor) -> torch.Tensor:
         """(..., hidden) → (..., intermediate): act(gate_proj(x)) * up_proj(x), LlamaMLP's order."""
         return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+
+
+def recomputed_module_names(model: nn.Module) -> set[str]:
+    """Names of the modules whose forward runs inside a recomputed region: every module of a
+    `Recomputed` one (itself included), and a `RecomputedGate`'s gate and up projections with
+    theirs (its down projection runs outside)."""
+    names = set()
+    for name, module in model.named_modules():
+        parts = [""] if isinstance(module, Recomputed) else ["gate_proj", "up_proj"] if isinstance(
+            module, RecomputedGate) else []
+        for part in parts:
+            root = ".".join(p for p in (name, part) if p)
+            names |= {".".join(p for p in (root, sub) if p) for sub, _ in module.get_submodule(part).named_modules()}
+    return names

@@ -25,7 +25,7 @@ from wtacrs import counter_rng
 from wtacrs.cache import GradNormCache
 from wtacrs.config import WTACRSConfig
 from wtacrs.estimators import uniforms_needed
-from wtacrs.functional import RowSample, draw_rows
+from wtacrs.functional import BackwardDraw, RowSample, draw_rows
 from wtacrs.sampling.context import BatchContext, current_batch
 from wtacrs.sampling.draws import DrawRegistry, StepUniforms, draw_budget, samples_inside_mask
 from wtacrs.sampling.fold import Exchange, NormFolder
@@ -116,35 +116,51 @@ class SamplingState:
         over the per-row ‖dY_i‖ (for the cache and the padding check): a callback, or the step's
         norm sink inside `wtacrs.batch(..., model=)` (None for what is not needed)."""
         rows = self.rows.rows_for(stream, x)
-        on_grad = norm_sink = None
-        if rows is not None and self.recorder.wants(rows):
-            if self._plan is not None:
-                norm_sink = self._plan.norm_sinks[slot]
-            else:
-                on_grad = self.recorder.hook(slot, rows)
         sample = self.draws.reuse(slot, x)
         if sample is None:
             sample = self._draw(slot, x, rows)
             self.draws.add(slot, x, sample)
-        return sample, on_grad, norm_sink
+        return (sample, *self._norm_outlets(slot, rows))
+
+    def backward_draw(self, slot: int, stream: str, x: Tensor
+                      ) -> tuple[BackwardDraw, Callable[[Tensor], None] | None, Tensor | None]:
+        """`layer_call` for a call whose input lives until backward anyway (`inputs_kept`): what
+        its draw in backward needs (k, the row mask, this step's uniforms of its slot; scores
+        from the true ‖dY‖, so no cached norm), and the same norm outlets. Not shared: each
+        layer draws with its own output gradient."""
+        rows = self.rows.rows_for(stream, x)
+        k, covers_live, u = self._budget_and_uniforms(slot, x, rows)
+        mask = rows.mask.view(-1).to(torch.float32) if samples_inside_mask(self.config, rows) else None
+        return (BackwardDraw(k, self.config.estimator, mask, u, covers_live), *self._norm_outlets(slot, rows))
+
+    def _norm_outlets(self, slot: int, rows: ForwardRows | None
+                      ) -> tuple[Callable[[Tensor], None] | None, Tensor | None]:
+        """How a call's backward hands over its per-row ‖dY_i‖: (callback, norm sink), None for
+        what is not needed."""
+        if rows is None or not self.recorder.wants(rows):
+            return None, None
+        return (None, self._plan.norm_sinks[slot]) if self._plan is not None else (self.recorder.hook(slot, rows), None)
 
     def _draw(self, slot: int, x: Tensor, rows: ForwardRows | None) -> RowSample:
+        k, covers_live, u = self._budget_and_uniforms(slot, x, rows)
+        multiplier = None
+        if rows is not None:
+            multipliers = self._multipliers(rows, x.device)
+            multiplier = multipliers if multipliers is None or isinstance(multipliers, Tensor) else multipliers[slot]
+        return draw_rows(x, k, self.config.estimator, multiplier, u, covers_live)
+
+    def _budget_and_uniforms(self, slot: int, x: Tensor, rows: ForwardRows | None) -> tuple[int, bool, Tensor]:
+        """(k, whether k covers every live row, the slot's uniforms) of a draw over x's rows."""
         num_rows = x.numel() // x.shape[-1]
         if rows is not None and self._plan is not None:
             k, covers_live = self._plan.budget(rows.key)
         else:
             k, covers_live = draw_budget(self.config, rows, num_rows)
-        multiplier = None
-        if rows is not None:
-            multipliers = self._multipliers(rows, x.device)
-            multiplier = multipliers if multipliers is None or isinstance(multipliers, Tensor) else multipliers[slot]
-        estimator = self.config.estimator
-        count = uniforms_needed(estimator, k, num_rows)
+        count = uniforms_needed(self.config.estimator, k, num_rows)
         step_key = self._plan.slot_keys if self._plan is not None else counter_rng.stream_key(
             self.config.seed, self.rank, self.step)
         layout = num_rows if rows is None else rows.key
-        u = self.uniforms.of_slot(slot, x.device, layout, count, self.num_layers, step_key)
-        return draw_rows(x, k, estimator, multiplier, u, covers_live)
+        return k, covers_live, self.uniforms.of_slot(slot, x.device, layout, count, self.num_layers, step_key)
 
     def _multipliers(self, rows: ForwardRows, device: torch.device) -> Tensor | tuple[Tensor, ...] | None:
         """Score multipliers for `rows` this forward (see `NormReader`): (N,) for every slot, one
