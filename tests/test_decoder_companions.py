@@ -198,6 +198,25 @@ def test_decoder_companions_keep_the_sampled_gradients():
     assert any(not torch.allclose(g, e, rtol=1e-3, atol=1e-5) for g, e in zip(grads, exact))  # it does sample
 
 
+def test_decoder_layers_draw_in_backward_with_every_companion():
+    """Backward draws in a LLaMA decoder with every companion: q, k, v, o, gate and up inside the
+    recomputed sub-blocks and the down projection reading the gated part's row recipe draw with
+    the true output gradient; every other gradient is bitwise that of forward draws, and the
+    step's live peak grows by no more than one attention output (B, T, hidden), held while its
+    block's backward runs."""
+    batch = lm_batch()
+    model = with_wtacrs(tiny_llama(), ratio=0.3, **ALL)
+    forward_drawn, peak = train_step(model, batch)
+    backward_drawn, backward_peak = train_step(with_wtacrs(tiny_llama(), ratio=0.3, **ALL, backward_draws=True), batch)
+    sampled = {f"{name}.weight" for name, _ in wtacrs.modeling.sampled_modules(model)}
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert len(sampled) == 7 * LAYERS
+    for name, grad, reference in zip(names, backward_drawn, forward_drawn, strict=True):
+        assert torch.isfinite(grad).all()
+        assert torch.equal(grad, reference) != (name in sampled), name
+    assert backward_peak - peak <= B * T * H * 4
+
+
 @pytest.mark.parametrize("flag, least_saving", [
     ("lean_layernorm", (2 * LAYERS) * B * T * H * 4),  # per norm: x no longer saved (fp32, full FT)
     ("recompute_activation", (LAYERS - 1) * 3 * B * T * I * 4),  # gate(x), act(gate(x)), up(x) of all but one

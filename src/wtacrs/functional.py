@@ -8,9 +8,10 @@ the ratio alone, and drawing never reads a value on the host: a GPU never waits 
 even those: backward recomputes f(S_{i_m}).
 
 Where X stays alive until backward anyway (a layer inside a region that gradient checkpointing
-recomputes), the draw waits for backward (`linear_drawn_in_backward`): its scores are then
-‖X_i‖ · ‖dY_i‖ with the true output gradient, the scores that minimise the estimate's variance
-(the paper's Eq. 5 with its ‖dY_i‖ known, not estimated), at no memory cost.
+recomputes) or its rows can be recomputed (`RowRecipe`), the draw waits for backward
+(`linear_drawn_in_backward`): its scores are then ‖X_i‖ · ‖dY_i‖ with the true output gradient,
+the scores that minimise the estimate's variance (the paper's Eq. 5 with its ‖dY_i‖ known, not
+estimated), at no memory cost.
 """
 
 from __future__ import annotations
@@ -332,7 +333,7 @@ class _LinearDrawnInBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        x, weight, x_norms = ctx.saved_tensors
+        kept, weight, x_norms = ctx.saved_tensors  # kept: x, or the recipe's source
         if ctx.on_grad is not None:
             ctx.on_grad(grad_out)
         flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
@@ -341,7 +342,7 @@ class _LinearDrawnInBackward(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = flat.mm(weight).view(*grad_out.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[1]:
-            draw, inputs = ctx.draw, x.reshape(-1, x.shape[-1])
+            draw, inputs = ctx.draw, kept.reshape(-1, kept.shape[-1])
             multiplier = norms.reshape(-1) if draw.mask is None else norms.reshape(-1) * draw.mask
             if x_norms is None:
                 indices, weights = _draw_slots(inputs, draw.k, draw.estimator, multiplier, draw.u, draw.covers_live)
