@@ -8,7 +8,7 @@ error of the mean is then its standard error), growing like sqrt(N) with a bias.
 is sampled (almost) exactly the variance is float rounding and the ratio says nothing; read the
 relative error of the mean there.
 
-    python benchmarks/model_unbiasedness.py --ratio 0.3 --draws 40 --cache [--estimator priority]
+    python benchmarks/model_unbiasedness.py --ratio 0.3 --draws 40 --cache [--estimator priority] [--recompute]
 
 With --squad FILE: all-MiniLM-L6-v2 with a fresh QA head on the first 16 training windows of the
 study's SQuAD setting (192 tokens, stride 64, padded; `wtacrs.tasks.squad.first_train_windows`), padding
@@ -63,6 +63,9 @@ def main() -> None:
                    help="warm the cache with the next batch instead, and restore it before every draw: this "
                         "batch's examples stay unseen and are scored by the position prior alone")
     p.add_argument("--estimator", default="wta-crs", help="row estimator (default wta-crs)")
+    p.add_argument("--recompute", action="store_true",
+                   help="both recompute companions (the best exact recipe's): every sampled layer draws in backward "
+                        "with its true output-gradient norms (WTACRSConfig.backward_draws)")
     p.add_argument("--squad", help="a SQuAD v1.1 JSON file: measure on QA windows instead of SST-2")
     p.add_argument("--model", help="a fine-tuned checkpoint, head kept (default: all-MiniLM-L6-v2, fresh head)")
     args = p.parse_args()
@@ -79,7 +82,8 @@ def main() -> None:
     reference(**batch).loss.backward()
     exact = {n: p.grad.clone() for n, p in reference.named_parameters() if p.dim() == 2 and ".encoder." in n}
 
-    config = wtacrs.WTACRSConfig(ratio=args.ratio, estimator=args.estimator, skip_padding=not qa)
+    config = wtacrs.WTACRSConfig(ratio=args.ratio, estimator=args.estimator, skip_padding=not qa,
+                                 recompute_activation=args.recompute, recompute_attention=args.recompute)
     model = wtacrs.apply(build(path, qa, fresh_head=args.model is None), config)
     params, size = dict(model.named_parameters()), len(batch["input_ids"])
     ids = torch.arange(size)
@@ -121,6 +125,7 @@ def main() -> None:
             squared_error[n] += float(((g - exact[n]) ** 2).sum()) / args.draws
     scores = ("position prior only" if args.prior else f"norms cached by {args.cache_from}" if args.cache_from
               else "cached norms" if args.cache else "activation norms only")
+    scores += "; with both recomputes: every layer drawn in backward with its true norms" if args.recompute else ""
     print(f"{path}: {'SQuAD' if qa else 'SST-2'}, {args.estimator}, ratio {args.ratio}, {args.draws} draws, "
           f"{scores}")
     print("| layer | relative variance | relative error of the mean | error of the mean / its standard error |")
