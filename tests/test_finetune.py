@@ -118,6 +118,8 @@ def test_default_run_compares_full_checkpointing_and_the_best_exact_recipe(tiny_
         assert record["live_peak_bytes"] > record["saved_activation_bytes"] and record["step_seconds"] > 0
     assert (full["ratio"], sampled["ratio"], sampled["estimator"], sampled["method"]) == (
         None, 0.3, "wta-crs", BEST_EXACT)
+    assert (full["draws_in_backward"], checkpointing["draws_in_backward"], sampled["draws_in_backward"]) == (
+        False, False, True)
     assert sampled["saved_activation_bytes"] < full["saved_activation_bytes"]
     assert checkpointing["saved_activation_bytes"] < full["saved_activation_bytes"]
     # (no order of live peaks to assert: the tiny model's peak is its embedding gradient and AdamW state)

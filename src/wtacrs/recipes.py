@@ -101,6 +101,12 @@ class Recipe:
             self.activation_compression is not None)
 
     @property
+    def draws_in_backward(self) -> bool:
+        """Whether some sampled layers draw in backward with their true ‖dY_i‖ (a sampler with a
+        recompute companion: `WTACRSConfig.backward_draws`, on in every recipe)."""
+        return self.samples and (self.recompute or self.recompute_attention)
+
+    @property
     def spec(self) -> str:
         """The canonical spec: components in the documented order."""
         sampler = {v: k for k, v in SAMPLERS.items()}.get(self.estimator)

@@ -30,7 +30,8 @@ def run_identity(run: RunSpec) -> dict:
     s, recipe = run.settings, run.recipe
     return {
         "task": s.task, "model": s.model, "model_name": model_name(s.model), "method": recipe.spec,
-        "ratio": recipe.ratio, "estimator": recipe.estimator, "variants": run.variants, "seed": run.seed,
+        "ratio": recipe.ratio, "estimator": recipe.estimator, "draws_in_backward": recipe.draws_in_backward,
+        "variants": run.variants, "seed": run.seed,
     }
 
 
