@@ -74,10 +74,12 @@ class WTACRSConfig:
             projection) keep only their input and run again in backward (exact; a third of a
             BERT block's forward matmuls once more).
         backward_draws: layers inside a recomputed sub-block (`recompute_activation`,
-            `recompute_attention`) draw their rows in backward, scored with the true ‖dY_i‖
-            instead of the cache's or the prior's estimate: the least-variance scores, at no
-            memory cost (their inputs live until backward anyway). False draws them in forward
-            like every other layer (the paper's estimator; bitwise the gradients without recompute).
+            `recompute_attention`), and the projection reading the recomputed activation's row
+            recipe, draw their rows in backward, scored with the true ‖dY_i‖ instead of the
+            cache's or the prior's estimate: the least-variance scores, at no memory cost (their
+            inputs live, or their rows are recomputed, until backward anyway). False draws them
+            in forward like every other layer (the paper's estimator; bitwise the gradients
+            without recompute).
         chunked_lm_loss: a causal LM's next-token loss is computed in chunks of tokens, never
             holding the (tokens × vocabulary) logits; the training forward returns no logits
             (exact; no extra matmul; `wtacrs.companions.lm_loss`).

@@ -129,7 +129,8 @@ def draw_rows(x: Tensor, k: int, estimator: Estimator, multiplier: Tensor | None
 def _draw_slots(flat: Tensor, k: int, estimator: Estimator, multiplier: Tensor | None, u: Tensor | None,
                 covers_live: bool) -> tuple[Tensor, Tensor]:
     """(indices, weights) of k slots over the rows of flat (N, in_features), scored ‖X_i‖ · multiplier_i."""
-    return _slots(row_norms(flat).to(torch.float32), k, estimator, multiplier, u, covers_live)  # a no-op unless float64
+    norms = row_norms(flat).to(torch.float32)  # (N,); the cast is a no-op unless float64
+    return _slots(norms, k, estimator, multiplier, u, covers_live)
 
 
 def _slots(norms: Tensor, k: int, estimator: Estimator, multiplier: Tensor | None, u: Tensor | None,

@@ -4,8 +4,8 @@
 subclass here, keeping its Parameter objects; the subclass's training forward asks the model's
 `SamplingState` (`wtacrs.sampling`) for its row sample and runs `functional.linear_with_sample`.
 Inside a recomputed sub-block (`functional.inputs_kept`), and for an input with a row recipe,
-the draw waits for backward instead (`functional.linear_drawn_in_backward`). Forward outputs are unchanged; eval mode and frozen
-weights take the plain path.
+the draw waits for backward instead (`functional.linear_drawn_in_backward`). Forward outputs are
+unchanged; eval mode and frozen weights take the plain path.
 """
 
 from __future__ import annotations

@@ -116,14 +116,14 @@ def _recomputing(model: nn.Module) -> Iterator[None]:
     """The recomputing companions themselves in training mode, their children left in eval (no
     dropout, no sampling): their outputs then carry the row recipes of training, so the layers
     reading them are known to draw in backward."""
-    modules = [m for m in model.modules() if isinstance(m, (Recomputed, RecomputedGate))]
-    for module in modules:
+    modes = {m: m.training for m in model.modules() if isinstance(m, (Recomputed, RecomputedGate))}
+    for module in modes:
         module.training = True
     try:
         yield
     finally:
-        for module in modules:
-            module.training = False
+        for module, training in modes.items():
+            module.training = training
 
 
 def _backward_chunks(model: nn.Module, inputs: dict[str, Tensor], examples: int, chunk_examples: int,

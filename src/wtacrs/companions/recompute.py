@@ -176,9 +176,14 @@ def recomputed_module_names(model: nn.Module) -> set[str]:
     theirs (its down projection runs outside)."""
     names = set()
     for name, module in model.named_modules():
-        parts = [""] if isinstance(module, Recomputed) else ["gate_proj", "up_proj"] if isinstance(
-            module, RecomputedGate) else []
-        for part in parts:
-            root = ".".join(p for p in (name, part) if p)
-            names |= {".".join(p for p in (root, sub) if p) for sub, _ in module.get_submodule(part).named_modules()}
+        if isinstance(module, Recomputed):
+            names |= {_joined(name, sub) for sub, _ in module.named_modules()}
+        elif isinstance(module, RecomputedGate):
+            for part in ("gate_proj", "up_proj"):
+                names |= {_joined(name, part, sub) for sub, _ in getattr(module, part).named_modules()}
     return names
+
+
+def _joined(*parts: str) -> str:
+    """A qualified module name from its non-empty parts."""
+    return ".".join(p for p in parts if p)
