@@ -187,27 +187,31 @@ def test_each_decoder_companion_is_exact(flag):
     assert effect.status == "took effect"
 
 
-def test_decoder_companions_keep_the_sampled_gradients():
+@pytest.mark.parametrize("keep_gate", [False, True])
+def test_decoder_companions_keep_the_sampled_gradients(keep_gate):
     """Under WTA-CRS@0.3 all companions together draw the same rows: the same estimate as without
     them (the down projection's rows recomputed from the recipe agree up to rounding)."""
     batch = lm_batch()
     expected, _ = train_step(with_wtacrs(tiny_llama(), ratio=0.3), batch)
     exact, _ = train_step(tiny_llama(), batch)
-    grads, _ = train_step(with_wtacrs(tiny_llama(), ratio=0.3, **ALL), batch)
+    grads, _ = train_step(with_wtacrs(tiny_llama(), ratio=0.3, **ALL, keep_gate=keep_gate), batch)
     assert_grads_close(grads, expected, rtol=1e-4, atol=1e-6)
     assert any(not torch.allclose(g, e, rtol=1e-3, atol=1e-5) for g, e in zip(grads, exact))  # it does sample
 
 
-def test_decoder_layers_draw_in_backward_with_every_companion():
+@pytest.mark.parametrize("keep_gate", [False, True])
+def test_decoder_layers_draw_in_backward_with_every_companion(keep_gate):
     """Backward draws in a LLaMA decoder with every companion: q, k, v, o, gate and up inside the
-    recomputed sub-blocks and the down projection reading the gated part's row recipe draw with
-    the true output gradient; every other gradient is bitwise that of forward draws, and the
-    step's live peak grows by no more than one attention output (B, T, hidden), held while its
-    block's backward runs."""
+    recomputed sub-blocks (or, with `keep_gate`, gate beside the checkpoint that keeps its input)
+    and the down projection reading the gated part's row recipe draw with the true output
+    gradient; every other gradient is bitwise that of forward draws, and the step's live peak
+    grows by no more than one attention output (B, T, hidden), held while its block's backward
+    runs."""
     batch = lm_batch()
-    model = with_wtacrs(tiny_llama(), ratio=0.3, **ALL)
+    flags = {**ALL, "keep_gate": keep_gate}
+    model = with_wtacrs(tiny_llama(), ratio=0.3, **flags)
     forward_drawn, peak = train_step(model, batch)
-    backward_drawn, backward_peak = train_step(with_wtacrs(tiny_llama(), ratio=0.3, **ALL, backward_draws=True), batch)
+    backward_drawn, backward_peak = train_step(with_wtacrs(tiny_llama(), ratio=0.3, **flags, backward_draws=True), batch)
     sampled = {f"{name}.weight" for name, _ in wtacrs.modeling.sampled_modules(model)}
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     assert len(sampled) == 7 * LAYERS
@@ -232,6 +236,29 @@ def test_each_decoder_companion_lowers_the_live_peak(flag, least_saving, monkeyp
     assert plain_peak - peak >= least_saving
 
 
+def test_keep_gate_is_exact_and_keeps_gate_outputs_only():
+    """Keeping gate(x) and recomputing act(gate(x)) ⊙ up(x): the plain gradients; the peak sits
+    between the full recompute's and none, at most one (B·T, intermediate) tensor per block
+    above the full recompute."""
+    batch = lm_batch()
+    expected, plain_peak = train_step(with_wtacrs(tiny_llama()), batch)
+    _, recompute_peak = train_step(with_wtacrs(tiny_llama(), recompute_activation=True), batch)
+    model = with_wtacrs(tiny_llama(), recompute_activation=True, keep_gate=True)
+    grads, peak = train_step(model, batch)
+    assert_grads_close(grads, expected)
+    assert all(layer.mlp.keep_gate for layer in model.model.layers)
+    intermediate = B * T * I * 4
+    assert plain_peak - peak >= (LAYERS - 1) * 2 * intermediate  # act(gate(x)) and up(x) no longer saved
+    assert recompute_peak < peak <= recompute_peak + LAYERS * intermediate
+
+
+def test_keep_gate_needs_the_recompute():
+    with pytest.raises(wtacrs.WTACRSConfigError, match="recompute_activation"):
+        wtacrs.WTACRSConfig(keep_gate=True)
+    with pytest.raises(ValueError, match="recompute_activation"):
+        apply_companions(tiny_llama(), dropout=False, layernorm=False, activation=None, keep_gate=True)
+
+
 def test_gated_mlp_row_recipe_leaves_the_peak():
     """With the recipe, a sampled down projection keeps indices, not its k rows of the
     intermediate activation; the rows recomputed from the MLP input agree up to rounding."""
@@ -249,7 +276,8 @@ def test_gated_mlp_row_recipe_leaves_the_peak():
     assert peak - lean_peak >= (LAYERS - 1) * sampled_rows // 2  # repeated draws merge: at least half distinct
 
 
-def test_decoder_companions_under_peft_lora():
+@pytest.mark.parametrize("keep_gate", [False, True])
+def test_decoder_companions_under_peft_lora(keep_gate):
     """LoRA on every block linear, WTA-CRS@0.3: the companions change no gradient and act on the
     model PEFT wraps (not on the PEFT wrapper, which forwards `lm_head` to it)."""
     peft = pytest.importorskip("peft")
@@ -266,7 +294,7 @@ def test_decoder_companions_under_peft_lora():
 
     batch = lm_batch()
     expected, peak = train_step(with_wtacrs(lora(), ratio=0.3), batch)
-    model = with_wtacrs(lora(), ratio=0.3, **ALL)
+    model = with_wtacrs(lora(), ratio=0.3, **ALL, keep_gate=keep_gate)
     grads, lean_peak = train_step(model, batch)
     assert_grads_close(grads, expected, rtol=1e-4, atol=1e-6)
     assert type(model).__name__ == "PeftModelForCausalLM"

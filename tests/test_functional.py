@@ -285,23 +285,56 @@ def recipe_case(seed=0):
     return s, u, w, dy
 
 
-def test_row_recipe_gives_the_gathered_rows_weight_gradient_and_saves_no_rows():
+def two_source_recipe(s, u):
+    """x = tanh(s U) ⊙ t row by row from two kept tensors, as a gated MLP keeping its gate:
+    (sources, fn, x)."""
+    t = torch.randn(*s.shape[:-1], u.shape[1], generator=torch.Generator().manual_seed(9), dtype=s.dtype)
+    return (s, t), lambda s_rows, t_rows: torch.tanh(s_rows @ u) * t_rows, torch.tanh(s @ u) * t
+
+
+@pytest.mark.parametrize("sources", [1, 2])
+def test_row_recipe_gives_the_gathered_rows_weight_gradient_and_saves_no_rows(sources):
     s, u, w, dy = recipe_case()
+    kept, fn, x0 = ((s,), lambda rows: torch.tanh(rows @ u), torch.tanh(s @ u)) if sources == 1 else (
+        two_source_recipe(s, u))
     grads_and_saved = []
     for with_recipe in (False, True):
-        x = torch.tanh(s @ u)
+        x = x0.clone()
         if with_recipe:
-            attach_row_recipe(x, s, lambda rows: torch.tanh(rows @ u))
+            attach_row_recipe(x, kept if sources > 1 else s, fn)
         torch.manual_seed(5)
-        with SavedTensorBytes(exclude=[w, s]) as saved:
+        with SavedTensorBytes(exclude=[w, *kept]) as saved:
             y = sampled_linear(x, w, None, ratio=0.3)
         (grad,) = torch.autograd.grad(y, w, dy)
         grads_and_saved.append((grad, saved.total))
     (gathered, gathered_bytes), (recomputed, recipe_bytes) = grads_and_saved
     torch.testing.assert_close(recomputed, gathered, rtol=1e-12, atol=1e-12)  # same draw, same rows
-    drawn = recipe_bytes // (8 + 4)  # s is kept by the caller: only int64 indices and fp32 weights remain
+    drawn = recipe_bytes // (8 + 4)  # the sources are kept by the caller: only int64 indices and fp32 weights remain
     assert 0 < drawn <= math.ceil(0.3 * 64) and recipe_bytes == drawn * (8 + 4)
     assert gathered_bytes - recipe_bytes == drawn * 24 * 8  # the float64 rows
+
+
+def test_a_draw_in_backward_from_a_two_source_recipe_is_unbiased_and_exact_over_every_row():
+    """The down projection of a gated MLP that keeps its gate: x's rows rebuilt from two kept
+    tensors, drawn in backward; covering every row gives dW exactly, and fewer slots an unbiased
+    estimate."""
+    s, u, w, dy = recipe_case()
+    kept, fn, x0 = two_source_recipe(s, u)
+    truth = dy.reshape(-1, 12).T @ x0.reshape(-1, 24)
+
+    def weight_grad(draw):
+        x = x0.clone()
+        attach_row_recipe(x, kept, fn)
+        with SavedTensorBytes(exclude=[w, *kept]) as saved:
+            y = linear_drawn_in_backward(x, w, None, draw)
+        assert saved.total == 64 * 4  # x's row norms (float32), no rows
+        return torch.autograd.grad(y, w, dy)[0]
+
+    torch.testing.assert_close(weight_grad(BackwardDraw(64, "wta-crs", None, None, True)), truth)
+    g = torch.Generator().manual_seed(0)
+    est = torch.stack([weight_grad(BackwardDraw(16, "wta-crs", None, 1.0 - torch.rand(
+        uniforms_needed("wta-crs", 16, 64), generator=g, dtype=torch.float64), False)) for _ in range(1000)])
+    assert not unbiased_violations(est, truth).any(), f"max z {max_z(est, truth):.1f}"
 
 
 def test_row_recipe_is_void_after_an_in_place_change():

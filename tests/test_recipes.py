@@ -29,6 +29,7 @@ def test_components_compose():
     ("companions+lora+wtacrs@0.3", "lora+wtacrs@0.3+companions"), ("full+fused-adamw", "full+fused-adamw"),
     ("crs@0.1+attention+act=int8", "crs@0.1+attention+act=int8"), ("velora+checkpointing", "velora+checkpointing"),
     ("lora+velora", "velora"),
+    ("keep-gate+lora+recompute+wtacrs@0.3", "lora+wtacrs@0.3+recompute+keep-gate"),
 ])
 def test_canonical_spec_orders_components_and_round_trips(spec, canonical):
     assert parse_recipe(spec).spec == canonical
@@ -46,6 +47,7 @@ def test_a_bare_sampler_takes_the_default_ratio_only_when_one_is_given():
     ("wtacrs@1.5", "ratio must be in"), ("wtacrs@x", "bad ratio"), ("crs@0.3+topk@0.3", "two samplers"),
     ("full+lora", "both full"), ("lora+magic", "bad component 'magic'"), ("attention", "add one"),
     ("act=fp4", "act= takes"), ("", "empty recipe"), ("velora+wtacrs@0.3", "VeLoRA and a sampler"),
+    ("lora+keep-gate", "add 'recompute'"),
 ])
 def test_bad_specs_name_the_problem(spec, message):
     with pytest.raises(RecipeError, match=message):
@@ -53,13 +55,13 @@ def test_bad_specs_name_the_problem(spec, message):
 
 
 def test_wtacrs_config_maps_every_component():
-    config = parse_recipe(BEST_EXACT + "+companions+attention").wtacrs_config(
+    config = parse_recipe(BEST_EXACT + "+companions+attention+keep-gate").wtacrs_config(
         seed=3, sampling=SamplingSettings(budget="all", target_modules=("output.dense",), skip_padding=False))
     assert (config.ratio, config.estimator, config.seed, config.budget, config.skip_padding) == (
         0.3, "wta-crs", 3, "all", False)
     assert config.target_modules == ["output.dense"] and config.attention
     assert config.lean_dropout and config.lean_layernorm and config.lean_attention
-    assert config.recompute_activation and config.recompute_attention and config.chunked_lm_loss
+    assert config.recompute_activation and config.recompute_attention and config.chunked_lm_loss and config.keep_gate
     exact = parse_recipe("lora+companions").wtacrs_config()
     assert (exact.estimator, exact.ratio, exact.recompute_activation) == ("exact", 1.0, False)
 

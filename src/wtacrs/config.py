@@ -70,6 +70,9 @@ class WTACRSConfig:
         recompute_activation: the activation input of `act(dense(x))` modules (BERT's
             intermediate) is recomputed in backward (exact; one more matmul per block); in
             LLaMA-style gated MLPs the gated part act(gate(x)) ⊙ up(x) (two more).
+        keep_gate: with `recompute_activation`, gated MLPs keep gate(x) (one intermediate-size
+            tensor per block) and recompute only act(gate(x)) ⊙ up(x): one more matmul instead
+            of two, and the down projection's drawn rows need only up(x) on them.
         recompute_attention: the attention sub-blocks (projections, attention, output
             projection) keep only their input and run again in backward (exact; a third of a
             BERT block's forward matmuls once more).
@@ -104,6 +107,8 @@ class WTACRSConfig:
     lean_layernorm: bool = field(default=False, metadata={"help": "LayerNorm backward from its output"})
     lean_attention: bool = field(default=False, metadata={"help": "SDPA without stored probabilities"})
     recompute_activation: bool = field(default=False, metadata={"help": "recompute the activation input in backward"})
+    keep_gate: bool = field(
+        default=False, metadata={"help": "with recompute_activation: gated MLPs keep gate(x), recompute up(x) only"})
     recompute_attention: bool = field(
         default=False, metadata={"help": "recompute the attention sub-blocks in backward"})
     backward_draws: bool = field(
@@ -122,10 +127,13 @@ class WTACRSConfig:
         self._check_choice("budget", BUDGETS)
         self._check_choice("grad_norm", ("cache", "none"))
         flags = ("attention", "lean_dropout", "lean_layernorm", "lean_attention", "recompute_activation",
-                 "recompute_attention", "backward_draws", "chunked_lm_loss", "position_prior", "skip_padding")
+                 "keep_gate", "recompute_attention", "backward_draws", "chunked_lm_loss", "position_prior", "skip_padding")
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise WTACRSConfigError(f"WTACRSConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.keep_gate and not self.recompute_activation:
+            raise WTACRSConfigError("WTACRSConfig.keep_gate keeps the gate of the gated MLP's recompute: "
+                                    "set recompute_activation=True too")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise WTACRSConfigError(f"WTACRSConfig.seed must be an int, got {self.seed!r}")
         self.target_modules = _check_pattern("target_modules", self.target_modules, allow_callable=True)

@@ -48,31 +48,41 @@ def validate_budget(budget: str) -> str:
 
 @dataclass(frozen=True)
 class RowRecipe:
-    """How to recompute rows of an activation X = f(S) from the same rows of a tensor S that
-    other ops keep for backward anyway, where f maps each row on its own (X_i = f(S_i); e.g.
-    f = act(dense(·)), whose output is the input of BERT's output projection). Saving S and the
-    indices instead of X's sampled rows stores no new bytes; backward pays f on M rows.
+    """How to recompute rows of an activation X = f(S¹, S², ...) from the same rows of tensors S
+    that other ops keep for backward anyway, where f maps each row on its own (X_i = f(S¹_i, ...);
+    e.g. f = act(dense(·)), whose output is the input of BERT's output projection). Saving the S
+    and the indices instead of X's sampled rows stores no new bytes; backward pays f on M rows.
 
     Attributes:
-        source: (N, in_source) S, flattened.
-        fn: (M, in_source) rows of S → (M, in_features) the same rows of X, without autograd.
+        sources: each (N, in_source) S, flattened.
+        fn: the same M rows of each source, (M, in_source) each → (M, in_features) those rows of
+            X, without autograd.
         version: X's version counter when attached (an in-place change of X voids the recipe).
     """
 
-    source: Tensor
-    fn: Callable[[Tensor], Tensor]
+    sources: tuple[Tensor, ...]
+    fn: Callable[..., Tensor]
     version: int
 
 
 _RECIPE = "_wtacrs_row_recipe"  # attribute of an activation tensor holding its RowRecipe
 
 
-def attach_row_recipe(x: Tensor, source: Tensor, fn: Callable[[Tensor], Tensor]) -> None:
-    """Declare x (..., in_features) = fn(source) row by row, with source (..., in_source) kept
-    alive by other ops; sampled layers reading x then save no rows of it."""
-    if source.shape[:-1] != x.shape[:-1]:
-        raise ValueError(f"source rows {tuple(source.shape[:-1])} do not match x's {tuple(x.shape[:-1])}")
-    setattr(x, _RECIPE, RowRecipe(source.detach().reshape(-1, source.shape[-1]), fn, x._version))
+def attach_row_recipe(x: Tensor, sources: Tensor | tuple[Tensor, ...], fn: Callable[..., Tensor]) -> None:
+    """Declare x (..., in_features) = fn(*sources) row by row, with each source (..., in_source)
+    kept alive by other ops; sampled layers reading x then save no rows of it."""
+    sources = (sources,) if isinstance(sources, Tensor) else tuple(sources)
+    for source in sources:
+        if source.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"source rows {tuple(source.shape[:-1])} do not match x's {tuple(x.shape[:-1])}")
+    flat = tuple(source.detach().reshape(-1, source.shape[-1]) for source in sources)
+    setattr(x, _RECIPE, RowRecipe(flat, fn, x._version))
+
+
+def _recomputed_rows(fn: Callable[..., Tensor], sources: tuple[Tensor, ...], indices: Tensor) -> Tensor:
+    """fn on rows `indices` of each source, without autograd."""
+    with torch.no_grad():
+        return fn(*(source.index_select(0, indices) for source in sources))
 
 
 @dataclass(frozen=True)
@@ -217,14 +227,14 @@ def output_row_norms(grad_out: Tensor) -> Tensor:
 class _LinearWithRowSample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, rows, indices, weights, recompute_rows, on_grad, norm_sink):  # noqa: D102
-        # rows: the weighted sampled rows (k, in), or with `recompute_rows` the recipe's source (N, in_source)
-        ctx.save_for_backward(weight, rows, indices, weights)
+        # rows: the weighted sampled rows (k, in), or with `recompute_rows` the recipe's sources
+        ctx.save_for_backward(weight, indices, weights, *((rows,) if recompute_rows is None else rows))
         ctx.has_bias, ctx.recompute_rows, ctx.on_grad = bias is not None, recompute_rows, on_grad
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        weight, rows, indices, weights = ctx.saved_tensors
+        weight, indices, weights, *kept = ctx.saved_tensors
         if ctx.on_grad is not None:
             ctx.on_grad(grad_out)
         flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
@@ -232,10 +242,11 @@ class _LinearWithRowSample(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = flat.mm(weight).view(*grad_out.shape[:-1], weight.shape[1])  # grad_out.matmul(weight)
         if ctx.needs_input_grad[1]:
-            if ctx.recompute_rows is not None:
-                with torch.no_grad():
-                    rows = ctx.recompute_rows(rows.index_select(0, indices)).to(weight.dtype)
-                    rows = rows * weights.to(rows.dtype).unsqueeze(1)
+            if ctx.recompute_rows is None:
+                rows = kept[0]
+            else:
+                rows = _recomputed_rows(ctx.recompute_rows, tuple(kept), indices).to(weight.dtype)
+                rows = rows * weights.to(rows.dtype).unsqueeze(1)
             grad_w = flat.index_select(0, indices).mT.mm(rows)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(0)
@@ -269,7 +280,7 @@ def linear_with_sample(x: Tensor, weight: Tensor, bias: Tensor | None, sample: R
     if sample.num_rows != x.numel() // x.shape[-1]:
         raise ValueError(f"sample was drawn from {sample.num_rows} rows, x has {x.numel() // x.shape[-1]}")
     recipe = sample.rows if isinstance(sample.rows, RowRecipe) else None
-    rows, recompute_rows = (sample.rows, None) if recipe is None else (recipe.source, recipe.fn)
+    rows, recompute_rows = (sample.rows, None) if recipe is None else (recipe.sources, recipe.fn)
     dtype = autocast_dtype(x)
     if dtype is None:
         return _LinearWithRowSample.apply(x, weight, bias, rows, sample.indices, sample.weights, recompute_rows,
@@ -322,19 +333,20 @@ class BackwardDraw:
 
 class _LinearDrawnInBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, draw, source, recompute_rows, on_grad, norm_sink):  # noqa: D102
+    def forward(ctx, x, weight, bias, draw, sources, recompute_rows, on_grad, norm_sink):  # noqa: D102
         # x (alive until backward anyway: `inputs_kept_for_backward`), or with `recompute_rows`
-        # the recipe's source and x's row norms (N,): backward recomputes the drawn rows
+        # the recipe's sources and x's row norms (N,): backward recomputes the drawn rows
         if recompute_rows is None:
-            ctx.save_for_backward(x, weight, None)
+            ctx.save_for_backward(weight, None, x)
         else:
-            ctx.save_for_backward(source, weight, row_norms(x.detach().reshape(-1, x.shape[-1])).to(torch.float32))
+            x_norms = row_norms(x.detach().reshape(-1, x.shape[-1])).to(torch.float32)
+            ctx.save_for_backward(weight, x_norms, *sources)
         ctx.has_bias, ctx.draw, ctx.recompute_rows, ctx.on_grad = bias is not None, draw, recompute_rows, on_grad
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        kept, weight, x_norms = ctx.saved_tensors  # kept: x, or the recipe's source
+        weight, x_norms, *kept = ctx.saved_tensors  # kept: x, or the recipe's sources
         if ctx.on_grad is not None:
             ctx.on_grad(grad_out)
         flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
@@ -343,15 +355,15 @@ class _LinearDrawnInBackward(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = flat.mm(weight).view(*grad_out.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[1]:
-            draw, inputs = ctx.draw, kept.reshape(-1, kept.shape[-1])
+            draw = ctx.draw
             multiplier = norms.reshape(-1) if draw.mask is None else norms.reshape(-1) * draw.mask
             if x_norms is None:
+                inputs = kept[0].reshape(-1, kept[0].shape[-1])
                 indices, weights = _draw_slots(inputs, draw.k, draw.estimator, multiplier, draw.u, draw.covers_live)
                 rows = inputs.index_select(0, indices)
             else:
                 indices, weights = _slots(x_norms, draw.k, draw.estimator, multiplier, draw.u, draw.covers_live)
-                with torch.no_grad():
-                    rows = ctx.recompute_rows(inputs.index_select(0, indices)).to(weight.dtype)
+                rows = _recomputed_rows(ctx.recompute_rows, tuple(kept), indices).to(weight.dtype)
             grad_w = flat.index_select(0, indices).mT.mm(rows * weights.to(rows.dtype).unsqueeze(1))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(0)
@@ -364,16 +376,16 @@ def linear_drawn_in_backward(x: Tensor, weight: Tensor, bias: Tensor | None, dra
     """F.linear(x, weight, bias) whose weight gradient is estimated in backward from k rows of x
     drawn there, scored ‖X_i‖ · ‖dY_i‖ · mask_i with the true output gradient. Saves x itself,
     for an x that lives until backward anyway (`inputs_kept_for_backward`); or, for an x with a
-    `RowRecipe`, its source and x's row norms (N floats), and recomputes the drawn rows.
+    `RowRecipe`, its sources and x's row norms (N floats), and recomputes the drawn rows.
     `on_grad` and `norm_sink` as in `linear_with_sample`; autocast as there."""
     recipe = row_recipe(x)
-    source, recompute_rows = (None, None) if recipe is None else (recipe.source, recipe.fn)
+    sources, recompute_rows = ((), None) if recipe is None else (recipe.sources, recipe.fn)
     dtype = autocast_dtype(x)
     if dtype is None:
-        return _LinearDrawnInBackward.apply(x, weight, bias, draw, source, recompute_rows, on_grad, norm_sink)
+        return _LinearDrawnInBackward.apply(x, weight, bias, draw, sources, recompute_rows, on_grad, norm_sink)
     cast = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
     with torch.autocast(x.device.type, enabled=False):  # the recipe's fn computes in its own dtypes
-        return _LinearDrawnInBackward.apply(*cast, draw, source, recompute_rows, on_grad, norm_sink)
+        return _LinearDrawnInBackward.apply(*cast, draw, sources, recompute_rows, on_grad, norm_sink)
 
 
 def needs_sampling(weight: Tensor, ratio: float, estimator: str) -> bool:

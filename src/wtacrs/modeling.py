@@ -218,7 +218,7 @@ def _add_companions(model: nn.Module, state: SamplingState) -> None:
     state.companions = apply_companions(
         model, dropout=config.lean_dropout, layernorm=config.lean_layernorm, activation=config.activation_compression,
         attention=config.lean_attention, recompute_activation=config.recompute_activation,
-        recompute_attention=config.recompute_attention, lm_loss=config.chunked_lm_loss,
+        keep_gate=config.keep_gate, recompute_attention=config.recompute_attention, lm_loss=config.chunked_lm_loss,
     )
 
 

@@ -15,6 +15,9 @@ A recipe is components joined by "+", e.g. ``lora+wtacrs@0.3+companions+recomput
                          backward from its output, attention probabilities recomputed, and a causal
                          LM's next-token loss in chunks (never the whole batch's logits)
     recompute            the activation function's input recomputed in backward (exact)
+    keep-gate            with recompute: gated MLPs (LLaMA's) keep their gate projection's output
+                         and recompute only the up projection (half the recompute's matmuls for
+                         one more intermediate-size tensor per block)
     recompute-attention  the attention sub-blocks recomputed in backward (exact)
     act=MODE             the activation input stored compressed (an approximation)
     checkpointing        Hugging Face gradient checkpointing of every block (non-reentrant)
@@ -39,7 +42,8 @@ from wtacrs.config import WTACRSConfig
 SAMPLERS = {"wtacrs": "wta-crs", "crs": "crs", "priority": "priority", "topk": "topk", "uniform": "uniform"}
 FLAGS = {  # component -> Recipe field
     "lora": "lora", "attention": "sampled_attention", "companions": "companions", "recompute": "recompute",
-    "recompute-attention": "recompute_attention", "checkpointing": "checkpointing", "fused-adamw": "fused_adamw",
+    "keep-gate": "keep_gate", "recompute-attention": "recompute_attention", "checkpointing": "checkpointing",
+    "fused-adamw": "fused_adamw",
 }
 # The exact WTA-CRS recipe that beats gradient checkpointing on both axes for the offline default
 # (all-MiniLM-L6-v2, benchmarks/RESULTS.md): in `wtacrs bench` (batch 32, seq 64, interleaved) the
@@ -87,6 +91,7 @@ class Recipe:
     sampled_attention: bool = False
     companions: bool = False
     recompute: bool = False
+    keep_gate: bool = False
     recompute_attention: bool = False
     activation_compression: str | None = None
     checkpointing: bool = False
@@ -115,7 +120,7 @@ class Recipe:
         sampler = {v: k for k, v in SAMPLERS.items()}.get(self.estimator)
         parts = ["velora" if self.velora else "lora" if self.lora else "full"]
         parts += [f"{sampler}@{self.ratio:g}"] if sampler else []
-        for name in ("attention", "companions", "recompute", "recompute-attention"):
+        for name in ("attention", "companions", "recompute", "keep-gate", "recompute-attention"):
             parts += [name] if getattr(self, FLAGS[name]) else []
         parts += [f"act={self.activation_compression}"] if self.activation_compression else []
         parts += [name for name in ("checkpointing", "fused-adamw") if getattr(self, FLAGS[name])]
@@ -131,7 +136,8 @@ class Recipe:
             target_modules=list(sampling.target_modules) if sampling.target_modules else None,
             attention=self.sampled_attention, seed=seed, lean_dropout=self.companions,
             lean_layernorm=self.companions, lean_attention=self.companions, recompute_activation=self.recompute,
-            recompute_attention=self.recompute_attention, activation_compression=self.activation_compression,
+            keep_gate=self.keep_gate, recompute_attention=self.recompute_attention,
+            activation_compression=self.activation_compression,
             chunked_lm_loss=self.companions,
         )
 
@@ -171,6 +177,8 @@ def parse_recipe(spec: str, default_ratio: float | None = None) -> Recipe:
         recipe = _with_component(recipe, part, spec, default_ratio)
     if recipe.velora and recipe.samples:
         raise RecipeError(f"recipe {spec!r}: VeLoRA and a sampler both replace LoRA A's backward; choose one")
+    if recipe.keep_gate and not recipe.recompute:
+        raise RecipeError(f"recipe {spec!r}: 'keep-gate' keeps the gate of the gated MLP's recompute; add 'recompute'")
     if recipe.sampled_attention and not recipe.samples:
         raise RecipeError(f"recipe {spec!r}: 'attention' samples the attention matmuls at a sampler's ratio; "
                           "add one (e.g. wtacrs@0.3)")

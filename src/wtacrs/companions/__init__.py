@@ -68,6 +68,7 @@ from wtacrs.companions.matching import ORIGINAL_CLASS
 from wtacrs.companions.recompute import (
     Recomputed,
     RecomputedGate,
+    deterministic,
     is_gated_mlp,
     is_linear_then_activation,
     maps_rows_alone,
@@ -96,7 +97,7 @@ ModuleFilter = Callable[[nn.Module, str], bool]
 _ORIGINAL = ORIGINAL_CLASS  # class attribute of every swapped-in class: the class it replaced
 # instance attributes the companions add
 _MODULE_STATE = ("activation_compression", "_kept_columns_cache", "regenerate_dropout", "recompute_sdpa", "row_recipe",
-                 USAGE_ATTR)
+                 "keep_gate", USAGE_ATTR)
 
 
 @cache
@@ -160,6 +161,7 @@ def apply_companions(
     activation: str | None,
     attention: bool = False,
     recompute_activation: bool = False,
+    keep_gate: bool = False,
     recompute_attention: bool = False,
     lm_loss: bool = False,
     module_filter: ModuleFilter | None = None,
@@ -177,6 +179,8 @@ def apply_companions(
             probabilities in backward instead of saving them (`RecomputedAttentionMode`).
         recompute_activation: `act(dense(x))` modules recompute the activation's input in
             backward (`Recomputed`); LLaMA-style gated MLPs their gated part (`RecomputedGate`).
+        keep_gate: with `recompute_activation`, gated MLPs keep gate(x) and recompute only
+            act(gate(x)) ⊙ up(x) (when gate_proj has no active dropout).
         recompute_attention: the outermost "…Attention" modules keep only their inputs and run
             again in backward (`Recomputed`).
         lm_loss: causal LMs compute their next-token loss in chunks without full logits
@@ -186,10 +190,12 @@ def apply_companions(
         Qualified names of the modules swapped. Already swapped modules are skipped, so applying
         twice changes nothing (call `remove_companions` first to change settings).
     Raises:
-        ValueError: unknown `activation` mode.
+        ValueError: unknown `activation` mode, or keep_gate without recompute_activation.
     """
     if activation is not None:
         validate_activation_mode(activation)
+    if keep_gate and not recompute_activation:
+        raise ValueError("keep_gate keeps the gate of the gated MLP's recompute: set recompute_activation too")
     recomputed_attention = outermost_attention_names(model) if recompute_attention else set()
     swapped = []
     for name, module in model.named_modules():
@@ -204,13 +210,13 @@ def apply_companions(
             continue
         module.__class__ = new_cls
         _set_up(module, new_cls, activation=activation, dropout=dropout, attention=attention,
-                recompute_attention=name in recomputed_attention)
+                recompute_attention=name in recomputed_attention, keep_gate=keep_gate)
         swapped.append(name)
     return swapped
 
 
 def _set_up(module: nn.Module, cls: type, *, activation: str | None, dropout: bool, attention: bool,
-            recompute_attention: bool) -> None:
+            recompute_attention: bool, keep_gate: bool) -> None:
     """The instance settings of a module just swapped to `cls`, and which companions it carries
     (`wtacrs.companions.usage`)."""
     if issubclass(cls, RegeneratedDropout):
@@ -221,6 +227,7 @@ def _set_up(module: nn.Module, cls: type, *, activation: str | None, dropout: bo
         expect(module, "chunked_lm_loss")
     if issubclass(cls, RecomputedGate):
         module.row_recipe = maps_rows_alone(module)
+        module.keep_gate = keep_gate and deterministic(module.gate_proj)
         expect(module, "recompute_activation")
     if issubclass(cls, CompressesActivationInput):
         module.activation_compression = activation

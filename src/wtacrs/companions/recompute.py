@@ -92,7 +92,7 @@ def is_gated_mlp(module: nn.Module) -> bool:
     )
 
 
-def _deterministic(*modules: nn.Module) -> bool:
+def deterministic(*modules: nn.Module) -> bool:
     """No active dropout inside `modules` (e.g. in a LoRA adapter): each output row depends on
     its input row alone, so rows can be recomputed."""
     return not any(isinstance(m, nn.Dropout) and m.p > 0 for module in modules for m in module.modules())
@@ -102,8 +102,8 @@ def maps_rows_alone(module: nn.Module) -> bool:
     """Whether a linear-then-activation `module`, or the gated part of a gated MLP, computes each
     output row from its input row alone and deterministically, so rows can be recomputed."""
     if is_gated_mlp(module):
-        return _deterministic(module.gate_proj, module.up_proj)
-    return is_linear_then_activation(module) and _deterministic(module)
+        return deterministic(module.gate_proj, module.up_proj)
+    return is_linear_then_activation(module) and deterministic(module)
 
 
 class Recomputed:
@@ -144,30 +144,43 @@ def _without_autograd(forward, device_type: str):
     """`forward` for backward's recompute of rows, under the autocast state of this forward."""
     enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
-    def rows_again(rows: torch.Tensor) -> torch.Tensor:
+    def rows_again(*rows: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            return forward(rows)
+            return forward(*rows)
 
     return rows_again
 
 
 class RecomputedGate:
     """Mixin for gated MLPs (`is_gated_mlp`): in training, the gated part runs under non-reentrant
-    checkpoint and, with `row_recipe` set, its output carries a `RowRecipe` from the MLP input
-    (see module docstring). Same output as the original forward, bitwise."""
+    checkpoint and, with `row_recipe` set, its output carries a `RowRecipe` (see module
+    docstring). With `keep_gate` set, gate_proj runs outside the checkpoint and its output g is
+    kept: only act(g) ⊙ up_proj(x) is recomputed. Same output as the original forward, bitwise."""
 
     def forward(self, x):  # noqa: D102
         if not (self.training and torch.is_grad_enabled()):
             return super().forward(x)
         acted(self, "recompute_activation")
-        gated = checkpoint(_keeping_inputs(self._gated), x, use_reentrant=False)
-        if self.__dict__.get("row_recipe", False):
-            attach_row_recipe(gated, x, _without_autograd(self._gated, x.device.type))
+        recipe = self.__dict__.get("row_recipe", False)
+        if self.__dict__.get("keep_gate", False):
+            with inputs_kept_for_backward():  # the checkpoint below keeps x for up_proj anyway
+                gate = self.gate_proj(x)
+            gated = checkpoint(_keeping_inputs(self._gated_from), gate, x, use_reentrant=False)
+            if recipe:
+                attach_row_recipe(gated, (gate, x), _without_autograd(self._gated_from, x.device.type))
+        else:
+            gated = checkpoint(_keeping_inputs(self._gated), x, use_reentrant=False)
+            if recipe:
+                attach_row_recipe(gated, x, _without_autograd(self._gated, x.device.type))
         return self.down_proj(gated)
 
     def _gated(self, x: torch.Tensor) -> torch.Tensor:
         """(..., hidden) → (..., intermediate): act(gate_proj(x)) * up_proj(x), LlamaMLP's order."""
-        return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        return self._gated_from(self.gate_proj(x), x)
+
+    def _gated_from(self, gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """gate (..., intermediate) = gate_proj(x), x (..., hidden) → act(gate) * up_proj(x)."""
+        return self.act_fn(gate) * self.up_proj(x)
 
 
 def recomputed_module_names(model: nn.Module) -> set[str]:
