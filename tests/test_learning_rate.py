@@ -15,9 +15,10 @@ from wtacrs.learning_rate import first_visit_variances, lr_scales, scale_param_g
 BERT = CASES_BY_NAME["bert"]
 
 
-def _model(config: wtacrs.WTACRSConfig | None = None, seed: int = 0):
-    """The tiny BERT with dropout off (every draw then differentiates the same function)."""
-    model = BERT.model(seed)
+def _model(config: wtacrs.WTACRSConfig | None = None, seed: int = 0, case: str = "bert"):
+    """The tiny model of `case` (BERT by default) with dropout off (every draw then
+    differentiates the same function)."""
+    model = CASES_BY_NAME[case].model(seed)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -30,17 +31,20 @@ def _weight_grads(model, batch) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith(".weight") and p.grad is not None}
 
 
-@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("case, recompute, keep_gate", [("bert", False, False), ("bert", True, False),
+                                                        ("llama", True, True)])
 @pytest.mark.parametrize("estimator", ["wta-crs", "crs"])
-def test_measured_variance_is_the_sampled_paths_own(estimator, recompute):
+def test_measured_variance_is_the_sampled_paths_own(estimator, case, recompute, keep_gate):
     """Mean of ‖dŴ − dW‖²/‖dW‖² over 200 draws of the real sampled step (activation-norm scores,
-    padding never drawn, q/k/v sharing one draw; with both recomputes, every layer but the output
-    projection drawing in backward with its true ‖dY_i‖) against the closed form, per layer,
-    within 4.5 standard errors of the mean (from the draws' own spread)."""
-    batch = BERT.batch()
-    exact = _weight_grads(_model(), batch)
-    model = _model(wtacrs.WTACRSConfig(ratio=0.3, estimator=estimator, grad_norm="none",
-                                       recompute_activation=recompute, recompute_attention=recompute))
+    padding never drawn, q/k/v sharing one draw; with both recomputes, every layer drawing in
+    backward with its true ‖dY_i‖, LLaMA's gate projection beside the checkpoint with
+    `keep_gate`; the tiny LLaMA passes its attention a key/value cache, so its attention is not
+    recomputed and q/k/v/o draw in forward) against the closed form, per layer, within 4.5
+    standard errors of the mean (from the draws' own spread)."""
+    batch = CASES_BY_NAME[case].batch()
+    exact = _weight_grads(_model(case=case), batch)
+    model = _model(wtacrs.WTACRSConfig(ratio=0.3, estimator=estimator, grad_norm="none", keep_gate=keep_gate,
+                                       recompute_activation=recompute, recompute_attention=recompute), case=case)
     predicted = first_visit_variances(model, batch)
     draws = 200
     errors = {name: [] for name in predicted}
@@ -50,7 +54,7 @@ def test_measured_variance_is_the_sampled_paths_own(estimator, recompute):
         for name in predicted:
             reference = exact[name + ".weight"]
             errors[name].append(float((grads[name + ".weight"] - reference).square().sum() / reference.square().sum()))
-    assert len(predicted) == 12
+    assert len(predicted) == {"bert": 12, "llama": 14}[case]
     for name, v in predicted.items():
         observed = torch.tensor(errors[name])
         standard_error = float(observed.std() / draws**0.5)

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from wtacrs.companions.recompute import Recomputed, RecomputedGate, recomputed_module_names
+from wtacrs.companions.recompute import Recomputed, RecomputedGate
 from wtacrs.estimators import column_row_variance, winner_mask
-from wtacrs.functional import row_norms, row_recipe, slot_budget
+from wtacrs.functional import inputs_kept, row_norms, row_recipe, slot_budget
 from wtacrs.modeling import sampled_modules, sampling_state
 
 MEASURED_ESTIMATORS = ("wta-crs", "crs")
@@ -56,7 +56,7 @@ class _Call:
 class _Layer:
     calls: list[_Call] = field(default_factory=list)
     total: Tensor | None = None  # (out, in) dW, every call
-    reads_recipe: bool = False  # its input carries a row recipe: it draws in backward
+    draws_in_backward: bool = False  # its input is kept for backward or has a row recipe (`layers`)
 
 
 def first_visit_variances(model: nn.Module, inputs: dict[str, Tensor], chunk_examples: int = 1) -> dict[str, float]:
@@ -96,9 +96,7 @@ def first_visit_variances(model: nn.Module, inputs: dict[str, Tensor], chunk_exa
             model(**inputs)
         with _recomputing(model):
             _backward_chunks(model, inputs, examples, chunk_examples, layers, state, totals=True)
-        in_backward = set()
-        if config.backward_draws:
-            in_backward = (recomputed_module_names(model) & set(layers)) | {n for n, l in state.items() if l.reads_recipe}
+        in_backward = {name for name, layer in state.items() if layer.draws_in_backward and config.backward_draws}
         if in_backward:  # their winners from the products just measured; Σ_{i∉C} once more
             for name in in_backward:
                 for call in state[name].calls:
@@ -232,7 +230,8 @@ def _measure(layer: _Layer, call: _Call, x: Tensor, output: Tensor, first: int, 
     flat = x.detach().reshape(-1, x.shape[-1])
     rows = slice(first, first + flat.shape[0])
 
-    layer.reads_recipe = layer.reads_recipe or row_recipe(x) is not None
+    # as `layers._sampled_forward` decides; a recompute companion given a key/value cache does not recompute
+    layer.draws_in_backward = layer.draws_in_backward or inputs_kept() or row_recipe(x) is not None
 
     def on_grad(grad: Tensor) -> None:
         dy = grad.detach().reshape(-1, grad.shape[-1]).to(flat.dtype)

@@ -28,6 +28,12 @@ gradients are bitwise those without recompute. Two kinds of module are worth it:
   `RowRecipe` from x, so a sampled down projection (or its LoRA `lora_A`) saves no rows either.
   Cost: the gate and up matmuls once more in backward (two of the MLP's three), plus both on the
   M sampled rows for the down projection's weight gradient.
+  With `keep_gate` (recipe component "keep-gate"), gate_proj runs outside the checkpoint and its
+  output g is kept: only act(g) ⊙ up_proj(x) is recomputed, and the down projection's drawn rows
+  come from g's rows and up_proj on x's. Half the extra matmuls for one intermediate-size tensor
+  per block. gate_proj's sampled layer still draws in backward: its input x is kept by the
+  checkpoint anyway. SmolLM2-135M LoRA (benchmarks/RESULTS.md): 0.47x LoRA's live peak at about
+  1.05x its step, against 0.39x at 1.21x with the full recompute.
 - Attention (`recompute_attention`): the outermost module whose class name contains
   "Attention" (`BertAttention`: q/k/v projections, attention, output projection, dropout and
   LayerNorm; `GPT2Attention`, `T5LayerSelfAttention`, ...). Without it a block keeps q, k and v
@@ -181,22 +187,3 @@ class RecomputedGate:
     def _gated_from(self, gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """gate (..., intermediate) = gate_proj(x), x (..., hidden) → act(gate) * up_proj(x)."""
         return self.act_fn(gate) * self.up_proj(x)
-
-
-def recomputed_module_names(model: nn.Module) -> set[str]:
-    """Names of the modules whose forward runs inside a recomputed region: every module of a
-    `Recomputed` one (itself included), and a `RecomputedGate`'s gate and up projections with
-    theirs (its down projection runs outside)."""
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, Recomputed):
-            names |= {_joined(name, sub) for sub, _ in module.named_modules()}
-        elif isinstance(module, RecomputedGate):
-            for part in ("gate_proj", "up_proj"):
-                names |= {_joined(name, part, sub) for sub, _ in getattr(module, part).named_modules()}
-    return names
-
-
-def _joined(*parts: str) -> str:
-    """A qualified module name from its non-empty parts."""
-    return ".".join(p for p in parts if p)
