@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from stats import Z
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+import wtacrs
+from stats import Z
 
 from wtacrs.companions import (
     ACTIVATION_MODES,
@@ -399,6 +401,20 @@ def test_sdpa_on_cpu_saves_probabilities_without_the_companion():
     """The premise of the attention companion: plain CPU SDPA with dropout keeps L² tensors."""
     model, input_ids = tiny_bert("sdpa", dropout=0.1), torch.randint(0, 100, (2, 9))
     assert attention_probability_bytes(model, input_ids) > 0
+
+
+def test_sdpa_calls_a_fused_kernel_takes_run_unchanged():
+    """Without dropout the CPU's SDPA takes its flash kernel, which keeps no probabilities: the
+    companion leaves the call alone (a recompute would be a second attention forward for
+    nothing) and says it found nothing to change; with dropout (the math kernel) it recomputes."""
+    for dropout, acts in ((0.0, False), (0.1, True)):
+        model, input_ids = tiny_bert("sdpa", dropout=dropout), torch.randint(0, 100, (2, 9))
+        assert (attention_probability_bytes(model, input_ids) > 0) == acts  # what the plain call keeps
+        wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=1.0, estimator="exact", lean_attention=True))
+        assert attention_probability_bytes(model, input_ids) == 0
+        model(input_ids=input_ids).last_hidden_state.sum().backward()
+        status = wtacrs.modeling.companion_effects(model)["lean_attention"].status
+        assert status == ("took effect" if acts else "nothing to change")
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

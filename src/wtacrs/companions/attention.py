@@ -1,10 +1,11 @@
 """Attention that keeps no (batch, heads, q_len, kv_len) tensor for backward.
 
-SDPA's fused CUDA kernels (flash, memory-efficient) save only q, k, v, the output and the
-log-sum-exp, and regenerate dropout from a Philox seed. Elsewhere (on the CPU, and in the math
-fallback) `F.scaled_dot_product_attention` saves the softmax probabilities, the dropout mask and
-the dropped probabilities: three tensors of batch · heads · L² elements per layer, about seven
-hidden-state tensors' worth for BERT-base at L = 128 (12 heads · 128² · 12 B against 768 · 128 · 4 B).
+SDPA's fused kernels (flash, memory-efficient, cuDNN on CUDA; flash on the CPU for calls without
+dropout) save only q, k, v, the output and the log-sum-exp. Its math kernel (the CPU's choice
+with dropout, e.g. BERT's attention dropout in training, and any call no fused kernel takes)
+saves the softmax probabilities, the dropout mask and the dropped probabilities: three tensors
+of batch · heads · L² elements per layer, about seven hidden-state tensors' worth for BERT-base
+at L = 128 (12 heads · 128² · 12 B against 768 · 128 · 4 B).
 
 `RecomputedAttentionMode` runs every SDPA call made in its scope through non-reentrant
 `torch.utils.checkpoint`: forward keeps only SDPA's inputs (q, k, v, which the two attention
@@ -12,8 +13,9 @@ matmuls save anyway, and the mask, one tensor shared by all layers), and backwar
 QKᵀ, the softmax and the dropout. Checkpoint restores the RNG state first, so the recompute
 draws the same dropout mask and the gradients are bitwise those of plain SDPA. The price is one
 more attention forward per layer (2 · L² · head_dim multiply-adds per head; at L = 128 and hidden
-768 that is about 3% of a layer's forward flops). Where SDPA already saves no probabilities (CUDA)
-the call runs unchanged.
+768 that is about 3% of a layer's forward flops). A call SDPA would give a fused kernel runs
+unchanged: it keeps no probabilities, and recomputing would cost a second attention forward for
+nothing (LLaMA's attention, dropout 0, on the CPU: 4% of a SmolLM2 LoRA step).
 
 Eager attention (`attn_implementation="eager"`) computes the product, softmax and dropout as
 separate ops, which this mode does not see: use SDPA (the transformers default) to get the saving.
@@ -25,6 +27,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
@@ -32,9 +35,17 @@ from wtacrs.companions.dropout import RegeneratedDropoutMode
 from wtacrs.companions.usage import acted
 
 
-def _saves_probabilities(query: torch.Tensor) -> bool:
-    """Whether SDPA on this device may keep the L² probabilities for backward (not so with the
-    fused CUDA kernels, where recomputing would only cost time)."""
+def _saves_probabilities(args: tuple, kwargs: dict) -> bool:
+    """Whether this SDPA call would run the math kernel, which keeps the L² probabilities for
+    backward (SDPA's own choice, `torch._fused_sdp_choice`, with the same arguments; where torch
+    lacks it, every call off CUDA)."""
+    choose = getattr(torch, "_fused_sdp_choice", None)
+    if choose is not None:
+        try:
+            return choose(*args, **kwargs) == int(SDPBackend.MATH)
+        except (RuntimeError, TypeError):  # an argument the chooser does not take: assume the worst
+            pass
+    query = args[0] if args else kwargs.get("query")
     return query.device.type != "cuda"
 
 
@@ -49,8 +60,7 @@ class RecomputedAttentionMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
-        query = args[0] if args else kwargs.get("query")
-        if func is F.scaled_dot_product_attention and torch.is_grad_enabled() and _saves_probabilities(query):
+        if func is F.scaled_dot_product_attention and torch.is_grad_enabled() and _saves_probabilities(args, kwargs):
             if self.owner is not None:
                 acted(self.owner, "lean_attention")
             return checkpoint(func, *args, use_reentrant=False, **kwargs)
