@@ -14,8 +14,10 @@ QKᵀ, the softmax and the dropout. Checkpoint restores the RNG state first, so 
 draws the same dropout mask and the gradients are bitwise those of plain SDPA. The price is one
 more attention forward per layer (2 · L² · head_dim multiply-adds per head; at L = 128 and hidden
 768 that is about 3% of a layer's forward flops). A call SDPA would give a fused kernel runs
-unchanged: it keeps no probabilities, and recomputing would cost a second attention forward for
-nothing (LLaMA's attention, dropout 0, on the CPU: 4% of a SmolLM2 LoRA step).
+unchanged, as on CUDA: it keeps no L² tensor, and a recompute would only drop its output and
+log-sum-exp (one hidden-size tensor per layer: 69 MB of a SmolLM2 LoRA step at batch 2, seq 512)
+for a second attention forward (about 4% of that step on the CPU). `recompute_attention` drops
+them with the rest of the attention sub-block.
 
 Eager attention (`attn_implementation="eager"`) computes the product, softmax and dropout as
 separate ops, which this mode does not see: use SDPA (the transformers default) to get the saving.
