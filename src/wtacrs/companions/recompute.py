@@ -33,8 +33,8 @@ gradients are bitwise those without recompute. Two kinds of module are worth it:
   come from g's rows and up_proj on x's. Half the extra matmuls for one intermediate-size tensor
   per block. gate_proj's sampled layer still draws in backward: its input x is kept by the
   checkpoint anyway. SmolLM2-135M LoRA, fp32, batch 2, seq 512 (benchmarks/RESULTS.md): 0.50x
-  LoRA's live peak, 0.42x with the full recompute; keep-gate's step was 0.08-0.12x LoRA's
-  shorter than the full recompute's in one interleaved run, level in another.
+  LoRA's live peak, 0.42x with the full recompute; its step 1.10-1.12x LoRA's against the full
+  recompute's 1.18-1.24x in one interleaved run, 0.98-1.01x against 0.96-1.03x in another.
 - Attention (`recompute_attention`): the outermost module whose class name contains
   "Attention" (`BertAttention`: q/k/v projections, attention, output projection, dropout and
   LayerNorm; `GPT2Attention`, `T5LayerSelfAttention`, ...). Without it a block keeps q, k and v
