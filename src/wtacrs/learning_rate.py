@@ -112,8 +112,8 @@ def first_visit_variances(model: nn.Module, inputs: dict[str, Tensor], chunk_exa
 @contextmanager
 def _recomputing(model: nn.Module) -> Iterator[None]:
     """The recomputing companions themselves in training mode, their children left in eval (no
-    dropout, no sampling): their outputs then carry the row recipes of training, so the layers
-    reading them are known to draw in backward."""
+    dropout, no sampling): the layers inside run under `inputs_kept_for_backward` and the outputs
+    carry the row recipes of training, so `_measure` sees which layers draw in backward."""
     modes = {m: m.training for m in model.modules() if isinstance(m, (Recomputed, RecomputedGate))}
     for module in modes:
         module.training = True

@@ -32,9 +32,9 @@ gradients are bitwise those without recompute. Two kinds of module are worth it:
   output g is kept: only act(g) ⊙ up_proj(x) is recomputed, and the down projection's drawn rows
   come from g's rows and up_proj on x's. Half the extra matmuls for one intermediate-size tensor
   per block. gate_proj's sampled layer still draws in backward: its input x is kept by the
-  checkpoint anyway. SmolLM2-135M LoRA, fp32, batch 2, seq 512 (benchmarks/RESULTS.md): 0.50x
-  LoRA's live peak, 0.42x with the full recompute; its step 1.10-1.12x LoRA's against the full
-  recompute's 1.18-1.24x in one interleaved run, 0.98-1.01x against 0.96-1.03x in another.
+  checkpoint anyway. SmolLM2-135M LoRA, fp32, batch 2, seq 512: 0.50x LoRA's live peak against
+  the full recompute's 0.42x, at a step no longer than its (two interleaved runs,
+  benchmarks/RESULTS.md).
 - Attention (`recompute_attention`): the outermost module whose class name contains
   "Attention" (`BertAttention`: q/k/v projections, attention, output projection, dropout and
   LayerNorm; `GPT2Attention`, `T5LayerSelfAttention`, ...). Without it a block keeps q, k and v
@@ -168,17 +168,13 @@ class RecomputedGate:
         if not (self.training and torch.is_grad_enabled()):
             return super().forward(x)
         acted(self, "recompute_activation")
-        recipe = self.__dict__.get("row_recipe", False)
+        region, inputs = self._gated, (x,)
         if self.__dict__.get("keep_gate", False):
             with inputs_kept_for_backward():  # the checkpoint below keeps x for up_proj anyway
-                gate = self.gate_proj(x)
-            gated = checkpoint(_keeping_inputs(self._gated_from), gate, x, use_reentrant=False)
-            if recipe:
-                attach_row_recipe(gated, (gate, x), _without_autograd(self._gated_from, x.device.type))
-        else:
-            gated = checkpoint(_keeping_inputs(self._gated), x, use_reentrant=False)
-            if recipe:
-                attach_row_recipe(gated, x, _without_autograd(self._gated, x.device.type))
+                region, inputs = self._gated_from, (self.gate_proj(x), x)
+        gated = checkpoint(_keeping_inputs(region), *inputs, use_reentrant=False)
+        if self.__dict__.get("row_recipe", False):
+            attach_row_recipe(gated, inputs, _without_autograd(region, x.device.type))
         return self.down_proj(gated)
 
     def _gated(self, x: torch.Tensor) -> torch.Tensor:
