@@ -3,7 +3,7 @@ against WTA-CRS with the decoder companions, checkpointing and VeLoRA, on next-t
 
 Each method gets its own model (same random weights, `wtacrs.bench.models.build_model`), AdamW
 with its state allocated, and the same random batch. Per method:
-- live peak: the exact peak of live tensor bytes over one training step (`LiveTensorPeak`),
+- live peak: the exact peak of CPU allocator bytes over one training step (`AllocatorPeak`),
   counting weights, AdamW state and the batch from the start (as `wtacrs bench memory`);
 - step MB: that peak minus what lives before the step (weights, AdamW state, batch): the
   activations, logits and gradients the step adds at its worst moment;

@@ -12,46 +12,48 @@ from wtacrs.bench import largest_fitting_batch
 from wtacrs.bench.rss import peak_rss_of_step
 from wtacrs.bench.training import make_trial, measure_step_memory, memory_breakdown
 from wtacrs.cli import main
-from wtacrs.memory import LiveTensorPeak
+from wtacrs.memory import AllocatorPeak
 
 TINY = ["--model", "bert-tiny", "--seq", "8", "--threads", "1"]
 
 
-# -- the live-tensor peak tracker -------------------------------------------------------------
-def test_live_tensor_peak_hand_computed():
+# -- the allocator peak tracker ---------------------------------------------------------------
+def test_allocator_peak_hand_computed():
     w = torch.zeros(100)  # 400 B, alive before: counted only as baseline
-    with LiveTensorPeak(baseline=[w]) as live:
+    with AllocatorPeak(baseline=[w]) as live:
         a = torch.ones(1024)  # +4096
         view = a[:10]  # same storage: +0
-        b = torch.ones(2048)  # +8192 → 400 + 12288 live: the peak
-        b.mul_(2)  # in place: +0
+        b = torch.ones(2048)  # +8192 → 400 + 12288 live
+        b.mul_(2)  # in place, but the scalar 2 becomes a float64 tensor (8 B) and a float32 copy (4 B): the peak
         del a, view  # −4096
         c = torch.ones(512)  # +2048
     assert live.baseline == 400
-    assert live.peak == 400 + 4096 + 8192
+    assert live.peak == 400 + 4096 + 8192 + 8 + 4
     assert live.current == 400 + 8192 + 2048
     del b, c
 
 
-def test_live_tensor_peak_counts_temporaries_freed_inside_an_expression():
+def test_allocator_peak_counts_temporaries_freed_inside_an_expression():
     x = torch.ones(256)  # 1 KiB, not in baseline: not counted
-    with LiveTensorPeak() as live:
+    with AllocatorPeak() as live:
         y = (x * 2) + 1  # x*2 (1 KiB) is alive while +1 allocates y (1 KiB), then freed
-    assert live.peak == 2048 and live.current == 1024
+    # each Python scalar becomes a float64 tensor (8 B) and a float32 copy (4 B) during its op
+    assert live.peak == 2048 + 8 + 4 and live.current == 1024
     del y
 
 
-def test_live_tensor_peak_of_a_linear_layer_step():
+def test_allocator_peak_of_a_linear_layer_step():
     """y = x Wᵀ, loss = Σy, backward: hand count of every storage (float32, 4 B each)."""
     layer = nn.Linear(64, 32, bias=False)  # W: 2048 elements = 8192 B, baseline
     x = torch.randn(16, 64)  # 4096 B, baseline
-    with LiveTensorPeak(baseline=[layer.weight, x]) as live:
+    with AllocatorPeak(baseline=[layer.weight, x]) as live:
         layer(x).sum().backward()
     # Forward: y (16·32·4 = 2048 B) and the loss (4 B); y is freed once summed (linear saves x
-    # and W, sum saves nothing). Backward: the loss, its gradient (4 B; dY is an expanded view of
-    # it, no new storage) and dW (8192 B) are alive together: the peak.
+    # and W, sum saves nothing). Backward: the loss, its gradient (4 B), dY (an expanded view of
+    # it, which the matmul kernel copies into a contiguous 2048 B buffer: a temporary no tensor
+    # bookkeeping sees) and dW (8192 B) are alive together: the peak.
     assert live.baseline == 8192 + 4096
-    assert live.peak == live.baseline + 4 + 4 + 8192
+    assert live.peak == live.baseline + 4 + 4 + 2048 + 8192
     assert live.current == live.baseline + 8192  # only W.grad stays
     del live, x
 

@@ -25,7 +25,7 @@ from wtacrs.companions import (
     remove_companions,
 )
 from wtacrs.companions.activation import elementwise_activation_types
-from wtacrs.memory import LiveTensorPeak, SavedTensorBytes, parameter_tensors
+from wtacrs.memory import AllocatorPeak, SavedTensorBytes, parameter_tensors
 from wtacrs.modeling import sampled_modules
 
 transformers = pytest.importorskip("transformers")
@@ -432,7 +432,7 @@ def test_recomputed_attention_is_bitwise_sdpa_and_saves_no_probabilities(dropout
 
 
 def step_peak(model: nn.Module, input_ids: torch.Tensor) -> int:
-    with LiveTensorPeak(baseline=[*parameter_tensors(model), input_ids]) as live:
+    with AllocatorPeak(baseline=[*parameter_tensors(model), input_ids]) as live:
         model(input_ids=input_ids).last_hidden_state.square().sum().backward()
     model.zero_grad(set_to_none=True)
     return live.peak - live.baseline
@@ -504,7 +504,7 @@ def sampled_step(recompute: bool, input_ids: torch.Tensor, *, recompute_attentio
             layer.intermediate.row_recipe = row_recipe
     torch.manual_seed(1)
     with wtacrs.batch(torch.arange(input_ids.shape[0])):
-        with LiveTensorPeak(baseline=[*parameter_tensors(model), input_ids]) as live:
+        with AllocatorPeak(baseline=[*parameter_tensors(model), input_ids]) as live:
             model(input_ids=input_ids).last_hidden_state.square().sum().backward()
     return model, [p.grad for p in model.parameters()], live.peak - live.baseline
 

@@ -14,7 +14,7 @@ from wtacrs.companions import apply_companions, chunked_lm_loss, remove_companio
 from wtacrs.companions.layernorm import is_llama_rms_norm
 from wtacrs.companions.lm_loss import has_chunkable_lm_loss
 from wtacrs.companions.recompute import is_gated_mlp
-from wtacrs.memory import LiveTensorPeak, SavedTensorBytes, parameter_tensors
+from wtacrs.memory import AllocatorPeak, SavedTensorBytes, parameter_tensors
 
 transformers = pytest.importorskip("transformers")
 llama = transformers.models.llama.modeling_llama
@@ -51,7 +51,7 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[list[t
     """Gradients of one step (parameter order) and the live peak above weights and batch."""
     torch.manual_seed(1)  # the sampling draws, identical for every run
     with wtacrs.batch(torch.arange(B), batch["attention_mask"]) if hasattr(model, "wtacrs_state") else _nothing():
-        with LiveTensorPeak(baseline=[*parameter_tensors(model), *batch.values()]) as live:
+        with AllocatorPeak(baseline=[*parameter_tensors(model), *batch.values()]) as live:
             model(**batch).loss.backward()
     return [p.grad for p in model.parameters() if p.requires_grad], live.peak - live.baseline
 

@@ -1,17 +1,15 @@
-"""Memory accounting: bytes saved for backward (saved_tensors_hooks) and the peak of live tensor
-bytes (a dispatch mode), both exact and device-independent."""
+"""Memory accounting: bytes saved for backward (saved_tensors_hooks, any device) and the peak of
+the CPU allocator's bytes over a step (torch.profiler's memory events), both exact."""
 
 from __future__ import annotations
 
-import weakref
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch._C._profiler import _ExtraFields_Allocation
 
 
 class SavedTensorBytes:
@@ -57,57 +55,90 @@ def parameter_tensors(model: nn.Module) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers()]
 
 
-class LiveTensorPeak(TorchDispatchMode):
-    """Context manager tracking the exact peak of live tensor bytes, on any device (CPU included).
+class AllocatorPeak:
+    """Context manager: the exact peak of bytes PyTorch's CPU allocator hands out over a block,
+    plus `baseline` tensors alive at entry (e.g. parameters, optimizer state, the batch).
 
-    Every storage produced by an op inside the context is counted from its creation until the
-    storage is freed (a weakref finalizer on the storage, which PyTorch keeps alive exactly as
-    long as the storage). Views and in-place results share a storage and are counted once.
-    Tensors that exist at entry are counted only if passed as `baseline` (e.g. parameters,
-    buffers, optimizer state, the batch). Allocator caching and kernel scratch memory that never
-    becomes a tensor are not seen: this is the memory that `torch.cuda.max_memory_allocated`
-    measures, minus workspaces.
+    Read from torch.profiler's memory events (`profile_memory=True`): every allocation the block
+    makes is counted from its allocation to its free, tensors and the temporaries inside kernels
+    alike (torch.logsumexp's shifted copy, an attention kernel's buffers). This is what
+    `torch.cuda.max_memory_allocated` measures on CUDA. A Python dispatch mode that tracks tensor
+    storages would see neither those temporaries nor autograd's true behaviour: giving every op's
+    output a Python object stops autograd from accumulating a gradient in place (a tied
+    embedding's two gradients are then added into a third tensor).
+
+    Memory allocated before entry is not tracked: freeing it inside the block is not subtracted
+    (the allocator does not report the size of a block it did not see allocated). Only CPU
+    allocations are counted; on CUDA use `torch.cuda.max_memory_allocated`.
 
     Example:
-        with LiveTensorPeak(baseline=[*parameter_tensors(model), *optimizer_state_tensors(opt)]) as live:
+        with AllocatorPeak(baseline=[*parameter_tensors(model), *optimizer_state_tensors(opt)]) as peak:
             train_step()
-        live.peak  # bytes
+        peak.peak  # bytes
     """
 
     def __init__(self, baseline: Iterable[torch.Tensor] = ()):
-        super().__init__()
-        self._live: dict[int, int] = {}  # id(storage) -> nbytes
-        self._finalizers: list[weakref.finalize] = []
-        self.current = 0
-        self.peak = 0
-        for t in baseline:
-            self._track(t.untyped_storage())
-        self.baseline = self.current
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in baseline}
+        self.baseline = sum(storages.values())
+        self.peak = self.current = self.baseline
+        self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
 
-    def _track(self, storage: torch.UntypedStorage) -> None:
-        key, nbytes = id(storage), storage.nbytes()
-        previous = self._live.get(key)
-        if previous is None:
-            self._finalizers.append(weakref.finalize(storage, self._free, key))
-        self._live[key] = nbytes
-        self.current += nbytes - (previous or 0)
-        self.peak = max(self.peak, self.current)
-
-    def _free(self, key: int) -> None:
-        self.current -= self._live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                self._track(t.untyped_storage())
-        return out
+    def __enter__(self) -> "AllocatorPeak":
+        self._profile.__enter__()
+        return self
 
     def __exit__(self, *exc) -> None:
-        super().__exit__(*exc)
-        for finalizer in self._finalizers:  # stop counting; do not keep this object alive
-            finalizer.detach()
-        self._finalizers.clear()
+        self._profile.__exit__(*exc)
+        running = highest = 0
+        inside: set[int] = set()  # addresses allocated in the block and not yet freed
+        for ptr, nbytes in _cpu_allocations(self._profile):
+            if nbytes > 0:
+                inside.add(ptr)
+            elif ptr in inside:  # a free of a block from before is not counted (it was not either)
+                inside.discard(ptr)
+            else:
+                continue
+            running += nbytes
+            highest = max(highest, running)
+        self.peak, self.current = self.baseline + highest, self.baseline + running
+
+
+class CudaPeak:
+    """`AllocatorPeak` on a CUDA device: `torch.cuda.max_memory_allocated` over the block, which
+    counts every tensor on the device (weights and optimizer state included, named or not)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> "CudaPeak":
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device)
+
+
+def step_peak(device: torch.device, baseline: Iterable[torch.Tensor]) -> AllocatorPeak | CudaPeak:
+    """The peak-memory tracker for a step on `device`: `CudaPeak` on CUDA, else `AllocatorPeak`
+    counting `baseline` (weights, optimizer state, the batch) from the start."""
+    return CudaPeak(device) if device.type == "cuda" else AllocatorPeak(baseline)
+
+
+def _cpu_allocations(profile: torch.profiler.profile) -> list[tuple[int, int]]:
+    """(address, +bytes at an allocation / -bytes at a free) of a profile's CPU allocator events,
+    in time order."""
+    events, pending = [], list(profile.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        fields = event.extra_fields
+        if isinstance(fields, _ExtraFields_Allocation) and fields.device.type == "cpu":
+            events.append((event.start_time_ns, fields.ptr, fields.alloc_size))
+    events.sort(key=lambda e: e[0])
+    return [(ptr, nbytes) for _, ptr, nbytes in events]
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

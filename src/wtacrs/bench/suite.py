@@ -237,7 +237,7 @@ def run_batch(setup: Setup, budget_bytes: float, start: int, multiple: int, max_
     """Per method: the largest batch whose step fits the budget, the probes made, and the
     throughput at that batch (samples/s of its measured step).
 
-    CPU: a probe fits if its exact live-tensor peak is within the budget. CUDA: if the step
+    CPU: a probe fits if its exact allocator peak is within the budget. CUDA: if the step
     (after a warm-up step) raises no out-of-memory error and its max_memory_allocated is within
     the budget.
     """

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 import wtacrs
 from wtacrs.bench.models import build_model, is_causal_lm, is_seq2seq, make_batch
-from wtacrs.memory import LiveTensorPeak, SavedTensorBytes, optimizer_state_tensors, parameter_tensors
+from wtacrs.memory import SavedTensorBytes, optimizer_state_tensors, parameter_tensors, step_peak
 from wtacrs.recipes import Recipe, parse_recipe
 
 LEARNING_RATE = 1e-5
@@ -137,21 +137,15 @@ def _distinct_bytes(tensors: list[Tensor]) -> int:
 def measure_step_memory(trial: Trial) -> dict[str, int | float]:
     """One step measured: bytes saved for backward, peak memory and the step's seconds.
 
-    Peak: on CUDA `torch.cuda.max_memory_allocated` over the step; elsewhere the exact peak of
-    live tensor bytes (`LiveTensorPeak`) counting weights, optimizer state and the batch from the
-    start. Both include weights, gradients, AdamW state and activations.
+    Peak: on CUDA `torch.cuda.max_memory_allocated` over the step; elsewhere the exact peak of the
+    CPU allocator's bytes (`AllocatorPeak`) counting weights, optimizer state and the batch from
+    the start. Both include weights, gradients, AdamW state, activations and kernel temporaries.
     """
     saved = SavedTensorBytes(exclude=parameter_tensors(trial.model))
-    if trial.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(trial.device)
+    baseline = [*parameter_tensors(trial.model), *optimizer_state_tensors(trial.optimizer), *trial.inputs.values()]
+    with step_peak(trial.device, baseline) as live:
         seconds = _seconds(lambda: trial.step(saved), trial.device)
-        peak = torch.cuda.max_memory_allocated(trial.device)
-    else:
-        baseline = [*parameter_tensors(trial.model), *optimizer_state_tensors(trial.optimizer), *trial.inputs.values()]
-        with LiveTensorPeak(baseline) as live:
-            seconds = _seconds(lambda: trial.step(saved), trial.device)
-        peak = live.peak
-    return {"saved_bytes": saved.total, "peak_bytes": peak, "tracked_step_s": seconds}
+    return {"saved_bytes": saved.total, "peak_bytes": live.peak, "tracked_step_s": seconds}
 
 
 def _seconds(fn, device: torch.device) -> float:

@@ -165,7 +165,7 @@ SPEED_COLUMNS = [("method", "method", ""), ("step_s", "median step (s)", ".3f"),
 
 def _run_memory(args: argparse.Namespace, device: torch.device) -> int:
     rss = args.rss and device.type == "cpu"
-    peak_kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "exact peak of live tensor bytes"
+    peak_kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "exact peak of CPU allocator bytes"
     meta = _meta(args, device, peak=peak_kind)
     run_memory(_setup(args, device), rss, on_row=lambda rows: _report_memory(args.out, meta, _copies(rows)))
     return 0
@@ -282,7 +282,7 @@ def _run_batch(args: argparse.Namespace, device: torch.device) -> int:
                ("samples_per_s", "samples/s at it", ".1f"), ("peak_gb", "its peak (GB)", ".3f"), ("error", "error", "")]
     notes = [f"Budget {budget / GB:.2f} GB; batches searched in multiples of {args.multiple} from {args.batch} "
              f"(doubling, then where the line through the last two measured peaks meets the budget).",
-             "CPU: a batch fits if the exact live-tensor peak of one full step is within the budget; the samples/s "
+             "CPU: a batch fits if the exact allocator peak of one full step is within the budget; the samples/s "
              "is that measured step's (run under the tracker). CUDA: no out-of-memory error and "
              "max_memory_allocated within the budget, after a warm-up step."]
     _write(args.out, "batch", f"Largest batch per method: {args.model}, seq {args.seq}",

@@ -21,7 +21,7 @@
   compressed. An approximation (stated bounds in `wtacrs.companions.activation`); off by default.
 
 What each companion saves is measured in `benchmarks/`: bytes per autograd op in
-SAVED_TENSORS.md, live-tensor peaks of a whole step per combination in RESULTS.md (compare the
+SAVED_TENSORS.md, live peaks of a whole step per combination in RESULTS.md (compare the
 recomputes by peaks: saved-tensor hooks do not see what a checkpoint keeps in its closure). The
 LayerNorm companion saves nothing next to sampled linears (see `.layernorm`); with sdpa on CPU
 the attention-probability dropout happens inside the kernel and is not covered.

@@ -94,10 +94,15 @@ def _linear_chunk(h: Tensor, targets: Tensor, head: nn.Linear, grad_params: list
     targets = targets.clamp_min(0).unsqueeze(1)  # (C, 1); an ignored row's value is multiplied by 0 below
     logits = F.linear(h, head.weight, head.bias)
     logits = logits.to(_loss_dtype(logits.dtype))  # (C, V), upcast as ForCausalLMLoss does
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (C, 1)
-    loss = ((lse - logits.gather(1, targets)).squeeze(1) * labelled).sum()
-    dlogits = logits.sub_(lse).exp_()  # softmax, in place of the logits
-    dlogits.scatter_add_(1, targets, torch.full_like(lse, -1.0))
+    # log-sum-exp by hand, in place of the logits: torch.logsumexp would allocate a hidden
+    # (C, V) temporary for logits - max, one more chunk of memory at the loss's peak
+    target_logits = logits.gather(1, targets)  # (C, 1), before the logits are overwritten
+    maxes = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+    exps = logits.sub_(maxes).exp_()  # (C, V)
+    sums = exps.sum(dim=-1, keepdim=True)  # (C, 1)
+    loss = ((sums.log() + maxes - target_logits).squeeze(1) * labelled).sum()
+    dlogits = exps.div_(sums)  # the softmax
+    dlogits.scatter_add_(1, targets, torch.full_like(sums, -1.0))
     dlogits = dlogits.mul_((labelled.unsqueeze(1) * scale).to(dlogits.dtype)).to(head.weight.dtype)
     grads = iter(g for g in grad_params)
     for p in head.parameters():

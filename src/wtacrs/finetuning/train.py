@@ -315,18 +315,19 @@ def probe_inputs(trainer) -> tuple[dict, object, object]:
 
 
 def probe_step_memory(trainer) -> tuple[int, int]:
-    """(bytes saved for backward, live-tensor peak) of one training forward and backward on the
-    probe batch (`probe_inputs`).
+    """(bytes saved for backward, live peak) of one training forward and backward on the probe
+    batch (`probe_inputs`).
 
     Saved bytes exclude parameters and buffers (`wtacrs.memory.SavedTensorBytes`). The live peak
-    (`wtacrs.memory.LiveTensorPeak`) counts weights, optimizer state and the batch from the
-    start, then everything the step allocates: activations, recomputation and gradients, what
-    an accelerator would have to hold (the process's RSS adds the Python runtime and allocator
-    caches to it). Runs on a forked RNG and drops the gradients, so training state is unchanged."""
+    (`wtacrs.memory.AllocatorPeak`, the CPU allocator's bytes) counts weights, optimizer state and
+    the batch from the start, then everything the step allocates: activations, recomputation,
+    gradients and kernel temporaries, what an accelerator would have to hold (the process's RSS
+    adds the Python runtime and allocator caches to it); on CUDA, `torch.cuda.max_memory_allocated`.
+    Runs on a forked RNG and drops the gradients, so training state is unchanged."""
     import torch
 
     import wtacrs
-    from wtacrs.memory import LiveTensorPeak, SavedTensorBytes, optimizer_state_tensors, parameter_tensors
+    from wtacrs.memory import SavedTensorBytes, optimizer_state_tensors, parameter_tensors, step_peak
 
     model = trainer.model
     model.train()
@@ -338,7 +339,7 @@ def probe_step_memory(trainer) -> tuple[int, int]:
         model.zero_grad(set_to_none=True)
         host_mask = None if host_mask is None else torch.from_numpy(host_mask)
         sampling = wtacrs.batch(ids, host_mask) if ids is not None else nullcontext()
-        with LiveTensorPeak(baseline) as live:
+        with step_peak(next(model.parameters()).device, baseline) as live:
             with sampling:
                 with SavedTensorBytes(exclude=parameter_tensors(model)) as saved:
                     with trainer.autocast_smart_context_manager():
