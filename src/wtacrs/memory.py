@@ -67,9 +67,10 @@ class AllocatorPeak:
     output a Python object stops autograd from accumulating a gradient in place (a tied
     embedding's two gradients are then added into a third tensor).
 
-    Memory allocated before entry is not tracked: freeing it inside the block is not subtracted
-    (the allocator does not report the size of a block it did not see allocated). Only CPU
-    allocations are counted; on CUDA use `torch.cuda.max_memory_allocated`.
+    Memory allocated before entry is not tracked: its frees inside the block are ignored, as its
+    allocations were (the profiler may know such a block from an earlier profile). Only CPU
+    allocations are counted; on CUDA use `CudaPeak`. A torch.profiler session cannot run inside
+    another, so neither can this.
 
     Example:
         with AllocatorPeak(baseline=[*parameter_tensors(model), *optimizer_state_tensors(opt)]) as peak:
