@@ -42,6 +42,26 @@ def test_allocator_peak_counts_temporaries_freed_inside_an_expression():
     del y
 
 
+def test_allocator_peak_ignores_frees_of_blocks_from_before():
+    with AllocatorPeak():
+        old = torch.ones(4096)  # allocated under an earlier profile: the profiler knows its size
+    with AllocatorPeak() as live:
+        del old  # −16 KiB of a block from before the block: not counted, as its allocation was not
+        a = torch.ones(1024)  # +4 KiB
+    assert live.peak == 4096 and live.current == 4096
+    del a
+
+
+def test_allocator_peak_sees_kernel_temporaries():
+    """torch.logsumexp subtracts the row maxima into a temporary as large as its input, inside
+    the kernel: no op output, yet memory an accelerator must hold."""
+    x = torch.randn(64, 1024)  # 256 KiB
+    with AllocatorPeak(baseline=[x]) as live:
+        lse = torch.logsumexp(x, dim=-1)
+    assert live.peak - live.baseline >= x.nbytes
+    assert live.current - live.baseline == lse.nbytes
+
+
 def test_allocator_peak_of_a_linear_layer_step():
     """y = x Wᵀ, loss = Σy, backward: hand count of every storage (float32, 4 B each)."""
     layer = nn.Linear(64, 32, bias=False)  # W: 2048 elements = 8192 B, baseline
