@@ -2,12 +2,13 @@
 
 Rows are model × method (with ratio), columns the tasks and their average, each cell the mean
 ± sample standard deviation over seeds (n = number of seeds); then mean activation bytes saved
-for backward, peak memory and training throughput over the row's runs. Scores are percent
-(GLUE and tweet metrics × 100; SQuAD F1 is already percent). A second table orders every row
-by peak memory with its architecture (bidirectional encoder or unidirectional decoder), the
-comparison at equal memory budget. A third pairs each row with its reference (full fine-tuning,
-or LoRA for LoRA recipes) seed by seed: the mean difference and its standard error. Plots:
-score vs. ratio, and score vs. peak memory. Rows whose runs asked for a memory companion that found nothing to change on their model (results'
+for backward, the live peak of a training step (what an accelerator holds), the process's peak
+memory and training throughput over the row's runs. Scores are percent (GLUE and tweet metrics
+× 100; SQuAD F1 is already percent). A second table orders every row by live peak with its
+architecture (bidirectional encoder or unidirectional decoder), the comparison at equal memory
+budget. A third pairs each row with its reference (full fine-tuning, or LoRA for LoRA recipes)
+seed by seed: the mean difference and its standard error. Plots: score vs. ratio, and score vs.
+live peak. Rows whose runs asked for a memory companion that found nothing to change on their model (results'
 `companion_effects`) are listed after the tables: their memory is not what the label promises.
 
 Runs of one model, method and task that differ in a hyperparameter (a learning-rate sweep) get
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
@@ -111,35 +113,45 @@ def _row_stats(by_task: dict[str, list[dict]]) -> dict[str, float]:
         "avg": statistics.mean(statistics.mean(map(percent, rs)) for rs in by_task.values()),
         "act": statistics.mean(r["saved_activation_bytes"] for r in runs) / 2**20,
         "peak": statistics.mean(r["peak_memory_bytes"] for r in runs) / 2**20,
+        "live": _mean_or_nan([r["live_peak_bytes"] for r in runs if r.get("live_peak_bytes")]) / 2**20,
         "speed": statistics.mean(throughput) if throughput else float("nan"),
         "kind": runs[0].get("model_kind", "?"),
     }
+
+
+def _mean_or_nan(values: list[float]) -> float:
+    return statistics.mean(values) if values else float("nan")
 
 
 def table1(records: list[dict], varying: tuple[str, ...] = ()) -> str:
     """Markdown: model × method rows, task columns (mean ± std (n)), average, memory, speed."""
     rows = group(records, varying)
     tasks = sorted({r["task"] for r in records}, key=_task_rank)
-    head = ["model", "method", *tasks, "avg", "act. MiB", "peak MiB", "samples/s"]
+    head = ["model", "method", *tasks, "avg", "act. MiB", "live MiB", "peak MiB", "samples/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (model, method), by_task in sorted(rows.items()):
         stats = _row_stats(by_task)
         cells = [_mean_std([percent(r) for r in by_task[t]]) if t in by_task else "–" for t in tasks]
         partial = "" if len(by_task) == len(tasks) else "*"  # averaged over fewer tasks: not comparable
-        averaged = [f"{stats['avg']:.1f}", f"{stats['act']:.1f}", f"{stats['peak']:.0f}", f"{stats['speed']:.1f}"]
+        averaged = [f"{stats['avg']:.1f}", f"{stats['act']:.1f}", f"{stats['live']:.0f}", f"{stats['peak']:.0f}",
+                    f"{stats['speed']:.1f}"]
         lines.append("| " + " | ".join([model, method, *cells, *(v + partial for v in averaged)]) + " |")
     lines.append("\nCells: mean ± std over seeds (number of seeds), percent. *: averaged over the tasks this row has "
                  "(score, memory and speed alike), so not comparable with rows that have every task. act.: bytes "
-                 "saved for backward in one training step; peak: see each run's peak_memory_kind.")
+                 "saved for backward in one training step; live: the live peak of one training step (weights, "
+                 "optimizer state, activations, gradients: what an accelerator must hold); peak: see each run's "
+                 "peak_memory_kind (on the CPU the process's RSS, which adds the Python runtime).")
     return "\n".join(lines)
 
 
 def by_memory(records: list[dict], varying: tuple[str, ...] = ()) -> str:
-    """Markdown: every row ordered by peak memory, with its architecture (encoder vs decoder)."""
+    """Markdown: every row ordered by its training step's live peak (rows without one last, by
+    peak memory), with its architecture (encoder vs decoder)."""
     rows = [(label, _row_stats(by_task)) for label, by_task in group(records, varying).items()]
-    lines = ["| peak MiB | model | kind | method | avg score |", "|---|---|---|---|---|"]
-    for (model, method), s in sorted(rows, key=lambda item: item[1]["peak"]):
-        lines.append(f"| {s['peak']:.0f} | {model} | {s['kind']} | {method} | {s['avg']:.1f} |")
+    lines = ["| live MiB | peak MiB | model | kind | method | avg score |", "|---|---|---|---|---|---|"]
+    for (model, method), s in sorted(rows, key=lambda item: (math.isnan(item[1]["live"]), item[1]["live"],
+                                                              item[1]["peak"])):
+        lines.append(f"| {s['live']:.0f} | {s['peak']:.0f} | {model} | {s['kind']} | {method} | {s['avg']:.1f} |")
     return "\n".join(lines)
 
 
@@ -234,10 +246,10 @@ def _curve(r: dict, varying: tuple[str, ...]) -> str:
 
 def _draw_memory(ax, records: list[dict], varying: tuple[str, ...]) -> None:
     for (model, method), by_task in group(records, varying).items():
-        runs = [r for rs in by_task.values() for r in rs]
-        peak = statistics.mean(r["peak_memory_bytes"] for r in runs) / 2**20
-        ax.scatter([peak], [statistics.mean(map(percent, runs))], label=f"{model} {method}")
-    ax.set_xlabel("peak memory (MiB)")
+        stats = _row_stats(by_task)
+        memory = stats["peak"] if math.isnan(stats["live"]) else stats["live"]
+        ax.scatter([memory], [stats["avg"]], label=f"{model} {method}")
+    ax.set_xlabel("live peak of a training step (MiB; process peak where not recorded)")
     ax.set_ylabel("score (%)")
 
 
@@ -267,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
     if not records:
         print(f"wtacrs report: error: no results of a finished run under {', '.join(args.paths)}", file=sys.stderr)
         return 2
-    text = f"{table1(records, varying)}\n\n### By peak memory\n\n{by_memory(records, varying)}\n"
+    text = f"{table1(records, varying)}\n\n### By live peak\n\n{by_memory(records, varying)}\n"
     paired = paired_differences(records, varying)
     if paired:
         text += f"\n### Paired by seed\n\n{paired}\n"
