@@ -202,7 +202,7 @@ def plot(records: list[dict], output_dir: Path, varying: tuple[str, ...] = ()) -
     tasks = sorted({r["task"] for r in records}, key=_task_rank)
     paths = []
     for name, draw in (("score_vs_ratio.png", _draw_ratio), ("score_vs_memory.png", _draw_memory)):
-        fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 6), squeeze=False)
+        fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.5 * len(tasks), 8), 6), squeeze=False)  # room for the legend
         for ax, task in zip(axes[0], tasks):
             draw(ax, [r for r in records if r["task"] == task], varying)
             ax.set_title(task)
@@ -249,7 +249,7 @@ def _draw_memory(ax, records: list[dict], varying: tuple[str, ...]) -> None:
         stats = _row_stats(by_task)
         memory = stats["peak"] if math.isnan(stats["live"]) else stats["live"]
         ax.scatter([memory], [stats["avg"]], label=f"{model} {method}")
-    ax.set_xlabel("live peak of a training step (MiB; process peak where not recorded)")
+    ax.set_xlabel("live peak of a step (MiB)")
     ax.set_ylabel("score (%)")
 
 
