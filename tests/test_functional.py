@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -327,7 +329,8 @@ def test_a_draw_in_backward_from_a_two_source_recipe_is_unbiased_and_exact_over_
         attach_row_recipe(x, kept, fn)
         with SavedTensorBytes(exclude=[w, *kept]) as saved:
             y = linear_drawn_in_backward(x, w, None, draw)
-        assert saved.total == 64 * 4  # x's row norms (float32), no rows
+        uniforms = 0 if draw.u is None else draw.u.untyped_storage().nbytes()  # the step's, shared by the layers
+        assert saved.total == 64 * 4 + uniforms  # x's row norms (float32) and the draw's uniforms, no rows
         return torch.autograd.grad(y, w, dy)[0]
 
     torch.testing.assert_close(weight_grad(BackwardDraw(64, "wta-crs", None, None, True)), truth)
@@ -379,3 +382,16 @@ def test_a_float64_model_trains_with_the_gradient_norm_cache():
             model(**batch).loss.backward()
     assert wtacrs.modeling.sampling_state(model).cache is not None
     assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in model.parameters() if p.requires_grad)
+
+
+def test_a_backward_draw_frees_its_mask_and_uniforms_once_its_backward_has_run():
+    """The graph outlives backward while its output is referenced (a training loop's `loss`), so
+    the draw's tensors are saved tensors, freed per node, not attributes kept with the graph."""
+    x, w = torch.randn(4, 8, 6), torch.randn(5, 6, requires_grad=True)
+    mask, u = torch.ones(32), torch.rand(uniforms_needed("wta-crs", 8, 32), dtype=torch.float64)
+    alive = [weakref.ref(mask), weakref.ref(u)]
+    y = linear_drawn_in_backward(x, w, None, BackwardDraw(8, "wta-crs", mask, u, False))
+    del mask, u
+    y.backward(torch.randn_like(y))
+    gc.collect()
+    assert y.grad_fn is not None and all(ref() is None for ref in alive)

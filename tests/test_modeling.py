@@ -325,3 +325,23 @@ def test_sampling_padding_rows_keeps_a_padding_reading_loss_unbiased():
         samples = torch.stack([g[name] for g in draws])
         assert not samples.std(0).eq(0).all(), f"{name}: nothing sampled"
         assert not unbiased_violations(samples, exact[name]).any(), name
+
+
+def test_layers_drawing_in_backward_keep_no_cached_norms_and_still_check_padding():
+    """With both recomputes every sampled BERT layer draws in backward, scored with the true
+    ‖dY‖: no slot reads cached norms, so none are kept (no host cache grows), while the padding
+    check still sees every layer's norms."""
+    config = wtacrs.WTACRSConfig(ratio=0.3, lean_attention=True, recompute_activation=True, recompute_attention=True)
+    case = CASES_BY_NAME["bert"]
+    model = wtacrs.apply(case.model(), config)
+    state = wtacrs.sampling_state(model)
+    for _ in range(2):
+        step(model, case.batch(), ids=torch.tensor([10, 11, 12]))
+    assert state.drawn_in_backward == set(range(state.num_layers)) and not state.drawn_in_forward
+    assert state.cache is None
+    model, batch = _qa_bert_and_batch()
+    wtacrs.apply(model, config)
+    with wtacrs.batch(torch.arange(3), batch["attention_mask"]):
+        model(**batch).loss.backward()
+    with pytest.raises(wtacrs.PaddingGradientError):
+        wtacrs.sampling_state(model).state_dict()

@@ -336,17 +336,17 @@ class _LinearDrawnInBackward(torch.autograd.Function):
     def forward(ctx, x, weight, bias, draw, sources, recompute_rows, on_grad, norm_sink):  # noqa: D102
         # x (alive until backward anyway: `inputs_kept_for_backward`), or with `recompute_rows`
         # the recipe's sources and x's row norms (N,): backward recomputes the drawn rows
-        if recompute_rows is None:
-            ctx.save_for_backward(weight, None, x)
-        else:
-            x_norms = row_norms(x.detach().reshape(-1, x.shape[-1])).to(torch.float32)
-            ctx.save_for_backward(weight, x_norms, *sources)
-        ctx.has_bias, ctx.draw, ctx.recompute_rows, ctx.on_grad = bias is not None, draw, recompute_rows, on_grad
+        # The draw's mask and uniforms are saved tensors, not ctx attributes: autograd frees them
+        # once this node's backward has run, while the graph (and any attribute) may outlive the step.
+        x_norms = None if recompute_rows is None else row_norms(x.detach().reshape(-1, x.shape[-1])).to(torch.float32)
+        ctx.save_for_backward(weight, x_norms, draw.mask, draw.u, *((x,) if recompute_rows is None else sources))
+        ctx.has_bias, ctx.recompute_rows, ctx.on_grad = bias is not None, recompute_rows, on_grad
+        ctx.k, ctx.estimator, ctx.covers_live = draw.k, draw.estimator, draw.covers_live
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        weight, x_norms, *kept = ctx.saved_tensors  # kept: x, or the recipe's sources
+        weight, x_norms, mask, u, *kept = ctx.saved_tensors  # kept: x, or the recipe's sources
         if ctx.on_grad is not None:
             ctx.on_grad(grad_out)
         flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
@@ -355,14 +355,13 @@ class _LinearDrawnInBackward(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = flat.mm(weight).view(*grad_out.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[1]:
-            draw = ctx.draw
-            multiplier = norms.reshape(-1) if draw.mask is None else norms.reshape(-1) * draw.mask
+            multiplier = norms.reshape(-1) if mask is None else norms.reshape(-1) * mask
             if x_norms is None:
                 inputs = kept[0].reshape(-1, kept[0].shape[-1])
-                indices, weights = _draw_slots(inputs, draw.k, draw.estimator, multiplier, draw.u, draw.covers_live)
+                indices, weights = _draw_slots(inputs, ctx.k, ctx.estimator, multiplier, u, ctx.covers_live)
                 rows = inputs.index_select(0, indices)
             else:
-                indices, weights = _slots(x_norms, draw.k, draw.estimator, multiplier, draw.u, draw.covers_live)
+                indices, weights = _slots(x_norms, ctx.k, ctx.estimator, multiplier, u, ctx.covers_live)
                 rows = _recomputed_rows(ctx.recompute_rows, tuple(kept), indices).to(weight.dtype)
             grad_w = flat.index_select(0, indices).mT.mm(rows * weights.to(rows.dtype).unsqueeze(1))
         if ctx.has_bias and ctx.needs_input_grad[2]:

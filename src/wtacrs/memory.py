@@ -25,17 +25,17 @@ class SavedTensorBytes:
     """
 
     def __init__(self, exclude=()):
-        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self._excluded = {_storage_address(t) for t in exclude}
         self.storages: dict[int, int] = {}
         self.by_shape: Counter[tuple[tuple[int, ...], torch.dtype]] = Counter()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
+        ptr = _storage_address(t)
         if ptr not in self._excluded and ptr not in self.storages:
-            self.storages[ptr] = storage.nbytes()
-            self.by_shape[(tuple(t.shape), t.dtype)] += storage.nbytes()
+            nbytes = _storage_bytes(t)
+            self.storages[ptr] = nbytes
+            self.by_shape[(tuple(t.shape), t.dtype)] += nbytes
         return t
 
     def __enter__(self) -> "SavedTensorBytes":
@@ -48,6 +48,23 @@ class SavedTensorBytes:
     @property
     def total(self) -> int:
         return sum(self.storages.values())
+
+
+# Neither reads `t.untyped_storage()`: inside a pack hook that gives the storage a Python object
+# which PyTorch keeps as long as the storage lives, and a storage with two owners is not summed
+# into in place by autograd (a tied weight's two gradients then take a third, weight-sized tensor).
+def _storage_address(t: torch.Tensor) -> int:
+    """The address of t's storage (its first byte), shared by every view of it."""
+    return t.data_ptr() - t.storage_offset() * t.element_size()
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    """Bytes of t's storage: the extent its base tensor (t itself, or what t is a view of) spans."""
+    base = t if t._base is None else t._base
+    if base.numel() == 0:
+        return 0
+    last = base.storage_offset() + sum((size - 1) * stride for size, stride in zip(base.shape, base.stride()))
+    return (last + 1) * base.element_size()
 
 
 def parameter_tensors(model: nn.Module) -> list[torch.Tensor]:

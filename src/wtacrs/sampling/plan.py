@@ -29,6 +29,7 @@ class StepPlan:
             input and whose gradient backward sets to the slot's ‖dY_i‖ (None: nothing to record).
             Norms leave backward as a gradient rather than through a callback: backward then has
             no Python side effects, which a compiled backward could not keep.
+        cached: by slot, whether its norms are for the cache (else for the padding check only).
         budgets: by row layout (`ForwardRows.key`), k as the length of an empty (k, 0) tensor marked
             dynamic, and whether k covers every live row: k depends on the batch's real tokens,
             and as a tensor's size it reaches compiled code as a symbol, so that batches with
@@ -37,17 +38,19 @@ class StepPlan:
 
     slot_keys: Tensor
     norm_sinks: list[Tensor | None]
+    cached: list[bool]
     budgets: dict[str, tuple[Tensor, bool]]
 
     @classmethod
-    def build(cls, layouts: RowLayouts, planned: list[ForwardRows], layer_streams: list[str],
+    def build(cls, layouts: RowLayouts, planned: list[ForwardRows], layer_streams: list[str], cached: list[bool],
               recorder: StepRecorder, config: WTACRSConfig, step_key: int, device: torch.device) -> "StepPlan":
         """The plan for the layouts `planned` (`RowLayouts.plan`) of a model whose slots read
-        `layer_streams`: a sink for each slot whose norms `recorder` wants, and each layout's budget."""
+        `layer_streams` (and the cache, where `cached`): a sink for each slot whose norms `recorder`
+        wants, and each layout's budget."""
         sinks = []
-        for stream in layer_streams:
+        for stream, for_cache in zip(layer_streams, cached):
             rows = layouts.of(stream)
-            records = rows is not None and recorder.wants(rows)
+            records = rows is not None and recorder.wants(rows, for_cache)
             sinks.append(torch.empty(rows.host_mask.shape, device=device).requires_grad_() if records else None)
         budgets = {}
         for rows in planned:
@@ -55,7 +58,7 @@ class StepPlan:
             slots = torch.empty(k, 0, device=device)  # no elements: no memory, no copy
             torch._dynamo.maybe_mark_dynamic(slots, 0)
             budgets[rows.key] = (slots, covers_live)
-        return cls(to_device(counter_rng.lane_keys(len(layer_streams), step_key), device), sinks, budgets)
+        return cls(to_device(counter_rng.lane_keys(len(layer_streams), step_key), device), sinks, cached, budgets)
 
     def budget(self, key: str) -> tuple[int, bool]:
         """k and covers_live of the draws over the layout `key`."""
@@ -66,4 +69,4 @@ class StepPlan:
         """The block's exit: the norms backward left in the sinks, handed to the recorder."""
         for slot, sink in enumerate(self.norm_sinks):
             if sink is not None and sink.grad is not None:
-                recorder.record(slot, layouts.of(layer_streams[slot]), sink.grad)
+                recorder.record(slot, layouts.of(layer_streams[slot]), sink.grad, self.cached[slot])

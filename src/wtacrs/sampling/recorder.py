@@ -41,7 +41,8 @@ class ShippedStep:
         slots: the R recorded layer calls' slots.
         example_ids: (B,) int64 on the host, or None (recorded for the padding check only).
         host_mask: (B, T) bool on the host.
-        codes: (R, B, T) uint8 `encode_norms` codes (host memory; valid once `ready` has passed).
+        codes: (R, B, T) uint8 `encode_norms` codes (host memory; valid once `ready` has passed),
+            None when recorded for the padding check only (example_ids None).
         leaks: (R,) bool, a row outside the mask got gradient; None when no record was checked.
         ready: the event after the device-to-host copies (None on the CPU).
         first_visit: the rows' first-visit keys (host) if the step gave anchors.
@@ -50,7 +51,7 @@ class ShippedStep:
     slots: list[int]
     example_ids: Tensor | None
     host_mask: Tensor
-    codes: Tensor
+    codes: Tensor | None
     leaks: Tensor | None
     ready: torch.cuda.Event | None
     first_visit: FirstVisitKeys | None = None
@@ -79,38 +80,42 @@ class StepRecorder:
 
     def __init__(self, config: WTACRSConfig):
         self.config = config
-        self._pending: list[tuple[int, ForwardRows, Tensor]] = []  # (slot, rows, (B, T) norms on device)
+        self._pending: list[tuple[int, ForwardRows, Tensor, bool]] = []  # (slot, rows, (B, T) norms, for the cache)
         self._shipped: list[ShippedStep] = []
         self._warned_no_ids = False
 
-    def wants(self, rows: ForwardRows) -> bool:
-        """Whether a layer call over `rows` records its norms: for the cache, or for the padding check."""
-        if rows.example_ids is None or self.config.grad_norm != "cache":
-            if not self._warned_no_ids and self.config.grad_norm == "cache":
+    def wants(self, rows: ForwardRows, cached: bool = True) -> bool:
+        """Whether a layer call over `rows` records its norms: for the cache (`cached`: its slot
+        reads them at the example's next visit), or for the padding check."""
+        if cached and self.config.grad_norm == "cache":
+            if rows.example_ids is not None:
+                return True
+            if not self._warned_no_ids:
                 logger.warning("wtacrs: no example ids (use wtacrs.batch(ids)); sampling by activation norms only")
                 self._warned_no_ids = True
-            return rows.mask is not None and self.config.skip_padding
-        return True
+        return rows.mask is not None and self.config.skip_padding
 
-    def hook(self, slot: int, rows: ForwardRows) -> Callable[[Tensor], None]:
+    def hook(self, slot: int, rows: ForwardRows, cached: bool = True) -> Callable[[Tensor], None]:
         """The callback for one layer call's backward: grad (B, T, out) → its row norms, kept."""
         def on_grad(grad: Tensor) -> None:
-            self.record(slot, rows, output_row_norms(grad))
+            self.record(slot, rows, output_row_norms(grad), cached)
         return on_grad
 
-    def record(self, slot: int, rows: ForwardRows, norms: Tensor) -> None:
-        """Keep one layer call's (B, T) row norms until the step ends."""
+    def record(self, slot: int, rows: ForwardRows, norms: Tensor, cached: bool = True) -> None:
+        """Keep one layer call's (B, T) row norms until the step ends; for the cache if `cached`
+        (and there is one to key them: example ids, grad_norm "cache"), else for the padding check."""
         checked = rows if self.config.skip_padding else dataclasses.replace(rows, mask=None)
-        self._pending.append((slot, checked, norms))
+        for_cache = cached and self.config.grad_norm == "cache" and rows.example_ids is not None
+        self._pending.append((slot, checked, norms, for_cache))
 
     def ship(self) -> None:
         """End of a step: one non-blocking transfer per row layout (the layers of a forward share one)."""
-        by_rows: dict[int, list[tuple[int, ForwardRows, Tensor]]] = {}
+        groups: dict[tuple[int, bool], list[tuple[int, ForwardRows, Tensor, bool]]] = {}
         for record in self._pending:
-            by_rows.setdefault(id(record[1].host_mask), []).append(record)
+            groups.setdefault((id(record[1].host_mask), record[3]), []).append(record)
         self._pending = []
-        for records in by_rows.values():
-            self._shipped.append(_ship(records))
+        for (_, for_cache), records in groups.items():
+            self._shipped.append(_ship(records, for_cache))
 
     def discard(self) -> None:
         """Drop the norms recorded since the last `ship` (a step that did not finish)."""
@@ -122,18 +127,18 @@ class StepRecorder:
         return shipped
 
 
-def _ship(records: list[tuple[int, ForwardRows, Tensor]]) -> ShippedStep:
+def _ship(records: list[tuple[int, ForwardRows, Tensor, bool]], for_cache: bool) -> ShippedStep:
     rows = records[0][1]
-    norms = torch.stack([n for _, _, n in records])  # (R, B, T)
-    leaks = _leaks(norms, [r.mask for _, r, _ in records])
-    codes = to_host(encode_norms(norms))
+    norms = torch.stack([n for _, _, n, _ in records])  # (R, B, T)
+    leaks = _leaks(norms, [r.mask for _, r, _, _ in records])
+    codes = to_host(encode_norms(norms)) if for_cache else None
     leaks = None if leaks is None else to_host(leaks)
     ready = None
     if norms.device.type == "cuda":
         ready = torch.cuda.Event()
         ready.record()
-    return ShippedStep([s for s, _, _ in records], rows.example_ids, rows.host_mask, codes, leaks, ready,
-                       rows.first_visit)
+    ids, first_visit = (rows.example_ids, rows.first_visit) if for_cache else (None, None)
+    return ShippedStep([s for s, *_ in records], ids, rows.host_mask, codes, leaks, ready, first_visit)
 
 
 def _leaks(norms: Tensor, masks: list[Tensor | None]) -> Tensor | None:

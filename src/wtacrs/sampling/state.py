@@ -47,6 +47,10 @@ class SamplingState:
         self.num_modules = 0  # modules in the model when its layers were last swapped
         self.hooks: tuple[torch.utils.hooks.RemovableHandle, ...] = ()  # set by wtacrs.apply
         self.companions: list[str] = []  # modules swapped by wtacrs.companions
+        # Slots seen drawing in forward / in backward: a slot only ever drawing in backward scores
+        # with the true ‖dY‖, so its norms are recorded for the padding check, not for the cache.
+        self.drawn_in_forward: set[int] = set()
+        self.drawn_in_backward: set[int] = set()
         # Data parallel (set by wtacrs.integrations.distributed): each rank draws its own rows,
         # and `sync` exchanges the step's cache records so every rank's cache holds all of them.
         self.rank = 0
@@ -99,8 +103,9 @@ class SamplingState:
         for rows in planned:
             self._multipliers(rows, device)
         step_key = counter_rng.stream_key(self.config.seed, self.rank, self.step)
-        self._plan = StepPlan.build(self.rows, planned, self.layer_streams, self.recorder, self.config, step_key,
-                                    device)
+        cached = [self._reads_cache(slot) for slot in range(self.num_layers)]
+        self._plan = StepPlan.build(self.rows, planned, self.layer_streams, cached, self.recorder, self.config,
+                                    step_key, device)
 
     def drop_draws(self) -> None:
         """Before and after each top-level forward inside `wtacrs.batch(..., model=)` (all it does
@@ -116,6 +121,7 @@ class SamplingState:
         over the per-row ‖dY_i‖ (for the cache and the padding check): a callback, or the step's
         norm sink inside `wtacrs.batch(..., model=)` (None for what is not needed)."""
         rows = self.rows.rows_for(stream, x)
+        self.drawn_in_forward.add(slot)
         sample = self.draws.reuse(slot, x)
         if sample is None:
             sample = self._draw(slot, x, rows)
@@ -129,17 +135,25 @@ class SamplingState:
         from the true ‖dY‖, so no cached norm), and the same norm outlets. Not shared: each
         layer draws with its own output gradient."""
         rows = self.rows.rows_for(stream, x)
+        self.drawn_in_backward.add(slot)
         k, covers_live, u = self._budget_and_uniforms(slot, x, rows)
-        mask = rows.mask.view(-1).to(torch.float32) if samples_inside_mask(self.config, rows) else None
+        mask = rows.row_weights if samples_inside_mask(self.config, rows) else None
         return (BackwardDraw(k, self.config.estimator, mask, u, covers_live), *self._norm_outlets(slot, rows))
 
     def _norm_outlets(self, slot: int, rows: ForwardRows | None
                       ) -> tuple[Callable[[Tensor], None] | None, Tensor | None]:
         """How a call's backward hands over its per-row ‖dY_i‖: (callback, norm sink), None for
         what is not needed."""
-        if rows is None or not self.recorder.wants(rows):
+        cached = self._reads_cache(slot)
+        if rows is None or not self.recorder.wants(rows, cached):
             return None, None
-        return (None, self._plan.norm_sinks[slot]) if self._plan is not None else (self.recorder.hook(slot, rows), None)
+        if self._plan is not None:
+            return None, self._plan.norm_sinks[slot]
+        return self.recorder.hook(slot, rows, cached), None
+
+    def _reads_cache(self, slot: int) -> bool:
+        """Whether `slot`'s draws may read its cached norms: it has drawn in forward, or not yet at all."""
+        return slot in self.drawn_in_forward or slot not in self.drawn_in_backward
 
     def _draw(self, slot: int, x: Tensor, rows: ForwardRows | None) -> RowSample:
         k, covers_live, u = self._budget_and_uniforms(slot, x, rows)
