@@ -388,7 +388,7 @@ def test_a_backward_draw_frees_its_mask_and_uniforms_once_its_backward_has_run()
     """The graph outlives backward while its output is referenced (a training loop's `loss`), so
     the draw's tensors are saved tensors, freed per node, not attributes kept with the graph."""
     x, w = torch.randn(4, 8, 6), torch.randn(5, 6, requires_grad=True)
-    mask, u = torch.ones(32), torch.rand(uniforms_needed("wta-crs", 8, 32), dtype=torch.float64)
+    mask, u = torch.ones(32, dtype=torch.bool), torch.rand(uniforms_needed("wta-crs", 8, 32), dtype=torch.float64)
     alive = [weakref.ref(mask), weakref.ref(u)]
     y = linear_drawn_in_backward(x, w, None, BackwardDraw(8, "wta-crs", mask, u, False))
     del mask, u

@@ -319,7 +319,7 @@ class BackwardDraw:
     Attributes:
         k: slots.
         estimator: a `wtacrs.estimators` name.
-        mask: (N,) float32, 0 at rows never drawn (padding), or None.
+        mask: (N,) bool, False at rows never drawn (padding), or None.
         u: the draw's uniforms (see `draw_rows`), or None.
         covers_live: k holds every drawable row (`draw_rows`).
     """

@@ -7,7 +7,7 @@ encoder-decoder's "encoder" and "decoder" masks (`modeling._stream`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -30,8 +30,6 @@ class ForwardRows:
         example_ids: (B,) int64 on the host, or None outside `wtacrs.batch`.
         live: real rows (host_mask's count).
         first_visit: the rows' first-visit keys (host) when the batch gave anchors for this layout.
-        row_weights: (B·T,) float32 on the device, mask as 1/0 (a backward draw's score factor),
-            made once per forward for all the layers laid out alike; None without a mask.
     """
 
     key: str
@@ -40,10 +38,6 @@ class ForwardRows:
     example_ids: Tensor | None
     live: int
     first_visit: FirstVisitKeys | None = None
-    row_weights: Tensor | None = field(init=False, default=None)
-
-    def __post_init__(self):
-        self.row_weights = None if self.mask is None else self.mask.reshape(-1).to(torch.float32)
 
     def matches(self, x: Tensor) -> bool:
         return x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.host_mask.shape)

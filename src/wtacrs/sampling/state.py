@@ -137,7 +137,7 @@ class SamplingState:
         rows = self.rows.rows_for(stream, x)
         self.drawn_in_backward.add(slot)
         k, covers_live, u = self._budget_and_uniforms(slot, x, rows)
-        mask = rows.row_weights if samples_inside_mask(self.config, rows) else None
+        mask = rows.mask.reshape(-1) if samples_inside_mask(self.config, rows) else None  # a view: no copy per layer
         return (BackwardDraw(k, self.config.estimator, mask, u, covers_live), *self._norm_outlets(slot, rows))
 
     def _norm_outlets(self, slot: int, rows: ForwardRows | None
