@@ -109,7 +109,8 @@ def main() -> None:
     prior = None
     if args.prior:
         draw(load(size), ids)  # the next batch under these ids: the prior learns its positions
-        prior = {k: v.clone() for k, v in state.cache.state_dict().items()}
+        # with --recompute every layer draws in backward and keeps no cache (nothing to forget)
+        prior = None if state.cache is None else {k: v.clone() for k, v in state.cache.state_dict().items()}
         ids = ids + size  # this batch's examples: never seen
 
     def measured_draw() -> dict[str, torch.Tensor]:
