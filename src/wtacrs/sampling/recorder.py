@@ -87,13 +87,16 @@ class StepRecorder:
     def wants(self, rows: ForwardRows, cached: bool = True) -> bool:
         """Whether a layer call over `rows` records its norms: for the cache (`cached`: its slot
         reads them at the example's next visit), or for the padding check."""
-        if cached and self.config.grad_norm == "cache":
-            if rows.example_ids is not None:
-                return True
-            if not self._warned_no_ids:
-                logger.warning("wtacrs: no example ids (use wtacrs.batch(ids)); sampling by activation norms only")
-                self._warned_no_ids = True
+        if self._for_cache(rows, cached):
+            return True
+        if cached and self.config.grad_norm == "cache" and not self._warned_no_ids:
+            logger.warning("wtacrs: no example ids (use wtacrs.batch(ids)); sampling by activation norms only")
+            self._warned_no_ids = True
         return rows.mask is not None and self.config.skip_padding
+
+    def _for_cache(self, rows: ForwardRows, cached: bool) -> bool:
+        """Whether norms over `rows` go to the cache: their slot reads it, and ids key them."""
+        return cached and self.config.grad_norm == "cache" and rows.example_ids is not None
 
     def hook(self, slot: int, rows: ForwardRows, cached: bool = True) -> Callable[[Tensor], None]:
         """The callback for one layer call's backward: grad (B, T, out) → its row norms, kept."""
@@ -105,8 +108,7 @@ class StepRecorder:
         """Keep one layer call's (B, T) row norms until the step ends; for the cache if `cached`
         (and there is one to key them: example ids, grad_norm "cache"), else for the padding check."""
         checked = rows if self.config.skip_padding else dataclasses.replace(rows, mask=None)
-        for_cache = cached and self.config.grad_norm == "cache" and rows.example_ids is not None
-        self._pending.append((slot, checked, norms, for_cache))
+        self._pending.append((slot, checked, norms, self._for_cache(rows, cached)))
 
     def ship(self) -> None:
         """End of a step: one non-blocking transfer per row layout (the layers of a forward share one)."""
