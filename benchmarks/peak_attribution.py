@@ -17,39 +17,11 @@ import collections
 import sys
 
 import torch
-from torch._C._profiler import _ExtraFields_Allocation
 
 from decoder_memory import DTYPES, make
-from wtacrs.memory import SavedTensorBytes
+from wtacrs.memory import SavedTensorBytes, cpu_allocations, replay_allocations
 
 SOURCES = ("wtacrs/", "transformers/", "peft/", "torch/utils/checkpoint")
-
-
-def alive_at_peak(events) -> tuple[int, list]:
-    """(peak bytes above the step's start, the allocation events alive at the peak)."""
-    allocations = []
-    pending = list(events)
-    while pending:
-        event = pending.pop()
-        pending.extend(event.children)
-        fields = event.extra_fields
-        if isinstance(fields, _ExtraFields_Allocation) and fields.device.type == "cpu":
-            allocations.append((event.start_time_ns, fields.ptr, fields.alloc_size, event))
-    allocations.sort(key=lambda a: a[0])
-    alive: dict[int, object] = {}
-    running = highest = 0
-    at_peak: list = []
-    for _, ptr, nbytes, event in allocations:
-        if nbytes > 0:
-            alive[ptr] = (nbytes, event)
-        elif ptr in alive:  # frees of blocks from before the step are not counted
-            del alive[ptr]
-        else:
-            continue
-        running += nbytes
-        if running > highest:
-            highest, at_peak = running, list(alive.values())
-    return highest, at_peak
 
 
 def origin(event) -> str:
@@ -80,13 +52,15 @@ def main(argv: list[str]) -> int:
                                          with_stack=True)
         with profile:
             trial.step(saved)
-        peak, alive = alive_at_peak(profile.profiler.kineto_results.experimental_event_tree())
+        allocations = cpu_allocations(profile)
+        whole = replay_allocations(allocations)
+        at_peak = replay_allocations(allocations, stop=whole.peak_index).alive.values()
         groups: collections.Counter[str] = collections.Counter()
         counts: collections.Counter[str] = collections.Counter()
-        for nbytes, event in alive:
-            groups[origin(event)] += nbytes
-            counts[origin(event)] += 1
-        print(f"\n{spec}: the step adds {peak / 2**20:.3f} MB at its peak\n")
+        for allocation in at_peak:
+            groups[origin(allocation.event)] += allocation.nbytes
+            counts[origin(allocation.event)] += 1
+        print(f"\n{spec}: the step adds {whole.peak / 2**20:.3f} MB at its peak\n")
         print("| MB | blocks | op and source |\n|---:|---:|---|")
         for where, nbytes in groups.most_common(args.top):
             print(f"| {nbytes / 2**20:.3f} | {counts[where]} | {where} |")

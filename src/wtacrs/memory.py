@@ -107,18 +107,8 @@ class AllocatorPeak:
 
     def __exit__(self, *exc) -> None:
         self._profile.__exit__(*exc)
-        running = highest = 0
-        inside: set[int] = set()  # addresses allocated in the block and not yet freed
-        for ptr, nbytes in _cpu_allocations(self._profile):
-            if nbytes > 0:
-                inside.add(ptr)
-            elif ptr in inside:  # a free of a block from before is not counted (it was not either)
-                inside.discard(ptr)
-            else:
-                continue
-            running += nbytes
-            highest = max(highest, running)
-        self.peak, self.current = self.baseline + highest, self.baseline + running
+        replayed = replay_allocations(cpu_allocations(self._profile))
+        self.peak, self.current = self.baseline + replayed.peak, self.baseline + replayed.current
 
 
 class CudaPeak:
@@ -145,18 +135,55 @@ def step_peak(device: torch.device, baseline: Iterable[torch.Tensor]) -> Allocat
     return CudaPeak(device) if device.type == "cuda" else AllocatorPeak(baseline)
 
 
-def _cpu_allocations(profile: torch.profiler.profile) -> list[tuple[int, int]]:
-    """(address, +bytes at an allocation / -bytes at a free) of a profile's CPU allocator events,
-    in time order."""
-    events, pending = [], list(profile.profiler.kineto_results.experimental_event_tree())
+@dataclass(frozen=True)
+class Allocation:
+    """One CPU allocator event of a profile: `nbytes` > 0 allocates the block at `ptr`, < 0 frees
+    it; `event` is the profiler's (its parents name the op and, with stacks, the source line)."""
+
+    ptr: int
+    nbytes: int
+    event: object
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Allocations replayed in order: bytes at the peak and at the end (above the start), the
+    index of the allocation that reached the peak (-1: none), and the blocks alive at the end."""
+
+    peak: int
+    current: int
+    peak_index: int
+    alive: dict[int, Allocation]
+
+
+def cpu_allocations(profile: torch.profiler.profile) -> list[Allocation]:
+    """A finished profile's (`profile_memory=True`) CPU allocator events, in time order."""
+    found, pending = [], list(profile.profiler.kineto_results.experimental_event_tree())
     while pending:
         event = pending.pop()
         pending.extend(event.children)
         fields = event.extra_fields
         if isinstance(fields, _ExtraFields_Allocation) and fields.device.type == "cpu":
-            events.append((event.start_time_ns, fields.ptr, fields.alloc_size))
-    events.sort(key=lambda e: e[0])
-    return [(ptr, nbytes) for _, ptr, nbytes in events]
+            found.append((event.start_time_ns, Allocation(fields.ptr, fields.alloc_size, event)))
+    found.sort(key=lambda timed: timed[0])
+    return [allocation for _, allocation in found]
+
+
+def replay_allocations(allocations: list[Allocation], stop: int | None = None) -> Replay:
+    """Replay `allocations` (up to and including index `stop`), counting only blocks allocated
+    among them: a free of a block from before is ignored, as its allocation was."""
+    running = highest = 0
+    peak_index = -1
+    alive: dict[int, Allocation] = {}
+    for index, allocation in enumerate(allocations[:None if stop is None else stop + 1]):
+        if allocation.nbytes > 0:
+            alive[allocation.ptr] = allocation
+        elif alive.pop(allocation.ptr, None) is None:
+            continue
+        running += allocation.nbytes
+        if running > highest:
+            highest, peak_index = running, index
+    return Replay(highest, running, peak_index, alive)
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
