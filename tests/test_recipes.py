@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import transformers as hf
 
 import wtacrs
 from wtacrs.layers import SampledLayerMixin
@@ -99,3 +100,20 @@ def test_velora_is_lora_with_peft_velora_adapters():
     batch = CASES_BY_NAME["bert"].batch()
     model(**batch).loss.backward()
     assert all(p.grad is not None for name, p in model.named_parameters() if "lora_A" in name)
+
+
+@pytest.mark.parametrize("config", [
+    hf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=99),
+    hf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                   intermediate_size=64, vocab_size=99),
+], ids=["bert", "llama"])
+def test_lora_question_answering_trains_its_head_in_full_without_an_adapter(config):
+    torch.manual_seed(0)
+    model = parse_recipe("lora+wtacrs@0.3").prepare(hf.AutoModelForQuestionAnswering.from_config(config),
+                                                    task_type="QUESTION_ANS", lora=LoraSettings(r=4))
+    assert not any("qa_outputs" in name and "lora_" in name for name, _ in model.named_parameters())
+    head = [p for name, p in model.named_parameters() if "qa_outputs" in name and p.requires_grad]
+    assert head, "the QA head is not trained"
+    ids = torch.randint(3, 99, (2, 12))
+    model(input_ids=ids, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([3, 4])).loss.backward()
+    assert all(p.grad is not None for p in head)

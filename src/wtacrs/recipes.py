@@ -227,6 +227,9 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+_HEADS_TRAINED_IN_FULL = {"QUESTION_ANS": ["qa_outputs"]}
+
+
 def with_lora(model: nn.Module, settings: LoraSettings, task_type: str, velora: bool = False) -> nn.Module:
     """`model` wrapped by PEFT with LoRA adapters as `settings` say (VeLoRA's with `velora`)."""
     try:
@@ -234,7 +237,10 @@ def with_lora(model: nn.Module, settings: LoraSettings, task_type: str, velora: 
     except ImportError as e:  # pragma: no cover - peft is in the [peft] extra
         raise RecipeError("LoRA recipes need peft: pip install 'wtacrs[peft]'") from e
     targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
+    # PEFT trains a question-answering head in full (modules_to_save) and refuses an adapter on
+    # it, but its "all-linear" leaves out only the LM and sequence-classification heads.
+    excluded = _HEADS_TRAINED_IN_FULL.get(task_type) if targets == "all-linear" else None
     config = peft.LoraConfig(task_type=getattr(peft.TaskType, task_type), r=settings.r, lora_alpha=settings.alpha,
-                             lora_dropout=settings.dropout, target_modules=targets,
+                             lora_dropout=settings.dropout, target_modules=targets, exclude_modules=excluded,
                              **({"velora_config": peft.VeloraConfig()} if velora else {}))
     return peft.get_peft_model(model, config)
