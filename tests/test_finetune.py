@@ -304,13 +304,14 @@ def test_squad_single_file_split_by_article(tiny_model, tmp_path, monkeypatch):
     path = tmp_path / "squad.json"
     path.write_text(json.dumps(squad_doc(10)))
     argv = ["finetune", "--task", "squad", "--data-dir", str(path), "--model", tiny_model,
-            "--output-dir", str(tmp_path / "out"), "--method", "wtacrs", *FAST, "--max-length", "48",
-            "--doc-stride", "16"]
+            "--output-dir", str(tmp_path / "out"), "--method", "wtacrs", "lora", "--in-process", *FAST,
+            "--max-length", "48", "--doc-stride", "16"]
     assert main(argv) == 0
-    record = results_of(tmp_path / "out", "wtacrs@0.3")
-    check_schema(record)
-    assert set(record["metrics"]["validation"]) >= {"exact_match", "f1", "score"}
-    assert record["eval_examples"] == {"validation": 2}  # articles 4 and 9, one question each
+    for method in ("wtacrs@0.3", "lora"):  # LoRA: PEFT trains the QA head in full, no adapter on it
+        record = results_of(tmp_path / "out", method)
+        check_schema(record)
+        assert set(record["metrics"]["validation"]) >= {"exact_match", "f1", "score"}
+        assert record["eval_examples"] == {"validation": 2}  # articles 4 and 9, one question each
     assert anchors and all(a.device.type == "cpu" and str(a.dtype) == "torch.int64" and a.shape[1] == 2 for a in anchors)
 
 
