@@ -307,13 +307,14 @@ def train_one_or_exit(spec: RunSpec) -> dict | None:
     from wtacrs.finetuning.train import last_checkpoint, train_one
     from wtacrs.integrations.attention import AttentionNotSupportedError
     from wtacrs.tasks import DataError, DataUnavailableError
+    from wtacrs.tasks.causal_lm import NoEndOfSequenceError
     from wtacrs.tasks.squad import WindowTooShortError
 
     run_name = f"run {spec.label} seed {spec.seed}"
     try:
         return train_one(spec)
     except (DataError, DataUnavailableError, NoMatchingModulesError, AttentionNotSupportedError, ModelError,
-            RunFolderError, WindowTooShortError, RecipeError) as e:
+            RunFolderError, WindowTooShortError, NoEndOfSequenceError, RecipeError) as e:
         _exit(2, str(e))
     except NonFiniteError as e:
         _exit(1, f"{run_name}: {e}; {spec.folder / RESULTS_FILE} records it as failed")

@@ -39,6 +39,10 @@ def load_tweet_texts(path: str | Path | None = None):
     return load_tweets(path).remove_columns("label")
 
 
+class NoEndOfSequenceError(ValueError):
+    """The model's tokenizer has no end-of-sequence token for next-token fine-tuning to end each text with."""
+
+
 def tokenize_texts(dataset, tokenizer, max_length: int):
     """Tokenize a split with a "text" column into input_ids (BOS + text + EOS, truncated to
     `max_length` tokens, EOS kept last) and attention_mask; other columns are dropped.
@@ -50,7 +54,9 @@ def tokenize_texts(dataset, tokenizer, max_length: int):
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 (a token and the end of sequence), got {max_length}")
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no end-of-sequence token")
+        raise NoEndOfSequenceError(
+            f"the tokenizer of {getattr(tokenizer, 'name_or_path', '') or 'this model'} has no end-of-sequence token, "
+            "which next-token fine-tuning ends every text with: use a decoder's (e.g. --model smollm2-135m)")
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     eos = [tokenizer.eos_token_id]
 
