@@ -8,7 +8,7 @@ import wtacrs
 from wtacrs.layers import SampledLayerMixin
 from wtacrs.recipes import BEST_EXACT, LoraSettings, RecipeError, SamplingSettings, parse_recipe
 
-from models import CASES_BY_NAME
+from models import CASES_BY_NAME, MODERNBERT
 
 
 def tiny_bert():
@@ -106,14 +106,16 @@ def test_velora_is_lora_with_peft_velora_adapters():
     hf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=99),
     hf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                    intermediate_size=64, vocab_size=99),
-], ids=["bert", "llama"])
+    MODERNBERT.build().config,
+], ids=["bert", "llama", "modernbert"])
 def test_lora_question_answering_trains_its_head_in_full_without_an_adapter(config):
     torch.manual_seed(0)
-    model = parse_recipe("lora+wtacrs@0.3").prepare(hf.AutoModelForQuestionAnswering.from_config(config),
-                                                    task_type="QUESTION_ANS", lora=LoraSettings(r=4))
-    assert not any("qa_outputs" in name and "lora_" in name for name, _ in model.named_parameters())
-    head = [p for name, p in model.named_parameters() if "qa_outputs" in name and p.requires_grad]
-    assert head, "the QA head is not trained"
+    model = hf.AutoModelForQuestionAnswering.from_config(config)
+    head_name = "classifier" if config.model_type == "modernbert" else "qa_outputs"
+    model = parse_recipe("lora+wtacrs@0.3").prepare(model, task_type="QUESTION_ANS", lora=LoraSettings(r=4))
+    assert not any(head_name in name and "lora_" in name for name, _ in model.named_parameters())
+    head = [p for name, p in model.named_parameters() if f"{head_name}.modules_to_save" in name and p.requires_grad]
+    assert len(head) == 2, "the QA head's weight and bias are not trained in full"
     ids = torch.randint(3, 99, (2, 12))
     model(input_ids=ids, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([3, 4])).loss.backward()
     assert all(p.grad is not None for p in head)

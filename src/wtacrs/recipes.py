@@ -227,7 +227,11 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-_HEADS_TRAINED_IN_FULL = {"QUESTION_ANS": ["qa_outputs"]}
+# The new head of a question-answering model, trained in full (PEFT's modules_to_save) and kept
+# out of "all-linear": PEFT knows it only as "qa_outputs" (ModernBERT's is "classifier") and its
+# "all-linear" leaves out only the LM and sequence-classification heads, so the head would get
+# an adapter, which PEFT then refuses next to its own full copy.
+_TASK_HEADS = {"QUESTION_ANS": ("qa_outputs", "classifier")}
 
 
 def with_lora(model: nn.Module, settings: LoraSettings, task_type: str, velora: bool = False) -> nn.Module:
@@ -237,10 +241,9 @@ def with_lora(model: nn.Module, settings: LoraSettings, task_type: str, velora: 
     except ImportError as e:  # pragma: no cover - peft is in the [peft] extra
         raise RecipeError("LoRA recipes need peft: pip install 'wtacrs[peft]'") from e
     targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
-    # PEFT trains a question-answering head in full (modules_to_save) and refuses an adapter on
-    # it, but its "all-linear" leaves out only the LM and sequence-classification heads.
-    excluded = _HEADS_TRAINED_IN_FULL.get(task_type) if targets == "all-linear" else None
+    heads = [name for name in _TASK_HEADS.get(task_type, ()) if isinstance(getattr(model, name, None), nn.Linear)]
     config = peft.LoraConfig(task_type=getattr(peft.TaskType, task_type), r=settings.r, lora_alpha=settings.alpha,
-                             lora_dropout=settings.dropout, target_modules=targets, exclude_modules=excluded,
+                             lora_dropout=settings.dropout, target_modules=targets, modules_to_save=heads or None,
+                             exclude_modules=heads if heads and targets == "all-linear" else None,
                              **({"velora_config": peft.VeloraConfig()} if velora else {}))
     return peft.get_peft_model(model, config)
