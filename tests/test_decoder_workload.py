@@ -57,25 +57,6 @@ def test_tokenize_texts_frames_and_truncates():
         tokenize_texts(dataset, CharTokenizer(), max_length=1)
 
 
-def test_next_token_task_on_a_tokenizer_without_end_of_sequence_exits_2_naming_it(tmp_path, capsys):
-    """An encoder's tokenizer (BERT's has no EOS) on tweet_lm: a clear error, not a traceback."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from wtacrs.cli import main
-    from wtacrs.packaged import packaged_model_dir
-
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(tmp_path / "bert")
-    AutoTokenizer.from_pretrained(packaged_model_dir()).save_pretrained(tmp_path / "bert")
-    argv = ["finetune", "--task", "tweet_lm", "--model", str(tmp_path / "bert"), "--method", "full",
-            "--max-train-samples", "8", "--max-eval-samples", "4", "--output-dir", str(tmp_path / "out"),
-            "--in-process", "--no-progress"]
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    assert "has no end-of-sequence token" in capsys.readouterr().err
-
-
 def test_collator_pads_right_and_masks_labels():
     collate = CausalLMCollator(pad_token_id=0, pad_to_multiple_of=4)
     batch = collate([{"input_ids": [1, 5, 6, 2], "idx": 7}, {"input_ids": [1, 9, 2], "idx": 3}])

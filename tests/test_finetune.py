@@ -89,6 +89,16 @@ def test_data_errors_exit_2_naming_the_file_and_line(tiny_model, tmp_path, capsy
     assert "RTE/train.tsv, line 2: unknown label 'perhaps'" in capsys.readouterr().err
 
 
+def test_next_token_task_on_a_tokenizer_without_end_of_sequence_exits_2_naming_it(tiny_model, tmp_path, capsys):
+    """An encoder's tokenizer (BERT's has no EOS) on tweet_lm: a clear error, not a traceback."""
+    argv = ["finetune", "--task", "tweet_lm", "--model", tiny_model, "--method", "full", "--max-train-samples", "8",
+            "--max-eval-samples", "4", "--output-dir", str(tmp_path / "out"), "--in-process", "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "has no end-of-sequence token" in capsys.readouterr().err
+
+
 def test_unreachable_hub_says_to_use_data_dir(tiny_model, tmp_path, capsys, monkeypatch):
     import datasets
 

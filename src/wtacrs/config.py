@@ -17,11 +17,12 @@ from wtacrs.functional import BUDGETS
 
 CONFIG_NAME = "wtacrs_config.json"
 
+# The names transformers gives a task's new head (sequence classification, extractive QA).
+TASK_HEADS: tuple[str, ...] = ("classifier", "qa_outputs", "score", "pre_classifier")
 # Task heads and poolers read one summary vector per example: tiny activations, and sampling
 # their input would only add variance. LoRA's up-projection reads the rank-r output of the
 # down-projection: r numbers per token, too few to be worth a draw. Matched as name components.
-DEFAULT_EXCLUDES: tuple[str, ...] = (
-    "classifier", "pooler", "lm_head", "qa_outputs", "score", "pre_classifier", "lora_B")
+DEFAULT_EXCLUDES: tuple[str, ...] = (*TASK_HEADS, "pooler", "lm_head", "lora_B")
 
 ModuleFilter = Callable[[Any, str], bool]
 TargetSpec = Union[list[str], tuple[str, ...], str, ModuleFilter, None]

@@ -37,7 +37,7 @@ from typing import Any
 from torch import nn
 
 from wtacrs.companions.activation import ACTIVATION_MODES
-from wtacrs.config import WTACRSConfig
+from wtacrs.config import TASK_HEADS, WTACRSConfig
 
 SAMPLERS = {"wtacrs": "wta-crs", "crs": "crs", "priority": "priority", "topk": "topk", "uniform": "uniform"}
 FLAGS = {  # component -> Recipe field
@@ -227,13 +227,6 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-# The new head of a question-answering model, trained in full (PEFT's modules_to_save) and kept
-# out of "all-linear": PEFT knows it only as "qa_outputs" (ModernBERT's is "classifier") and its
-# "all-linear" leaves out only the LM and sequence-classification heads, so the head would get
-# an adapter, which PEFT then refuses next to its own full copy.
-_TASK_HEADS = {"QUESTION_ANS": ("qa_outputs", "classifier")}
-
-
 def with_lora(model: nn.Module, settings: LoraSettings, task_type: str, velora: bool = False) -> nn.Module:
     """`model` wrapped by PEFT with LoRA adapters as `settings` say (VeLoRA's with `velora`)."""
     try:
@@ -241,7 +234,11 @@ def with_lora(model: nn.Module, settings: LoraSettings, task_type: str, velora: 
     except ImportError as e:  # pragma: no cover - peft is in the [peft] extra
         raise RecipeError("LoRA recipes need peft: pip install 'wtacrs[peft]'") from e
     targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
-    heads = [name for name in _TASK_HEADS.get(task_type, ()) if isinstance(getattr(model, name, None), nn.Linear)]
+    # A question-answering head is new: trained in full (PEFT's modules_to_save) and kept out of
+    # "all-linear", which leaves out only LM and classification heads. PEFT knows it only as
+    # "qa_outputs" (ModernBERT's is "classifier") and refuses its full copy beside an adapter.
+    heads = [name for name, module in model.named_children()
+             if task_type == "QUESTION_ANS" and name in TASK_HEADS and isinstance(module, nn.Linear)]
     config = peft.LoraConfig(task_type=getattr(peft.TaskType, task_type), r=settings.r, lora_alpha=settings.alpha,
                              lora_dropout=settings.dropout, target_modules=targets, modules_to_save=heads or None,
                              exclude_modules=heads if heads and targets == "all-linear" else None,
