@@ -7,11 +7,14 @@
 # per-layer rate) except the size, one setting per TASK, the same for both families:
 #   sst2  (default) one epoch over 2,000 training sentences (63 steps of 32), max length 64,
 #         the full dev set;
+#   rte   one epoch over 1,000 training pairs (32 steps of 32), max length 128 (86% of the pairs
+#         fit), the full dev set (277);
 #   squad one epoch over 800 training questions of the study's training articles (windows of
 #         192 tokens, stride 64, batch 16), 600 questions of its held-out articles.
 #
 #   GLUE=../shared/data/glue OUT=DIR/smollm2 benchmarks/families.sh lora 0 lora+wtacrs@0.3+companions+recompute+keep-gate 0
 #   MODEL=all-minilm-l6-v2 GLUE=../shared/data/glue OUT=DIR/minilm benchmarks/families.sh full 0 lora 0
+#   TASK=rte GLUE=../shared/data/glue OUT=DIR/smollm2 benchmarks/families.sh full 0
 #   TASK=squad SQUAD=../shared/data/squad/dev-v1.1.json OUT=DIR/smollm2 benchmarks/families.sh lora 0
 #   wtacrs report DIR/smollm2 DIR/minilm
 set -u
@@ -20,9 +23,10 @@ MODEL=${MODEL:-smollm2-135m}
 OUT=${OUT:-wtacrs-output/families-$TASK/$MODEL}
 case $TASK in
   sst2) setting=(--data-dir "${GLUE:-../shared/data/glue}" --max-train-samples 2000 --epochs 1 --max-length 64) ;;
+  rte) setting=(--data-dir "${GLUE:-../shared/data/glue}" --max-train-samples 1000 --epochs 1 --max-length 128) ;;
   squad) setting=(--data-dir "${SQUAD:-../shared/data/squad/dev-v1.1.json}" --max-train-samples 800 --epochs 1
                   --max-length 192 --doc-stride 64 --batch-size 16 --max-eval-samples 600) ;;
-  *) echo "TASK must be sst2 or squad, not '$TASK'" >&2; exit 2 ;;
+  *) echo "TASK must be sst2, rte or squad, not '$TASK'" >&2; exit 2 ;;
 esac
 mkdir -p "$OUT/logs"
 while (($# >= 2)); do
