@@ -407,8 +407,8 @@ def test_report_pairs_each_row_with_its_reference_seed_by_seed(tmp_path, capsys)
     assert main(["report", str(tmp_path / "results")]) == 0
     text = capsys.readouterr().out
     assert "| MiniLM | wtacrs@0.3 | sst2 | -1.50 ± 0.50 | 2 |" in text  # seeds 0 and 1: -1 and -2
-    assert "| MiniLM | lora+wtacrs@0.3 | sst2 | +1.00 ± nan | 1 |" in text  # against LoRA, not full
-    assert "| MiniLM | lora | sst2 | -5.00 ± nan | 1 |" in text
+    assert "| MiniLM | lora+wtacrs@0.3 | sst2 | +1.00 ± – | 1 |" in text  # against LoRA, not full
+    assert "| MiniLM | lora | sst2 | -5.00 ± – | 1 |" in text
 
 
 def test_report_splits_rows_by_a_varying_hyperparameter_and_refuses_duplicate_runs(tmp_path, capsys):

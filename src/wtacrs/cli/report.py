@@ -169,15 +169,16 @@ def paired_differences(records: list[dict], varying: tuple[str, ...] = ()) -> st
             theirs = {r["seed"]: percent(r) for r in reference.get(task, [])}
             deltas = [percent(r) - theirs[r["seed"]] for r in by_task[task] if r["seed"] in theirs]
             if deltas:
-                error = statistics.stdev(deltas) / len(deltas) ** 0.5 if len(deltas) > 1 else float("nan")
-                lines.append(f"| {model} | {method} | {task} | {statistics.mean(deltas):+.2f} ± {error:.2f} "
+                error = f"{statistics.stdev(deltas) / len(deltas) ** 0.5:.2f}" if len(deltas) > 1 else "–"
+                lines.append(f"| {model} | {method} | {task} | {statistics.mean(deltas):+.2f} ± {error} "
                              f"| {len(deltas)} |")
     if not lines:
         return ""
     return "\n".join(["| model | method | task | Δ vs reference (mean ± SE) | seeds |", "|---|---|---|---|---|", *lines,
                       "\nΔ: the row's score minus its reference's (full fine-tuning; LoRA for LoRA recipes) on each "
-                      "seed both ran, mean ± its standard error (std of the differences / √seeds; nan with one "
-                      "seed). A Δ within about 2 SE of 0 is not told apart from 0 by these seeds."])
+                      "seed both ran, mean ± its standard error (std of the differences / √seeds; – with one "
+                      "seed: one difference has no spread to measure). A Δ within about 2 SE of 0 is not told apart "
+                      "from 0 by these seeds."])
 
 
 def idle_companions(records: list[dict], varying: tuple[str, ...] = ()) -> str:
