@@ -94,8 +94,9 @@ def check_distinct_runs(paths: list[Path], records: list[dict], varying: tuple[s
 
 
 def _mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {std:.1f} ({len(values)})"
+    if len(values) == 1:  # one seed has no spread to measure
+        return f"{values[0]:.1f} (1)"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} ({len(values)})"
 
 
 def group(records: list[dict], varying: tuple[str, ...] = ()) -> dict[tuple[str, str], dict[str, list[dict]]]:
@@ -135,8 +136,9 @@ def table1(records: list[dict], varying: tuple[str, ...] = ()) -> str:
         averaged = [f"{stats['avg']:.1f}", f"{stats['act']:.1f}", f"{stats['live']:.0f}", f"{stats['peak']:.0f}",
                     f"{stats['speed']:.1f}"]
         lines.append("| " + " | ".join([model, method, *cells, *(v + partial for v in averaged)]) + " |")
-    lines.append("\nCells: mean ± std over seeds (number of seeds), percent. *: averaged over the tasks this row has "
-                 "(score, memory and speed alike), so not comparable with rows that have every task. act.: bytes "
+    lines.append("\nCells: mean ± std over seeds (number of seeds; one seed: its score), percent. *: averaged over "
+                 "the tasks this row has (score, memory and speed alike), so not comparable with rows that have "
+                 "every task. act.: bytes "
                  "saved for backward in one training step; live: the live peak of one training step (weights, "
                  "optimizer state, activations, gradients: what an accelerator must hold); peak: see each run's "
                  "peak_memory_kind (on the CPU the process's RSS, which adds the Python runtime).")
