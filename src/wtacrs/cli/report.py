@@ -138,10 +138,10 @@ def table1(records: list[dict], varying: tuple[str, ...] = ()) -> str:
         lines.append("| " + " | ".join([model, method, *cells, *(v + partial for v in averaged)]) + " |")
     lines.append("\nCells: mean ± std over seeds (number of seeds; one seed: its score), percent. *: averaged over "
                  "the tasks this row has (score, memory and speed alike), so not comparable with rows that have "
-                 "every task. act.: bytes "
-                 "saved for backward in one training step; live: the live peak of one training step (weights, "
-                 "optimizer state, activations, gradients: what an accelerator must hold); peak: see each run's "
-                 "peak_memory_kind (on the CPU the process's RSS, which adds the Python runtime).")
+                 "every task. act.: bytes saved for backward in one training step; live: the live peak of one "
+                 "training step (weights, optimizer state, activations, gradients: what an accelerator must "
+                 "hold); peak: see each run's peak_memory_kind (on the CPU the process's RSS, which adds the "
+                 "Python runtime).")
     return "\n".join(lines)
 
 
