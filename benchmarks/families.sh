@@ -7,8 +7,8 @@
 # per-layer rate) except the size, one setting per TASK, the same for both families:
 #   sst2  (default) one epoch over 2,000 training sentences (63 steps of 32), max length 64,
 #         the full dev set;
-#   rte   one epoch over 1,000 training pairs (32 steps of 32), max length 128 (86% of the pairs
-#         fit), the full dev set (277);
+#   rte   one epoch over 1,000 training pairs (32 steps of 32), max length 128 (86–87% of the
+#         pairs fit), the full dev set (277);
 #   squad one epoch over 800 training questions of the study's training articles (windows of
 #         192 tokens, stride 64, batch 16), 600 questions of its held-out articles.
 #
