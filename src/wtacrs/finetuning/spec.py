@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ DEFAULTS = {
     "max_train_samples": None, "max_eval_samples": None, "lr": 5e-5, "lora_lr": 5e-4,
 }
 # Sampling recipes need larger steps than their baseline: the sampling noise inflates Adam's
-# second moment and so shortens its steps (benchmarks/ACCURACY.md; DESIGN.md "An unbiased
+# second moment and so shortens its steps (benchmarks/ACCURACY.md; docs/architecture.md "An unbiased
 # estimator still changes the optimiser's step"). v, each sampled layer's relative gradient
 # variance, is measured before training (`wtacrs.learning_rate`). PER_LAYER (the default): each
 # sampled layer's rate times √(1 + its v), the others unchanged; MEASURED: every parameter's times
@@ -65,6 +66,7 @@ class Settings:
     compile: str | None = None  # --compile: a torch.compile backend, or None for eager
     resume: bool = False
     overwrite: bool = False
+    force: bool = False  # --force: --resume a run whose run.json or lr_scales.json is missing or unreadable
     in_process: bool = False
     no_progress: bool = False
 
@@ -111,11 +113,13 @@ class RunSpec:
 
     @property
     def folder(self) -> Path:
-        """<output-dir>/<task>/<model>/<label>/seed<seed>."""
+        """<output-dir>/<task>/<model>/<label>/seed<seed>, each part one folder name of safe
+        characters (`folder_name`), so no option's text can lead outside --output-dir."""
         from wtacrs.finetuning.models import model_name
 
         s = self.settings
-        return Path(s.output_dir) / s.task / model_name(s.model) / self.label / f"seed{self.seed}"
+        parts = (s.task, model_name(s.model), self.label, f"seed{self.seed}")
+        return Path(s.output_dir).joinpath(*map(folder_name, parts))
 
     @property
     def learning_rate(self) -> float:
@@ -146,6 +150,16 @@ class RunSpec:
                  for name, value in (("model", s.model), ("data_dir", s.data_dir))}
         sampled = {"sampled_lr": s.sampled_lr} if self.recipe.samples else {}
         return {**local, "lr": self.learning_rate, **sampled, **{name: getattr(s, name) for name in names}}
+
+
+_UNSAFE_IN_FOLDER_NAME = re.compile(r"[^A-Za-z0-9._+=,@-]")
+
+
+def folder_name(text: str) -> str:
+    """`text` as one folder name: characters other than letters, digits and ._+=,@- become "_",
+    and a name of dots only ("", ".", "..") becomes "_" too."""
+    name = _UNSAFE_IN_FOLDER_NAME.sub("_", text)
+    return "_" if not name.strip(".") else name
 
 
 def parse_recipes(specs: list[str], default_ratio: float) -> tuple[Recipe, ...]:
