@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing
+import os
+import re
 import signal
 import sys
 import time
@@ -37,6 +39,7 @@ from wtacrs.packaged import PACKAGED_MODELS
 from wtacrs.recipes import BEST_EXACT, RecipeError
 
 DEFAULT_RECIPES = ("full", "checkpointing", BEST_EXACT)
+_MODULE_SUFFIX = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")  # a module name's last parts: "output.dense"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,6 +107,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="root of the run folders (default: wtacrs-output/run-<time>)")
     p.add_argument("--resume", action="store_true", help="continue each run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete earlier checkpoints and results of these runs")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue a run whose run.json (its recorded settings) or lr_scales.json (its "
+                        "measured learning rates) is missing or unreadable, with this command's settings and rates "
+                        "measured again")
     p.add_argument("--in-process", action="store_true",
                    help="run all runs in this process (peak memory is then shared with earlier runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -150,7 +157,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         pad_to_max_length=args.pad_to_max_length, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, doc_stride=args.doc_stride, n_best=args.n_best,
         max_answer_length=args.max_answer_length, bf16=args.bf16, fp16=args.fp16, compile=args.compile,
-        resume=args.resume,
+        resume=args.resume, force=args.force,
         overwrite=args.overwrite, in_process=args.in_process, no_progress=args.no_progress,
     )
     _check_settings(settings)
@@ -183,6 +190,10 @@ def _check_options(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.target_modules is not None and not all(suffix.strip() for suffix in args.target_modules):
         raise ValueError(f"--target-modules takes layer name suffixes, got an empty one in {args.target_modules}")
+    for suffix in args.target_modules or ():
+        if not _MODULE_SUFFIX.fullmatch(suffix):
+            raise ValueError(f"--target-modules takes layer name suffixes (names joined by '.', e.g. output.dense), "
+                             f"got {suffix!r}")
     if not 0.0 < args.ratio <= 1.0:
         raise ValueError(f"--ratio must be in (0, 1], got {args.ratio}")
     if not 0.0 <= args.lora_dropout < 1.0:
@@ -193,6 +204,8 @@ def _check_options(args: argparse.Namespace) -> None:
     _check_distinct("--seed", args.seed)
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
+    if args.force and not args.resume:
+        raise ValueError("--force only applies to --resume")
     if args.data_dir is not None and not Path(args.data_dir).exists():
         raise ValueError(f"--data-dir {args.data_dir} does not exist")
 
@@ -211,6 +224,8 @@ def _check_settings(s: Settings) -> None:
         raise ValueError(f"--doc-stride must be in [0, --max-length={s.max_length}), got {s.doc_stride}")
     if s.fp16 and not _cuda_available():
         raise ValueError("--fp16 needs a CUDA device; use --bf16 on the CPU")
+    if s.compile is not None:
+        _check_compile_backend(s.compile)
     if s.resume and not Path(s.output_dir).is_dir():
         raise ValueError(f"--resume: --output-dir {s.output_dir} does not exist (no runs to continue)")
     check_output_dir(s.output_dir)
@@ -219,6 +234,14 @@ def _check_settings(s: Settings) -> None:
     if unmeasured and s.sampled_lr in (MEASURED, PER_LAYER):
         raise ValueError(f"--sampled-lr {s.sampled_lr} needs a {' or '.join(MEASURED_ESTIMATORS)} sampler, not "
                          f"{', '.join(unmeasured)}: give a factor (--sampled-lr 1.5)")
+
+
+def _check_compile_backend(backend: str) -> None:
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"--compile {backend}: not a torch.compile backend; known: {', '.join(sorted(known))}")
 
 
 def _check_distinct(option: str, values: list) -> None:
@@ -278,7 +301,7 @@ def _train_in_child(spec: RunSpec) -> dict | None:
     from wtacrs.finetuning.guards import forward_signals
     from wtacrs.finetuning.train import finished_results
 
-    child = multiprocessing.get_context("spawn").Process(target=train_one_or_exit, args=(spec,))
+    child = multiprocessing.get_context("spawn").Process(target=_child_run, args=(spec, os.getpid()))
     child.start()
     try:
         with forward_signals(child.pid) as received:
@@ -298,15 +321,24 @@ def _train_in_child(spec: RunSpec) -> dict | None:
     return finished_results(RunFolder(spec.folder).results())
 
 
+def _child_run(spec: RunSpec, parent: int) -> None:
+    """A run's child process: `train_one_or_exit`, ended when its parent `parent` dies (killed,
+    say), so no run trains on unseen holding its folder's lock."""
+    from wtacrs.finetuning.guards import die_with_parent
+
+    die_with_parent(parent)
+    train_one_or_exit(spec)
+
+
 def train_one_or_exit(spec: RunSpec) -> dict | None:
     """`train_one`, with every problem a user can fix reported as one error line: exit status 2
     for data, model, run-folder and option problems and a full disk, 1 for a run that diverged,
     130 for Ctrl-C."""
     from wtacrs import NoMatchingModulesError
-    from wtacrs.finetuning.guards import ModelError, NonFiniteError, is_disk_full
+    from wtacrs.finetuning.guards import ModelError, NonFiniteError, write_failure
     from wtacrs.finetuning.train import last_checkpoint, train_one
     from wtacrs.integrations.attention import AttentionNotSupportedError
-    from wtacrs.tasks import DataError, DataUnavailableError
+    from wtacrs.tasks import DataError, DataUnavailableError, MaxLengthError
     from wtacrs.tasks.causal_lm import NoEndOfSequenceError
     from wtacrs.tasks.squad import WindowTooShortError
 
@@ -314,20 +346,21 @@ def train_one_or_exit(spec: RunSpec) -> dict | None:
     try:
         return train_one(spec)
     except (DataError, DataUnavailableError, NoMatchingModulesError, AttentionNotSupportedError, ModelError,
-            RunFolderError, WindowTooShortError, NoEndOfSequenceError, RecipeError) as e:
+            RunFolderError, WindowTooShortError, NoEndOfSequenceError, RecipeError, MaxLengthError) as e:
         _exit(2, str(e))
     except NonFiniteError as e:
         _exit(1, f"{run_name}: {e}; {spec.folder / RESULTS_FILE} records it as failed")
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches a child twice: from the terminal and forwarded
         _exit(130, f"{run_name} interrupted; --resume continues it from its last complete checkpoint")
-    except OSError as e:
-        if not is_disk_full(e):
+    except Exception as e:  # torch and safetensors report a failed write as RuntimeError and their own errors
+        reason = write_failure(e, spec.folder)
+        if reason is None:
             raise
         last = last_checkpoint(spec.folder)
         kept = ("no complete checkpoint was written yet: free space and run it again" if last is None else
                 f"the last complete checkpoint {last} is kept: free space, then pass --resume to continue from it")
-        _exit(2, f"{run_name} stopped: the disk is full ({e.strerror}: {e.filename or spec.folder}); {kept}")
+        _exit(2, f"{run_name} stopped: {reason}; {kept}")
 
 
 def _exit(code: int, message: str) -> NoReturn:
@@ -347,7 +380,7 @@ def comparison_table(results: list[dict]) -> str:
         lines.append(
             f"{method_label(r):<{width}} {r['seed']:>4} {r['score']:>7.4f} {_mib(r.get('live_peak_bytes')):>13} "
             f"{_mib(r['peak_memory_bytes']):>12} {r.get('step_seconds') or math.nan:>7.3f} "
-            f"{r['saved_activation_bytes'] / 2**20:>9.1f} {r['wall_seconds']:>7.0f}"
+            f"{r['saved_activation_bytes'] / 2**20:>9.1f} {_seconds(r.get('wall_seconds')):>7}"
         )
     first = results[0]
     lines.append(f"score = {first['score_name']} on {first['eval_examples']} validation examples; live peak = "
@@ -359,6 +392,10 @@ def comparison_table(results: list[dict]) -> str:
 
 def _mib(value: int | None) -> str:
     return "–" if value is None else f"{value / 2**20:.0f}"
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"  # None: not measured (a resumed run's wall time)
 
 
 def verdict(results: list[dict]) -> str:

@@ -1,6 +1,6 @@
 """Checks that keep `wtacrs finetune` runs safe: non-finite training caught at the step it
-happens, signals passed on to a run's child process, and an output folder and model checked
-before any work starts."""
+happens, signals passed on to a run's child process (which dies with its parent), an output
+folder and model checked before any work starts, and a failed write told apart from a bug."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import errno
 import math
 import os
 import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,17 +97,55 @@ def forward_signals(pid: int) -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
-def check_output_dir(path: str | os.PathLike) -> None:
-    """Raise ValueError unless `path` is a folder, or can become one, that this user may write."""
+def die_with_parent(parent: int) -> None:
+    """End this process with SIGTERM when process `parent` (the one that started it) dies, however
+    it dies: the kernel's PR_SET_PDEATHSIG on Linux, else a thread watching the parent's pid. When
+    the parent is already gone, now."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    else:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "--output-dir") -> None:
+    """Raise ValueError naming `option` unless `path` is a folder, or can become one, that this
+    user may write."""
     path = Path(path)
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         where = "" if existing == path else f" ({existing} is a file)"
-        raise ValueError(f"--output-dir {path} is not a folder{where}")
+        raise ValueError(f"{option} {path} is not a folder{where}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--output-dir {path}: {existing} is not writable")
+        raise ValueError(f"{option} {path}: {existing} is not writable")
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """True for 'no space left on device' and 'disk quota exceeded'."""
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+# What torch.save and safetensors say when a write fails (they raise no OSError): ENOSPC, or
+# EFBIG under `ulimit -f`, surfaces as a short write.
+_WRITE_FAILURE_MARKERS = ("PytorchStreamWriter failed", "unexpected pos", "file write failed",
+                          "Error while serializing")
+
+
+def write_failure(error: BaseException, folder: Path) -> str | None:
+    """Why writing under `folder` failed ("the disk is full (...)"), when `error` is a failed
+    write: no space, a disk quota, a file-size limit, or torch's or safetensors' report of a short
+    write; else None."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full ({error.strerror}: {error.filename or folder})"
+    if isinstance(error, OSError) and error.errno == errno.EFBIG:
+        return f"a file reached the file size limit (ulimit -f) ({error.strerror}: {error.filename or folder})"
+    text = str(error)
+    if not isinstance(error, OSError) and any(marker in text for marker in _WRITE_FAILURE_MARKERS):
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        return (f"writing under {folder} failed ({type(error).__name__}: {first}): the disk is full or a file "
+                "reached the file size limit (ulimit -f)")
+    return None

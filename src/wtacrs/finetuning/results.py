@@ -10,10 +10,9 @@ import platform
 from pathlib import Path
 
 from wtacrs.finetuning.models import model_name
-from wtacrs.finetuning.run_folder import RESULTS_FILE
+from wtacrs.finetuning.run_folder import RESULTS_FILE, TRAINING_FILE
 from wtacrs.finetuning.spec import RunSpec
 
-TRAINING_FILE = "training.json"  # written when training ends, before results.json
 REQUIRED = ("task", "model", "method", "ratio", "seed", "score", "peak_memory_bytes", "saved_activation_bytes",
             "train_samples_per_second")
 PERCENT_ALREADY = ("squad", "squad_v2")
@@ -40,7 +39,8 @@ def finished_record(run: RunSpec, *, scores: dict, training: dict, measured: dic
 
     Args:
         scores: {"metrics", "score", "best_epoch", "history", "eval_examples"} of the evaluations.
-        training: the run's training.json record (step time, peak memory).
+        training: the run's training.json record (step time, wall time, peak memory; a resumed
+            run's "not_measured" and "resumed_at_step").
         measured: {"saved_activation_bytes", "live_peak_bytes", "train_examples",
             "train_samples_per_second", "model_family", "model_kind", "companion_effects",
             "sampled_lr_scales", "sampled_lr_factor"}.
@@ -50,6 +50,8 @@ def finished_record(run: RunSpec, *, scores: dict, training: dict, measured: dic
         **run_identity(run), "status": "finished", **scores, "score_name": run.task.score_name, **measured,
         "peak_memory_bytes": training["peak_memory_bytes"], "peak_memory_kind": training["peak_memory_kind"],
         "step_seconds": training["step_seconds"] / training["steps_timed"] if training["steps_timed"] else None,
+        "wall_seconds": training["wall_seconds"],  # None, like peak memory, where a resume could not measure it
+        **{k: training[k] for k in ("not_measured", "resumed_at_step") if k in training},
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "hyperparameters": {k: getattr(s, k) for k in HYPERPARAMETERS} | {"lr": run.learning_rate}
         | ({"sampled_lr": s.sampled_lr} if run.recipe.samples else {}),

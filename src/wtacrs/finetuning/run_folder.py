@@ -16,12 +16,16 @@ States (`RunFolder.state`), derived from what is on disk and from the lock, neve
 Without --resume or --overwrite only a new folder is used. The lock is `fcntl.flock` on
 <run>/.lock, which the kernel releases when its owner exits however it exits, so a crashed run
 never leaves the folder stuck; the lock file holds the owner's pid for the error message.
+
+Only what wtacrs writes counts (`OWN_ENTRY`: its records, the Trainer's checkpoints and logs):
+--overwrite deletes nothing else, and no run starts in a folder holding anything else.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -30,6 +34,13 @@ from wtacrs.atomic import write_json_atomic
 LOCK_FILE = ".lock"
 SETTINGS_FILE = "run.json"
 RESULTS_FILE = "results.json"
+TRAINING_FILE = "training.json"  # written when training ends, before results.json
+LR_SCALES_FILE = "lr_scales.json"  # the measured learning-rate scales of a sampling run
+# What a run writes in its folder: the records above (and atomic_path's temporary copies of
+# them), the Trainer's checkpoints and its TensorBoard logs.
+_RECORDS = "|".join(re.escape(name[: -len(".json")]) for name in (SETTINGS_FILE, RESULTS_FILE, TRAINING_FILE,
+                                                                   LR_SCALES_FILE))
+OWN_ENTRY = re.compile(rf"(?:{_RECORDS})\.json|\.(?:{_RECORDS})\.json\..+\.json|(?:tmp-)?checkpoint-\d+|runs")
 
 START, RESUME, KEEP = "start", "resume", "keep"
 
@@ -74,44 +85,57 @@ class RunFolder:
         return self._read_json(RESULTS_FILE)
 
     def settings(self) -> dict | None:
-        """The settings the run here was started with, or None (a run from before they were recorded)."""
-        recorded = self._read_json(SETTINGS_FILE)
-        return None if recorded is None else recorded.get("settings")
+        """The settings the run here was started with, or None when run.json is missing; raises
+        RunFolderError when it is not a settings record."""
+        remedy = "pass --force to resume with this command's settings anyway, or --overwrite to start it again"
+        recorded = self._read_json(SETTINGS_FILE, remedy)
+        if recorded is not None and not isinstance(recorded.get("settings"), dict):
+            raise RunFolderError(f"{self.path / SETTINGS_FILE} holds no settings record; {remedy}")
+        return None if recorded is None else recorded["settings"]
 
-    def _read_json(self, name: str) -> dict | None:
-        path = self.path / name
-        try:
-            record = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RunFolderError(f"{path} is not valid JSON ({e}); move it away or pass --overwrite") from None
-        if not isinstance(record, dict):
-            raise RunFolderError(f"{path} is not a JSON object; move it away or pass --overwrite")
-        return record
+    def _read_json(self, name: str, remedy: str = "move it away or pass --overwrite") -> dict | None:
+        return read_json_record(self.path / name, remedy)
 
     # -- deciding ----------------------------------------------------------------------------
-    def plan(self, settings: dict, *, resume: bool, overwrite: bool) -> str:
+    def plan(self, settings: dict, *, resume: bool, overwrite: bool, force: bool = False) -> str:
         """START, RESUME or KEEP for a command with these flags and settings; raises
-        RunFolderError where the command may not use the folder. Writes nothing."""
+        RunFolderError where the command may not use the folder. Writes nothing. `force`
+        resumes a run whose run.json is missing or unreadable with these settings."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"{self.path} is a file, not a run folder; move it away or choose another --output-dir")
         state = self.state()
         if state == "running":
             raise self._busy()
         if state == "new" or overwrite:
+            foreign = sorted(self._entries() - self._contents())
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                raise RunFolderError(f"{self.path} holds files wtacrs finetune did not write ({shown}): no run starts "
+                                     "there and --overwrite deletes nothing of them; move them away or choose another "
+                                     "--output-dir")
             return START
         if not resume:
             raise RunFolderError(f"{self.path} already holds {'an' if state == 'interrupted' else 'a'} {state} run; "
                                  f"pass {'--resume to continue it or ' if state == 'interrupted' else ''}"
                                  "--overwrite to replace it")
         if state == "interrupted":
-            self._check_same_settings(settings)
+            self._check_same_settings(settings, force)
             return RESUME
         return KEEP
 
-    def _check_same_settings(self, settings: dict) -> None:
-        recorded = self.settings()
+    def _check_same_settings(self, settings: dict, force: bool) -> None:
+        try:
+            recorded = self.settings()
+        except RunFolderError:
+            if force:
+                return
+            raise
         if recorded is None:
-            return  # nothing to compare with: a folder from an older wtacrs
+            if force:
+                return
+            raise RunFolderError(f"--resume: {self.path / SETTINGS_FILE} is missing, so nothing says which settings "
+                                 "the run was started with; pass --force to resume it with this command's settings, "
+                                 "or --overwrite to start it again")
         now = json.loads(json.dumps(settings))
         differences = [f"--{k.replace('_', '-')} {now.get(k)} (the run has {recorded.get(k)})"
                        for k in sorted(set(now) | set(recorded)) if now.get(k) != recorded.get(k)]
@@ -121,7 +145,7 @@ class RunFolder:
                                  "to start it again")
 
     # -- owning ------------------------------------------------------------------------------
-    def claim(self, settings: dict, *, resume: bool, overwrite: bool) -> str:
+    def claim(self, settings: dict, *, resume: bool, overwrite: bool, force: bool = False) -> str:
         """Lock the folder, then `plan` under the lock and prepare: START empties the folder
         (keeping the lock) and records `settings`; RESUME keeps everything; KEEP releases the
         lock at once. Raises RunFolderError when another process owns the folder."""
@@ -136,7 +160,7 @@ class RunFolder:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         try:
-            action = self.plan(settings, resume=resume, overwrite=overwrite)
+            action = self.plan(settings, resume=resume, overwrite=overwrite, force=force)
             if action == START:
                 self._empty()
                 write_json_atomic(self.path / SETTINGS_FILE, {"settings": settings})
@@ -157,7 +181,7 @@ class RunFolder:
         """Remove what `claim` created when the folder holds nothing but this command's
         bookkeeping (a run that failed before writing a checkpoint, results or logs): the run
         folder, and the parents `claim` created that are left empty."""
-        if self._created is None or self._contents() - {SETTINGS_FILE}:
+        if self._created is None or self._entries() - {SETTINGS_FILE}:
             return
         self.release()
         shutil.rmtree(self.path, ignore_errors=True)
@@ -177,10 +201,16 @@ class RunFolder:
         return RunFolderError(f"{self.path} is in use by another wtacrs finetune (pid {self.owner()}); wait for it "
                               "to end or stop it first")
 
-    def _contents(self) -> set[str]:
+    def _entries(self) -> set[str]:
+        """Every name in the folder but the lock file."""
         return {p.name for p in self.path.iterdir()} - {LOCK_FILE} if self.path.is_dir() else set()
 
+    def _contents(self) -> set[str]:
+        """What wtacrs wrote here (`OWN_ENTRY`)."""
+        return {name for name in self._entries() if OWN_ENTRY.fullmatch(name)}
+
     def _empty(self) -> None:
+        """Delete what wtacrs wrote here, and nothing else."""
         for name in self._contents():
             path = self.path / name
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
@@ -190,6 +220,24 @@ class RunFolder:
             return os.open(self.path / LOCK_FILE, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
         except FileNotFoundError:
             return None
+
+
+def read_json_record(path: Path, remedy: str) -> dict | None:
+    """The JSON object in `path`, or None when there is no file; RunFolderError naming the file,
+    what is wrong and `remedy` when it is unreadable or not an object."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFolderError(f"{path} is not valid JSON ({e}); {remedy}") from None
+    except RecursionError:
+        raise RunFolderError(f"{path} is not valid JSON (nested too deeply); {remedy}") from None
+    except OSError as e:
+        raise RunFolderError(f"{path} cannot be read ({e.strerror}); {remedy}") from None
+    if not isinstance(record, dict):
+        raise RunFolderError(f"{path} is not a JSON object; {remedy}")
+    return record
 
 
 def _try_lock(fd: int) -> bool:

@@ -9,7 +9,6 @@ them without training again.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
@@ -21,14 +20,21 @@ from pathlib import Path
 from wtacrs.atomic import write_json_atomic
 from wtacrs.finetuning.guards import NonFiniteError, non_finite_guard
 from wtacrs.finetuning.models import load_model, model_config, model_kind
-from wtacrs.finetuning.results import RESULTS_FILE, TRAINING_FILE, failed_record, finished_record
-from wtacrs.finetuning.run_folder import KEEP, RESUME, RunFolder, RunFolderError
+from wtacrs.finetuning.results import RESULTS_FILE, failed_record, finished_record
+from wtacrs.finetuning.run_folder import (
+    KEEP,
+    LR_SCALES_FILE,
+    RESUME,
+    TRAINING_FILE,
+    RunFolder,
+    RunFolderError,
+    read_json_record,
+)
 from wtacrs.finetuning.spec import PER_LAYER, RunSpec
 from wtacrs.integrations.distributed import is_rank_zero, on_rank_zero
 from wtacrs.memory import process_peak_rss
 
 _TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
-LR_SCALES_FILE = "lr_scales.json"
 
 
 def train_one(run: RunSpec) -> dict | None:
@@ -57,16 +63,17 @@ def train_one(run: RunSpec) -> dict | None:
     with folder, _failure_recorded(run, folder):
         timer = step_timer()
         trainer = build_trainer(run, folder.path, model, tokenizer, train_set, eval_sets, compute_metrics, timer)
-        measured_lr = sampled_lr_scales(trainer, folder.path, resuming=action == RESUME) if run.measures_lr else None
+        checkpoint = on_rank_zero(lambda: last_checkpoint(folder.path)) if action == RESUME else None
+        measured_lr = sampled_lr_scales(trainer, run, checkpoint) if run.measures_lr else None
         if measured_lr is not None:
             apply_measured_lr(trainer, run, measured_lr)
-        trainer.train(resume_from_checkpoint=on_rank_zero(lambda: last_checkpoint(folder.path))
-                      if action == RESUME else None)
-        training = training_record(folder.path, trainer, timer, start)
+        trainer.train(resume_from_checkpoint=checkpoint)
+        training = training_record(folder.path, trainer, timer, start, resumed=checkpoint is not None)
         finishing = time.perf_counter()
         try:
             results = collect_results(run, trainer, training, {k: len(v) for k, v in evals_raw.items()}, measured_lr)
-            results["wall_seconds"] = training["wall_seconds"] + time.perf_counter() - finishing
+            if results["wall_seconds"] is not None:
+                results["wall_seconds"] += time.perf_counter() - finishing
             if trainer.is_world_process_zero():  # under torchrun every rank gets here; one writes
                 write_json_atomic(folder.path / RESULTS_FILE, results)
                 print(f"wtacrs finetune: wrote {folder.path / RESULTS_FILE}")
@@ -83,14 +90,22 @@ def plan_folder(run: RunSpec) -> str:
     """START, RESUME or KEEP for this run's folder (see wtacrs.finetuning.run_folder), decided on
     rank 0; raises RunFolderError (on every rank) where this command may not use it. Writes nothing."""
     folder, s = RunFolder(run.folder), run.settings
-    return _from_rank_zero(lambda: folder.plan(run.recorded_settings(), resume=s.resume, overwrite=s.overwrite))
+
+    def decide() -> str:
+        action = folder.plan(run.recorded_settings(), resume=s.resume, overwrite=s.overwrite, force=s.force)
+        if action == RESUME and run.measures_lr and not s.force and last_checkpoint(folder.path) is not None:
+            read_lr_scales(folder.path)  # the rates the run trained at must be known before it goes on
+        return action
+
+    return _from_rank_zero(decide)
 
 
 def claim_folder(run: RunSpec) -> tuple[RunFolder, str]:
     """The run's folder, locked and prepared by rank 0 alone (the other ranks wait, and hold no
     lock), with what to do there: START (emptied by --overwrite), RESUME or KEEP."""
     folder, s = RunFolder(run.folder), run.settings
-    action = _from_rank_zero(lambda: folder.claim(run.recorded_settings(), resume=s.resume, overwrite=s.overwrite))
+    action = _from_rank_zero(lambda: folder.claim(run.recorded_settings(), resume=s.resume, overwrite=s.overwrite,
+                                                  force=s.force))
     return folder, action
 
 
@@ -192,21 +207,27 @@ def build_trainer(run: RunSpec, out: Path, model, tokenizer, train_set, eval_set
     )
 
 
-def training_record(out: Path, trainer, timer, start: float) -> dict:
+def training_record(out: Path, trainer, timer, start: float, resumed: bool = False) -> dict:
     """What only the process that trained knows, written to <run>/training.json as soon as
     training ends: step time and count, wall time, peak memory and the Trainer's log (losses,
     evaluations). A --resume of a run whose training was complete runs no step: its record is
-    the one on disk, and the run's results are finished from it."""
+    the one on disk, and the run's results are finished from it. A run `resumed` from a
+    checkpoint without that record measured only its last part: its wall time and peak memory
+    are None and "not_measured" says why (step time covers the steps it ran)."""
     path = out / TRAINING_FILE
     if timer.steps == 0 and path.is_file():
         print(f"wtacrs finetune: {out}: training was complete; finishing its results from {TRAINING_FILE}")
-        return json.loads(path.read_text())
+        return read_json_record(path, "pass --overwrite to train the run again")
     peak_bytes, peak_kind = peak_memory()
     record = {
         "step_seconds": timer.seconds, "steps_timed": timer.steps, "global_step": trainer.state.global_step,
         "wall_seconds": time.perf_counter() - start, "peak_memory_bytes": peak_bytes, "peak_memory_kind": peak_kind,
         "log_history": trainer.state.log_history,
     }
+    if resumed:
+        record |= {"wall_seconds": None, "peak_memory_bytes": None,
+                   "not_measured": ["wall_seconds", "peak_memory_bytes"],
+                   "resumed_at_step": trainer.state.global_step - timer.steps}
     if trainer.is_world_process_zero():
         write_json_atomic(path, record)
     return record
@@ -270,18 +291,24 @@ def best_epoch_metrics(trainer, eval_splits) -> tuple[float, dict[str, dict[str,
     return best["epoch"], metrics, history
 
 
-def sampled_lr_scales(trainer, out: Path, resuming: bool) -> dict:
+def sampled_lr_scales(trainer, run: RunSpec, checkpoint: str | None) -> dict:
     """{"first_visit_variance", "scales", "factor"} (`wtacrs.learning_rate`: per sampled layer v
     and √(1 + v), and √(1 + median v)), measured on the probe batch before training and written
-    to <run>/lr_scales.json; a resumed run reads them back, so it trains at the rates it started
-    with."""
+    to <run>/lr_scales.json; a run resumed from `checkpoint` reads them back, so it trains at the
+    rates it started with (with --force, a missing or unreadable file is measured again)."""
     import torch
 
     from wtacrs.learning_rate import first_visit_variances, global_scale, lr_scales
 
-    path = out / LR_SCALES_FILE
-    if resuming and path.is_file():
-        return json.loads(path.read_text())
+    path = run.folder / LR_SCALES_FILE
+    if checkpoint is not None:
+        try:
+            return read_lr_scales(run.folder)
+        except RunFolderError as e:
+            if not run.settings.force:
+                raise
+            print(f"wtacrs finetune: {e.args[0].split(';')[0]}; --force: measuring them again on {checkpoint}",
+                  file=sys.stderr)
     with torch.random.fork_rng(devices=[]):
         inputs, _, _ = probe_inputs(trainer)
         variances = first_visit_variances(trainer.model, inputs)
@@ -289,6 +316,24 @@ def sampled_lr_scales(trainer, out: Path, resuming: bool) -> dict:
     if trainer.is_world_process_zero():
         write_json_atomic(path, measured)
     return measured
+
+
+def read_lr_scales(folder: Path) -> dict:
+    """<folder>/lr_scales.json (`sampled_lr_scales`); RunFolderError naming it when it is
+    missing, unreadable or not such a record."""
+    path = folder / LR_SCALES_FILE
+    remedy = "pass --force to measure the rates again on the resumed model, or --overwrite to start the run again"
+    record = read_json_record(path, remedy)
+    if record is None:
+        raise RunFolderError(f"--resume: {path} is missing, so the learning rates the run trained at are unknown; "
+                             f"{remedy}")
+    scales, factor = record.get("scales"), record.get("factor")
+    numbers = [factor, *(scales.values() if isinstance(scales, dict) else [None])]
+    if not scales or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                             for v in numbers):
+        raise RunFolderError(f"{path} is not a record of measured learning-rate scales (positive numbers under "
+                             f"'scales' and 'factor'); {remedy}")
+    return record
 
 
 def apply_measured_lr(trainer, run: RunSpec, measured: dict) -> None:

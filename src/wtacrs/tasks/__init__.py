@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from wtacrs.tasks.causal_lm import TWEET_LM, load_tweet_texts
-from wtacrs.tasks.common import DataError, DataUnavailableError, Task
+from wtacrs.tasks.common import DataError, DataUnavailableError, MaxLengthError, Task
 from wtacrs.tasks.glue import LAYOUTS as GLUE_LAYOUTS
 from wtacrs.tasks.glue import glue_task, load_glue
 from wtacrs.tasks.squad import SQUAD_TASKS, load_squad, squad_task
@@ -21,7 +21,8 @@ DEFAULT_TASK = TWEETS.name
 TASK_NAMES: tuple[str, ...] = (DEFAULT_TASK, *GLUE_LAYOUTS, *SQUAD_TASKS, TWEET_LM.name)
 
 __all__ = [
-    "DEFAULT_TASK", "TASK_NAMES", "DataError", "DataUnavailableError", "Task", "fixed_subset", "get_task",
+    "DEFAULT_TASK", "TASK_NAMES", "DataError", "DataUnavailableError", "MaxLengthError", "Task", "fixed_subset",
+    "get_task",
     "load_task", "tokenize_sequences",
 ]
 
@@ -68,11 +69,25 @@ def fixed_subset(dataset, limit: int | None):
 
 
 def tokenize_sequences(dataset, task: Task, tokenizer, max_length: int):
-    """Tokenize a classification/regression split (one sentence or a pair), keeping "label"."""
+    """Tokenize a classification/regression split (one sentence or a pair), keeping "label".
+    Raises MaxLengthError when `max_length` leaves no room for a token of each text beside the
+    tokenizer's special tokens (the tokenizer would then not truncate at all), or when an
+    encoding still comes out longer than `max_length`."""
     columns = list(task.text_columns)
+    special = tokenizer.num_special_tokens_to_add(pair=len(columns) == 2)
+    if max_length < special + len(columns):
+        raise MaxLengthError(
+            f"--max-length {max_length} leaves no room for text: the tokenizer adds {special} special tokens to "
+            f"{'a sentence pair' if len(columns) == 2 else 'a sentence'}, so {task.name} needs at least "
+            f"{special + len(columns)}")
 
     def encode(rows):
-        return tokenizer(*[rows[c] for c in columns], truncation=True, max_length=max_length)
+        encoded = tokenizer(*[rows[c] for c in columns], truncation=True, max_length=max_length)
+        longest = max(map(len, encoded["input_ids"]), default=0)
+        if longest > max_length:
+            raise MaxLengthError(f"--max-length {max_length}: the tokenizer did not truncate to it (an encoding of "
+                                 f"{longest} tokens)")
+        return encoded
 
     drop = [c for c in dataset.column_names if c != "label"]
     return dataset.map(encode, batched=True, remove_columns=drop, desc="tokenizing")

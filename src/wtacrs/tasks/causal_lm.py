@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wtacrs.tasks.common import Task
+from wtacrs.tasks.common import MaxLengthError, Task
 from wtacrs.tasks.tweets import load_tweets
 
 IGNORE_INDEX = -100  # label of positions without a loss (padding), as transformers' losses ignore
@@ -52,7 +52,7 @@ def tokenize_texts(dataset, tokenizer, max_length: int):
         max_length: at least 2 tokens per example.
     """
     if max_length < 2:
-        raise ValueError(f"max_length must be at least 2 (a token and the end of sequence), got {max_length}")
+        raise MaxLengthError(f"--max-length must be at least 2 (a token and the end of sequence), got {max_length}")
     if tokenizer.eos_token_id is None:
         raise NoEndOfSequenceError(
             f"the tokenizer of {getattr(tokenizer, 'name_or_path', '') or 'this model'} has no end-of-sequence token, "

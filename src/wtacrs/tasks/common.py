@@ -25,6 +25,10 @@ class DataError(ValueError):
         self.path, self.line = str(path), line
 
 
+class MaxLengthError(ValueError):
+    """--max-length leaves no room for the task's text, or the tokenizer did not truncate to it."""
+
+
 class DataUnavailableError(RuntimeError):
     """Data could not be obtained: the Hugging Face hub is unreachable, or a data package is missing."""
 
