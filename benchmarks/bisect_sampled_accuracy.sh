@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One SST-2 run of WTA-CRS@0.3 at lr 2.2e-4 (every parameter; the study's setting, one thread)
 # from the code of COMMIT, in a worktree under /tmp/bis: the bisection of ACCURACY.md's
-# regression (tenth session). Appends "COMMIT seedSEED SCORE" to /tmp/bis/scores.txt.
+# regression (2026-12-01, d4038d5). Appends "COMMIT seedSEED SCORE" to /tmp/bis/scores.txt.
 #
 #   benchmarks/bisect_sampled_accuracy.sh COMMIT [SEED]   # SEED: 0 by default
 set -u
