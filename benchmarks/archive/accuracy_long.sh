@@ -3,7 +3,7 @@
 # (benchmarks/accuracy_study.sh: batch 32, max length 64, 2 epochs, lr 1e-4, LoRA 5e-4) with a
 # 4x larger training subset: 8,000 sentences, 500 optimiser steps instead of 126. Seed 0.
 #
-#   GLUE=../shared/data/glue benchmarks/accuracy_long.sh
+#   GLUE=../shared/data/glue benchmarks/archive/accuracy_long.sh
 set -u
 GLUE=${GLUE:-../shared/data/glue}
 OUT=${OUT:-wtacrs-output/accuracy-long}

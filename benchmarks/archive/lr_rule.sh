@@ -6,14 +6,14 @@
 # SST-2 setting (sst2_run.sh) at full fine-tuning's base rate there (1e-4), ratios 0.3 and 0.1,
 # against full fine-tuning on the same code; then one epoch over twice the sentences.
 #
-#   GLUE=../shared/data/glue benchmarks/lr_rule.sh
+#   GLUE=../shared/data/glue benchmarks/archive/lr_rule.sh
 set -u
 GLUE=${GLUE:-../shared/data/glue}
 OUT=${OUT:-wtacrs-output/lr-rule}
 ROOT=$OUT
 mkdir -p "$OUT/logs"
 
-. "$(dirname "$0")/sst2_run.sh"
+. "$(dirname "$0")/../sst2_run.sh"
 
 for seed in 0 1 2; do run full 1 1e-4 "$seed"; done
 for rule in measured-per-layer measured; do

@@ -4,7 +4,7 @@
 # GLUE choice, query/key/value exact (`--target-modules output.dense intermediate.dense`).
 # Does the gap come from sampling q/k/v? (ACCURACY.md, "Which layers to sample".)
 #
-#   GLUE=../shared/data/glue benchmarks/layer_choice.sh
+#   GLUE=../shared/data/glue benchmarks/archive/layer_choice.sh
 #   wtacrs report wtacrs-output/layer-choice
 set -u
 GLUE=${GLUE:-../shared/data/glue}

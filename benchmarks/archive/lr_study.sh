@@ -7,14 +7,14 @@
 # 2.2e-4, WTA-CRS at 3.2e-4, and top-k, CRS and WTA-CRS@0.1 at larger learning rates.
 # The study's SST-2 setting otherwise (benchmarks/accuracy_study.sh); one folder per lr.
 #
-#   GLUE=../shared/data/glue benchmarks/lr_study.sh
+#   GLUE=../shared/data/glue benchmarks/archive/lr_study.sh
 #   wtacrs report wtacrs-output/lr-study/lr1.5e-4 --output-dir wtacrs-output/lr-study/lr1.5e-4/report
 set -u
 GLUE=${GLUE:-../shared/data/glue}
 OUT=${OUT:-wtacrs-output/lr-study}
 mkdir -p "$OUT/logs"
 
-. "$(dirname "$0")/sst2_run.sh"
+. "$(dirname "$0")/../sst2_run.sh"
 
 for seed in 0 1 2; do
   run wtacrs 0.3 1.5e-4 "$seed"

@@ -1,6 +1,6 @@
 """Is LoRA's down-projection gradient harder to sample than a full weight's? A closed-form check.
 
-Run: python benchmarks/lora_variance.py
+Run: python benchmarks/archive/lora_variance.py
 
 all-MiniLM-L6-v2 on the first 32 SST-2 training sentences (padded batch, padding rows included,
 true ‖dY_i‖ as scores): WTA-CRS@0.3's and CRS@0.3's relative variance E‖dŴ − dW‖² / ‖dW‖²

@@ -5,7 +5,7 @@
 # that the lr study's snapshot (5883018) predates. Full fine-tuning at its best lr (1.5e-4) once,
 # to check that its lr-study numbers hold for this code (its path does not sample).
 #
-#   GLUE=../shared/data/glue benchmarks/estimator_study.sh
+#   GLUE=../shared/data/glue benchmarks/archive/estimator_study.sh
 #   wtacrs report wtacrs-output/estimator-study --output-dir wtacrs-output/estimator-study/report
 # (one folder per learning rate: wtacrs-output/estimator-study/lr<LR>)
 set -u
@@ -13,7 +13,7 @@ GLUE=${GLUE:-../shared/data/glue}
 OUT=${OUT:-wtacrs-output/estimator-study}
 mkdir -p "$OUT/logs"
 
-. "$(dirname "$0")/sst2_run.sh"
+. "$(dirname "$0")/../sst2_run.sh"
 
 for seed in 0 1 2; do run priority 0.3 2.2e-4 "$seed"; run wtacrs 0.3 2.2e-4 "$seed"; done
 run full 1 1.5e-4 0

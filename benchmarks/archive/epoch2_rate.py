@@ -6,7 +6,12 @@ or back to the base rate ("base": the scale sqrt(1 + v) with v ~ 0, the cached v
 training). `wtacrs finetune` has no option for it, so this adds a Trainer callback that edits the
 scheduler's base rates of the scaled parameter groups at the second epoch's start.
 
-    OMP_NUM_THREADS=1 python benchmarks/epoch2_rate.py SEED FACTOR|base OUTPUT_DIR [--glue DIR]
+    OMP_NUM_THREADS=1 python benchmarks/archive/epoch2_rate.py SEED FACTOR|base OUTPUT_DIR [--glue DIR]
+
+Archived on 2026-12-07: it patches `WTACRSTrainer.__init__` to add its callback, and its question
+is answered (ACCURACY.md, "Is the second epoch's rate too high?": lowering the rate costs
+accuracy, so the rule stays and `finetune` needs no option for it). Runs on the code of
+2026-12-01 (e37d494), not kept working against later APIs.
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@
 # 83.03 +- 0.31 on SST-2; since then the draws became fixed-shape with replacement and
 # counter-keyed (issue 15). The same runs on the current code.
 #
-#   GLUE=../shared/data/glue benchmarks/sampler_check.sh
+#   GLUE=../shared/data/glue benchmarks/archive/sampler_check.sh
 set -u
 GLUE=${GLUE:-../shared/data/glue}
 OUT=${OUT:-wtacrs-output/sampler-check}
 mkdir -p "$OUT/logs"
 
-. "$(dirname "$0")/sst2_run.sh"
+. "$(dirname "$0")/../sst2_run.sh"
 
 for seed in 0 1 2; do run wtacrs 0.3 2.2e-4 "$seed"; done

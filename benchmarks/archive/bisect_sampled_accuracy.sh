@@ -3,12 +3,12 @@
 # from the code of COMMIT, in a worktree under /tmp/bis: the bisection of ACCURACY.md's
 # regression (2026-12-01, d4038d5). Appends "COMMIT seedSEED SCORE" to /tmp/bis/scores.txt.
 #
-#   benchmarks/bisect_sampled_accuracy.sh COMMIT [SEED]   # SEED: 0 by default
+#   benchmarks/archive/bisect_sampled_accuracy.sh COMMIT [SEED]   # SEED: 0 by default
 set -u
 c=$1 s=${2:-0}
 mkdir -p /tmp/bis
 d=/tmp/bis/wt-$c
-[ -d "$d" ] || git -C "$(dirname "$0")/.." worktree add --detach "$d" "$c" >/dev/null 2>&1
+[ -d "$d" ] || git -C "$(dirname "$0")/../.." worktree add --detach "$d" "$c" >/dev/null 2>&1
 extra=""  # commits with the measured rule need it off: the rate as given
 grep -q "sampled-lr" "$d/src/wtacrs/cli/finetune.py" && extra="--sampled-lr 1"
 out=/tmp/bis/out-$c-s$s

@@ -2,7 +2,13 @@
 (`WTACRSConfig.grad_norm="none"`: activation-norm scores in every epoch), for ACCURACY.md's
 regression section. `wtacrs finetune` has no option for it, so this patches the recipe's config.
 
-    OMP_NUM_THREADS=1 python benchmarks/sst2_cache_off.py SEED [--output-dir DIR]
+Archived on 2026-12-07: it patches `wtacrs.recipes.Recipe.wtacrs_config`, and the question it
+answered (a suspected regression of 2026-12-01) was refuted by more seeds. No recipe component
+turns the cache off: the default recipe draws every sampled layer in backward and reads no
+cache, and `WTACRSConfig(grad_norm="none")` does it in the library. Runs on the code of
+2026-12-01 (d8ab8e3), not kept working against later APIs.
+
+    OMP_NUM_THREADS=1 python benchmarks/archive/sst2_cache_off.py SEED [--output-dir DIR]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The memory/time plane from separate runs: step times of a `bench speed --no-peak` run joined by
 method with the peaks of `bench memory` runs of the same setup.
 
-Run: python benchmarks/memory_time_plane.py SPEED_JSON MEMORY_JSON... --out PNG
+Run: python benchmarks/archive/memory_time_plane.py SPEED_JSON MEMORY_JSON... --out PNG
 """
 
 from __future__ import annotations
