@@ -27,21 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 
-from wtacrs.bench.models import build_model, make_batch
-from wtacrs.bench.training import (
-    LEARNING_RATE,
-    BackwardFusedAdamW,
-    Trial,
-    measure_step_memory,
-    memory_breakdown,
-    release,
-)
+from wtacrs.bench.suite import Setup, run_speed
+from wtacrs.bench.training import Trial, measure_step_memory, memory_breakdown, release
 from wtacrs.recipes import LoraSettings, parse_recipe
 
 LORA = LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=(
@@ -57,18 +48,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def make(spec: str, size: str, batch: int, seq: int, dtype: torch.dtype, seed: int = 0) -> Trial:
-    """A `Trial` (model, AdamW with allocated state, batch) for one recipe spec (`wtacrs.recipes`)."""
-    recipe = parse_recipe(spec)
-    model = recipe.prepare(build_model(size, seed).to(dtype=dtype), seed=seed, task_type="CAUSAL_LM", lora=LORA)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer_class = BackwardFusedAdamW if recipe.fused_adamw else torch.optim.AdamW
-    optimizer = optimizer_class(trainable, lr=LEARNING_RATE)
-    for p in trainable:  # allocate AdamW's moments now, so every measured step is a steady one
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    inputs = make_batch(model, batch, seq, seed)
-    return Trial(recipe, model, optimizer, inputs, torch.arange(batch), inputs["attention_mask"].cpu())
+    """The bench's `Trial` (model, AdamW with allocated state, batch) for one recipe spec, with this
+    script's LoRA."""
+    return setup(size, batch, seq, dtype, (spec,), seed).trial(spec)
+
+
+def setup(size: str, batch: int, seq: int, dtype: torch.dtype, methods: tuple[str, ...], seed: int = 0) -> Setup:
+    """The bench's `Setup` of this script's runs (CPU, this script's LoRA)."""
+    return Setup(size, batch, seq, methods, torch.device("cpu"), dtype, seed, lora=LORA)
 
 
 def main(argv: list[str]) -> int:
@@ -109,19 +96,12 @@ def main(argv: list[str]) -> int:
 
 
 def _time(args: argparse.Namespace, dtype: torch.dtype, rows: dict[str, dict]) -> None:
-    """Median step seconds per method, the methods interleaved step by step."""
-    trials = {spec: make(spec, args.model, args.batch, args.seq, dtype) for spec in args.methods}
-    times: dict[str, list[float]] = {spec: [] for spec in args.methods}
-    for round_ in range(args.warmup + args.steps):  # interleaved: method after method, step by step
-        for spec, trial in trials.items():
-            start = time.perf_counter()
-            trial.step()
-            if round_ >= args.warmup:
-                times[spec].append(time.perf_counter() - start)
-                print(f"time {spec:<60} {times[spec][-1]:.1f} s", file=sys.stderr, flush=True)
-    for spec in args.methods:
-        rows[spec]["step_s"] = statistics.median(times[spec])
-        rows[spec]["step_times_s"] = times[spec]
+    """Median step seconds per method, the methods interleaved step by step (`wtacrs bench speed
+    --interleave`'s rounds; a method that fails keeps its error)."""
+    timed = run_speed(setup(args.model, args.batch, args.seq, dtype, tuple(args.methods)), args.warmup, args.steps,
+                      peak=False, interleave=True)
+    for row in timed:
+        rows[row["method"]] |= {k: row[k] for k in ("step_s", "step_times_s", "error") if k in row}
 
 
 def _table(args: argparse.Namespace, rows: dict[str, dict]) -> None:

@@ -22,6 +22,7 @@ from wtacrs.bench.training import (
     profile_components,
     release,
 )
+from wtacrs.recipes import LoraSettings
 
 # The recipes `wtacrs bench` compares unless --methods names others (see wtacrs.recipes).
 DEFAULT_METHODS: tuple[str, ...] = (
@@ -56,10 +57,11 @@ class Setup:
     device: torch.device
     dtype: torch.dtype = torch.float32
     seed: int = 0
+    lora: LoraSettings = LoraSettings()  # the adapters of LoRA recipes
 
     def trial(self, method: str, batch: int | None = None) -> Trial:
         return make_trial(self.size, method, batch or self.batch, self.seq,
-                          device=self.device, dtype=self.dtype, seed=self.seed)
+                          device=self.device, dtype=self.dtype, seed=self.seed, lora=self.lora)
 
 
 RowsCallback = Callable[[list[dict]], None]

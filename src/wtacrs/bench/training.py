@@ -16,7 +16,7 @@ from torch import Tensor, nn
 import wtacrs
 from wtacrs.bench.models import build_model, is_causal_lm, is_seq2seq, make_batch
 from wtacrs.memory import SavedTensorBytes, optimizer_state_tensors, parameter_tensors, step_peak
-from wtacrs.recipes import Recipe, parse_recipe
+from wtacrs.recipes import LoraSettings, Recipe, parse_recipe
 
 LEARNING_RATE = 1e-5
 
@@ -90,12 +90,13 @@ def _synchronize(device: torch.device) -> None:
 
 
 def make_trial(size: str, method: str | Recipe, batch: int, seq: int, *,
-               device="cpu", dtype=torch.float32, seed=0) -> Trial:
-    """Build `size` with random weights (seed), apply `method`, allocate AdamW state, make a batch."""
+               device="cpu", dtype=torch.float32, seed=0, lora: LoraSettings = LoraSettings()) -> Trial:
+    """Build `size` with random weights (seed), apply `method` (`lora`: the adapters of its LoRA
+    recipes), allocate AdamW state, make a (batch, seq) batch."""
     method = parse_recipe(method) if isinstance(method, str) else method
     model = build_model(size, seed, device).to(dtype=dtype)
     task_type = "SEQ_2_SEQ_LM" if is_seq2seq(model) else "CAUSAL_LM" if is_causal_lm(model) else "SEQ_CLS"
-    model = method.prepare(model, seed=seed, task_type=task_type)
+    model = method.prepare(model, seed=seed, task_type=task_type, lora=lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer_class = BackwardFusedAdamW if method.fused_adamw else torch.optim.AdamW
     optimizer = optimizer_class(trainable, lr=LEARNING_RATE)
