@@ -86,7 +86,7 @@ class AllocatorPeak:
 
     Memory allocated before entry is not tracked: its frees inside the block are ignored, as its
     allocations were (the profiler may know such a block from an earlier profile). Only CPU
-    allocations are counted; on CUDA use `CudaPeak`. A torch.profiler session cannot run inside
+    allocations are counted; on CUDA use `CudaPeak`. A torch.profiler profile cannot run inside
     another, so neither can this.
 
     Example:
