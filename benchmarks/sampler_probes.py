@@ -1,5 +1,7 @@
-"""Probes of the sampled path on a tiny random BERT, for ACCURACY.md's regression section: what the
-per-step checks say while WTA-CRS trains worse since ee6c48a.
+"""Probes of the sampled path on a tiny random BERT: the per-step properties a sampler bug would
+break. Written on 2026-12-01 (d8ab8e3) for a suspected accuracy regression after the device-path
+sampler (ee6c48a), which more seeds refuted (archive/ACCURACY_2026-11-27_to_2026-12-01.md). All
+four held then (benchmarks/ACCURACY.md as of d8ab8e3).
 
     python benchmarks/sampler_probes.py [--draws 300]
 
