@@ -7,6 +7,7 @@ Tests d1 … d7 reproduce the issue's numbered defects; n01 … are bad inputs f
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -487,3 +488,237 @@ def _finetune_squad(doc: dict, tiny_model: str, tmp_path, max_length: int, doc_s
     return exit_code(["finetune", "--task", "squad", "--data-dir", str(path), "--model", tiny_model, "--output-dir",
                       str(tmp_path / "out"), "--method", "full", *FAST, "--max-length", str(max_length),
                       "--doc-stride", str(doc_stride)])
+
+
+# -- third round (issue 34): r01 … reproduce its numbered cases ------------------------------------
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` by relative path, with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_r01_target_modules_cannot_lead_outside_the_output_dir(tiny_model, tmp_path, monkeypatch,  # noqa: F811
+                                                               capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "victim" / "seed0").mkdir(parents=True)
+    (tmp_path / "victim" / "seed0" / "precious.txt").write_text("x")
+    argv = [*finetune(tiny_model, Path("out/x")), "--method", "wtacrs@0.3", "--target-modules", "query",
+            "../../../../../../victim", "--overwrite"]
+    assert exit_code(argv) == 2
+    assert ("--target-modules takes layer name suffixes (names joined by '.', e.g. output.dense), got "
+            "'../../../../../../victim'") in capsys.readouterr().err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "victim", "victim/seed0", "victim/seed0/precious.txt"]
+
+
+def test_r01_run_folder_names_are_single_safe_components(tmp_path):
+    import dataclasses
+
+    from wtacrs.cli.finetune import add_arguments, settings_from
+    from wtacrs.finetuning.spec import folder_name
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = settings_from(parser.parse_args(["--method", "wtacrs", "--output-dir", str(tmp_path / "out")]))
+    settings = dataclasses.replace(settings, model="..", target_modules=("../../victim", "a/b"))
+    (run,) = settings.runs()
+    assert run.folder.parent.parent.parent.parent == tmp_path / "out"
+    assert run.folder.relative_to(tmp_path / "out").parts == (
+        "tweet_sentiment", "_", "wtacrs@0.3+targets=.._.._victim,a_b", "seed0")
+    assert [folder_name(t) for t in ("", ".", "..", "...", "a b/c", "ok-1.0@x")] == [
+        "_", "_", "_", "_", "a_b_c", "ok-1.0@x"]
+
+
+def test_r01_overwrite_deletes_only_what_wtacrs_wrote(tiny_model, finished, tmp_path, capsys):  # noqa: F811
+    out = copy_of(finished, tmp_path)
+    folder = run_folder(out)
+    (folder / "precious.txt").write_text("x")
+    before = _tree(out)
+    assert exit_code([*finetune(tiny_model, out), "--overwrite"]) == 2
+    assert (f"{folder} holds files wtacrs finetune did not write (precious.txt): no run starts there and "
+            "--overwrite deletes nothing of them") in capsys.readouterr().err
+    assert _tree(out) == before
+
+
+def test_r01_run_folder_empties_only_its_own_entries(tmp_path):
+    from wtacrs.finetuning.run_folder import START, RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    folder.claim({"lr": 1}, resume=False, overwrite=False)
+    for name in ("checkpoint-3", "runs", "tmp-checkpoint-4"):
+        (folder.path / name).mkdir()
+    (folder.path / "training.json").write_text("{}")
+    (folder.path / ".results.json.x1y2.json").write_text("{")  # a temporary copy a kill left
+    folder.release()
+    assert folder.claim({"lr": 2}, resume=False, overwrite=True) == START
+    folder.release()
+    assert sorted(p.name for p in folder.path.iterdir()) == [".lock", "run.json"]
+
+
+def test_r02_a_bad_compile_backend_is_refused_before_overwrite_deletes_anything(tiny_model, finished,  # noqa: F811
+                                                                                tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    before = _tree(out)
+    assert exit_code([*finetune(tiny_model, out), "--overwrite", "--compile", "bogus_backend"]) == 2
+    err = capsys.readouterr().err
+    assert "--compile bogus_backend: not a torch.compile backend; known: " in err and "Traceback" not in err
+    assert _tree(out) == before
+
+
+def test_r03_a_resume_after_the_last_checkpoint_records_what_it_did_not_measure(tiny_model, finished,  # noqa: F811
+                                                                                 tmp_path):
+    out = copy_of(finished, tmp_path)
+    folder = run_folder(out)
+    for name in ("results.json", "training.json"):  # killed after the last checkpoint, before training.json
+        (folder / name).unlink()
+    assert main([*finetune(tiny_model, out), "--resume"]) == 0
+    record = json.loads((folder / "results.json").read_text())
+    assert record["wall_seconds"] is None and record["peak_memory_bytes"] is None
+    assert record["not_measured"] == ["wall_seconds", "peak_memory_bytes"] and record["resumed_at_step"] == 2
+    assert record["step_seconds"] is None  # no step ran in the resuming process
+
+
+def test_r03_a_resume_keeps_the_original_figures_where_training_ran_to_its_end(tiny_model, finished,  # noqa: F811
+                                                                               tmp_path):
+    out = copy_of(finished, tmp_path)
+    folder = run_folder(out)
+    training = json.loads((folder / "training.json").read_text())
+    (folder / "results.json").unlink()  # killed after training.json, before the results
+    assert main([*finetune(tiny_model, out), "--resume"]) == 0
+    record = json.loads((folder / "results.json").read_text())
+    assert record["peak_memory_bytes"] == training["peak_memory_bytes"] and "not_measured" not in record
+    assert training["wall_seconds"] <= record["wall_seconds"] < training["wall_seconds"] + 60  # plus finishing
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_r04_resume_without_a_readable_run_json_stops_unless_forced(tiny_model, finished, tmp_path,  # noqa: F811
+                                                                    capsys, damage):
+    out = copy_of(finished, tmp_path)
+    folder = run_folder(out)
+    (folder / "results.json").unlink()
+    if damage == "missing":
+        (folder / "run.json").unlink()
+    else:
+        (folder / "run.json").write_text('{"settings": ')
+    argv = [*finetune(tiny_model, out), "--resume", "--lr", "1e-3", "--batch-size", "4"]
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    expected = ("is missing, so nothing says which settings the run was started with; pass --force" if damage ==
+                "missing" else "run.json is not valid JSON")
+    assert expected in err and "--force" in err and "Traceback" not in err
+    assert not (folder / "results.json").exists()
+    assert main([*argv, "--force"]) == 0
+    assert (folder / "results.json").is_file()
+
+
+def test_r04_force_needs_resume(tiny_model, tmp_path, capsys):  # noqa: F811
+    assert exit_code([*finetune(tiny_model, tmp_path / "out"), "--force"]) == 2
+    assert "--force only applies to --resume" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("max_length, message", [
+    ("1", "--max-length 1 leaves no room for text: the tokenizer adds 2 special tokens to a sentence, so "
+          "tweet_sentiment needs at least 3"),
+    ("2", "--max-length 2 leaves no room for text"),
+])
+def test_r05_max_length_too_short_for_the_task_is_named(tiny_model, tmp_path, capsys, max_length,  # noqa: F811
+                                                        message):
+    assert exit_code([*finetune(tiny_model, tmp_path / "out"), "--max-length", max_length]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_r05_the_tokenizer_truncates_to_max_length(tiny_model):  # noqa: F811
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from wtacrs.tasks import get_task, tokenize_sequences
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    data = Dataset.from_dict({"text": ["a rather long sentence of several words"], "label": [0]})
+    encoded = tokenize_sequences(data, get_task("tweet_sentiment"), tokenizer, 3)
+    assert len(encoded[0]["input_ids"]) == 3
+
+
+@pytest.fixture(scope="module")
+def interrupted_sampling(tiny_model, tmp_path_factory) -> Path:  # noqa: F811
+    """The output folder of a finished wtacrs@0.3 tiny run whose results.json is gone, as if it had
+    been killed after its last checkpoint: a run --resume continues, with its lr_scales.json."""
+    out = tmp_path_factory.mktemp("sampling")
+    assert main([*finetune(tiny_model, out), "--method", "wtacrs@0.3"]) == 0
+    (run_folder(out, "wtacrs@0.3") / "results.json").unlink()
+    return out
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.unlink(), "lr_scales.json is missing, so the learning rates the run trained at are unknown"),
+    (lambda p: p.write_text('{"scales": {'), "lr_scales.json is not valid JSON"),
+    (lambda p: p.write_text('{"scales": {"a": -1}, "factor": 1.0}'),
+     "lr_scales.json is not a record of measured learning-rate scales"),
+], ids=["missing", "corrupt", "negative-scale"])
+def test_r11_resume_with_a_damaged_lr_scales_json_stops_unless_forced(tiny_model, interrupted_sampling,  # noqa: F811
+                                                                      tmp_path, capsys, damage, message):
+    out = copy_of(interrupted_sampling, tmp_path)
+    folder = run_folder(out, "wtacrs@0.3")
+    damage(folder / "lr_scales.json")
+    argv = [*finetune(tiny_model, out), "--method", "wtacrs@0.3", "--resume"]
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "pass --force to measure the rates again" in err and "Traceback" not in err
+    assert main([*argv, "--force"]) == 0
+    assert "--force: measuring them again" in capsys.readouterr().err
+    assert json.loads((folder / "lr_scales.json").read_text())["factor"] > 0
+
+
+def test_r08_a_checkpoint_write_that_torch_reports_as_runtime_error_is_one_line(tiny_model, tmp_path,  # noqa: F811
+                                                                                capsys, monkeypatch):
+    from transformers import Trainer
+
+    save = Trainer._save_checkpoint
+
+    def short_write(self, *args, **kwargs):
+        if self.state.global_step > 2:  # what torch.save says on a full disk or under `ulimit -f`
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", short_write)
+    out = tmp_path / "out"
+    assert exit_code([*finetune(tiny_model, out), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert (f"run full seed 0 stopped: writing under {run_folder(out)} failed (RuntimeError: [enforce fail at "
+            "inline_container.cc:672] . unexpected pos 704 vs 598): the disk is full or a file reached the file size "
+            f"limit (ulimit -f); the last complete checkpoint {run_folder(out) / 'checkpoint-2'} is kept") in err
+
+
+def test_r08_write_failures_are_told_from_other_errors(tmp_path):
+    from wtacrs.finetuning.guards import write_failure
+
+    assert write_failure(OSError(errno.EFBIG, "File too large", "optimizer.pt"), tmp_path) == (
+        "a file reached the file size limit (ulimit -f) (File too large: optimizer.pt)")
+    assert write_failure(OSError(errno.ENOSPC, "No space left on device"), tmp_path) == (
+        f"the disk is full (No space left on device: {tmp_path})")
+    assert write_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), tmp_path) is None
+    assert write_failure(OSError(errno.ENOENT, "No such file"), tmp_path) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_r17_a_child_dies_with_its_parent():
+    child_code = ("import sys, time; from wtacrs.finetuning.guards import die_with_parent; "
+                  "die_with_parent(int(sys.argv[1])); print('ready', flush=True); time.sleep(120)")
+    parent_code = ("import os, subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', sys.argv[1], "
+                   "str(os.getpid())], stdout=subprocess.PIPE, text=True); assert c.stdout.readline() == 'ready\\n'; "
+                   "print(c.pid, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, child_code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        parent.kill()  # kill -9: no handler runs in the parent
+        parent.wait()
+        for _ in range(100):
+            if not _alive(child):
+                break
+            time.sleep(0.1)
+        assert not _alive(child), "the child kept running after its parent was killed"
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
