@@ -3,8 +3,13 @@ the CPU allocator's bytes over a step (torch.profiler's memory events), both exa
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +92,8 @@ class AllocatorPeak:
     Memory allocated before entry is not tracked: its frees inside the block are ignored, as its
     allocations were (the profiler may know such a block from an earlier profile). Only CPU
     allocations are counted; on CUDA use `CudaPeak`. A torch.profiler profile cannot run inside
-    another, so neither can this.
+    another, so neither can this. What the profiler's C++ side prints meanwhile is dropped (see
+    `_PROFILER_NOISE`); everything else written to stderr inside the block is passed on at its end.
 
     Example:
         with AllocatorPeak(baseline=[*parameter_tensors(model), *optimizer_state_tensors(opt)]) as peak:
@@ -102,13 +108,59 @@ class AllocatorPeak:
         self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
 
     def __enter__(self) -> "AllocatorPeak":
-        self._profile.__enter__()
+        self._quiet = _stderr_without(_PROFILER_NOISE)
+        self._quiet.__enter__()
+        try:
+            self._profile.__enter__()
+        except BaseException:
+            self._quiet.__exit__(*sys.exc_info())
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self._profile.__exit__(*exc)
+        try:
+            self._profile.__exit__(*exc)
+        finally:
+            self._quiet.__exit__(*exc)
         replayed = replay_allocations(cpu_allocations(self._profile))
         self.peak, self.current = self.baseline + replayed.peak, self.baseline + replayed.current
+
+
+# What a memory profile writes to stderr from C++, straight to file descriptor 2 and at levels no
+# setting changes once torch is imported: kineto's trace markers at its start and stop, and c10's
+# warning when a block allocated before the profile is freed inside it (which AllocatorPeak
+# expects: such frees are ignored, as their allocations were). Users read them as errors.
+_PROFILER_NOISE = re.compile(
+    rb"USDT:[^\n]*\] profiler_(?:start|stop)\n"
+    rb"|\[W[^\n]*\] Memory block of unknown size was allocated before the profiling started[^\n]*\n"
+)
+
+
+@contextmanager
+def _stderr_without(noise: re.Pattern[bytes]) -> Iterator[None]:
+    """Send file descriptor 2 to a temporary file over the block, then write back what it
+    received with every match of `noise` cut out (so the block's other output is delayed, not lost)."""
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to clean
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            if sys.stderr is not None:
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = noise.sub(b"", captured.read())
+            if kept:
+                with open(2, "wb", closefd=False) as stderr:
+                    stderr.write(kept)
 
 
 class CudaPeak:
