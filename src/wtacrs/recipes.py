@@ -19,6 +19,8 @@ A recipe is components joined by "+", e.g. ``lora+wtacrs@0.3+companions+recomput
                          and recompute only the up projection (half the recompute's matmuls for
                          one more intermediate-size tensor per block)
     recompute-attention  the attention sub-blocks recomputed in backward (exact)
+    no-cache             no gradient-norm cache: layers that draw in forward score rows by their
+                         activation norms alone (`WTACRSConfig.grad_norm="none"`; needs a sampler)
     act=MODE             the activation input stored compressed (an approximation)
     checkpointing        Hugging Face gradient checkpointing of every block (non-reentrant)
     fused-adamw          each parameter's AdamW step runs in backward as soon as its gradient is
@@ -42,8 +44,8 @@ from wtacrs.config import TASK_HEADS, WTACRSConfig
 SAMPLERS = {"wtacrs": "wta-crs", "crs": "crs", "priority": "priority", "topk": "topk", "uniform": "uniform"}
 FLAGS = {  # component -> Recipe field
     "lora": "lora", "attention": "sampled_attention", "companions": "companions", "recompute": "recompute",
-    "keep-gate": "keep_gate", "recompute-attention": "recompute_attention", "checkpointing": "checkpointing",
-    "fused-adamw": "fused_adamw",
+    "keep-gate": "keep_gate", "recompute-attention": "recompute_attention", "no-cache": "no_cache",
+    "checkpointing": "checkpointing", "fused-adamw": "fused_adamw",
 }
 # The exact WTA-CRS recipe that beats gradient checkpointing on both axes for the offline default
 # (all-MiniLM-L6-v2, benchmarks/RESULTS.md): in `wtacrs bench` (batch 32, seq 64, interleaved) the
@@ -93,6 +95,7 @@ class Recipe:
     recompute: bool = False
     keep_gate: bool = False
     recompute_attention: bool = False
+    no_cache: bool = False
     activation_compression: str | None = None
     checkpointing: bool = False
     fused_adamw: bool = False
@@ -120,7 +123,7 @@ class Recipe:
         sampler = {v: k for k, v in SAMPLERS.items()}.get(self.estimator)
         parts = ["velora" if self.velora else "lora" if self.lora else "full"]
         parts += [f"{sampler}@{self.ratio:g}"] if sampler else []
-        for name in ("attention", "companions", "recompute", "keep-gate", "recompute-attention"):
+        for name in ("attention", "companions", "recompute", "keep-gate", "recompute-attention", "no-cache"):
             parts += [name] if getattr(self, FLAGS[name]) else []
         parts += [f"act={self.activation_compression}"] if self.activation_compression else []
         parts += [name for name in ("checkpointing", "fused-adamw") if getattr(self, FLAGS[name])]
@@ -132,7 +135,7 @@ class Recipe:
         """The `WTACRSConfig` this recipe applies (exact estimator when it only uses companions)."""
         return WTACRSConfig(
             ratio=self.ratio if self.samples else 1.0, estimator=self.estimator or "exact",
-            budget=sampling.budget, skip_padding=sampling.skip_padding,
+            budget=sampling.budget, skip_padding=sampling.skip_padding, grad_norm="none" if self.no_cache else "cache",
             target_modules=list(sampling.target_modules) if sampling.target_modules else None,
             attention=self.sampled_attention, seed=seed, lean_dropout=self.companions,
             lean_layernorm=self.companions, lean_attention=self.companions, recompute_activation=self.recompute,
@@ -179,6 +182,8 @@ def parse_recipe(spec: str, default_ratio: float | None = None) -> Recipe:
         raise RecipeError(f"recipe {spec!r}: VeLoRA and a sampler both replace LoRA A's backward; choose one")
     if recipe.keep_gate and not recipe.recompute:
         raise RecipeError(f"recipe {spec!r}: 'keep-gate' keeps the gate of the gated MLP's recompute; add 'recompute'")
+    if recipe.no_cache and not recipe.samples:
+        raise RecipeError(f"recipe {spec!r}: 'no-cache' turns off a sampler's cache; add one (e.g. wtacrs@0.3)")
     if recipe.sampled_attention and not recipe.samples:
         raise RecipeError(f"recipe {spec!r}: 'attention' samples the attention matmuls at a sampler's ratio; "
                           "add one (e.g. wtacrs@0.3)")
