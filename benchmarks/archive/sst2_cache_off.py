@@ -3,10 +3,10 @@
 regression section. `wtacrs finetune` has no option for it, so this patches the recipe's config.
 
 Archived on 2026-12-07: it patches `wtacrs.recipes.Recipe.wtacrs_config`, and the question it
-answered (a suspected regression of 2026-12-01) was refuted by more seeds. No recipe component
-turns the cache off: the default recipe draws every sampled layer in backward and reads no
-cache, and `WTACRSConfig(grad_norm="none")` does it in the library. Runs on the code of
-2026-12-01 (d8ab8e3), not kept working against later APIs.
+answered (a suspected regression of 2026-12-01) was refuted by more seeds. The same runs now need
+no patch: `wtacrs finetune ... --method wtacrs@0.3+no-cache` (the recipe component that sets
+`WTACRSConfig.grad_norm="none"`). Runs on the code of 2026-12-01 (d8ab8e3), not kept working
+against later APIs.
 
     OMP_NUM_THREADS=1 python benchmarks/archive/sst2_cache_off.py SEED [--output-dir DIR]
 """
