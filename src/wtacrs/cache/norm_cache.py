@@ -17,6 +17,10 @@ from wtacrs.cache.prior import PositionPrior
 from wtacrs.cache.records import PendingRecord, layout_of, on_host
 from wtacrs.cache.store import NormStore, decode_norms, encode_norms, real_token_ordinals
 
+# The store's index is a dense array over ids 0 … max id, 12 bytes each (`wtacrs.cache.store`):
+# ids up to 2^32 - 1 keep it under 48 GiB; larger ones are hashes, not dataset indices.
+MAX_EXAMPLE_ID = 2**32 - 1
+
 
 class GradNormCache:
     """Host-memory cache of per-token output-gradient norms, keyed by (example id, token, slot).
@@ -171,4 +175,13 @@ class GradNormCache:
         ids = example_ids.detach().cpu().to(torch.int64)
         if bool((ids < 0).any()):
             raise ValueError("example_ids must be non-negative")
+        if bool((ids > MAX_EXAMPLE_ID).any()):
+            raise ValueError(f"example_ids must be at most {MAX_EXAMPLE_ID} (the cache's index is dense over ids: "
+                             f"use dataset indices), got {ids.max().item()}")
+        unique, counts = torch.unique(ids, return_counts=True)
+        if bool((counts > 1).any()):
+            twice = unique[counts > 1].tolist()
+            shown = ", ".join(map(str, twice[:5])) + (" …" if len(twice) > 5 else "")
+            raise ValueError(f"example id(s) {shown} appear more than once in one batch: each example's cached "
+                             "norms are keyed by its id")
         return ids

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -30,21 +31,23 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_CPU_BUDGET_GB = 12.0
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
 
-def _ratio(text: str) -> float:
+def ratio_arg(text: str) -> float:
+    """argparse type: a ratio in (0, 1]."""
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"ratio must be in (0, 1], got {text}")
@@ -70,12 +73,12 @@ def _common(batch: int) -> argparse.ArgumentParser:
     p.add_argument("--model", default="bert-base", type=_model,
                    help=f"named size with random weights ({', '.join(MODEL_SIZES)}), or a local folder of a "
                         "pre-trained model of any family with a sequence-classification head (default bert-base)")
-    p.add_argument("--batch", type=_positive_int, default=batch)
-    p.add_argument("--seq", type=_positive_int, default=128, help="tokens per example")
+    p.add_argument("--batch", type=positive_int, default=batch)
+    p.add_argument("--seq", type=positive_int, default=128, help="tokens per example")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
     return p
 
@@ -93,7 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     speed = sub.add_parser("speed", parents=[_common(64)], help="median step time and samples/s")
     _with_methods(speed)
     speed.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    speed.add_argument("--steps", type=_positive_int, default=3, help="timed steps (median reported)")
+    speed.add_argument("--steps", type=positive_int, default=3, help="timed steps (median reported)")
     speed.add_argument("--no-peak", dest="peak", action="store_false", help="skip the peak step for the plane")
     speed.add_argument("--profile", action="store_true", help="one more step under cProfile: time per component")
     speed.add_argument("--interleave", action="store_true",
@@ -104,12 +107,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     batch = sub.add_parser("batch", parents=[_common(8)],
                            help="largest batch under a memory budget (--batch: first probe)")
     _with_methods(batch)
-    batch.add_argument("--budget-gb", type=_positive_float, default=None,
+    batch.add_argument("--budget-gb", type=positive_float, default=None,
                        help="GB (1e9 bytes); default 12 on CPU, the card's memory on CUDA")
-    batch.add_argument("--multiple", type=_positive_int, default=8, help="batch sizes searched are multiples of this")
-    batch.add_argument("--max-batch", type=_positive_int, default=4096)
+    batch.add_argument("--multiple", type=positive_int, default=8, help="batch sizes searched are multiples of this")
+    batch.add_argument("--max-batch", type=positive_int, default=4096)
     variance = sub.add_parser("variance", parents=[_common(4)], help="variance of dW estimates per layer")
-    variance.add_argument("--ratios", type=_ratio, nargs="+", default=list(DEFAULT_RATIOS))
+    variance.add_argument("--ratios", type=ratio_arg, nargs="+", default=list(DEFAULT_RATIOS))
     variance.add_argument("--draws", type=int, default=16, help="estimates per layer, ratio and estimator (>= 2)")
     variance.add_argument("--layers", default=None, metavar="REGEX", help="only linear layers whose name matches")
     merge = sub.add_parser("merge", help="one table from several memory.json (or speed.json) runs of one setup")
@@ -124,8 +127,15 @@ def _device(name: str) -> torch.device:
 
 
 def run(args: argparse.Namespace) -> int:
+    from wtacrs.finetuning.guards import check_output_dir
+
     if args.bench_command == "variance" and args.draws < 2:
         raise SystemExit(f"wtacrs bench variance: error: --draws must be >= 2, got {args.draws}")
+    try:
+        check_output_dir(args.out, "--out")  # before minutes of measuring
+    except ValueError as e:
+        print(f"wtacrs bench: error: {e}", file=sys.stderr)
+        return 2
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     device = _device(getattr(args, "device", "cpu"))

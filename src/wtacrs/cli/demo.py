@@ -13,15 +13,16 @@ import time
 import torch
 import torch.nn.functional as F
 
+from wtacrs.cli.bench import positive_int, ratio_arg
 from wtacrs.functional import sampled_linear
 from wtacrs.memory import SavedTensorBytes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3, 0.5])
-    p.add_argument("--draws", type=int, default=20, help="independent estimates per ratio and estimator")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--seq", type=positive_int, default=128)
+    p.add_argument("--ratios", type=ratio_arg, nargs="+", default=[0.1, 0.3, 0.5])
+    p.add_argument("--draws", type=positive_int, default=20, help="independent estimates per ratio and estimator")
     p.add_argument("--seed", type=int, default=0)
 
 

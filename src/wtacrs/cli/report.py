@@ -112,7 +112,7 @@ def _row_stats(by_task: dict[str, list[dict]]) -> dict[str, float]:
     return {
         "avg": statistics.mean(statistics.mean(map(percent, rs)) for rs in by_task.values()),
         "act": statistics.mean(r["saved_activation_bytes"] for r in runs) / 2**20,
-        "peak": statistics.mean(r["peak_memory_bytes"] for r in runs) / 2**20,
+        "peak": _mean_or_nan([r["peak_memory_bytes"] for r in runs if r["peak_memory_bytes"] is not None]) / 2**20,
         "live": _mean_or_nan([r["live_peak_bytes"] for r in runs if r.get("live_peak_bytes")]) / 2**20,
         "speed": _mean_or_nan([r["train_samples_per_second"] for r in runs if r["train_samples_per_second"]]),
         "kind": runs[0].get("model_kind", "?"),

@@ -79,12 +79,15 @@ def versions() -> dict[str, str | None]:
 
 
 def load_result(path: Path) -> dict:
-    """One results record; raises ValueError naming the file for bad JSON or missing fields (a
-    failed run's record needs none: see `failure`)."""
+    """One results record; raises ValueError naming the file for bad JSON, missing fields or a
+    field of the wrong type (a failed run's record needs none: see `failure`; a score that is no
+    number is `failure`'s to report)."""
     try:
         record = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not a wtacrs finetune results file (its JSON is nested too deeply)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot be read ({e})") from None
     if isinstance(record, dict) and record.get("status") == "failed":
@@ -92,7 +95,43 @@ def load_result(path: Path) -> dict:
     missing = [k for k in REQUIRED if not isinstance(record, dict) or k not in record]
     if missing:
         raise ValueError(f"{path}: not a wtacrs finetune results file (missing {', '.join(missing)})")
+    for name, (kind, check) in _FIELD_TYPES.items():
+        if name in record and not check(record[name]):
+            raise ValueError(f"{path}: field {name!r} must be {kind}, got {record[name]!r:.80}")
     return record
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _optional(check):
+    return lambda value: value is None or check(value)
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# What `wtacrs report` reads besides the score, with the type a record written here has.
+_FIELD_TYPES = {
+    "task": ("a string", lambda v: isinstance(v, str)),
+    "model": ("a string", lambda v: isinstance(v, str)),
+    "model_name": ("a string or null", _optional(lambda v: isinstance(v, str))),
+    "method": ("a string", lambda v: isinstance(v, str)),
+    "ratio": ("a number in (0, 1] or null", _optional(lambda v: _number(v) and 0 < v <= 1)),
+    "seed": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "peak_memory_bytes": ("a number or null", _optional(_number)),
+    "live_peak_bytes": ("a number or null", _optional(_number)),
+    "saved_activation_bytes": ("a number", _number),
+    "train_samples_per_second": ("a number or null", _optional(_number)),
+    "model_kind": ("a string", lambda v: isinstance(v, str)),
+    "variants": ("a list of strings", _strings),
+    "companions": ("a list of strings", _strings),
+    "hyperparameters": ("an object", lambda v: isinstance(v, dict)),
+    "companion_effects": ("an object of strings", lambda v: isinstance(v, dict)
+                          and all(isinstance(s, str) for s in v.values())),
+}
 
 
 def failure(record: dict) -> str | None:

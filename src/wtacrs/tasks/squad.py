@@ -104,6 +104,8 @@ def read_squad_json(path: str | Path, version_2: bool | None = None) -> list[lis
         document = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(path, f"not valid JSON ({e.msg}, column {e.colno})", e.lineno) from None
+    except RecursionError:
+        raise DataError(path, "not a SQuAD file: its JSON is nested too deeply") from None
     articles, seen = [], {}
     for i, article in enumerate(_require(path, "top level", document, "data", list)):
         records = []
