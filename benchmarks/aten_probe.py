@@ -8,7 +8,7 @@ from wtacrs.bench.dispatch import AtenCounter
 def build(ratio):
     torch.manual_seed(0)
     m = transformers.BertForSequenceClassification(transformers.BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512, num_labels=2)).train()
-    return wtacrs.apply(m, wtacrs.WTACRSConfig(ratio=ratio)) if ratio else m
+    return wtacrs.apply(m, wtacrs.WTACRSConfig.preset("sampler", ratio=ratio)) if ratio else m
 B,T=8,64
 g=torch.Generator().manual_seed(0)
 inputs=dict(input_ids=torch.randint(0,1000,(B,T),generator=g), attention_mask=torch.ones(B,T,dtype=torch.long), labels=torch.randint(0,2,(B,),generator=g))

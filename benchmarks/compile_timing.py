@@ -16,7 +16,7 @@ def build(sampled):
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                         problem_type="single_label_classification")
     m = hf.BertForSequenceClassification(cfg).train()
-    return wtacrs.apply(m, wtacrs.WTACRSConfig(ratio=0.3, seed=0)) if sampled else m
+    return wtacrs.apply(m, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, seed=0)) if sampled else m
 
 g = torch.Generator().manual_seed(0)
 ids = torch.randint(1, 1000, (8, 64), generator=g)

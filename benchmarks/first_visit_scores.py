@@ -375,7 +375,7 @@ def library_multipliers(model, priors: list[dict], measured: dict, anchored: boo
     import wtacrs
 
     qa = "start_positions" in measured
-    wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, skip_padding=not qa))
+    wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, skip_padding=not qa))
     state = wtacrs.sampling_state(model)
 
     def block(inputs: dict, ids: torch.Tensor, plan: bool):

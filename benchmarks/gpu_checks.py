@@ -31,7 +31,7 @@ def grads() -> dict[str, torch.Tensor]:
     config = transformers.BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=256, num_labels=2)
     model = wtacrs.apply(transformers.BertForSequenceClassification(config).cuda().train(),
-                         wtacrs.WTACRSConfig(ratio=0.3))
+                         wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     ids = torch.arange(8)
     mask = torch.ones(8, 64, dtype=torch.long)
     inputs = {"input_ids": torch.randint(0, 1000, (8, 64), generator=torch.Generator().manual_seed(1)).cuda(),

@@ -85,7 +85,7 @@ def build_model(args, method: str):
     # cost more than the rest of the step, and no sampled layer touches them.
     model.get_input_embeddings().weight.requires_grad_(False)
     if method == "wtacrs":
-        wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=args.ratio, seed=args.seed))
+        wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=args.ratio, seed=args.seed))
     return model
 
 

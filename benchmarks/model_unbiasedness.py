@@ -82,7 +82,7 @@ def main() -> None:
     reference(**batch).loss.backward()
     exact = {n: p.grad.clone() for n, p in reference.named_parameters() if p.dim() == 2 and ".encoder." in n}
 
-    config = wtacrs.WTACRSConfig(ratio=args.ratio, estimator=args.estimator, skip_padding=not qa,
+    config = wtacrs.WTACRSConfig.preset("sampler", ratio=args.ratio, estimator=args.estimator, skip_padding=not qa,
                                  recompute_activation=args.recompute, recompute_attention=args.recompute)
     model = wtacrs.apply(build(path, qa, fresh_head=args.model is None), config)
     params, size = dict(model.named_parameters()), len(batch["input_ids"])

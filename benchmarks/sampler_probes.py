@@ -29,7 +29,7 @@ CONFIG = hf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_
 def tiny_bert(sampled: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     model = hf.BertForSequenceClassification(CONFIG).train()
-    return wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3)) if sampled else model
+    return wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3)) if sampled else model
 
 
 def tiny_batch() -> dict[str, torch.Tensor]:

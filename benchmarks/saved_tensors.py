@@ -20,7 +20,7 @@ from wtacrs.memory import parameter_tensors, saved_bytes_by_op, saved_tensors_by
 
 METHODS = {
     "full fine-tuning": None,
-    "WTA-CRS@0.3": wtacrs.WTACRSConfig(ratio=0.3),
+    "WTA-CRS@0.3": wtacrs.WTACRSConfig.preset("sampler", ratio=0.3),
     "WTA-CRS@0.3 + lean dropout + lean LayerNorm": wtacrs.WTACRSConfig(
         ratio=0.3, lean_dropout=True, lean_layernorm=True),
 }

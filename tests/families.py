@@ -35,7 +35,7 @@ def features(case: Case) -> dict[str, bool]:
     the Trainer trains (no key/value cache, `TrainingArguments.use_cache=False`)."""
     model = case.model()
     model.config.use_cache = False
-    model = wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, seed=0, **ALL_COMPANIONS))
+    model = wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, seed=0, **ALL_COMPANIONS))
     model(**case.batch()).loss.backward()
     took_effect = {option: effect.status == "took effect" for option, effect in companion_effects(model).items()}
     return {"sampled linears": bool(sampled_modules(model)), "sampled attention": samples_attention(case),
@@ -43,9 +43,9 @@ def features(case: Case) -> dict[str, bool]:
 
 
 def samples_attention(case: Case) -> bool:
-    """Whether `WTACRSConfig(attention=True)` samples `case`'s attention matmuls."""
+    """Whether `WTACRSConfig.preset("sampler", attention=True)` samples `case`'s attention matmuls."""
     try:
-        model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3, attention=True))
+        model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, attention=True))
     except AttentionNotSupportedError:  # the model computes attention in its own code
         return False
     return bool(sampled_attention_modules(model))

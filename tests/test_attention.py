@@ -475,7 +475,7 @@ def test_apply_keys_attention_draws_by_its_seed_and_step():
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-        wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, attention=True, seed=seed))
+        wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, attention=True, seed=seed))
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return step(model, batch, seed=rng)[1]

@@ -39,7 +39,7 @@ BERT = CASES_BY_NAME["bert"]
 )
 def test_config_rejects(kwargs, match):
     with pytest.raises(wtacrs.WTACRSConfigError, match=match):
-        wtacrs.WTACRSConfig(**kwargs)
+        wtacrs.WTACRSConfig.preset("sampler", **kwargs)
 
 
 def test_b08_op_rejects_negative_ratio_and_unknown_estimator():
@@ -52,13 +52,13 @@ def test_b08_op_rejects_negative_ratio_and_unknown_estimator():
 
 def test_b09_target_patterns_matching_nothing_echo_the_patterns():
     with pytest.raises(wtacrs.NoMatchingModulesError, match="no_such_layer"):
-        wtacrs.apply(BERT.model(), wtacrs.WTACRSConfig(target_modules=["no_such_layer"]))
+        wtacrs.apply(BERT.model(), wtacrs.WTACRSConfig.preset("sampler", target_modules=["no_such_layer"]))
 
 
 def test_b10_apply_twice_and_state_of_a_plain_model():
-    model = wtacrs.apply(BERT.model(), wtacrs.WTACRSConfig())
+    model = wtacrs.apply(BERT.model(), wtacrs.WTACRSConfig.preset("sampler"))
     with pytest.raises(ValueError, match="already applied"):
-        wtacrs.apply(model, wtacrs.WTACRSConfig())
+        wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler"))
     with pytest.raises(ValueError, match="not applied"):
         wtacrs.sampling_state(BERT.model())
 
@@ -82,7 +82,7 @@ def test_batch_rejects_ids(ids, match):
 def test_b15_ids_of_the_wrong_length_fall_back_without_touching_the_cache():
     """Documented fallback: rows that are not (example, token) of the batch get no cached norms;
     the step is still unbiased and nothing is written under the wrong examples' ids."""
-    model = wtacrs.apply(BERT.model(), wtacrs.WTACRSConfig(ratio=0.3))
+    model = wtacrs.apply(BERT.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     with wtacrs.batch(torch.arange(2)):  # the batch has 3 examples
         model(**BERT.batch()).loss.backward()
     assert wtacrs.sampling_state(model).cache is None
@@ -115,7 +115,7 @@ def test_b18_non_finite_gradient_norms_are_stored_as_missing():
 
 
 def test_b19_a_nan_loss_step_does_not_poison_the_next_draws():
-    model = wtacrs.apply(BERT.model(), wtacrs.WTACRSConfig(ratio=0.3))
+    model = wtacrs.apply(BERT.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     ids = torch.arange(3)
     with wtacrs.batch(ids):
         (model(**BERT.batch()).loss * math.nan).backward()
@@ -134,7 +134,7 @@ def test_b20_all_padding_rows_give_an_exact_zero_weight_gradient():
 
 
 def test_b21_sequence_longer_than_the_model_allows_fails_in_the_model_not_silently():
-    model = wtacrs.apply(BERT.model(), wtacrs.WTACRSConfig(ratio=0.3))  # max_position_embeddings = 64
+    model = wtacrs.apply(BERT.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))  # max_position_embeddings = 64
     too_long = {"input_ids": torch.randint(3, 99, (1, 80)), "attention_mask": torch.ones(1, 80, dtype=torch.long)}
     with pytest.raises((IndexError, RuntimeError, ValueError)):
         model(**too_long)
@@ -401,3 +401,165 @@ def test_b47_resume_with_no_checkpoint_at_all(tmp_path):
         trainer(tmp_path).train(resume_from_checkpoint=True)
     with pytest.raises(CheckpointError, match="does not exist"):
         verify_checkpoint(tmp_path / "checkpoint-99")
+
+
+# -- third round (issue 34): b50 … ----------------------------------------------------------------
+@pytest.mark.parametrize("value", [math.nan, 5, "0.3"])
+def test_b50_config_field_assigned_after_apply_is_checked(value):
+    config = wtacrs.WTACRSConfig(ratio=0.3, recompute_activation=False, recompute_attention=False)
+    wtacrs.apply(BERT.model(), config)
+    with pytest.raises(wtacrs.WTACRSConfigError, match=r"WTACRSConfig.ratio: ratio must be"):
+        config.ratio = value
+    assert config.ratio == 0.3, "a refused value must leave the config as it was"
+    with pytest.raises(wtacrs.WTACRSConfigError, match="WTACRSConfig.estimator must be one of"):
+        config.estimator = "best"
+    config.ratio = 0.5  # a good value is taken
+    assert config.ratio == 0.5
+
+
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        pytest.param([0, 1, 1], r"example id\(s\) 1 appear more than once in one batch", id="b51-duplicate-ids"),
+        pytest.param([0, 1, 2**40], rf"example_ids must be at most {2**32 - 1} .*got {2**40}", id="b52-huge-ids"),
+    ],
+)
+def test_cache_rejects_ids_where_they_enter_it(ids, match):
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[2, 2:] = False  # a later duplicate with fewer real tokens ...
+    with pytest.raises(ValueError, match=match):
+        GradNormCache(2).lookup(0, torch.tensor(ids), mask)
+    with pytest.raises(ValueError, match=match):
+        GradNormCache(2).record(0, torch.tensor(ids), mask, torch.ones(3, 4))
+
+
+def test_b51_duplicate_ids_in_a_training_batch_are_refused_naming_them():
+    """The cache refuses them when the first step's records enter it (at the latest when the next
+    step starts), before a later duplicate with more real tokens (the batch's third example) is
+    written past its entry: an IndexError in the store, once."""
+    sampler = wtacrs.WTACRSConfig(ratio=0.3, recompute_activation=False, recompute_attention=False)  # forward draws
+    model = wtacrs.apply(BERT.model(), sampler)
+    with pytest.raises(ValueError, match=r"example id\(s\) 1 appear more than once in one batch"):
+        for _ in range(2):
+            with wtacrs.batch(torch.tensor([0, 1, 1])):
+                model(**BERT.batch()).loss.backward()
+
+
+@pytest.mark.parametrize(
+    "write, match",
+    [
+        pytest.param(lambda p: p.write_bytes(b'{"ratio": 0.3, "budget": "\xff\xfe"}'), "is not UTF-8 text",
+                     id="b53-config-not-utf8"),
+        pytest.param(lambda p: p.mkdir(), "is a folder, not a wtacrs_config.json file", id="b54-config-a-folder"),
+        pytest.param(lambda p: p.write_text("[" * 100_000 + "]" * 100_000), "nested too deeply",
+                     id="b55-config-nested"),
+    ],
+)
+def test_config_file_problems_are_config_errors(tmp_path, write, match):
+    write(tmp_path / "wtacrs_config.json")
+    with pytest.raises(wtacrs.WTACRSConfigError, match=match):
+        wtacrs.WTACRSConfig.from_pretrained(tmp_path)
+
+
+def test_b56_deeply_nested_squad_json_is_a_data_error(tmp_path):
+    from wtacrs.tasks import DataError
+    from wtacrs.tasks.squad import read_squad_json
+
+    path = tmp_path / "dev.json"
+    path.write_text('{"data": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(DataError, match=r"dev\.json: not a SQuAD file: its JSON is nested too deeply"):
+        read_squad_json(path)
+
+
+def _report_record(**changes) -> dict:
+    from test_finetune import fake_result
+
+    return {**fake_result("sst2", "full", None, 0, 0.9), **changes}
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        pytest.param({"seed": "0"}, "field 'seed' must be an integer, got '0'", id="b57-report-seed-string"),
+        pytest.param({"task": 3}, "field 'task' must be a string, got 3", id="b58-report-task-number"),
+        pytest.param({"method": None}, "field 'method' must be a string, got None", id="b59-report-method-null"),
+        pytest.param({"ratio": "0.3"}, "field 'ratio' must be a number in (0, 1] or null", id="b60-report-ratio"),
+        pytest.param({"peak_memory_bytes": "1"}, "field 'peak_memory_bytes' must be a number or null",
+                     id="b61-report-peak-string"),
+        pytest.param({"saved_activation_bytes": None}, "field 'saved_activation_bytes' must be a number",
+                     id="b62-report-saved-null"),
+        pytest.param({"train_samples_per_second": [1]}, "field 'train_samples_per_second' must be a number or null",
+                     id="b63-report-speed-list"),
+        pytest.param({"variants": "pad-max"}, "field 'variants' must be a list of strings", id="b64-report-variants"),
+        pytest.param({"hyperparameters": [1]}, "field 'hyperparameters' must be an object", id="b65-report-hparams"),
+        pytest.param({"companion_effects": {"lean_dropout": 1}}, "field 'companion_effects' must be an object of "
+                     "strings", id="b66-report-effects"),
+        pytest.param({"model_name": 7}, "field 'model_name' must be a string or null", id="b67-report-model-name"),
+        pytest.param({"seed": True}, "field 'seed' must be an integer, got True", id="b68-report-seed-bool"),
+    ],
+)
+def test_report_names_a_results_field_of_the_wrong_type(tmp_path, capsys, changes, message):
+    from wtacrs.cli import main
+
+    path = tmp_path / "run0" / "results.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(_report_record(**changes)))
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"wtacrs report: error: {path}: {message}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_b69_report_on_deeply_nested_json(tmp_path, capsys):
+    from wtacrs.cli import main
+
+    path = tmp_path / "results.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["report", str(path)]) == 2
+    assert f"{path}: not a wtacrs finetune results file (its JSON is nested too deeply)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["a-file", "read-only"])
+def test_b70_bench_out_that_cannot_hold_results_is_refused_before_measuring(tmp_path, capsys, monkeypatch, kind):
+    """Read-only is simulated (root may write anywhere): os.access says so."""
+    import os
+
+    from wtacrs.cli import main
+
+    out = tmp_path / kind
+    if kind == "a-file":
+        out.write_text("")
+    else:
+        out.mkdir()
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == out else real_access(p, mode))
+    assert main(["bench", "memory", "--model", "bert-tiny", "--out", str(out)]) == 2
+    expected = f"--out {out} is not a folder" if kind == "a-file" else f"--out {out}: {out} is not writable"
+    assert f"wtacrs bench: error: {expected}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "argument --batch: must be a positive integer, got 0"),
+    (["--draws", "0"], "argument --draws: must be a positive integer, got 0"),
+    (["--ratios", "nan"], "argument --ratios: ratio must be in (0, 1], got nan"),
+], ids=["b71-demo-batch-zero", "b72-demo-draws-zero", "b73-demo-ratio-nan"])
+def test_demo_options_are_checked(capsys, argv, message):
+    from wtacrs.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", *argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_b74_max_length_below_a_pairs_special_tokens_is_named():
+    from datasets import Dataset
+
+    from wtacrs.packaged import packaged_model_dir
+    from wtacrs.tasks import MaxLengthError, get_task, tokenize_sequences
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir())
+    pairs = Dataset.from_dict({"sentence1": ["a b c"], "sentence2": ["d e f"], "label": [0]})
+    with pytest.raises(MaxLengthError, match="--max-length 4 leaves no room for text: the tokenizer adds 3 special "
+                                             "tokens to a sentence pair, so rte needs at least 5"):
+        tokenize_sequences(pairs, get_task("rte"), tokenizer, 4)
+    assert len(tokenize_sequences(pairs, get_task("rte"), tokenizer, 5)[0]["input_ids"]) == 5

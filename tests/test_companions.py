@@ -410,7 +410,7 @@ def test_sdpa_calls_a_fused_kernel_takes_run_unchanged():
     for dropout, acts in ((0.0, False), (0.1, True)):
         model, input_ids = tiny_bert("sdpa", dropout=dropout), torch.randint(0, 100, (2, 9))
         assert (attention_probability_bytes(model, input_ids) > 0) == acts  # what the plain call keeps
-        wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=1.0, estimator="exact", lean_attention=True))
+        wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=1.0, estimator="exact", lean_attention=True))
         assert attention_probability_bytes(model, input_ids) == 0
         model(input_ids=input_ids).last_hidden_state.sum().backward()
         status = wtacrs.modeling.companion_effects(model)["lean_attention"].status
@@ -494,7 +494,7 @@ def sampled_step(recompute: bool, input_ids: torch.Tensor, *, recompute_attentio
     import wtacrs
 
     model = tiny_bert("sdpa", dropout=0.1)
-    config = wtacrs.WTACRSConfig(
+    config = wtacrs.WTACRSConfig.preset("sampler", 
         ratio=0.3, lean_dropout=True, lean_layernorm=True, lean_attention=True, recompute_activation=recompute,
         recompute_attention=recompute_attention, backward_draws=backward_draws,
     )
@@ -541,7 +541,7 @@ def test_recompute_companions_compose_with_gradient_checkpointing_and_autocast()
     grads = []
     for checkpointing in (False, True):
         model = tiny_bert("sdpa", dropout=0.1)
-        wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, lean_dropout=True, lean_layernorm=True, lean_attention=True,
+        wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, lean_dropout=True, lean_layernorm=True, lean_attention=True,
                                                 recompute_activation=True, recompute_attention=True))
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -2,9 +2,9 @@
 
 A step here is the user's whole function, forward and `loss.backward()` (traced with dynamo's
 `trace_autograd_ops`), or the compiled model's forward with its AOTAutograd backward, run inside
-`wtacrs.batch(ids, mask, model=model)`, which does the step's host work at enter and exit.
-Gradients are compared with the plain eager step (no `model=`), the path every other test
-covers, for the same seed.
+`wtacrs.batch(ids, mask)`, which plans the step's host work at enter and commits at exit.
+Gradients are compared with the eager step planned at the forward's pre-hook (no host mask given
+to the block), for the same seed.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _model(name: str) -> torch.nn.Module:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    return wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, seed=3))
+    return wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, seed=3))
 
 
 def _step(model: torch.nn.Module):
@@ -59,7 +59,7 @@ def _train(model: torch.nn.Module, batches: list[dict], planned: bool, step=None
     grads = []
     for batch in batches:
         model.zero_grad()
-        with wtacrs.batch(IDS, batch["attention_mask"], model=model if planned else None):
+        with wtacrs.batch(IDS, batch["attention_mask"] if planned else None):
             step(batch)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     return grads
@@ -77,8 +77,8 @@ def _assert_same(expected: list[dict], got: list[dict], exact: bool) -> None:
 
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_a_planned_step_equals_the_plain_step_draws_norms_and_cache(name):
-    """batch(model=) moves the host work, not the result: same gradients (bitwise), and norms
-    that left backward through the sinks fill the cache exactly as the callbacks do."""
+    """Planning at the block's enter from the host mask moves the host work, not the result: same
+    gradients (bitwise) and the same cache as planning at the forward from its own mask."""
     batches = _batches(name, 4)
     plain, planned = _model(name), _model(name)
     _assert_same(_train(plain, batches, planned=False), _train(planned, batches, planned=True), exact=True)
@@ -103,18 +103,11 @@ def test_a_planned_step_composes_with_gradient_checkpointing(reentrant):
 
 def test_a_planned_step_checks_padding_gradients():
     model, batch = _qa_bert_and_batch()
-    wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3))
-    with wtacrs.batch(IDS, batch["attention_mask"], model=model):
+    wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
+    with wtacrs.batch(IDS, batch["attention_mask"]):
         model(**batch).loss.backward()
     with pytest.raises(wtacrs.PaddingGradientError):
         wtacrs.sampling_state(model).state_dict()
-
-
-def test_a_planned_batch_needs_the_attention_mask():
-    model = _model("bert")
-    with pytest.raises(ValueError, match="attention_mask"):
-        with wtacrs.batch(IDS, model=model):
-            pass
 
 
 def _compiled_run(name: str, batches: list[dict], backend: str, region: str = "step") -> tuple[list[dict], dict]:

@@ -69,7 +69,7 @@ def with_wtacrs(model: nn.Module, ratio: float = 1.0, **flags) -> nn.Module:
     (so a recompute's gradients are bitwise those without it)."""
     estimator = "wta-crs" if ratio < 1 else "exact"
     flags = {"backward_draws": False, **flags}
-    return wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=ratio, estimator=estimator, seed=0, **flags))
+    return wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=ratio, estimator=estimator, seed=0, **flags))
 
 
 def assert_grads_close(grads, reference, rtol=1e-5, atol=1e-6):
@@ -255,7 +255,7 @@ def test_keep_gate_is_exact_and_keeps_gate_outputs_only():
 
 def test_keep_gate_needs_the_recompute():
     with pytest.raises(wtacrs.WTACRSConfigError, match="recompute_activation"):
-        wtacrs.WTACRSConfig(keep_gate=True)
+        wtacrs.WTACRSConfig.preset("sampler", keep_gate=True)
     with pytest.raises(ValueError, match="recompute_activation"):
         apply_companions(tiny_llama(), dropout=False, layernorm=False, activation=None, keep_gate=True)
 

@@ -59,7 +59,7 @@ def test_a_warm_sampled_step_forces_no_more_device_syncs_than_the_plain_step(nam
     case = CASES_BY_NAME[name]
     batch = case.batch()
     plain = _counted_step(case.model(), batch, None, None)
-    model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3))
+    model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     ids, host_mask = torch.arange(3), batch["attention_mask"]
     for _ in range(2):  # fill the cache: the counted step reads and writes it
         _counted_step(model, batch, ids, host_mask)
@@ -75,7 +75,7 @@ def test_the_same_step_draws_the_same_rows_after_a_resume():
     batch, ids = case.batch(), torch.arange(3)
 
     def run(steps: int, first: int = 0, state=None):
-        model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3, seed=4))
+        model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, seed=4))
         if state is not None:
             wtacrs.sampling_state(model).load_state_dict(state)
         for step in range(first, first + steps):

@@ -74,7 +74,7 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # -- rank bodies (module level: spawn pickles them by name) ---------------------------------------
 def _ratio_one_gradients(rank: int, out: dict) -> None:
-    model = DistributedDataParallel(wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=1.0)))
+    model = DistributedDataParallel(wtacrs.apply(_bert(), wtacrs.WTACRSConfig.preset("sampler", ratio=1.0)))
     enable_data_parallel(model)
     with wtacrs.batch(torch.arange(2) + 2 * rank):
         model(**_local(_global_batch(), rank)).loss.backward()
@@ -82,7 +82,7 @@ def _ratio_one_gradients(rank: int, out: dict) -> None:
 
 
 def _sampled_mean_gradient(rank: int, out: dict, steps: int = 40) -> None:
-    model = DistributedDataParallel(wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=0.3)))
+    model = DistributedDataParallel(wtacrs.apply(_bert(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3)))
     enable_data_parallel(model)
     samples = []
     for _ in range(steps):
@@ -94,7 +94,7 @@ def _sampled_mean_gradient(rank: int, out: dict, steps: int = 40) -> None:
 
 
 def _shared_cache(rank: int, out: dict) -> None:
-    model = DistributedDataParallel(wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=0.3)))
+    model = DistributedDataParallel(wtacrs.apply(_bert(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3)))
     sync = enable_data_parallel(model)
     assert enable_data_parallel(model) is sync, "not idempotent"
     state = wtacrs.sampling_state(model.module)
@@ -127,7 +127,7 @@ def _trainer(output_dir: str, max_steps: int = 4, callbacks=()):
         output_dir, per_device_train_batch_size=2, max_steps=max_steps, save_steps=2, report_to=[], use_cpu=True,
         disable_tqdm=True, logging_steps=1000, ddp_backend="gloo" if dist.is_initialized() else None, seed=0,
     )
-    return WTACRSTrainer(model=wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=0.3)), args=args,
+    return WTACRSTrainer(model=wtacrs.apply(_bert(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3)), args=args,
                          train_dataset=_dataset(16), data_collator=_collate, callbacks=list(callbacks))
 
 
@@ -171,7 +171,7 @@ def _fsdp2_bert(ratio: float) -> torch.nn.Module:
     """The tiny BERT with WTA-CRS applied first, then FSDP2 per encoder block and at the root."""
     from torch.distributed.fsdp import fully_shard
 
-    model = wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=ratio))
+    model = wtacrs.apply(_bert(), wtacrs.WTACRSConfig.preset("sampler", ratio=ratio))
     for layer in model.bert.encoder.layer:
         fully_shard(layer)
     return fully_shard(model)
@@ -253,7 +253,7 @@ def _left_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.gather(1, index) if v.dim() == 2 else v for k, v in batch.items()}
 
 
-ANCHORED_CONFIG = wtacrs.WTACRSConfig(ratio=0.3, skip_padding=False)  # the pooler reads rank 1's left padding
+ANCHORED_CONFIG = wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, skip_padding=False)  # the pooler reads rank 1's left padding
 
 
 def _anchored_inputs(rank: int) -> tuple[dict[str, torch.Tensor], dict]:
@@ -352,7 +352,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 @pytest.mark.timeout(JOIN_TIMEOUT_S + 30)
 def test_ratio_one_all_reduced_gradients_equal_one_process_on_the_whole_batch(ranks):
-    model = wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=1.0))
+    model = wtacrs.apply(_bert(), wtacrs.WTACRSConfig.preset("sampler", ratio=1.0))
     model(**_global_batch()).loss.backward()
     reference = _grads(model)
     for rank in (r["ratio_one"] for r in ranks):
@@ -363,7 +363,7 @@ def test_ratio_one_all_reduced_gradients_equal_one_process_on_the_whole_batch(ra
 
 @pytest.mark.timeout(JOIN_TIMEOUT_S + 30)
 def test_sampled_all_reduced_gradient_is_unbiased(ranks):
-    model = wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=1.0))
+    model = wtacrs.apply(_bert(), wtacrs.WTACRSConfig.preset("sampler", ratio=1.0))
     model(**_global_batch()).loss.backward()
     exact = model.bert.encoder.layer[0].intermediate.dense.weight.grad
     samples = ranks[0]["sampled"]["samples"]
@@ -445,7 +445,7 @@ def test_cli_run_folder_is_prepared_by_rank_zero_alone(ranks):
 
 @pytest.mark.timeout(JOIN_TIMEOUT_S + 30)
 def test_fsdp2_ratio_one_training_equals_one_process_on_the_whole_batch(ranks):
-    reference = _train_two_steps(wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=1.0)), _global_batch(),
+    reference = _train_two_steps(wtacrs.apply(_bert(), wtacrs.WTACRSConfig.preset("sampler", ratio=1.0)), _global_batch(),
                                  torch.arange(4))
     for rank in (r["fsdp2"][1.0] for r in ranks):
         for kind in ("grads", "weights"):
@@ -611,7 +611,7 @@ def test_records_with_keys_add_their_layout_once():
 
 
 def test_single_process_needs_no_sync():
-    model = wtacrs.apply(_bert(), wtacrs.WTACRSConfig(ratio=0.3))
+    model = wtacrs.apply(_bert(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     assert enable_data_parallel(model) is None
     assert wtacrs.sampling_state(model).sync is None
 

@@ -113,7 +113,7 @@ def test_readme_families_table_is_what_summary_reports():
 
 
 def test_summary_says_which_companions_took_effect_and_which_found_nothing():
-    lean = wtacrs.WTACRSConfig(ratio=0.3, lean_dropout=True, lean_layernorm=True, lean_attention=True)
+    lean = wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, lean_dropout=True, lean_layernorm=True, lean_attention=True)
     llama = CASES_BY_NAME["llama"]
     model = wtacrs.apply(llama.model(), lean)
     before = wtacrs.summary(model)
@@ -139,7 +139,7 @@ def test_summary_says_which_companions_took_effect_and_which_found_nothing():
     assert not any(hasattr(m, "wtacrs_companion_use") for m in model.modules())
 
     bert = CASES_BY_NAME["bert"]  # sampled attention is eager: no SDPA call is left to recompute
-    model = wtacrs.apply(bert.model(), wtacrs.WTACRSConfig(ratio=0.3, attention=True, lean_attention=True))
+    model = wtacrs.apply(bert.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, attention=True, lean_attention=True))
     model(**bert.batch()).loss.backward()
     text = wtacrs.summary(model)
     assert "sampled attention: 2 modules" in text and "lean_attention         nothing to change" in text

@@ -195,7 +195,7 @@ def test_anchor_scored_first_visits_keep_dw_unbiased():
     reference, batch = _qa_bert_and_batch()
     _, exact = step(reference, batch)
     model, _ = _qa_bert_and_batch()
-    wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, skip_padding=False))
+    wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, skip_padding=False))
     names = [n + ".weight" for n, _ in sampled_modules(model)]
     draws = [_anchored_step(model, batch, torch.arange(3) + 3 * i) for i in range(300)]
     prior = wtacrs.sampling_state(model).cache.prior
@@ -209,8 +209,8 @@ def test_anchor_scored_first_visits_keep_dw_unbiased():
 @pytest.mark.parametrize("anchors", [torch.zeros(3, 0, dtype=torch.int64), torch.full((3, 2), -1)])
 def test_no_anchors_sample_exactly_as_without_them(anchors):
     batch = CASES_BY_NAME["bert"].batch()
-    plain = wtacrs.apply(CASES_BY_NAME["bert"].model(), wtacrs.WTACRSConfig(ratio=0.3))
-    given = wtacrs.apply(CASES_BY_NAME["bert"].model(), wtacrs.WTACRSConfig(ratio=0.3))
+    plain = wtacrs.apply(CASES_BY_NAME["bert"].model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
+    given = wtacrs.apply(CASES_BY_NAME["bert"].model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     for s in range(3):
         ids = torch.arange(3) + 3 * (s % 2)  # first visits, then a revisit
         expected = _anchored_step(plain, batch, ids, anchors=None)
@@ -236,7 +236,7 @@ def test_an_anchored_step_forces_no_more_device_syncs_than_the_plain_step():
         return sum(n for site, n in counter.sync_sites.items() if not is_host_site(site))
 
     plain = counted(False)
-    wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, skip_padding=False))
+    wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, skip_padding=False))
     for _ in range(2):  # fill the cache and the tables: the counted step reads and writes them
         counted(True)
     assert counted(True) <= plain
@@ -248,14 +248,16 @@ def test_a_planned_anchored_step_equals_the_plain_one_and_resumes_exactly():
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-        wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, skip_padding=False, seed=2))
+        wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, skip_padding=False, seed=2))
         if state is not None:
             wtacrs.sampling_state(model).load_state_dict(state)
         grads = []
         for s in steps:
             model.zero_grad()
-            with wtacrs.batch(torch.arange(3) + 3 * s, batch["attention_mask"], model=model if planned else None,
-                              anchors=ANCHORS, token_type_ids=torch.zeros_like(batch["input_ids"])):
+            with wtacrs.batch(torch.arange(3) + 3 * s, batch["attention_mask"], anchors=ANCHORS,
+                              token_type_ids=torch.zeros_like(batch["input_ids"])):
+                if not planned:  # the same frame, planned again at the forward from its own mask
+                    wtacrs.sampling_state(model).end_step()
                 model(**batch).loss.backward()
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         return model, grads

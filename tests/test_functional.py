@@ -375,7 +375,7 @@ def test_a_float64_model_trains_with_the_gradient_norm_cache():
     from models import CASES_BY_NAME
 
     case = CASES_BY_NAME["bert"]
-    model = wtacrs.apply(case.model().double(), wtacrs.WTACRSConfig(ratio=0.3))
+    model = wtacrs.apply(case.model().double(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     batch = case.batch()
     for _ in range(2):  # the second step reads what the first cached
         with wtacrs.batch(torch.arange(3), batch["attention_mask"]):

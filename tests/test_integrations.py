@@ -35,9 +35,9 @@ def lora_model(seed=0):
 @pytest.mark.parametrize("order", ["peft_then_wtacrs", "wtacrs_then_peft"])
 def test_lora_matrices_are_sampled_in_either_order(order):
     if order == "peft_then_wtacrs":
-        model = wtacrs.apply(lora_model(), wtacrs.WTACRSConfig(ratio=0.3))
+        model = wtacrs.apply(lora_model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     else:
-        base = wtacrs.apply(BERT.model(), wtacrs.WTACRSConfig(ratio=0.3))
+        base = wtacrs.apply(BERT.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
         model = get_peft_model(base, LoraConfig(**LORA))
     step(model, BERT.batch(), ids=torch.arange(3))  # PEFT-added layers are picked up at the next forward
     names = [n for n, _ in sampled_modules(model)]
@@ -47,7 +47,7 @@ def test_lora_matrices_are_sampled_in_either_order(order):
 
 
 def test_lora_with_wtacrs_at_ratio_one_matches_plain_lora():
-    plain, sampled = lora_model(), wtacrs.apply(lora_model(), wtacrs.WTACRSConfig(ratio=1.0))
+    plain, sampled = lora_model(), wtacrs.apply(lora_model(), wtacrs.WTACRSConfig.preset("sampler", ratio=1.0))
     logits0, grads0 = step(plain, BERT.batch())
     logits, grads = step(sampled, BERT.batch())
     assert torch.equal(logits, logits0)
@@ -59,7 +59,7 @@ def test_lora_with_wtacrs_at_ratio_one_matches_plain_lora():
 def test_frozen_base_weights_store_no_activation():
     """With LoRA, the only linear inputs saved are the (sampled) inputs of the LoRA matrices."""
     batch = BERT.batch()
-    plain, sampled = lora_model(), wtacrs.apply(lora_model(), wtacrs.WTACRSConfig(ratio=0.3))
+    plain, sampled = lora_model(), wtacrs.apply(lora_model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     for model in (plain, sampled):
         step(model, batch, ids=torch.arange(3))
     with SavedTensorBytes(parameter_tensors(plain)) as before:
@@ -91,7 +91,7 @@ def _collate(features):
 
 
 def _trainer(output_dir, epochs=2, seed=0, model=None, **arguments):
-    model = model or wtacrs.apply(BERT.model(seed), wtacrs.WTACRSConfig(ratio=0.3, seed=seed))
+    model = model or wtacrs.apply(BERT.model(seed), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, seed=seed))
     args = TrainingArguments(
         str(output_dir), per_device_train_batch_size=6, num_train_epochs=epochs, save_steps=4, seed=seed,
         report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000, **arguments,
@@ -100,7 +100,7 @@ def _trainer(output_dir, epochs=2, seed=0, model=None, **arguments):
 
 
 def test_trainer_with_torch_compile_trains_like_eager(tmp_path):
-    """`torch_compile=True` runs each step as `wtacrs.batch(..., model=)`: the compiled model
+    """`torch_compile=True` runs each step planned at `wtacrs.batch`'s enter: the compiled model
     (aot_eager here; dropout off, compiled dropout draws from another stream) trains to eager's
     weights and fills the same cache."""
     trainers = {}
@@ -109,7 +109,7 @@ def test_trainer_with_torch_compile_trains_like_eager(tmp_path):
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-        model = wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, seed=0))
+        model = wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, seed=0))
         extra = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
         trainers[compiled] = _trainer(tmp_path / str(compiled), epochs=1, model=model, save_strategy="no", **extra)
         trainers[compiled].train()
@@ -148,7 +148,7 @@ def test_trainer_without_ids_falls_back_and_warns_once(tmp_path, caplog):
 
 
 def test_config_flags_reach_companions_and_attention():
-    config = wtacrs.WTACRSConfig(ratio=0.3, attention=True, lean_dropout=True, lean_layernorm=True,
+    config = wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, attention=True, lean_dropout=True, lean_layernorm=True,
                                  activation_compression="bf16")
     reference, model = BERT.model(), BERT.model()
     classes = {n: type(m) for n, m in model.named_modules()}
@@ -168,14 +168,14 @@ def test_config_flags_reach_companions_and_attention():
 
 def test_activation_compression_must_be_known():
     with pytest.raises(wtacrs.WTACRSConfigError, match="activation_compression"):
-        wtacrs.WTACRSConfig(activation_compression="fp8")
+        wtacrs.WTACRSConfig.preset("sampler", activation_compression="fp8")
 
 
 def test_failed_apply_leaves_the_model_untouched():
     model = CASES_BY_NAME["mpnet"].model()  # MPNet's attention does not use the registry
     classes = {n: type(m) for n, m in model.named_modules()}
     with pytest.raises(ValueError, match="AttentionInterface"):
-        wtacrs.apply(model, wtacrs.WTACRSConfig(attention=True, lean_dropout=True))
+        wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", attention=True, lean_dropout=True))
     assert {n: type(m) for n, m in model.named_modules()} == classes
     assert not hasattr(model, "wtacrs_state")
 
@@ -189,8 +189,8 @@ def test_trainer_batches_carry_a_host_mask_the_step_hands_to_wtacrs_batch(monkey
     seen, seen_ids = [], []
     real_batch = trainer_module.batch
     monkeypatch.setattr(trainer_module, "batch",
-                        lambda ids, mask=None, model=None, **first_visit: seen.append(mask) or seen_ids.append(ids)
-                        or real_batch(ids, mask, model, **first_visit))
+                        lambda ids, mask=None, **first_visit: seen.append(mask) or seen_ids.append(ids)
+                        or real_batch(ids, mask, **first_visit))
     trainer = _trainer(tmp_path, epochs=1)
     collated = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1)])
     assert collated[trainer_module.HOST_MASK_KEY].shape == tuple(collated["attention_mask"].shape)

@@ -43,7 +43,7 @@ def test_measured_variance_is_the_sampled_paths_own(estimator, case, recompute, 
     standard errors of the mean (from the draws' own spread)."""
     batch = CASES_BY_NAME[case].batch()
     exact = _weight_grads(_model(case=case), batch)
-    model = _model(wtacrs.WTACRSConfig(ratio=0.3, estimator=estimator, grad_norm="none", keep_gate=keep_gate,
+    model = _model(wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, estimator=estimator, grad_norm="none", keep_gate=keep_gate,
                                        recompute_activation=recompute, recompute_attention=recompute), case=case)
     predicted = first_visit_variances(model, batch)
     draws = 200
@@ -63,7 +63,7 @@ def test_measured_variance_is_the_sampled_paths_own(estimator, case, recompute, 
 
 
 def test_chunks_change_nothing_and_the_model_is_left_as_found():
-    model = _model(wtacrs.WTACRSConfig(ratio=0.3))
+    model = _model(wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     batch = BERT.batch()
     rng = torch.get_rng_state()
     one, whole = first_visit_variances(model, batch, chunk_examples=1), first_visit_variances(model, batch, 100)
@@ -77,18 +77,18 @@ def test_chunks_change_nothing_and_the_model_is_left_as_found():
 
 def test_a_larger_ratio_has_less_noise_and_ratio_one_none():
     batch = BERT.batch()
-    low, high = (first_visit_variances(_model(wtacrs.WTACRSConfig(ratio=r)), batch) for r in (0.2, 0.6))
+    low, high = (first_visit_variances(_model(wtacrs.WTACRSConfig.preset("sampler", ratio=r)), batch) for r in (0.2, 0.6))
     assert all(high[name] < low[name] for name in low)
-    assert set(first_visit_variances(_model(wtacrs.WTACRSConfig(ratio=1.0)), batch).values()) == {0.0}
+    assert set(first_visit_variances(_model(wtacrs.WTACRSConfig.preset("sampler", ratio=1.0)), batch).values()) == {0.0}
 
 
 def test_unmeasured_estimators_are_refused():
     with pytest.raises(ValueError, match="wta-crs and crs estimators, not 'topk'"):
-        first_visit_variances(_model(wtacrs.WTACRSConfig(ratio=0.3, estimator="topk")), BERT.batch())
+        first_visit_variances(_model(wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, estimator="topk")), BERT.batch())
 
 
 def test_scaled_groups_reach_the_trainers_optimizer_and_scheduler(tmp_path):
-    model = _model(wtacrs.WTACRSConfig(ratio=0.3))
+    model = _model(wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     scales = lr_scales({"bert.encoder.layer.0.intermediate.dense": 3.0, "bert.encoder.layer.1.output.dense": 0.0})
     assert scales == {"bert.encoder.layer.0.intermediate.dense": 2.0, "bert.encoder.layer.1.output.dense": 1.0}
     args = TrainingArguments(str(tmp_path), learning_rate=1e-3, weight_decay=0.01, report_to=[], use_cpu=True)
@@ -116,10 +116,10 @@ def test_lora_a_takes_the_noise_of_its_base_product():
     from peft import LoraConfig, get_peft_model
 
     batch = BERT.batch()
-    plain = first_visit_variances(_model(wtacrs.WTACRSConfig(ratio=0.3)), batch)
+    plain = first_visit_variances(_model(wtacrs.WTACRSConfig.preset("sampler", ratio=0.3)), batch)
     lora = get_peft_model(_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
                                                lora_dropout=0.0, task_type="SEQ_CLS"))
-    measured = first_visit_variances(wtacrs.apply(lora, wtacrs.WTACRSConfig(ratio=0.3)), batch)
+    measured = first_visit_variances(wtacrs.apply(lora, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3)), batch)
     a_matrices = {name: v for name, v in measured.items() if ".lora_A." in name}
     assert len(a_matrices) == 4
     for name, v in a_matrices.items():
@@ -132,7 +132,7 @@ def test_a_layer_without_gradient_keeps_the_base_rate():
     sees a NaN rate."""
     import math
 
-    model = _model(wtacrs.WTACRSConfig(ratio=0.3))
+    model = _model(wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     batch = {**BERT.batch(), "labels": torch.zeros(3, dtype=torch.long)}
     for p in model.classifier.parameters():
         torch.nn.init.zeros_(p)  # no gradient reaches the encoder

@@ -15,7 +15,7 @@ def test_graph_walk_matches_hook_count_on_a_sampled_bert():
     model = BertForSequenceClassification(
         BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=99)
     ).train()
-    wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3))
+    wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     batch = {"input_ids": torch.randint(0, 99, (3, 16)), "labels": torch.tensor([0, 1, 0])}
     with SavedTensorBytes(exclude=parameter_tensors(model)) as saved:
         with wtacrs.batch(torch.arange(3)):

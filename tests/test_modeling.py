@@ -37,7 +37,7 @@ def step(model, batch, seed=0, ids=None):
 def test_forward_identical_and_only_sampled_weight_grads_change(case):
     reference, model = case.model(), case.model()
     batch = case.batch()
-    wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3))
+    wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     sampled = {n + ".weight" for n, _ in sampled_modules(model)}
     assert sampled, "nothing sampled"
     logits0, grads0 = step(reference, batch)
@@ -63,7 +63,7 @@ def test_ratio_one_matches_exactly_and_remove_restores(case):
     batch = case.batch()
     keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
     classes = {n: type(m) for n, m in model.named_modules()}
-    wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=1.0))
+    wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=1.0))
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
     logits0, grads0 = step(reference, batch)
     logits, grads = step(model, batch)
@@ -85,7 +85,7 @@ def test_budget_all_covering_the_live_rows_is_exact(name):
     _, exact = step(reference, batch)
     for budget, equal in (("all", True), ("live", False)):
         model = case.model()
-        wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.8, budget=budget))
+        wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.8, budget=budget))
         _, grads = step(model, batch, ids=torch.arange(3))
         same = [torch.allclose(grads[n], g, rtol=1e-4, atol=1e-6) for n, g in exact.items()]
         assert all(same) if equal else not all(same), budget
@@ -93,7 +93,7 @@ def test_budget_all_covering_the_live_rows_is_exact(name):
 
 def test_gradient_norm_cache_fills_and_is_used():
     case = CASES_BY_NAME["bert"]
-    model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3))
+    model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     batch = case.batch()
     state = wtacrs.sampling_state(model)
     step(model, batch, ids=torch.tensor([10, 11, 12]))
@@ -109,7 +109,7 @@ def test_gradient_norm_cache_fills_and_is_used():
 
 def test_query_key_value_share_one_sample():
     case = CASES_BY_NAME["bert"]
-    model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3))
+    model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     step(model, case.batch(), ids=torch.arange(3))
     groups = sorted(sorted(g) for g in wtacrs.sampling_state(model).draws.groups.values())
     assert groups == [[0, 1, 2], [6, 7, 8]]  # q, k, v of each of the two layers
@@ -118,9 +118,9 @@ def test_query_key_value_share_one_sample():
 
 def test_same_seed_same_step_same_gradients():
     case = CASES_BY_NAME["bert"]
-    a = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3, seed=4))
-    b = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3, seed=4))
-    c = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3, seed=5))
+    a = wtacrs.apply(case.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, seed=4))
+    b = wtacrs.apply(case.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, seed=4))
+    c = wtacrs.apply(case.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, seed=5))
     ga, gb, gc = (step(m, case.batch(), ids=torch.arange(3))[1] for m in (a, b, c))
     name = "bert.encoder.layer.0.output.dense.weight"
     assert torch.equal(ga[name], gb[name]) and not torch.equal(ga[name], gc[name])
@@ -128,8 +128,8 @@ def test_same_seed_same_step_same_gradients():
 
 @pytest.mark.parametrize("case", [CASES_BY_NAME["bert"], CASES_BY_NAME["llama"]], ids=lambda c: c.name)
 def test_gradient_checkpointing_composes(case):
-    plain = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3))
-    ckpt = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3))
+    plain = wtacrs.apply(case.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
+    ckpt = wtacrs.apply(case.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for _ in range(2):  # the second step uses the cache
         g0 = step(plain, case.batch(), ids=torch.arange(3))[1]
@@ -141,18 +141,18 @@ def test_gradient_checkpointing_composes(case):
 def test_target_modules_forms_and_errors():
     case = CASES_BY_NAME["bert"]
     model = case.model()
-    suffix = find_target_modules(model, wtacrs.WTACRSConfig(target_modules=["query", "value"]))
-    regex = find_target_modules(model, wtacrs.WTACRSConfig(target_modules=r".*\.(query|value)"))
-    call = find_target_modules(model, wtacrs.WTACRSConfig(target_modules=lambda m, n: n.endswith(("query", "value"))))
+    suffix = find_target_modules(model, wtacrs.WTACRSConfig.preset("sampler", target_modules=["query", "value"]))
+    regex = find_target_modules(model, wtacrs.WTACRSConfig.preset("sampler", target_modules=r".*\.(query|value)"))
+    call = find_target_modules(model, wtacrs.WTACRSConfig.preset("sampler", target_modules=lambda m, n: n.endswith(("query", "value"))))
     assert [n for n, _ in suffix] == [n for n, _ in regex] == [n for n, _ in call]
     assert len(suffix) == 4
-    default = [n for n, _ in find_target_modules(model, wtacrs.WTACRSConfig())]
+    default = [n for n, _ in find_target_modules(model, wtacrs.WTACRSConfig.preset("sampler"))]
     assert len(default) == 12 and not any("classifier" in n or "pooler" in n for n in default)
     with pytest.raises(wtacrs.NoMatchingModulesError, match="nonexistent"):
-        wtacrs.apply(model, wtacrs.WTACRSConfig(target_modules=["nonexistent"]))
-    wtacrs.apply(model, wtacrs.WTACRSConfig())
+        wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", target_modules=["nonexistent"]))
+    wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler"))
     with pytest.raises(ValueError, match="already applied"):
-        wtacrs.apply(model, wtacrs.WTACRSConfig())
+        wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler"))
     wtacrs.remove(model)
     with pytest.raises(ValueError, match="not applied"):
         wtacrs.remove(model)
@@ -174,11 +174,11 @@ def test_target_modules_forms_and_errors():
 )
 def test_config_errors_name_the_field(kwargs, match):
     with pytest.raises(wtacrs.WTACRSConfigError, match=match):
-        wtacrs.WTACRSConfig(**kwargs)
+        wtacrs.WTACRSConfig.preset("sampler", **kwargs)
 
 
 def test_config_json_round_trip(tmp_path):
-    config = wtacrs.WTACRSConfig(ratio=0.1, estimator="crs", target_modules=["query"], seed=3)
+    config = wtacrs.WTACRSConfig.preset("sampler", ratio=0.1, estimator="crs", target_modules=["query"], seed=3)
     path = config.save_pretrained(tmp_path)
     assert json.loads(path.read_text())["ratio"] == 0.1
     assert wtacrs.WTACRSConfig.from_pretrained(tmp_path) == config
@@ -189,7 +189,7 @@ def test_config_json_round_trip(tmp_path):
     with pytest.raises(wtacrs.WTACRSConfigError, match="not valid JSON"):
         wtacrs.WTACRSConfig.from_pretrained(tmp_path)
     with pytest.raises(wtacrs.WTACRSConfigError, match="callable"):
-        wtacrs.WTACRSConfig(target_modules=lambda m, n: True).save_pretrained(tmp_path)
+        wtacrs.WTACRSConfig.preset("sampler", target_modules=lambda m, n: True).save_pretrained(tmp_path)
 
 
 def test_batch_rejects_bad_ids():
@@ -211,7 +211,7 @@ def _linear_input_bytes(model, batch):
     def record(module, args):
         seen[id(args[0])] = args[0]
 
-    hooks = [m.register_forward_pre_hook(record) for _, m in find_target_modules(model, wtacrs.WTACRSConfig())]
+    hooks = [m.register_forward_pre_hook(record) for _, m in find_target_modules(model, wtacrs.WTACRSConfig.preset("sampler"))]
     with torch.no_grad():
         model(**batch)
     for h in hooks:
@@ -234,7 +234,7 @@ def bert_base_memory(batch_size, layers):
              "labels": torch.zeros(batch_size, dtype=torch.long)}
     linear_inputs = _linear_input_bytes(model, batch)
     full = _saved_bytes(model, batch)
-    wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3))
+    wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     sampled = _saved_bytes(model, batch)
     return linear_inputs, full, sampled
 
@@ -257,7 +257,7 @@ def test_checkpoint_recompute_on_another_thread_samples_the_same_rows():
     """CUDA autograd runs backward (and so checkpoint recomputation) on a device thread, where
     the `wtacrs.batch` context is not set; the recompute must still score rows as forward did."""
     case = CASES_BY_NAME["bert"]
-    model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3))
+    model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     errors = []
     for _ in range(2):  # the second step scores with cached norms
@@ -280,7 +280,7 @@ def test_position_prior_can_be_switched_off():
     case = CASES_BY_NAME["bert"]
     batch = case.batch()
     for prior in (True, False):
-        model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig(ratio=0.3, position_prior=prior))
+        model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, position_prior=prior))
         step(model, batch, ids=torch.tensor([10, 11, 12]))
         unseen = wtacrs.sampling_state(model).cache.lookup(0, torch.tensor([13]), torch.ones(1, 2, dtype=torch.bool))
         assert bool(torch.isfinite(unseen).all()) is prior
@@ -301,7 +301,7 @@ def test_padding_rows_with_a_gradient_raise_when_the_step_is_folded():
     """The step ships its flags without waiting for the device; the next forward (or a look at
     the cache, or a checkpoint's state_dict) folds them in and raises."""
     model, batch = _qa_bert_and_batch()
-    wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3))
+    wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     with wtacrs.batch(torch.arange(3), batch["attention_mask"]):
         model(**batch).loss.backward()
     with pytest.raises(wtacrs.PaddingGradientError, match=r"skip_padding=False.*") as raised:
@@ -318,7 +318,7 @@ def test_sampling_padding_rows_keeps_a_padding_reading_loss_unbiased():
     reference, batch = _qa_bert_and_batch()
     _, exact = step(reference, batch)
     model, _ = _qa_bert_and_batch()
-    wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, skip_padding=False, grad_norm="none"))
+    wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, skip_padding=False, grad_norm="none"))
     names = [n + ".weight" for n, _ in sampled_modules(model)]
     draws = [step(model, batch)[1] for _ in range(300)]  # each step of the sampled model draws anew
     for name in names:
@@ -331,7 +331,7 @@ def test_layers_drawing_in_backward_keep_no_cached_norms_and_still_check_padding
     """With both recomputes every sampled BERT layer draws in backward, scored with the true
     ‖dY‖: no slot reads cached norms, so none are kept (no host cache grows), while the padding
     check still sees every layer's norms."""
-    config = wtacrs.WTACRSConfig(ratio=0.3, lean_attention=True, recompute_activation=True, recompute_attention=True)
+    config = wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, lean_attention=True, recompute_activation=True, recompute_attention=True)
     case = CASES_BY_NAME["bert"]
     model = wtacrs.apply(case.model(), config)
     state = wtacrs.sampling_state(model)

@@ -46,7 +46,7 @@ class PauseAt(TrainerCallback):
 
 def trainer(output_dir: Path, callbacks=()) -> WTACRSTrainer:
     """Tiny BERT (dropout on: its RNG must be restored too) with WTA-CRS@0.3 and a warmup+decay schedule."""
-    model = wtacrs.apply(CASES_BY_NAME["bert"].model(0), wtacrs.WTACRSConfig(ratio=0.3, seed=0))
+    model = wtacrs.apply(CASES_BY_NAME["bert"].model(0), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, seed=0))
     args = TrainingArguments(
         str(output_dir), per_device_train_batch_size=BATCH, num_train_epochs=EPOCHS, save_steps=SAVE_STEPS,
         learning_rate=1e-3, warmup_steps=2, lr_scheduler_type="linear", seed=0, report_to=[], use_cpu=True,

@@ -98,7 +98,7 @@ def test_step_uniforms_are_made_once_per_layout_and_depend_on_the_key():
 def test_recorder_ships_one_step_per_layout_and_flags_padding_gradient():
     mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
     rows = ForwardRows("main", mask, mask, torch.tensor([0]), 2)
-    recorder = StepRecorder(WTACRSConfig(ratio=0.3))
+    recorder = StepRecorder(WTACRSConfig.preset("sampler", ratio=0.3))
     assert recorder.wants(rows)
     recorder.hook(0, rows)(torch.ones(1, 3, 4) * torch.tensor([1.0, 1.0, 0.0]).view(1, 3, 1))  # padding: 0
     recorder.record(2, rows, torch.tensor([[1.0, 2.0, 3.0]]))  # padding got gradient

@@ -1,4 +1,4 @@
-"""`wtacrs.batch`: which examples the current training step sees, for the gradient-norm cache."""
+"""`wtacrs.batch`: one training step of the sampled models, planned from the batch's host tensors."""
 
 from __future__ import annotations
 
@@ -6,34 +6,36 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from wtacrs.cache.first_visit import FirstVisitKeys, first_visit_keys
-from wtacrs.modeling import sampling_state, swap_new_targets
+from wtacrs.modeling import swap_new_targets
 from wtacrs.sampling.context import BatchContext, inside
+from wtacrs.sampling.state import live_states
 
 
 @contextmanager
-def batch(example_ids: Tensor | list[int], attention_mask: Tensor | None = None,
-          model: nn.Module | None = None, anchors: Tensor | None = None,
-          token_type_ids: Tensor | None = None) -> Iterator[None]:
-    """Tell sampled models which examples the current training step sees.
+def batch(example_ids: Tensor | list[int] | None = None, attention_mask: Tensor | None = None,
+          anchors: Tensor | None = None, token_type_ids: Tensor | None = None) -> Iterator[None]:
+    """One training step of the sampled models: plan it from the batch's host tensors.
 
-    Forward passes inside the block read the gradient-norm cache for these examples; output
-    gradient norms computed by backward inside the block are committed when it exits.
+    At enter, each sampled model in training mode plans its coming training forward from
+    `attention_mask` (the step counter, the row layouts, the cache's scores for these examples,
+    the draws' keys): the forward and backward inside then run no host code and wait for no
+    device value, so the step can also be compiled (`torch.compile(model)` or the whole step,
+    with `fullgraph=True`). The forward must get the same mask (else `MaskMismatchError`). An eval
+    forward, or a second training forward (planned at its own start) may run inside the block too:
+    each forward's backward uses its own rows. At exit, the output-gradient norms backward
+    recorded are committed. Without the block, each training forward plans itself from its own
+    mask (one copy of it to the host).
 
     Args:
-        example_ids: (B,) non-negative integer ids, one per example of the batch, stable
-            across epochs (e.g. the dataset index).
+        example_ids: (B,) non-negative integer ids, one per example of the batch, stable across
+            epochs (e.g. the dataset index). Optional: only layers that draw their rows in forward
+            score them by the gradient-norm cache, which the ids key (the default recipe's layers
+            all draw in backward, with their true output-gradient norms).
         attention_mask: (B, T) the batch's attention mask while it is still on the host (before
-            moving the batch to a GPU): lets the step count live rows and look up the cache
-            without waiting for the GPU. Optional, except with `model`.
-        model: a model with `wtacrs.apply` whose step's host work (step counter, cache lookup,
-            row layout, the draws' key) is done here, at enter, and whose norms are collected at
-            exit: its forward and backward inside the block then run no host code, so a training
-            step can be compiled whole (`torch.compile(step, fullgraph=True)`, see README). The
-            block then holds one training forward of `model`, whose rows are laid out as
-            `attention_mask` (an encoder-decoder's decoder samples by activation norms only).
+            moving the batch to a GPU). Without it nothing is planned at enter.
         anchors: (B, K) int64 host tensor of each example's label positions in [0, T) (extractive
             QA: start and end positions), −1 for none; needs `attention_mask`. Examples not in the
             cache yet (and the padding of every anchored example, which the cache never holds) are
@@ -43,30 +45,20 @@ def batch(example_ids: Tensor | list[int], attention_mask: Tensor | None = None,
         token_type_ids: (B, T) integer host tensor of segment ids (BERT-like tokenizers), used with
             `anchors` to tell question from context; without it they share one token type.
     """
-    ids = torch.as_tensor(example_ids)
-    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-        raise ValueError(f"example_ids must be a 1-D sequence of integers, got {ids.dtype} of shape {tuple(ids.shape)}")
-    if ids.device.type == "cpu" and ids.numel() and int(ids.min()) < 0:
-        raise ValueError("example_ids must be non-negative")
-    host_mask = None
-    if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != ids.numel():
-            raise ValueError(f"attention_mask must be (batch, seq) with batch = {ids.numel()} example ids, "
-                             f"got shape {tuple(attention_mask.shape)}")
-        host_mask = attention_mask.cpu().to(torch.bool)
-    planned = None
-    if model is not None:
-        if host_mask is None:
-            raise ValueError("wtacrs.batch(model=...) needs the attention_mask: it lays out the rows "
-                             "before the forward")
-        planned = sampling_state(model)
-        swap_new_targets(model, planned)
-    keys = _first_visit(anchors, token_type_ids, host_mask, ids.numel())
-    context = BatchContext(ids.to(torch.int64).cpu(), host_mask, keys)
+    host_mask = _host_mask(attention_mask)
+    ids = _example_ids(example_ids, host_mask)
+    batch_size = host_mask.shape[0] if host_mask is not None else None if ids is None else ids.numel()
+    keys = _first_visit(anchors, token_type_ids, host_mask, batch_size)
+    context = BatchContext(ids, host_mask, keys)
     with inside(context):
         try:
-            if planned is not None:
-                planned.plan_step(context, next(model.parameters()).device)
+            if host_mask is not None:
+                for state in live_states():
+                    model = state.model
+                    if model is not None and model.training:  # eval-mode models do not sample
+                        swap_new_targets(model, state)
+                        state.plan_for_block(context, next(model.parameters()).device)
+                        context.states.append(state)
             yield
             for state in context.states:
                 state.commit()
@@ -75,8 +67,33 @@ def batch(example_ids: Tensor | list[int], attention_mask: Tensor | None = None,
                 state.end_step()
 
 
+def _host_mask(attention_mask: Tensor | None) -> Tensor | None:
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be a (batch, seq) tensor, got "
+                         f"{tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask)}")
+    return attention_mask.cpu().to(torch.bool)
+
+
+def _example_ids(example_ids: Tensor | list[int] | None, host_mask: Tensor | None) -> Tensor | None:
+    """(B,) int64 host ids, checked against the mask's batch size."""
+    if example_ids is None:
+        return None
+    ids = torch.as_tensor(example_ids)
+    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise ValueError(f"example_ids must be a 1-D sequence of integers, got {ids.dtype} of shape {tuple(ids.shape)}")
+    if host_mask is not None and ids.numel() != host_mask.shape[0]:
+        raise ValueError(f"{ids.numel()} example ids for an attention_mask of {host_mask.shape[0]} examples "
+                         f"(shape {tuple(host_mask.shape)}): give one id per example")
+    ids = ids.cpu().to(torch.int64)
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError("example_ids must be non-negative")
+    return ids
+
+
 def _first_visit(anchors: Tensor | None, token_type_ids: Tensor | None, host_mask: Tensor | None,
-                 batch_size: int) -> FirstVisitKeys | None:
+                 batch_size: int | None) -> FirstVisitKeys | None:
     """The rows' first-visit keys from validated host tensors, or None without anchors."""
     if anchors is None:
         if token_type_ids is not None:

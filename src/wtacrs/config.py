@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Union
 
 from wtacrs.atomic import write_json_atomic
-from wtacrs.companions.activation import ACTIVATION_MODES
 from wtacrs.estimators import ESTIMATORS, validate_ratio
 from wtacrs.functional import BUDGETS
 
 CONFIG_NAME = "wtacrs_config.json"
+
+# Compact storages of the activation-function input (`wtacrs.companions.activation`).
+ACTIVATION_MODES: tuple[str, ...] = ("bf16", "int8")
 
 # The names transformers gives a task's new head (sequence classification, extractive QA).
 TASK_HEADS: tuple[str, ...] = ("classifier", "qa_outputs", "score", "pre_classifier")
@@ -23,6 +25,12 @@ TASK_HEADS: tuple[str, ...] = ("classifier", "qa_outputs", "score", "pre_classif
 # their input would only add variance. LoRA's up-projection reads the rank-r output of the
 # down-projection: r numbers per token, too few to be worth a draw. Matched as name components.
 DEFAULT_EXCLUDES: tuple[str, ...] = (*TASK_HEADS, "pooler", "lm_head", "lora_B")
+
+# The exact companions whose default (None) is decided per model by `wtacrs.apply`: on for
+# decoder-only language models, where they cut SmolLM2-135M's live peak to 0.22–0.32x LoRA's;
+# off for encoders, where at MiniLM's size they cost more step time than they save memory
+# (docs/recipes.md).
+AUTO_COMPANIONS: tuple[str, ...] = ("lean_dropout", "lean_layernorm", "lean_attention", "chunked_lm_loss")
 
 ModuleFilter = Callable[[Any, str], bool]
 TargetSpec = Union[list[str], tuple[str, ...], str, ModuleFilter, None]
@@ -35,6 +43,12 @@ class WTACRSConfigError(ValueError):
 @dataclass
 class WTACRSConfig:
     """How `wtacrs.apply` samples a model.
+
+    The defaults are the recommended recipe (`PRESETS["recommended"]`, what `wtacrs finetune`
+    trains with): ratio 0.3, the activation and attention sub-blocks recomputed in backward,
+    every sampled layer drawing its rows there with its true output-gradient norms, and the exact
+    companions on decoder-only language models. `WTACRSConfig.preset("sampler")` is the bare
+    sampler of the paper (rows drawn in forward, scored by the gradient-norm cache).
 
     Attributes:
         ratio: fraction of token rows kept for each weight gradient, in (0, 1].
@@ -64,6 +78,8 @@ class WTACRSConfig:
             only, as the paper's cache.
         seed: base seed of the per-(step, layer) sampling generators.
         lean_dropout: dropout regenerates its mask in backward instead of storing it (exact).
+            None (default, as for the other `AUTO_COMPANIONS`): on for decoder-only language
+            models, off otherwise (decided by `wtacrs.apply`).
         lean_layernorm: LayerNorm, and LLaMA-style RMSNorm, backward from its saved output, not
             its input (exact up to rounding).
         lean_attention: SDPA attention recomputes its probabilities in backward instead of
@@ -104,46 +120,89 @@ class WTACRSConfig:
     grad_norm: Literal["cache", "none"] = field(default="cache", metadata={"help": "score source for ‖dY‖"})
     position_prior: bool = field(default=True, metadata={"help": "score unseen examples by per-position norms"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
-    lean_dropout: bool = field(default=False, metadata={"help": "dropout without stored masks"})
-    lean_layernorm: bool = field(default=False, metadata={"help": "LayerNorm backward from its output"})
-    lean_attention: bool = field(default=False, metadata={"help": "SDPA without stored probabilities"})
-    recompute_activation: bool = field(default=False, metadata={"help": "recompute the activation input in backward"})
+    lean_dropout: bool | None = field(default=None, metadata={"help": "dropout without stored masks (None: auto)"})
+    lean_layernorm: bool | None = field(
+        default=None, metadata={"help": "LayerNorm backward from its output (None: auto)"})
+    lean_attention: bool | None = field(default=None, metadata={"help": "SDPA without stored probabilities (None: auto)"})
+    recompute_activation: bool = field(default=True, metadata={"help": "recompute the activation input in backward"})
     keep_gate: bool = field(
         default=False, metadata={"help": "with recompute_activation: gated MLPs keep gate(x), recompute up(x) only"})
     recompute_attention: bool = field(
-        default=False, metadata={"help": "recompute the attention sub-blocks in backward"})
+        default=True, metadata={"help": "recompute the attention sub-blocks in backward"})
     backward_draws: bool = field(
         default=True, metadata={"help": "layers of recomputed sub-blocks draw in backward with the true |dY|"})
-    chunked_lm_loss: bool = field(
-        default=False, metadata={"help": "causal-LM loss in chunks, without the full logits"})
+    chunked_lm_loss: bool | None = field(
+        default=None, metadata={"help": "causal-LM loss in chunks, without the full logits (None: auto)"})
     activation_compression: str | None = field(
         default=None, metadata={"help": "compact activation input (approximate)"})
 
     def __post_init__(self) -> None:
+        self._validate()
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assigning a field after construction (`config.ratio = 0.5`, also after `wtacrs.apply`,
+        which reads the config as it trains) is checked like the constructor's arguments; a bad
+        value raises WTACRSConfigError and leaves the config as it was."""
+        if not self.__dict__.get("_validated") or name not in _FIELD_NAMES:
+            object.__setattr__(self, name, value)
+            return
+        previous = self.__dict__[name]
+        object.__setattr__(self, name, value)
         try:
-            self.ratio = validate_ratio(self.ratio)
+            self._validate()
+        except WTACRSConfigError:
+            object.__setattr__(self, name, previous)
+            raise
+
+    def _validate(self) -> None:
+        """Check every field, normalising some (ratio to float, target lists to lists); raises
+        WTACRSConfigError naming the field."""
+        try:
+            object.__setattr__(self, "ratio", validate_ratio(self.ratio))
         except ValueError as e:
             raise WTACRSConfigError(f"WTACRSConfig.ratio: {e}") from None
         self._check_choice("estimator", ESTIMATORS)
         self._check_choice("budget", BUDGETS)
         self._check_choice("grad_norm", ("cache", "none"))
-        flags = ("attention", "lean_dropout", "lean_layernorm", "lean_attention", "recompute_activation",
-                 "keep_gate", "recompute_attention", "backward_draws", "chunked_lm_loss", "position_prior", "skip_padding")
+        flags = ("attention", "recompute_activation", "keep_gate", "recompute_attention", "backward_draws",
+                 "position_prior", "skip_padding")
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise WTACRSConfigError(f"WTACRSConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        for name in AUTO_COMPANIONS:
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise WTACRSConfigError(f"WTACRSConfig.{name} must be True, False or None (auto), "
+                                        f"got {getattr(self, name)!r}")
         if self.keep_gate and not self.recompute_activation:
             raise WTACRSConfigError("WTACRSConfig.keep_gate keeps the gate of the gated MLP's recompute: "
                                     "set recompute_activation=True too")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise WTACRSConfigError(f"WTACRSConfig.seed must be an int, got {self.seed!r}")
-        self.target_modules = _check_pattern("target_modules", self.target_modules, allow_callable=True)
-        self.exclude_modules = _check_pattern("exclude_modules", self.exclude_modules, allow_callable=False)
+        object.__setattr__(self, "target_modules",
+                           _check_pattern("target_modules", self.target_modules, allow_callable=True))
+        object.__setattr__(self, "exclude_modules",
+                           _check_pattern("exclude_modules", self.exclude_modules, allow_callable=False))
         if self.activation_compression is not None and self.activation_compression not in ACTIVATION_MODES:
             raise WTACRSConfigError(
                 f"WTACRSConfig.activation_compression must be None or one of {', '.join(map(repr, ACTIVATION_MODES))}, "
                 f"got {self.activation_compression!r}"
             )
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "WTACRSConfig":
+        """The config of a named preset (`PRESETS`), with `overrides` on top.
+
+        >>> WTACRSConfig.preset("sampler", ratio=0.5).recompute_attention
+        False
+        """
+        if name not in PRESETS:
+            raise WTACRSConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def with_auto_companions(self, on: bool) -> "WTACRSConfig":
+        """A copy whose auto companions (`AUTO_COMPANIONS` left None) are `on`."""
+        return dataclasses.replace(self, **{name: on for name in AUTO_COMPANIONS if getattr(self, name) is None})
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)
@@ -175,18 +234,30 @@ class WTACRSConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "WTACRSConfig":
-        """Read `wtacrs_config.json` from `directory` (or a path to the file itself)."""
+        """Read `wtacrs_config.json` from `directory` (or a path to the file itself); raises
+        WTACRSConfigError naming the file when it is missing, unreadable or not a config."""
         path = Path(directory)
         path = path / CONFIG_NAME if path.is_dir() else path
         try:
-            values = json.loads(path.read_text())
+            values = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise WTACRSConfigError(f"no {CONFIG_NAME} at {path}") from None
+        except IsADirectoryError:
+            raise WTACRSConfigError(f"{path} is a folder, not a {CONFIG_NAME} file") from None
+        except OSError as e:
+            raise WTACRSConfigError(f"{path} cannot be read: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise WTACRSConfigError(f"{path} is not UTF-8 text (byte {e.start}): not a {CONFIG_NAME}") from None
         except json.JSONDecodeError as e:
             raise WTACRSConfigError(f"{path} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise WTACRSConfigError(f"{path} is not a {CONFIG_NAME}: its JSON is nested too deeply") from None
         if not isinstance(values, dict):
             raise WTACRSConfigError(f"{path} must hold a JSON object, got {type(values).__name__}")
         return cls.from_dict(values)
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(WTACRSConfig))
 
 
 def _check_pattern(name: str, value: Any, *, allow_callable: bool) -> Any:
@@ -202,3 +273,12 @@ def _check_pattern(name: str, value: Any, *, allow_callable: bool) -> Any:
         return list(value)
     kinds = "a list of name suffixes, a regex string" + (", a callable" if allow_callable else "") + " or None"
     raise WTACRSConfigError(f"WTACRSConfig.{name} must be {kinds}, got {value!r}")
+
+
+# Named configs. "recommended" is the default; "sampler" is the paper's estimator alone (rows drawn
+# in forward, scored by the gradient-norm cache, no recompute and no companion).
+PRESETS: dict[str, dict[str, Any]] = {
+    "recommended": {},
+    "sampler": {"recompute_activation": False, "recompute_attention": False,
+                **{name: False for name in AUTO_COMPANIONS}},
+}

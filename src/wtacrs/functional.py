@@ -226,17 +226,15 @@ def output_row_norms(grad_out: Tensor) -> Tensor:
 
 class _LinearWithRowSample(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, indices, weights, recompute_rows, on_grad, norm_sink):  # noqa: D102
+    def forward(ctx, x, weight, bias, rows, indices, weights, recompute_rows, norm_sink):  # noqa: D102
         # rows: the weighted sampled rows (k, in), or with `recompute_rows` the recipe's sources
         ctx.save_for_backward(weight, indices, weights, *((rows,) if recompute_rows is None else rows))
-        ctx.has_bias, ctx.recompute_rows, ctx.on_grad = bias is not None, recompute_rows, on_grad
+        ctx.has_bias, ctx.recompute_rows = bias is not None, recompute_rows
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         weight, indices, weights, *kept = ctx.saved_tensors
-        if ctx.on_grad is not None:
-            ctx.on_grad(grad_out)
         flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         grad_x = grad_w = grad_b = grad_sink = None
         if ctx.needs_input_grad[0]:
@@ -250,9 +248,9 @@ class _LinearWithRowSample(torch.autograd.Function):
             grad_w = flat.index_select(0, indices).mT.mm(rows)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(0)
-        if ctx.needs_input_grad[8]:
+        if ctx.needs_input_grad[7]:
             grad_sink = output_row_norms(grad_out)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, grad_sink
+        return grad_x, grad_w, grad_b, None, None, None, None, grad_sink
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -264,12 +262,10 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
 
 
 def linear_with_sample(x: Tensor, weight: Tensor, bias: Tensor | None, sample: RowSample,
-                       on_grad: Callable[[Tensor], None] | None = None,
                        norm_sink: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias) whose weight gradient uses the rows in `sample` (drawn from x).
 
-    Backward hands the output gradient (..., out_features) to `on_grad` first, if given; and if
-    `norm_sink` (a (...) = x.shape[:-1] float32 leaf requiring grad) is given, sets its gradient
+    If `norm_sink` (a (...) = x.shape[:-1] float32 leaf requiring grad) is given, backward sets its gradient
     to the output gradient's row norms (`output_row_norms`): a way out of backward without Python
     side effects, which compiled code needs.
 
@@ -284,12 +280,11 @@ def linear_with_sample(x: Tensor, weight: Tensor, bias: Tensor | None, sample: R
     dtype = autocast_dtype(x)
     if dtype is None:
         return _LinearWithRowSample.apply(x, weight, bias, rows, sample.indices, sample.weights, recompute_rows,
-                                          on_grad, norm_sink)
+                                          norm_sink)
     cast = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
     rows = rows if recipe is not None else rows.to(dtype)  # the recipe's fn computes in its own dtypes
     with torch.autocast(x.device.type, enabled=False):
-        return _LinearWithRowSample.apply(*cast, rows, sample.indices, sample.weights, recompute_rows, on_grad,
-                                          norm_sink)
+        return _LinearWithRowSample.apply(*cast, rows, sample.indices, sample.weights, recompute_rows, norm_sink)
 
 
 _INPUTS_KEPT = [0]  # depth of `inputs_kept_for_backward` contexts (a list: no `global` statement to trace)
@@ -333,24 +328,22 @@ class BackwardDraw:
 
 class _LinearDrawnInBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, draw, sources, recompute_rows, on_grad, norm_sink):  # noqa: D102
+    def forward(ctx, x, weight, bias, draw, sources, recompute_rows, norm_sink):  # noqa: D102
         # x (alive until backward anyway: `inputs_kept_for_backward`), or with `recompute_rows`
         # the recipe's sources and x's row norms (N,): backward recomputes the drawn rows
         # The draw's mask and uniforms are saved tensors, not ctx attributes: autograd frees them
         # once this node's backward has run, while the graph (and any attribute) may outlive the step.
         x_norms = None if recompute_rows is None else row_norms(x.detach().reshape(-1, x.shape[-1])).to(torch.float32)
         ctx.save_for_backward(weight, x_norms, draw.mask, draw.u, *((x,) if recompute_rows is None else sources))
-        ctx.has_bias, ctx.recompute_rows, ctx.on_grad = bias is not None, recompute_rows, on_grad
+        ctx.has_bias, ctx.recompute_rows = bias is not None, recompute_rows
         ctx.k, ctx.estimator, ctx.covers_live = draw.k, draw.estimator, draw.covers_live
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         weight, x_norms, mask, u, *kept = ctx.saved_tensors  # kept: x, or the recipe's sources
-        if ctx.on_grad is not None:
-            ctx.on_grad(grad_out)
         flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
-        norms = output_row_norms(grad_out) if ctx.needs_input_grad[1] or ctx.needs_input_grad[7] else None
+        norms = output_row_norms(grad_out) if ctx.needs_input_grad[1] or ctx.needs_input_grad[6] else None
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = flat.mm(weight).view(*grad_out.shape[:-1], weight.shape[1])
@@ -366,25 +359,24 @@ class _LinearDrawnInBackward(torch.autograd.Function):
             grad_w = flat.index_select(0, indices).mT.mm(rows * weights.to(rows.dtype).unsqueeze(1))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, norms if ctx.needs_input_grad[7] else None
+        return grad_x, grad_w, grad_b, None, None, None, norms if ctx.needs_input_grad[6] else None
 
 
 def linear_drawn_in_backward(x: Tensor, weight: Tensor, bias: Tensor | None, draw: BackwardDraw,
-                             on_grad: Callable[[Tensor], None] | None = None,
                              norm_sink: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias) whose weight gradient is estimated in backward from k rows of x
     drawn there, scored ‖X_i‖ · ‖dY_i‖ · mask_i with the true output gradient. Saves x itself,
     for an x that lives until backward anyway (`inputs_kept_for_backward`); or, for an x with a
     `RowRecipe`, its sources and x's row norms (N floats), and recomputes the drawn rows.
-    `on_grad` and `norm_sink` as in `linear_with_sample`; autocast as there."""
+    `norm_sink` as in `linear_with_sample`; autocast as there."""
     recipe = row_recipe(x)
     sources, recompute_rows = ((), None) if recipe is None else (recipe.sources, recipe.fn)
     dtype = autocast_dtype(x)
     if dtype is None:
-        return _LinearDrawnInBackward.apply(x, weight, bias, draw, sources, recompute_rows, on_grad, norm_sink)
+        return _LinearDrawnInBackward.apply(x, weight, bias, draw, sources, recompute_rows, norm_sink)
     cast = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
     with torch.autocast(x.device.type, enabled=False):  # the recipe's fn computes in its own dtypes
-        return _LinearDrawnInBackward.apply(*cast, draw, sources, recompute_rows, on_grad, norm_sink)
+        return _LinearDrawnInBackward.apply(*cast, draw, sources, recompute_rows, norm_sink)
 
 
 def needs_sampling(weight: Tensor, ratio: float, estimator: str) -> bool:

@@ -38,10 +38,10 @@ class SampledLayerMixin:
         if not (self.training and needs_sampling(weight, state.config.ratio, state.config.estimator)):
             return F.linear(x, weight, bias)
         if state.config.backward_draws and (inputs_kept() or row_recipe(x) is not None):
-            draw, on_grad, norm_sink = state.backward_draw(self.wtacrs_slot, self.wtacrs_stream, x)
-            return linear_drawn_in_backward(x, weight, bias, draw, on_grad, norm_sink)
-        sample, on_grad, norm_sink = state.layer_call(self.wtacrs_slot, self.wtacrs_stream, x)
-        return linear_with_sample(x, weight, bias, sample, on_grad, norm_sink)
+            draw, norm_sink = state.backward_draw(self.wtacrs_slot, self.wtacrs_stream, x)
+            return linear_drawn_in_backward(x, weight, bias, draw, norm_sink)
+        sample, norm_sink = state.layer_call(self.wtacrs_slot, self.wtacrs_stream, x)
+        return linear_with_sample(x, weight, bias, sample, norm_sink)
 
 
 class SampledLinear(SampledLayerMixin, nn.Linear):

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from wtacrs.companions import COMPANION_OPTIONS, apply_companions, companion_usage, remove_companions
 from wtacrs.config import WTACRSConfig
 from wtacrs.layers import SampledLayerMixin, SampledLinear, sampled_conv1d_class
 from wtacrs.sampling import SamplingState
+from wtacrs.sampling.state import bind_frames
 
 _STATE_ATTR = "wtacrs_state"
 
@@ -87,6 +89,24 @@ def find_target_modules(model: nn.Module, config: WTACRSConfig) -> list[tuple[st
     ]
 
 
+def is_decoder_only_lm(model: nn.Module) -> bool:
+    """Whether `model` (maybe PEFT-wrapped) is of a decoder-only language-model family (LLaMA,
+    GPT-2, Qwen, ...: a causal-LM architecture with no masked-LM one and no encoder), whatever
+    its head: where the recommended recipe turns on the exact companions (`AUTO_COMPANIONS`)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    try:
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        )
+    except ImportError:  # pragma: no cover - transformers is in the [hf] extra
+        return False
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
 def _encoder_prefix(model: nn.Module) -> str | None:
     """Qualified name of the encoder of an encoder-decoder model, else None."""
     config = getattr(model, "config", None)
@@ -105,10 +125,11 @@ def _stream(name: str, encoder_prefix: str | None) -> str:
 
 
 def _begin_forward(model: nn.Module, state: SamplingState, signature: inspect.Signature, module, args, kwargs) -> None:
-    if state.planned:  # `wtacrs.batch(..., model=)` did the host work (a compiled forward runs none)
-        state.drop_draws()
-        return
-    swap_new_targets(model, state)
+    if not (model.training and torch.is_grad_enabled()):
+        return  # nothing samples: an eval forward leaves the step's frames alone
+    if not torch.compiler.is_compiling():
+        swap_new_targets(model, state)
+        bind_checkpointing(model)
     try:
         bound = signature.bind_partial(*args, **kwargs).arguments
     except TypeError:
@@ -117,16 +138,45 @@ def _begin_forward(model: nn.Module, state: SamplingState, signature: inspect.Si
     mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
     decoder_mask = bound.get("decoder_attention_mask")
     decoder_mask = decoder_mask if isinstance(decoder_mask, Tensor) and decoder_mask.dim() == 2 else None
-    state.begin_forward({"main": mask, "encoder": mask, "decoder": decoder_mask}, training=model.training)
+    state.begin_forward({"main": mask, "encoder": mask, "decoder": decoder_mask}, _device(model, mask))
 
 
-def _end_forward(state: SamplingState, module, args, output) -> None:
-    if state.planned:
-        state.drop_draws()
+def _end_forward(model: nn.Module, state: SamplingState, module, args, output) -> None:
+    if model.training and torch.is_grad_enabled():
+        state.end_forward()
+
+
+def _device(model: nn.Module, mask: Tensor | None) -> torch.device:
+    """The device a forward of `model` runs on (its mask's, else its first parameter's)."""
+    if mask is not None:
+        return mask.device
+    return next(model.parameters()).device
+
+
+def bind_checkpointing(model: nn.Module) -> None:
+    """Hugging Face gradient checkpointing's function, on every module that has one, runs its
+    region in the frames current at its first run (`sampling.state.bind_frames`): the region's
+    recompute in backward then draws from its own forward's frame, whatever forwards ran since."""
+    for module in model.modules():
+        function = module.__dict__.get("_gradient_checkpointing_func")
+        if function is not None and not getattr(function, "_wtacrs_binds_frames", False):
+            module._gradient_checkpointing_func = _binding_frames(function)
+
+
+def _binding_frames(checkpoint_function: Callable) -> Callable:
+    def checkpoint_in_frames(region, *args, **kwargs):
+        return checkpoint_function(bind_frames(region), *args, **kwargs)
+
+    checkpoint_in_frames._wtacrs_binds_frames = True
+    return checkpoint_in_frames
 
 
 def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
     """Sample the weight gradients of `model`'s targeted linear layers, in place.
+
+    Without `config`, the recommended recipe (`WTACRSConfig()`'s defaults): ratio 0.3, both
+    recomputes with every sampled layer drawing in backward, and the exact companions on
+    decoder-only language models (`is_decoder_only_lm`).
 
     Forward outputs are unchanged (bitwise) in train and eval mode; in training, each targeted
     layer stores only the sampled rows of its input. Works on plain Transformers models and on
@@ -140,10 +190,10 @@ def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
         NoMatchingModulesError: nothing matched `config.target_modules`.
         ValueError: wtacrs is already applied to this model.
     """
-    config = config or WTACRSConfig()
+    config = (config or WTACRSConfig()).with_auto_companions(is_decoder_only_lm(model))
     if hasattr(model, _STATE_ATTR):
         raise ValueError("wtacrs is already applied to this model; call wtacrs.remove(model) first")
-    state = SamplingState(config)
+    state = SamplingState(config, model)
     made: list[Transform] = []
     try:
         for transform in TRANSFORMS:
@@ -183,7 +233,7 @@ def _sample_linears(model: nn.Module, state: SamplingState) -> None:
     _swap(model, state, targets)
     signature = inspect.signature(model.forward)
     state.hooks = (model.register_forward_pre_hook(partial(_begin_forward, model, state, signature), with_kwargs=True),
-                   model.register_forward_hook(partial(_end_forward, state)))
+                   model.register_forward_hook(partial(_end_forward, model, state)))
     setattr(model, _STATE_ATTR, state)
 
 

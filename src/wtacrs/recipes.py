@@ -38,8 +38,7 @@ from typing import Any
 
 from torch import nn
 
-from wtacrs.companions.activation import ACTIVATION_MODES
-from wtacrs.config import TASK_HEADS, WTACRSConfig
+from wtacrs.config import ACTIVATION_MODES, TASK_HEADS, WTACRSConfig
 
 SAMPLERS = {"wtacrs": "wta-crs", "crs": "crs", "priority": "priority", "topk": "topk", "uniform": "uniform"}
 FLAGS = {  # component -> Recipe field

@@ -39,8 +39,8 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from wtacrs.companions.usage import acted
+from wtacrs.config import ACTIVATION_MODES
 
-ACTIVATION_MODES: tuple[str, ...] = ("bf16", "int8")
 
 
 def validate_activation_mode(mode: str) -> str:

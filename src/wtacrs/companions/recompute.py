@@ -58,6 +58,7 @@ from wtacrs.companions.activation import elementwise_activation_types
 from wtacrs.companions.matching import computes_like, llama_class
 from wtacrs.companions.usage import acted
 from wtacrs.functional import attach_row_recipe, inputs_kept_for_backward
+from wtacrs.sampling.state import bind_frames
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -121,7 +122,7 @@ class Recomputed:
         if not (self.training and torch.is_grad_enabled()) or _passes_a_cache(kwargs):
             return super().forward(*args, **kwargs)
         acted(self, "recompute_activation", "recompute_attention")
-        output = checkpoint(_keeping_inputs(super().forward), *args, use_reentrant=False, **kwargs)
+        output = checkpoint(bind_frames(_keeping_inputs(super().forward)), *args, use_reentrant=False, **kwargs)
         rowwise = len(args) == 1 and not kwargs and output.shape[:-1] == args[0].shape[:-1]  # not a pooler
         if self.__dict__.get("row_recipe", False) and rowwise:
             attach_row_recipe(output, args[0], _without_autograd(super().forward, args[0].device.type))
@@ -172,7 +173,7 @@ class RecomputedGate:
         if self.__dict__.get("keep_gate", False):
             with inputs_kept_for_backward():  # the checkpoint below keeps x for up_proj anyway
                 region, inputs = self._gated_from, (self.gate_proj(x), x)
-        gated = checkpoint(_keeping_inputs(region), *inputs, use_reentrant=False)
+        gated = checkpoint(bind_frames(_keeping_inputs(region)), *inputs, use_reentrant=False)
         if self.__dict__.get("row_recipe", False):
             attach_row_recipe(gated, inputs, _without_autograd(region, x.device.type))
         return self.down_proj(gated)

@@ -77,7 +77,7 @@ class AttentionSampling:
         if self.state is None:
             return None
         state = self.state
-        return stream_key(state.config.seed, state.rank, state.step, _ATTENTION_STREAM, self.ordinal, product)
+        return stream_key(state.config.seed, state.rank, state.current_step, _ATTENTION_STREAM, self.ordinal, product)
 
 
 def sampled_attention_forward(

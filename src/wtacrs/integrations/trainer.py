@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -29,7 +30,8 @@ STATE_FILE = "wtacrs_state.safetensors"
 
 
 class _WithHostMask:
-    """Wraps a data collator: each batch carries its example ids as a numpy array, and host copies,
+    """Wraps a data collator: each batch carries its example ids as a numpy array (from the
+    features where the collator drops them, `_carry_example_ids`), and host copies,
     as numpy arrays too (which accelerate's loader leaves on the host when it moves the tensors to
     the GPU), of its attention mask, so the training step can count live rows and read the cache without copying the mask
     back, and, when it has "start_positions" and "end_positions" (extractive QA), of those label
@@ -42,6 +44,7 @@ class _WithHostMask:
         batch = self.collator(features)
         if not isinstance(batch, dict):
             return batch
+        _carry_example_ids(batch, features)
         if _on_host(batch.get(EXAMPLE_ID_COLUMN)):  # the step reads them on the host: no copy back
             batch[EXAMPLE_ID_COLUMN] = batch[EXAMPLE_ID_COLUMN].numpy()
         mask = batch.get("attention_mask")
@@ -54,6 +57,20 @@ class _WithHostMask:
                 if _on_host(types):
                     batch[HOST_TOKEN_TYPES_KEY] = types.numpy()
         return batch
+
+
+def _carry_example_ids(batch: dict[str, Any], features: list) -> None:
+    """Put the features' example ids into `batch` as a (B,) int64 tensor where the collator
+    dropped them (TRL's language-modeling collator keeps only the model's inputs) and each feature
+    is one row of `batch["input_ids"]` (B rows); a padding-free batch, whose one row joins several
+    features in an order that changes every epoch, has no stable id and gets none."""
+    if EXAMPLE_ID_COLUMN in batch or not features:
+        return
+    if not all(isinstance(f, Mapping) and EXAMPLE_ID_COLUMN in f for f in features):
+        return
+    rows = batch.get("input_ids")
+    if isinstance(rows, torch.Tensor) and rows.dim() >= 1 and rows.shape[0] == len(features):
+        batch[EXAMPLE_ID_COLUMN] = torch.tensor([int(f[EXAMPLE_ID_COLUMN]) for f in features], dtype=torch.int64)
 
 
 def _on_host(value) -> bool:
@@ -119,13 +136,11 @@ class WTACRSTrainer(Trainer):
         enable_data_parallel(self._unwrapped())  # no-op unless torch.distributed runs several ranks
         ids = inputs.pop(EXAMPLE_ID_COLUMN, None)
         host_mask, anchors, token_types = (inputs.pop(key, None) for key in _HOST_KEYS)
-        if ids is None:
-            return super().training_step(model, inputs, num_items_in_batch)
         ids, host_mask, anchors, token_types = (None if a is None else torch.as_tensor(a)
                                                 for a in (ids, host_mask, anchors, token_types))
-        planned = self._unwrapped() if self.args.torch_compile and host_mask is not None else None
-        # a host mask spares the step its copy back from the device; anchors score first visits
-        with batch(ids, host_mask, model=planned, anchors=anchors, token_type_ids=token_types):
+        # the host mask plans the step at the block's enter (no copy back from the device, nothing
+        # left for a compiled forward to do on the host); anchors score first visits
+        with batch(ids, host_mask, anchors=anchors, token_type_ids=token_types):
             return super().training_step(model, inputs, num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

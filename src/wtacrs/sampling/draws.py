@@ -62,12 +62,20 @@ def _version(x: Tensor) -> int | None:
 class DrawRegistry:
     """The draws of the current forward pass, by tensor, and which layers shared one last time."""
 
-    def __init__(self):
+    def __init__(self, shared: "DrawRegistry | None" = None):
+        """`shared`: the registry whose groups this one's reuses join (a frame's draws join its
+        model's groups)."""
+        self._shared = shared
         # Searched by identity (`is`), newest first (q, k and v follow each other): compiled code
         # can compare tensors by identity but cannot take their id().
         self._draws: list[_Draw] = []
-        self.groups: dict[int, set[int]] = {}  # leader slot -> slots that reused its draw
+        self._groups: dict[int, set[int]] = {}  # leader slot -> slots that reused its draw
         self._members: tuple[tuple, Tensor] | None = None  # (groups as of, table)
+
+    @property
+    def groups(self) -> dict[int, set[int]]:
+        """Leader slot -> the slots that reused its draw (the shared registry's, if any)."""
+        return self._groups if self._shared is None else self._shared.groups
 
     def clear(self) -> None:
         self._draws.clear()
@@ -109,7 +117,7 @@ class DrawRegistry:
         groups: dict[int, set[int]] = {}
         for slot, leader in enumerate(leaders.tolist()):
             groups.setdefault(leader, {leader}).add(slot)
-        self.groups = {leader: members for leader, members in groups.items() if len(members) > 1}
+        self._groups = {leader: members for leader, members in groups.items() if len(members) > 1}
 
 
 class StepUniforms:

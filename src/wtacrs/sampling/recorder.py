@@ -12,9 +12,7 @@ has anyway; a step that breaks it raises `PaddingGradientError` when it is folde
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -22,11 +20,9 @@ from torch import Tensor
 from wtacrs.cache import encode_norms
 from wtacrs.cache.first_visit import FirstVisitKeys
 from wtacrs.config import WTACRSConfig
-from wtacrs.functional import output_row_norms
 from wtacrs.sampling.rows import ForwardRows
 from wtacrs.sampling.transport import to_host
 
-logger = logging.getLogger(__name__)
 
 
 class PaddingGradientError(RuntimeError):
@@ -82,27 +78,15 @@ class StepRecorder:
         self.config = config
         self._pending: list[tuple[int, ForwardRows, Tensor, bool]] = []  # (slot, rows, (B, T) norms, for the cache)
         self._shipped: list[ShippedStep] = []
-        self._warned_no_ids = False
 
     def wants(self, rows: ForwardRows, cached: bool = True) -> bool:
         """Whether a layer call over `rows` records its norms: for the cache (`cached`: its slot
         reads them at the example's next visit), or for the padding check."""
-        if self._for_cache(rows, cached):
-            return True
-        if cached and self.config.grad_norm == "cache" and not self._warned_no_ids:
-            logger.warning("wtacrs: no example ids (use wtacrs.batch(ids)); sampling by activation norms only")
-            self._warned_no_ids = True
-        return rows.mask is not None and self.config.skip_padding
+        return self._for_cache(rows, cached) or (rows.mask is not None and self.config.skip_padding)
 
     def _for_cache(self, rows: ForwardRows, cached: bool) -> bool:
         """Whether norms over `rows` go to the cache: their slot reads it, and ids key them."""
         return cached and self.config.grad_norm == "cache" and rows.example_ids is not None
-
-    def hook(self, slot: int, rows: ForwardRows, cached: bool = True) -> Callable[[Tensor], None]:
-        """The callback for one layer call's backward: grad (B, T, out) → its row norms, kept."""
-        def on_grad(grad: Tensor) -> None:
-            self.record(slot, rows, output_row_norms(grad), cached)
-        return on_grad
 
     def record(self, slot: int, rows: ForwardRows, norms: Tensor, cached: bool = True) -> None:
         """Keep one layer call's (B, T) row norms until the step ends; for the cache if `cached`

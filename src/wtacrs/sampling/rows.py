@@ -14,7 +14,6 @@ from torch import Tensor
 
 from wtacrs.cache.first_visit import FirstVisitKeys
 from wtacrs.sampling.context import BatchContext
-from wtacrs.sampling.transport import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -44,33 +43,27 @@ class ForwardRows:
 
 
 class RowLayouts:
-    """The current forward's `ForwardRows` by stream, set before the forward, read by each layer call."""
+    """One forward's `ForwardRows` by stream, set before the forward, read by each layer call."""
 
     def __init__(self):
-        self._rows: dict[str, ForwardRows | None] = {}  # by stream (and unmasked shape), for this forward
-        # Read at the top-level forward: a checkpoint recompute runs inside backward, which autograd
-        # runs on a device thread for CUDA tensors, where the batch's context variable is not set.
+        self._rows: dict[str, ForwardRows | None] = {}  # by stream (and unmasked shape)
         self._ids: Tensor | None = None
         self._warned_id_count = False
 
-    def begin(self, masks: dict[str, Tensor | None], context: BatchContext | None) -> None:
-        """A forward's layouts from its (B, T) masks by stream (the batch's host mask is not a decoder's)."""
+    def plan(self, context: BatchContext | None, masks: dict[str, tuple[Tensor, Tensor] | None]) -> list[ForwardRows]:
+        """The layouts of a forward from its masks by stream ((B, T) on the device, the same on the
+        host; None for a stream without one), keyed by the block's example ids."""
         self._ids = None if context is None else context.example_ids
-        self._rows = {stream: forward_rows(stream, mask, context, host_mask_given=stream != "decoder")
-                      for stream, mask in masks.items()}
+        self._rows = {stream: None if pair is None else forward_rows(stream, *pair, context)
+                      for stream, pair in masks.items()}
+        return [rows for rows in self._rows.values() if rows is not None]
 
-    def plan(self, context: BatchContext, streams: set[str], device: torch.device) -> list[ForwardRows]:
-        """The layouts of a planned step, all from the batch's host mask (one copy to `device`)."""
-        host_mask = context.attention_mask
-        mask = to_device(host_mask, device)
-        live = live_count(host_mask)
-        self._ids = context.example_ids
-        self._rows = {stream: ForwardRows(stream, mask, host_mask, context.example_ids, live, context.first_visit)
-                      for stream in streams}
-        return list(self._rows.values())
+    def add(self, rows: ForwardRows) -> None:
+        """A stream's layout made once the forward has begun (an encoder-decoder's decoder)."""
+        self._rows[rows.key] = rows
 
     def of(self, stream: str) -> ForwardRows | None:
-        """The layout set for `stream` (planned, or from its mask), if any."""
+        """The layout set for `stream`, if any."""
         return self._rows.get(stream)
 
     def rows_for(self, stream: str, x: Tensor) -> ForwardRows | None:
@@ -80,8 +73,9 @@ class RowLayouts:
             rows = self._unmasked(x)
         if rows is None or not rows.matches(x):
             if x.dim() == 3 and rows is not None and rows.example_ids is not None and not self._warned_id_count:
-                logger.warning("wtacrs: %d example ids for a batch of %d; this layer samples by activation norms only",
-                               rows.example_ids.numel(), x.shape[0])
+                logger.warning("wtacrs: the batch's mask is %s but a sampled layer's input is %s; "
+                               "this layer samples by activation norms only",
+                               tuple(rows.host_mask.shape), tuple(x.shape[:2]))
                 self._warned_id_count = True
             return None
         return rows
@@ -97,22 +91,18 @@ class RowLayouts:
         return self._rows[key]
 
 
-def forward_rows(stream: str, mask: Tensor | None, context: BatchContext | None,
-                 host_mask_given: bool) -> ForwardRows | None:
-    """The row layout of one stream from its (B, T) mask; the host copy comes from the batch
-    context when it is this stream's (`host_mask_given`) and matches (no wait), else from the
-    mask itself (one copy per forward)."""
+def forward_rows(stream: str, mask: Tensor, host_mask: Tensor, context: BatchContext | None) -> ForwardRows:
+    """The row layout of one stream from its (B, T) bool mask on the device and on the host; the
+    block's example ids and first-visit keys when they are for this layout."""
     ids = None if context is None else context.example_ids
-    if mask is None:
-        return None
-    mask = mask.to(torch.bool)
-    host = context.attention_mask if context is not None and host_mask_given else None
-    keys = None if host is None else context.first_visit  # anchors index the batch's own layout
-    if host is None or host.shape != mask.shape:
-        host, keys = mask.cpu(), None
-    if ids is not None and ids.numel() != mask.shape[0]:
+    if ids is not None and ids.numel() != host_mask.shape[0]:
         ids = None
-    return ForwardRows(stream, mask, host, ids, live_count(host), keys)
+    keys = None
+    if stream != "decoder" and context is not None and context.first_visit is not None and (
+            context.attention_mask is not None) and (
+            context.attention_mask.shape == host_mask.shape):  # anchors index the batch's own layout
+        keys = context.first_visit
+    return ForwardRows(stream, mask, host_mask, ids, live_count(host_mask), keys)
 
 
 def live_count(host_mask: Tensor) -> int:
