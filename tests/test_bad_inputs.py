@@ -1,7 +1,7 @@
 """Bad inputs across the library and the CLI: each gets a clear, specific error (or a documented
 fallback), and nothing written earlier (results, checkpoints) is lost.
 
-Test ids are numbered b01 … b49 (49 distinct bad inputs).
+Test ids are numbered b01 … b74 (74 distinct bad inputs; b50 … from issue 34).
 """
 
 from __future__ import annotations
@@ -552,10 +552,10 @@ def test_demo_options_are_checked(capsys, argv, message):
 
 def test_b74_max_length_below_a_pairs_special_tokens_is_named():
     from datasets import Dataset
+    from transformers import AutoTokenizer
 
     from wtacrs.packaged import packaged_model_dir
     from wtacrs.tasks import MaxLengthError, get_task, tokenize_sequences
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir())
     pairs = Dataset.from_dict({"sentence1": ["a b c"], "sentence2": ["d e f"], "label": [0]})

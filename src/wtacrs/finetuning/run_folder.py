@@ -102,7 +102,8 @@ class RunFolder:
         RunFolderError where the command may not use the folder. Writes nothing. `force`
         resumes a run whose run.json is missing or unreadable with these settings."""
         if self.path.exists() and not self.path.is_dir():
-            raise RunFolderError(f"{self.path} is a file, not a run folder; move it away or choose another --output-dir")
+            raise RunFolderError(f"{self.path} is a file, not a run folder; move it away or choose another "
+                                 "--output-dir")
         state = self.state()
         if state == "running":
             raise self._busy()
