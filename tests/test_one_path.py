@@ -1,0 +1,152 @@
+"""One sampling path: each training forward plans its own frame, and its backward (checkpoint
+recomputes included) reads that frame's rows whatever else ran inside the `wtacrs.batch` block.
+
+At ratio 0.99 on these tiny batches k covers every live row, so the sampled weight gradients must
+equal the plain model's: any row read from another forward's layout breaks that.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import wtacrs
+from models import CASES_BY_NAME
+from wtacrs.sampling.state import MaskMismatchError
+
+BERT = CASES_BY_NAME["bert"]
+
+
+def _no_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _other_mask(batch: dict) -> dict:
+    """The same shape, other real-token counts."""
+    mask = batch["attention_mask"].clone()
+    mask[0, 5:] = 0
+    mask[1, :] = 1
+    return {**batch, "attention_mask": mask}
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _plain_grads(batch: dict) -> dict[str, torch.Tensor]:
+    model = _no_dropout(BERT.model())
+    model(**batch).loss.backward()
+    return _grads(model)
+
+
+def _sampled(recipe: str) -> torch.nn.Module:
+    model = _no_dropout(BERT.model())
+    if recipe == "checkpointing":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.99))
+    return wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.99))  # the recommended recipe: both recomputes
+
+
+def _assert_close(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("recipe", ["recompute", "checkpointing"])
+def test_an_eval_forward_inside_the_block_leaves_the_training_rows_alone(recipe):
+    batch = BERT.batch()
+    model = _sampled(recipe)
+    with wtacrs.batch(torch.arange(3), batch["attention_mask"]):
+        loss = model(**batch).loss
+        with torch.no_grad():
+            model(**_other_mask(batch))  # an eval forward of another batch of the same shape
+        model.eval()
+        model(**{k: v[:2] for k, v in batch.items()})  # eval mode, another shape
+        model.train()
+        loss.backward()
+    _assert_close(_grads(model), _plain_grads(batch))
+
+
+@pytest.mark.parametrize("recipe", ["recompute", "checkpointing"])
+def test_two_training_forwards_in_one_block_each_backward_reads_its_own_rows(recipe):
+    batch = BERT.batch()
+    model = _sampled(recipe)
+    state = wtacrs.sampling_state(model)
+    with wtacrs.batch(torch.arange(3), batch["attention_mask"]):
+        first = model(**batch).loss
+        second = model(**batch).loss  # a second frame of its own
+        (first + second).backward()
+    assert state.step == 2
+    expected = {name: 2 * grad for name, grad in _plain_grads(batch).items()}
+    _assert_close(_grads(model), expected)
+
+
+@pytest.mark.parametrize("recipe", ["recompute", "checkpointing"])
+def test_forwards_outside_a_block_backward_later_read_their_own_rows(recipe):
+    """Without `wtacrs.batch` each training forward plans itself from its own mask; a second
+    forward on another mask before the first one's backward leaves the first one's rows alone."""
+    batch, other = BERT.batch(), _other_mask(BERT.batch())
+    model = _sampled(recipe)
+    first = model(**batch).loss
+    second = model(**other).loss
+    (first + second).backward()
+    reference = _no_dropout(BERT.model())
+    (reference(**batch).loss + reference(**other).loss).backward()
+    _assert_close(_grads(model), _grads(reference))
+
+
+def test_a_mask_that_disagrees_with_the_blocks_is_an_error():
+    batch = BERT.batch()
+    model = _sampled("recompute")
+    with pytest.raises(MaskMismatchError, match="differs"):
+        with wtacrs.batch(torch.arange(3), _other_mask(batch)["attention_mask"]):
+            model(**batch)
+    with pytest.raises(MaskMismatchError, match="shape"):
+        with wtacrs.batch(torch.arange(3), batch["attention_mask"]):
+            model(**{k: v[:, :6] if v.dim() == 2 else v for k, v in batch.items()})
+    with pytest.raises(MaskMismatchError, match="got none"):
+        with wtacrs.batch(torch.arange(3), batch["attention_mask"]):
+            model(**{k: v for k, v in batch.items() if k != "attention_mask"})
+
+
+def test_ids_are_optional_and_checked_against_the_mask():
+    batch = BERT.batch()
+    model = _sampled("recompute")
+    with wtacrs.batch(attention_mask=batch["attention_mask"]):
+        model(**batch).loss.backward()
+    assert wtacrs.sampling_state(model).step == 1
+    with pytest.raises(ValueError, match="2 example ids for an attention_mask of 3 examples"):
+        with wtacrs.batch(torch.arange(2), batch["attention_mask"]):
+            pass
+
+
+def test_the_default_config_is_the_recommended_recipe_and_a_preset_is_the_bare_sampler():
+    default = wtacrs.WTACRSConfig()
+    assert default.recompute_activation and default.recompute_attention and default.backward_draws
+    assert default.ratio == 0.3
+    sampler = wtacrs.WTACRSConfig.preset("sampler", ratio=0.5)
+    assert not (sampler.recompute_activation or sampler.recompute_attention or sampler.lean_layernorm)
+    assert sampler.ratio == 0.5
+    with pytest.raises(wtacrs.WTACRSConfigError, match="unknown preset"):
+        wtacrs.WTACRSConfig.preset("fastest")
+    # the exact companions are decided per family: on for a decoder-only LM, off for an encoder
+    llama = wtacrs.apply(CASES_BY_NAME["llama"].model())
+    bert = wtacrs.apply(BERT.model())
+    assert wtacrs.sampling_state(llama).config.lean_layernorm is True
+    assert wtacrs.sampling_state(llama).config.chunked_lm_loss is True
+    assert wtacrs.sampling_state(bert).config.lean_layernorm is False
+
+
+def test_the_recommended_recipe_needs_no_ids_and_grows_no_cache():
+    """Every sampled BERT layer draws in backward with its true ‖dY‖: no cache to key, so a plain
+    loop without `wtacrs.batch` loses nothing."""
+    model = wtacrs.apply(_no_dropout(BERT.model()))
+    for _ in range(2):
+        model(**BERT.batch()).loss.backward()
+    state = wtacrs.sampling_state(model)
+    assert state.drawn_in_backward == set(range(state.num_layers)) and not state.drawn_in_forward
+    assert state.cache is None and state.step == 2
