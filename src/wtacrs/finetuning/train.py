@@ -57,12 +57,13 @@ def train_one(run: RunSpec) -> dict | None:
     train_raw = fixed_subset(data["train"], s.max_train_samples)
     evals_raw = {split: fixed_subset(data[split], s.max_eval_samples) for split in task.eval_splits}
     train_set, eval_sets, compute_metrics = task.datasets(train_raw, evals_raw, tokenizer, s)
+    training_args = training_arguments(run, len(train_set), first_split=next(iter(eval_sets)))  # checks them too
     folder, action = claim_folder(run)
     if action == KEEP:
         return kept(run)
     with folder, _failure_recorded(run, folder):
         timer = step_timer()
-        trainer = build_trainer(run, folder.path, model, tokenizer, train_set, eval_sets, compute_metrics, timer)
+        trainer = build_trainer(run, training_args, model, tokenizer, train_set, eval_sets, compute_metrics, timer)
         checkpoint = on_rank_zero(lambda: last_checkpoint(folder.path)) if action == RESUME else None
         measured_lr = sampled_lr_scales(trainer, run, checkpoint) if run.measures_lr else None
         if measured_lr is not None:
@@ -178,18 +179,17 @@ def step_timer():
     return StepTimer()
 
 
-def build_trainer(run: RunSpec, out: Path, model, tokenizer, train_set, eval_sets, compute_metrics, timer):
-    """A Trainer (WTACRSTrainer for recipes that use wtacrs) evaluating and checkpointing every epoch."""
+def training_arguments(run: RunSpec, train_examples: int, first_split: str):
+    """The run's TrainingArguments (evaluating and checkpointing every epoch into its folder,
+    best model by `first_split`'s score); built before the folder is claimed, so a setting they
+    refuse stops the run before --overwrite deletes anything. Creates nothing."""
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
-    from wtacrs.integrations import WTACRSTrainer, add_example_ids
-
-    s, task = run.settings, run.task
-    first_split = next(iter(eval_sets))
-    steps_per_epoch = math.ceil(len(train_set) / s.batch_size)
-    training_args = TrainingArguments(
-        output_dir=str(out), num_train_epochs=s.epochs, learning_rate=run.learning_rate,
+    s = run.settings
+    steps_per_epoch = math.ceil(train_examples / s.batch_size)
+    return TrainingArguments(
+        output_dir=str(run.folder), num_train_epochs=s.epochs, learning_rate=run.learning_rate,
         per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=2 * s.batch_size,
         warmup_steps=s.warmup_ratio, weight_decay=s.weight_decay, lr_scheduler_type="linear",
         eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, load_best_model_at_end=True,
@@ -199,6 +199,15 @@ def build_trainer(run: RunSpec, out: Path, model, tokenizer, train_set, eval_set
         torch_compile=s.compile is not None, torch_compile_backend=s.compile, dataloader_num_workers=0,
         logging_nan_inf_filter=False,  # a NaN loss must reach the log, where non_finite_guard sees it
     )
+
+
+def build_trainer(run: RunSpec, training_args, model, tokenizer, train_set, eval_sets, compute_metrics, timer):
+    """A Trainer (WTACRSTrainer for recipes that use wtacrs) with `training_arguments`."""
+    from transformers import Trainer
+
+    from wtacrs.integrations import WTACRSTrainer, add_example_ids
+
+    s, task = run.settings, run.task
     trainer_class = WTACRSTrainer if run.recipe.uses_wtacrs else Trainer
     return trainer_class(
         model=model, args=training_args, train_dataset=add_example_ids(train_set), eval_dataset=eval_sets,
