@@ -150,3 +150,32 @@ def test_the_recommended_recipe_needs_no_ids_and_grows_no_cache():
     state = wtacrs.sampling_state(model)
     assert state.drawn_in_backward == set(range(state.num_layers)) and not state.drawn_in_forward
     assert state.cache is None and state.step == 2
+
+
+def test_apply_says_what_share_of_a_mixture_of_experts_it_covers(caplog):
+    """Transformers keeps Qwen3-MoE's experts as 3-D parameters, not nn.Linear: apply samples the
+    attention projections only and says which share of the blocks' weight matrices that is."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                            num_experts_per_tok=2, head_dim=8, max_position_embeddings=64)
+    with caplog.at_level("WARNING", logger="wtacrs.modeling"):
+        wtacrs.apply(Qwen3MoeForCausalLM(config))
+    message = next(r.getMessage() for r in caplog.records if "cover" in r.getMessage())
+    assert "cover 33%" in message and "model.layers.0.mlp.experts" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wtacrs.modeling"):
+        wtacrs.apply(BERT.model())  # every block matrix is a linear layer: nothing to say
+    assert not any("cover" in r.getMessage() for r in caplog.records)
+
+
+def test_summary_counts_only_layers_whose_weight_is_trained():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(BERT.model(), LoraConfig(r=4, target_modules=["query", "value"]))
+    wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
+    first = wtacrs.summary(model).splitlines()[0]
+    trained = [n for n, m in wtacrs.modeling.sampled_modules(model) if m.weight.requires_grad]
+    assert trained and all("lora_A" in n for n in trained)
+    assert first.startswith(f"wtacrs: {len(trained)} sampled layers") and "frozen layers" in first

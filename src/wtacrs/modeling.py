@@ -8,6 +8,7 @@ only their class changes to a sampled subclass, and `remove` changes it back.
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,11 @@ from wtacrs.sampling import SamplingState
 from wtacrs.sampling.state import bind_frames
 
 _STATE_ATTR = "wtacrs_state"
+# `apply` warns when more of the blocks' trained weight matrices than this lie outside sampled
+# layers (mixture-of-experts experts, embeddings inside blocks, custom layers).
+UNCOVERED_WARNING_SHARE = 0.2
+
+logger = logging.getLogger(__name__)
 
 
 class NoMatchingModulesError(ValueError):
@@ -231,10 +237,35 @@ def _sample_linears(model: nn.Module, state: SamplingState) -> None:
             f"(exclude_modules={state.config.exclude_modules!r})"
         )
     _swap(model, state, targets)
+    _warn_uncovered_blocks(model, targets)
     signature = inspect.signature(model.forward)
     state.hooks = (model.register_forward_pre_hook(partial(_begin_forward, model, state, signature), with_kwargs=True),
                    model.register_forward_hook(partial(_end_forward, model, state)))
     setattr(model, _STATE_ATTR, state)
+
+
+def _warn_uncovered_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
+    """Warn when the repeated blocks hold many trained weight-matrix parameters outside any
+    sampled layer (mixture-of-experts models keep their experts as 3-D parameters, not
+    nn.Linear): their activations are stored in full, so the saving is smaller than it looks."""
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    covered = {id(p) for _, layer in targets for p in layer.parameters(recurse=False)}
+    outside: dict[str, int] = {}
+    total = 0
+    for prefix, block in blocks:
+        for name, p in block.named_parameters(prefix=prefix):
+            if p.dim() < 2 or not p.requires_grad:
+                continue
+            total += p.numel()
+            if id(p) not in covered:
+                owner = name.rsplit(".", 1)[0]
+                outside[owner] = outside.get(owner, 0) + p.numel()
+    uncovered = sum(outside.values())
+    if total and uncovered / total > UNCOVERED_WARNING_SHARE:
+        example = max(outside, key=outside.get)
+        logger.warning("wtacrs: sampled layers cover %.0f%% of the blocks' trained weight matrices; %.0f%% are in "
+                       "modules wtacrs cannot sample (e.g. %s), whose inputs are stored in full",
+                       100 * (total - uncovered) / total, 100 * uncovered / total, example)
 
 
 def _unsample_linears(model: nn.Module, state: SamplingState) -> None:
@@ -361,14 +392,17 @@ def summary(model: nn.Module) -> str:
     """Which layers are sampled, at what ratio, expected saved activation bytes per token, whether
     the attention matmuls are sampled, and which companions took effect.
 
-    "Before" counts each sampled layer's input once (as plain layers store it); "after" counts
+    Only layers whose weight is trained count (a frozen base layer under LoRA stores no input
+    either way). "Before" counts each sampled layer's input once (as plain layers store it); "after" counts
     ratio × input plus 12 bytes (int64 index + float32 weight) per kept row, with layers known
     to share an input (from the last training step) counted once. Companions are reported as
     `companion_effects` finds them (run a training step first to see which acted).
     """
     state = sampling_state(model)
-    layers = sampled_modules(model)
-    lines = [f"wtacrs: {len(layers)} sampled layers, estimator={state.config.estimator}, ratio={state.config.ratio}"]
+    layers = [(name, m) for name, m in sampled_modules(model) if m.weight.requires_grad]
+    frozen = len(sampled_modules(model)) - len(layers)
+    lines = [f"wtacrs: {len(layers)} sampled layers, estimator={state.config.estimator}, ratio={state.config.ratio}"
+             + (f" ({frozen} frozen layers store no input and are not counted)" if frozen else "")]
     lines += _layer_lines(state, layers)
     attention = sampled_attention_modules(model)
     lines.append(f"sampled attention: {f'{len(attention)} modules' if attention else 'off'}")
@@ -397,6 +431,7 @@ def _layer_lines(state: SamplingState, layers: list[tuple[str, nn.Module]]) -> l
             after += state.config.ratio * (nbytes + 12)
             drawn.add(leader)
         lines.append(f"  {name:<60} in={width:<6} {'shares input of layer ' + str(leader) if shares else ''}")
-    lines.append(f"saved input bytes per token: {before:.0f} before, {after:.0f} after "
-                 f"({before / max(after, 1):.1f}x less)")
+    lines.append(f"sampled layers' saved input bytes per token: {before:.0f} before, {after:.0f} after "
+                 f"({before / max(after, 1):.1f}x less; the step's other activations are unchanged: "
+                 "`wtacrs bench memory` measures its peak)")
     return lines
