@@ -608,6 +608,7 @@ def test_r04_resume_without_a_readable_run_json_stops_unless_forced(tiny_model, 
     assert not (folder / "results.json").exists()
     assert main([*argv, "--force"]) == 0
     assert (folder / "results.json").is_file()
+    assert json.loads((folder / "run.json").read_text())["settings"]["lr"] == 1e-3  # what the run went on with
 
 
 def test_r04_force_needs_resume(tiny_model, tmp_path, capsys):  # noqa: F811

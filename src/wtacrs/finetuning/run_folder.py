@@ -148,8 +148,9 @@ class RunFolder:
     # -- owning ------------------------------------------------------------------------------
     def claim(self, settings: dict, *, resume: bool, overwrite: bool, force: bool = False) -> str:
         """Lock the folder, then `plan` under the lock and prepare: START empties the folder
-        (keeping the lock) and records `settings`; RESUME keeps everything; KEEP releases the
-        lock at once. Raises RunFolderError when another process owns the folder."""
+        (keeping the lock) and records `settings`; RESUME keeps everything (with `force`, records
+        `settings` where run.json is missing or unreadable); KEEP releases the lock at once.
+        Raises RunFolderError when another process owns the folder."""
         missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
         self.path.mkdir(parents=True, exist_ok=True)
         self._created = missing[-1] if missing else None
@@ -164,7 +165,8 @@ class RunFolder:
             action = self.plan(settings, resume=resume, overwrite=overwrite, force=force)
             if action == START:
                 self._empty()
-                write_json_atomic(self.path / SETTINGS_FILE, {"settings": settings})
+            if action == START or (action == RESUME and force and not self._settings_readable()):
+                write_json_atomic(self.path / SETTINGS_FILE, {"settings": settings})  # --force: the next resume checks
         except BaseException:
             self.release()
             raise
@@ -198,6 +200,12 @@ class RunFolder:
         self.release()
 
     # -- helpers -----------------------------------------------------------------------------
+    def _settings_readable(self) -> bool:
+        try:
+            return self.settings() is not None
+        except RunFolderError:
+            return False
+
     def _busy(self) -> RunFolderError:
         return RunFolderError(f"{self.path} is in use by another wtacrs finetune (pid {self.owner()}); wait for it "
                               "to end or stop it first")
