@@ -160,6 +160,16 @@ def test_each_batch_row_carries_the_id_of_its_prepared_example(tmp_path, case):
         assert sorted(seen) == list(range(offset, offset + len(prepared)))
 
 
+def test_a_forward_draw_sampler_caches_every_prepared_example(tmp_path):
+    """Layers that draw in forward read the gradient-norm cache by example id: one epoch of
+    SFTTrainer's batches fills it with each prepared example once."""
+    model = wtacrs.apply(_llama(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
+    trainer = _trainer(WTACRSSFTTrainer, model, tmp_path, "plain")
+    trainer.train()
+    assert len(trainer.train_dataset) == 12 and trainer.state.epoch == 1
+    assert wtacrs.sampling_state(trainer.model).cache.num_examples == 12
+
+
 def test_training_step_never_holds_the_whole_logits(tmp_path):
     """A 32,000-token vocabulary, 1,024 tokens: one step's peak above the weights stays under the
     (tokens x vocabulary) float32 logits alone (TRL's fused head, on the CPU, holds them twice)."""
