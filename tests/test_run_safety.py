@@ -589,6 +589,21 @@ def test_r03_a_resume_keeps_the_original_figures_where_training_ran_to_its_end(t
     assert training["wall_seconds"] <= record["wall_seconds"] < training["wall_seconds"] + 60  # plus finishing
 
 
+def test_r03_table_and_verdict_show_unmeasured_figures_as_such():
+    from wtacrs.cli.finetune import comparison_table, verdict
+
+    def record(method, ratio, **figures):
+        return {"task": "sst2", "method": method, "ratio": ratio, "seed": 0, "score": 0.9, "score_name": "accuracy",
+                "eval_examples": {"validation": 8}, "peak_memory_kind": "cpu_peak_rss", "live_peak_bytes": 2**20,
+                "peak_memory_bytes": 2**21, "step_seconds": 0.5, "saved_activation_bytes": 2**20,
+                "wall_seconds": 10.0, **figures}
+
+    resumed = record("wtacrs@0.3", 0.3, peak_memory_bytes=None, wall_seconds=None, step_seconds=None)
+    table = comparison_table([record("checkpointing", None), resumed])
+    assert table.splitlines()[3].split() == ["wtacrs@0.3", "0", "0.9000", "1", "–", "nan", "1.0", "–"]
+    assert verdict([record("checkpointing", None), resumed]).startswith("verdict: needs a checkpointing run")
+
+
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_r04_resume_without_a_readable_run_json_stops_unless_forced(tiny_model, finished, tmp_path,  # noqa: F811
                                                                     capsys, damage):

@@ -406,11 +406,17 @@ def verdict(results: list[dict]) -> str:
         by_seed.setdefault(r["seed"], {})[method_label(r)] = r
     for runs in by_seed.values():
         baseline = runs.get("checkpointing")
-        sampled = [r for label, r in runs.items() if r.get("ratio") is not None]
-        if baseline is None or not sampled or baseline.get("live_peak_bytes") is None:
+        sampled = [r for r in runs.values() if r.get("ratio") is not None and _timed(r)]
+        if baseline is None or not sampled or not _timed(baseline):
             continue
         return "\n".join(_verdict_line(r, baseline) for r in sampled)
     return "verdict: needs a checkpointing run and a sampling run of the same seed"
+
+
+def _timed(r: dict) -> bool:
+    """Whether a run has the live peak and step time a verdict compares (a run resumed after its
+    last step has no step time)."""
+    return r.get("live_peak_bytes") is not None and r.get("step_seconds") is not None
 
 
 def _verdict_line(r: dict, baseline: dict) -> str:
