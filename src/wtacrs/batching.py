@@ -57,8 +57,8 @@ def batch(example_ids: Tensor | list[int] | None = None, attention_mask: Tensor 
                     model = state.model
                     if model is not None and model.training:  # eval-mode models do not sample
                         swap_new_targets(model, state)
-                        state.plan_for_block(context, next(model.parameters()).device)
-                        context.states.append(state)
+                        if state.plan_for_block(context, next(model.parameters()).device):
+                            context.states.append(state)
             yield
             for state in context.states:
                 state.commit()

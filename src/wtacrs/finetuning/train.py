@@ -318,9 +318,17 @@ def sampled_lr_scales(trainer, run: RunSpec, checkpoint: str | None) -> dict:
                 raise
             print(f"wtacrs finetune: {e.args[0].split(';')[0]}; --force: measuring them again on {checkpoint}",
                   file=sys.stderr)
+    from tqdm.auto import tqdm
+
     with torch.random.fork_rng(devices=[]):
         inputs, _, _ = probe_inputs(trainer)
-        variances = first_visit_variances(trainer.model, inputs)
+        with tqdm(desc="measuring the sampled layers' gradient noise", unit="pass", file=sys.stderr,
+                  disable=trainer.args.disable_tqdm) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            variances = first_visit_variances(trainer.model, inputs, progress=progress)
     measured = {"first_visit_variance": variances, "scales": lr_scales(variances), "factor": global_scale(variances)}
     if trainer.is_world_process_zero():
         write_json_atomic(path, measured)

@@ -113,6 +113,7 @@ class SamplingState:
         self._frames: list[Frame] = []  # planned and not collected yet
         self._model = None if model is None else weakref.ref(model)  # whose training forwards a block plans
         self._warned_no_ids = False
+        self._idle = False  # planned for a block and ran no training forward in it
         _LIVE_STATES.add(self)
 
     @property
@@ -162,29 +163,44 @@ class SamplingState:
         """The model `wtacrs.apply` made this state for, while it lives."""
         return None if self._model is None else self._model()
 
-    def plan_for_block(self, context: BatchContext, device: torch.device) -> None:
+    def plan_for_block(self, context: BatchContext, device: torch.device) -> bool:
         """`wtacrs.batch` enter, given the block's host mask: plan the model's training forward
-        on `device` from it (the decoder stream of an encoder-decoder is laid out at its forward)."""
+        on `device` from it (the decoder stream of an encoder-decoder is laid out at its forward).
+        A model that ran no training forward in its last planned block is planned at its next
+        forward instead (from the same host mask: no device wait), so idle models cost nothing.
+        Returns whether it planned."""
+        if self._idle:
+            return False
         host = context.attention_mask
         main = (to_device(host, device), host)
         self.plan(context, {stream: main for stream in self._streams() if stream != "decoder"}, device)
+        return True
 
     def begin_forward(self, masks: dict[str, Tensor | None], device: torch.device) -> None:
         """The model's forward pre-hook, for a training forward with gradients, given its (B, T)
         masks by stream: take the block's frame (checking that its mask is this forward's), or
         plan one of its own (a second training forward, or none planned)."""
         frame = self._frames[-1] if self._frames and not self._frames[-1].used else None
-        if torch.compiler.is_compiling():  # no host work: `wtacrs.batch` planned it (and knows this state)
-            if frame is None:
-                raise RuntimeError("wtacrs: a compiled forward must run inside wtacrs.batch(attention_mask=...), "
-                                   "which plans its host work before it")
+        if frame is not None and torch.compiler.is_compiling():  # `wtacrs.batch` did the host work
             frame.used = True
             frame.drop_draws()
             self.frame = frame
             return
+        self._begin_eager_forward(masks, device)
+
+    @torch.compiler.disable(recursive=True)
+    def _begin_eager_forward(self, masks: dict[str, Tensor | None], device: torch.device) -> None:
+        """`begin_forward`'s host work, never traced: a compiled forward that reaches it (no frame
+        planned at a block's enter, e.g. outside `wtacrs.batch`) breaks its graph here."""
+        frame = self._frames[-1] if self._frames and not self._frames[-1].used else None
         context = current_batch()
         if context is not None and self not in context.states:
             context.states.append(self)
+        self._idle = False
+        if frame is None and context is not None and context.attention_mask is not None:
+            self._check_same(context.attention_mask, masks.get("main"))
+            self.plan_for_block(context, device)
+            frame = self._frames[-1]
         if frame is not None:
             self._check_planned_masks(frame, masks)
             self._add_decoder_rows(frame, masks, device)
@@ -194,8 +210,6 @@ class SamplingState:
                 self._collect_finished()
             host = {s: None if m is None else (m.to(torch.bool), m.to(torch.bool).cpu()) for s, m in masks.items()}
             planned = {s: m for s, m in host.items() if s in self._streams()}
-            if context is not None and context.attention_mask is not None:
-                self._check_same(context.attention_mask, masks.get("main"))
             frame = self.plan(context, planned, device)
             self.step = frame.step
         frame.used = True
@@ -347,13 +361,16 @@ class SamplingState:
         is a collective of every rank and step. The frames' tables are freed: the optimizer step
         that follows is where the memory peaks once activations are small."""
         self.step = max([self.step] + [frame.step for frame in self._frames if frame.used])  # compiled forwards
+        self._idle = bool(self._frames) and not any(frame.used for frame in self._frames)
         self._collect(self._frames)
         if self.sync is not None:
             self.folder.fold(self.recorder.take(), self.layer_names, exchange=self.sync)
 
     def end_step(self) -> None:
         """The `wtacrs.batch` block is left (after `commit`, or by an exception): frames not
-        collected are dropped."""
+        collected are dropped; a model that took none of its block's frames is idle."""
+        if self._frames:
+            self._idle = not any(frame.used for frame in self._frames)
         self._frames.clear()
         self.frame = None
 
