@@ -6,8 +6,12 @@ import argparse
 import sys
 
 from wtacrs.cli import bench, demo, finetune, report
+from wtacrs.cli.noise import quiet_third_party
 
 SUBCOMMANDS = {"demo": demo, "bench": bench, "finetune": finetune, "report": report}
+
+# At import, so the runs `wtacrs finetune` spawns (they import this package) are quiet too.
+quiet_third_party()
 
 
 def main(argv: list[str] | None = None) -> int:
