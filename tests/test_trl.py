@@ -15,6 +15,7 @@ import datasets  # noqa: E402
 import transformers as hf  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from peft import LoraConfig  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 import wtacrs  # noqa: E402
@@ -22,6 +23,7 @@ from wtacrs.companions.usage import companion_usage  # noqa: E402
 from wtacrs.integrations import WTACRSSFTTrainer, add_example_ids  # noqa: E402
 from wtacrs.integrations.trainer import EXAMPLE_ID_COLUMN, STATE_FILE  # noqa: E402
 from wtacrs.memory import AllocatorPeak, parameter_tensors  # noqa: E402
+from wtacrs.modeling import sampled_modules  # noqa: E402
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ?."
 MODES = ("plain", "packing", "completion")
@@ -130,19 +132,19 @@ def test_packed_sft_resumes_exactly(tmp_path):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("case", ["user ids", "own ids", "wrapped packing", "padding-free"])
+@pytest.mark.parametrize("case", ["user ids", "own ids", "wrapped packing", "padding-free", "padding-free, 1 row"])
 def test_each_batch_row_carries_the_id_of_its_prepared_example(tmp_path, case):
     """TRL's collator keeps only the model's inputs: the ids still reach the step, one per row,
-    naming the prepared example (or packed row) the row holds; a padding-free batch (one row
-    joining several examples) carries none."""
+    naming the prepared example (or packed row) the row holds; a padding-free batch of several
+    packed rows (joined into one row) carries none."""
     dataset = _dataset("plain")
     overrides = {}
     if case == "user ids":
         dataset = add_example_ids(dataset).map(lambda e: {EXAMPLE_ID_COLUMN: 100 + e[EXAMPLE_ID_COLUMN]})
     elif case == "wrapped packing":
         overrides = dict(packing=True, packing_strategy="wrapped")
-    elif case == "padding-free":
-        overrides = dict(packing=True)
+    elif case.startswith("padding-free"):
+        overrides = dict(packing=True, per_device_train_batch_size=1 if case.endswith("1 row") else 2)
     trainer = _trainer(WTACRSSFTTrainer, _sampled(), tmp_path, "plain", dataset=dataset, **overrides)
     prepared = trainer.train_dataset
     seen = []
@@ -158,6 +160,19 @@ def test_each_batch_row_carries_the_id_of_its_prepared_example(tmp_path, case):
     if case != "padding-free":
         offset = 100 if case == "user ids" else 0
         assert sorted(seen) == list(range(offset, offset + len(prepared)))
+
+
+def test_lora_from_peft_config_trains_on_the_chunked_loss(tmp_path):
+    """SFTTrainer wraps the sampled model in LoRA (`peft_config`): the LoRA matrices are sampled
+    too, the chunked LM loss computes the loss, and the adapters learn."""
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = WTACRSSFTTrainer(model=_sampled(), args=_args(tmp_path, "completion", max_steps=6, learning_rate=3e-2),
+                               train_dataset=_dataset("completion"), processing_class=_tokenizer(), peft_config=lora)
+    trainer.train()
+    assert any("lora_A" in name for name, _ in sampled_modules(trainer.model))
+    assert companion_usage(trainer.model)["chunked_lm_loss"][1] == ["base_model.model"]
+    losses = _losses(trainer)
+    assert max(losses[-2:]) < losses[0], losses
 
 
 def test_a_forward_draw_sampler_caches_every_prepared_example(tmp_path):
