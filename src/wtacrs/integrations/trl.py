@@ -29,7 +29,8 @@ class WTACRSSFTTrainer(WTACRSTrainer, SFTTrainer):
       preparation kept; packing drops that column, and each packed row then gets its own id (the
       packing is the same in every epoch). The ids reach each step through TRL's collator when
       each example is one row of the batch; a padding-free batch (TRL's default with packing,
-      strategy "bfd"), one row joining several examples, has none and samples without them.
+      strategy "bfd") of several packed rows, joined into one row, has none and samples
+      without them (the recommended recipe, which draws in backward, needs none).
       An `IterableDataset`, or `dataset_kwargs={"skip_prepare_dataset": True}`, gets no ids.
     - The chunked LM loss (`WTACRSConfig.chunked_lm_loss`) computes the training loss: SFTTrainer
       calls the model with `fused_lm_head=True`, which skips the model's own loss; here a
@@ -44,7 +45,7 @@ class WTACRSSFTTrainer(WTACRSTrainer, SFTTrainer):
       applies, as in `WTACRSTrainer`.
 
     Example:
-        model = wtacrs.apply(AutoModelForCausalLM.from_pretrained(name), config)
+        model = wtacrs.apply(AutoModelForCausalLM.from_pretrained(name))  # the recommended recipe
         trainer = WTACRSSFTTrainer(model=model, args=SFTConfig(out, packing=True, max_length=1024),
                                    train_dataset=dataset, processing_class=tokenizer)
         trainer.train()
@@ -53,11 +54,10 @@ class WTACRSSFTTrainer(WTACRSTrainer, SFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         chunked = any(isinstance(m, ChunkedLMLoss) for m in self._unwrapped().modules())
-        self._chunked_loss_off = None if not chunked else self._chunked_loss_blocker()
-        if chunked and self._chunked_loss_off:
-            logger.warning("wtacrs: the chunked LM loss is not used (%s); SFTTrainer computes the loss",
-                           self._chunked_loss_off)
-        self._chunked_loss_on = chunked and not self._chunked_loss_off
+        blocker = self._chunked_loss_blocker() if chunked else None
+        if blocker:
+            logger.warning("wtacrs: the chunked LM loss is not used (%s); SFTTrainer computes the loss", blocker)
+        self._chunked_loss_on = chunked and blocker is None
 
     def _chunked_loss_blocker(self) -> str | None:
         """Why the model's own (chunked) loss cannot be SFTTrainer's training loss, or None."""
