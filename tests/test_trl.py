@@ -84,14 +84,19 @@ def _losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-@pytest.mark.parametrize("mode, checkpointing", [*((mode, False) for mode in MODES), ("completion", True)])
-def test_sft_at_ratio_one_trains_as_sft_trainer(tmp_path, mode, checkpointing):
+SETTINGS = {"checkpointing": dict(gradient_checkpointing=True),
+            "accumulation": dict(gradient_accumulation_steps=2, per_device_train_batch_size=2)}
+
+
+@pytest.mark.parametrize("mode, settings", [*((mode, None) for mode in MODES), ("completion", "checkpointing"),
+                                            ("completion", "accumulation")])
+def test_sft_at_ratio_one_trains_as_sft_trainer(tmp_path, mode, settings):
     """At ratio 1 every row is kept: the recipe's weights after 3 steps are SFTTrainer's (whose
-    loss is TRL's fused head), to rounding, with or without SFTConfig's gradient checkpointing;
-    completion-only loss counts the completion alone in both, and the chunked LM loss computed
-    the recipe's loss."""
+    loss is TRL's fused head), to rounding, also with gradient checkpointing or accumulation
+    (the loss divided by the labelled tokens of all accumulated batches); completion-only loss
+    counts the completion alone in both, and the chunked LM loss computed the recipe's loss."""
     # SGD: Adam's first steps would magnify rounding near zero gradients
-    sgd = dict(optim="sgd", learning_rate=0.5, gradient_checkpointing=checkpointing)
+    sgd = dict(optim="sgd", learning_rate=0.5, **SETTINGS.get(settings, {}))
     plain = _trainer(SFTTrainer, _llama(), tmp_path / "plain", mode, **sgd)
     plain.train()
     sampled = _trainer(WTACRSSFTTrainer, _sampled(ratio=1.0), tmp_path / "sampled", mode, **sgd)
