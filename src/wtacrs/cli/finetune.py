@@ -39,12 +39,12 @@ from wtacrs.packaged import PACKAGED_MODELS
 from wtacrs.recipes import BEST_EXACT, RecipeError
 
 DEFAULT_RECIPES = ("full", "checkpointing", BEST_EXACT)
-_MODULE_SUFFIX = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")  # a module name's last parts: "output.dense"
+_MODULE_SUFFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")  # a module name's last parts: "output.dense"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from wtacrs.functional import BUDGETS
-    from wtacrs.tasks import DEFAULT_TASK, TASK_NAMES
+    from wtacrs.tasks import DEFAULT_TASK, TASK_NAMES, get_task
 
     p.add_argument("--task", choices=TASK_NAMES, default=DEFAULT_TASK)
     p.add_argument("--data-dir", help="local data: a GLUE folder, SQuAD JSON folder or file (default: hub / bundled)")
@@ -70,8 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "to its longest sequence")
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed (default 0)")
     p.add_argument("--lr", type=float, help=f"base peak learning rate of every run (default: the task's, "
-                   f"{DEFAULTS['lr']} for most and 1e-4 for the offline default task; LoRA recipes "
-                   f"{DEFAULTS['lora_lr']}); sampling recipes raise it as --sampled-lr says")
+                   f"{DEFAULTS['lr']} for most and {get_task(DEFAULT_TASK).defaults['lr']} for the offline default "
+                   f"task; LoRA recipes {DEFAULTS['lora_lr']}); sampling recipes raise it as --sampled-lr says")
     p.add_argument("--sampled-lr", type=_sampled_lr, default=PER_LAYER, metavar="measured-per-layer|measured|FACTOR",
                    help="sampling recipes: their gradient noise shortens Adam's steps (benchmarks/ACCURACY.md). "
                         "v, each sampled layer's relative gradient variance, is measured on the first batch before "
