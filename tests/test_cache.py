@@ -138,3 +138,9 @@ def _with_prior_state() -> dict:
     cache.record(0, torch.tensor([0]), torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 2))
     cache.commit()
     return cache.state_dict()
+
+
+@pytest.mark.parametrize("num_slots", [0, 2.5, True, "3"])
+def test_num_slots_must_be_a_positive_int(num_slots):
+    with pytest.raises(ValueError, match=f"num_slots must be an int >= 1, got {num_slots!r}"):
+        GradNormCache(num_slots)

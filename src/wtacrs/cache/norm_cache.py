@@ -33,8 +33,8 @@ class GradNormCache:
     """
 
     def __init__(self, num_slots: int, position_prior: bool = True):
-        if num_slots < 1:
-            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+            raise ValueError(f"num_slots must be an int >= 1, got {num_slots!r}")
         self.num_slots = num_slots
         self.position_prior = position_prior
         self.store = NormStore(num_slots)
