@@ -48,6 +48,30 @@ def check_schema(record):
     assert record["saved_activation_bytes"] > 0 and record["peak_memory_bytes"] > 0
 
 
+# -- the main job's defaults ------------------------------------------------------------------
+def test_the_main_job_trains_on_the_tweet_tasks_defaults_and_its_help_says_them(capsys):
+    """`wtacrs finetune` with no arguments: the tweet task's defaults fill every option, and
+    --help quotes those values (not numbers of an earlier default)."""
+    import argparse
+
+    from wtacrs.cli import finetune
+    from wtacrs.tasks import get_task
+
+    parser = argparse.ArgumentParser()
+    finetune.add_arguments(parser)
+    settings = finetune.settings_from(parser.parse_args([]))
+    defaults = get_task("tweet_sentiment").defaults
+    assert settings.task == "tweet_sentiment" and settings.default_lr == defaults["lr"]
+    for name in ("epochs", "batch_size", "max_length", "max_train_samples", "max_eval_samples"):
+        assert getattr(settings, name) == defaults[name], name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"{defaults['lr']} for the offline default task" in help_text
+    for name in ("epochs", "batch_size", "max_train_samples"):
+        assert f"offline default task {defaults[name]}" in help_text, name
+
+
 # -- argument errors ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "argv, message",
