@@ -738,3 +738,34 @@ def test_r17_a_child_dies_with_its_parent():
     finally:
         if _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.timeout(240)
+def test_r17_kill_9_of_a_several_method_run_takes_its_child_and_frees_the_folder(tiny_model, tmp_path):  # noqa: F811
+    from wtacrs.finetuning.run_folder import RunFolder
+
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "wtacrs.cli", "finetune", "--model", tiny_model, "--output-dir", str(out),
+            "--method", "full", "wtacrs", *FAST, "--max-train-samples", "64", "--epochs", "100"]  # minutes
+    parent = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = None
+    try:
+        deadline = time.monotonic() + 180
+        while child is None or not list(out.glob("*/*/full/seed0/runs")):  # the child is training
+            assert parent.poll() is None and time.monotonic() < deadline, "the run never started training"
+            child = next((pid for pid, cmd in _children(parent.pid) if "spawn_main" in cmd), None)
+            time.sleep(0.2)
+        parent.kill()
+        parent.wait()
+        for _ in range(150):
+            if not _alive(child):
+                break
+            time.sleep(0.2)
+        assert not _alive(child), "the child run kept training after its parent was killed"
+        assert RunFolder(run_folder(out)).owner() is None, "the dead child's lock is still held"
+    finally:
+        for pid in (parent.pid, child):
+            if pid is not None and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
