@@ -180,6 +180,14 @@ def test_default_run_compares_full_checkpointing_and_the_best_exact_recipe(tiny_
     assert list(tmp_path.glob("*/*/full/seed0/runs/*"))  # TensorBoard logs
 
 
+def test_a_quiet_run_leaves_stderr_empty(tiny_model, tmp_path, capfd):
+    """--no-progress: no bar of the data or the weights either, and neither the profiler's lines
+    of the live-peak step nor transformers' report of the new classifier reach stderr."""
+    assert main(["finetune", "--model", tiny_model, "--output-dir", str(tmp_path), "--method", "full", *FAST]) == 0
+    assert results_of(tmp_path, "full")["live_peak_bytes"] > 0  # the profiled step ran
+    assert capfd.readouterr().err == ""
+
+
 def test_recipes_are_recorded_by_their_canonical_spec(tiny_model, tmp_path, capsys):
     """A spec written in any order, and a bare sampler taking --ratio, run as the canonical spec;
     companions apply to LoRA and full runs too, and take effect."""

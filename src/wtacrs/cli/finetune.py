@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from wtacrs.cli.noise import library_progress_bars_off
 from wtacrs.finetuning.guards import check_output_dir
 from wtacrs.finetuning.results import RESULTS_FILE, method_label, score_percent
 from wtacrs.finetuning.run_folder import RunFolder, RunFolderError
@@ -342,6 +343,8 @@ def train_one_or_exit(spec: RunSpec) -> dict | None:
     from wtacrs.tasks.causal_lm import NoEndOfSequenceError
     from wtacrs.tasks.squad import WindowTooShortError
 
+    if spec.settings.no_progress:  # here, in the process that trains: the Trainer's own bars follow disable_tqdm
+        library_progress_bars_off()
     run_name = f"run {spec.label} seed {spec.seed}"
     try:
         return train_one(spec)

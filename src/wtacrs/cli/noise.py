@@ -40,4 +40,14 @@ def quiet_third_party() -> None:
     logging.getLogger("transformers.modeling_utils").addFilter(_NEW_HEAD_LOAD_REPORT)
 
 
+def library_progress_bars_off() -> None:
+    """Turn off the bars datasets and transformers draw themselves (tokenizing, loading and
+    writing weights), which `--no-progress` turns off besides the Trainer's."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+
+
 _NEW_HEAD_LOAD_REPORT = NewHeadLoadReport()
