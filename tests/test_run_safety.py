@@ -645,6 +645,17 @@ def test_r05_max_length_too_short_for_the_task_is_named(tiny_model, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "full", "checkpointing"], "--max-length 1 leaves no room for text"),  # children: checked before
+    (["--task", "tweet_lm", "--method", "full"], "--max-length must be at least 2 (a token and the end of sequence)"),
+], ids=["several-recipes", "tweet-lm"])
+def test_r05_max_length_is_checked_with_the_options(tiny_model, tmp_path, capsys, argv, message):  # noqa: F811
+    argv = ["finetune", "--model", tiny_model, "--output-dir", str(tmp_path / "out"), *FAST, *argv, "--max-length", "1"]
+    assert exit_code(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_r05_the_tokenizer_truncates_to_max_length(tiny_model):  # noqa: F811
     from datasets import Dataset
     from transformers import AutoTokenizer

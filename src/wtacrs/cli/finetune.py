@@ -213,7 +213,7 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def _check_settings(s: Settings) -> None:
     """Checks of values the task's defaults may have filled in."""
-    from wtacrs.finetuning.models import check_max_length
+    from wtacrs.finetuning.models import check_max_length, check_room_for_text
     from wtacrs.learning_rate import MEASURED_ESTIMATORS
     from wtacrs.tasks import get_task
 
@@ -231,6 +231,7 @@ def _check_settings(s: Settings) -> None:
         raise ValueError(f"--resume: --output-dir {s.output_dir} does not exist (no runs to continue)")
     check_output_dir(s.output_dir)
     check_max_length(s.model, s.max_length)
+    check_room_for_text(s.model, get_task(s.task), s.max_length)
     unmeasured = [r.spec for r in s.recipes if r.samples and r.estimator not in MEASURED_ESTIMATORS]
     if unmeasured and s.sampled_lr in (MEASURED, PER_LAYER):
         raise ValueError(f"--sampled-lr {s.sampled_lr} needs a {' or '.join(MEASURED_ESTIMATORS)} sampler, not "
@@ -317,8 +318,9 @@ def _train_in_child(spec: RunSpec) -> dict | None:
         print(f"wtacrs finetune: stopped by {name} during {run_name} (it stopped too; --resume continues it from "
               "its last complete checkpoint)", file=sys.stderr)
         raise SystemExit(128 + received[0])
-    if child.exitcode != 0:
-        raise SystemExit(f"wtacrs finetune: {run_name} failed (exit code {child.exitcode}); see above")
+    if child.exitcode != 0:  # the child said why; its status (2: a problem the user can fix) is the command's
+        print(f"wtacrs finetune: {run_name} failed (exit code {child.exitcode}); see above", file=sys.stderr)
+        raise SystemExit(child.exitcode if child.exitcode > 0 else 1)
     return finished_results(RunFolder(spec.folder).results())
 
 

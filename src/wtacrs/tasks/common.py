@@ -135,6 +135,20 @@ class Task:
         evals = {s: tokenize_sequences(d, self, tokenizer, settings.max_length) for s, d in evals_raw.items()}
         return train, evals, self._trainer_metrics
 
+    def check_max_length(self, tokenizer, max_length: int) -> None:
+        """Raise MaxLengthError when `max_length` leaves no room for a token of each text column
+        beside the tokenizer's special tokens (the tokenizer would then not truncate at all).
+        Tasks without text columns check their windows themselves (SQuAD: `check_windows`)."""
+        columns = len(self.text_columns)
+        if not columns:
+            return
+        special = tokenizer.num_special_tokens_to_add(pair=columns == 2)
+        if max_length < special + columns:
+            raise MaxLengthError(
+                f"--max-length {max_length} leaves no room for text: the tokenizer adds {special} special tokens to "
+                f"{'a sentence pair' if columns == 2 else 'a sentence'}, so {self.name} needs at least "
+                f"{special + columns}")
+
     def _trainer_metrics(self, prediction) -> dict[str, float]:
         logits = prediction.predictions
         predicted = logits.squeeze(-1) if self.kind == "regression" else np.argmax(logits, axis=-1)
