@@ -117,7 +117,10 @@ def test_d4_resume_with_other_settings_is_refused_naming_each(tiny_model, finish
     assert exit_code(argv) == 2
     err = capsys.readouterr().err
     assert "--resume with other settings than" in err
-    assert "--lr 0.001 (the run has 0.0001), --max-train-samples 12 (the run has 16)" in err
+    from wtacrs.tasks import get_task
+
+    started_at = get_task("tweet_sentiment").defaults["lr"]
+    assert f"--lr 0.001 (the run has {started_at}), --max-train-samples 12 (the run has 16)" in err
     assert not (run_folder(out) / "results.json").exists()
 
 
