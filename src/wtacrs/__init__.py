@@ -25,4 +25,13 @@ __all__ = [
     "summary",
     "batch",
     "sampling_state",
+    "plan",
 ]
+
+
+def __getattr__(name: str):
+    if name == "plan":  # imported on first use: planning loads transformers and the bench
+        from wtacrs.planning.plan import plan
+
+        return plan
+    raise AttributeError(f"module 'wtacrs' has no attribute {name!r}")

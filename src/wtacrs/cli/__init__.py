@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from wtacrs.cli import bench, demo, finetune, report
+from wtacrs.cli import bench, demo, finetune, plan, report
 from wtacrs.cli.noise import quiet_third_party
 
-SUBCOMMANDS = {"demo": demo, "bench": bench, "finetune": finetune, "report": report}
+SUBCOMMANDS = {"demo": demo, "bench": bench, "finetune": finetune, "report": report, "plan": plan}
 
 # At import, so the runs `wtacrs finetune` spawns (they import this package) are quiet too.
 quiet_third_party()
