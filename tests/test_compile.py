@@ -178,3 +178,59 @@ def test_an_inductor_compiled_step_draws_eagers_rows():
     assert torch.equal(expected_state["group_leader"], state["group_leader"])
     codes, expected_codes = state["cache.data"].int(), expected_state["cache.data"].int()
     assert (codes - expected_codes).abs().max() <= 1  # a norm on a code boundary may round across it
+
+
+def _recommended(name: str, checkpointing: bool = False) -> torch.nn.Module:
+    """The tiny model of `name` under the recommended recipe (`WTACRSConfig()`: both recomputes,
+    every layer drawing in backward), dropout off; or with `checkpointing`, under Hugging Face
+    gradient checkpointing and the bare sampler (dynamo cannot trace a checkpoint nested in
+    another, so the recomputes are left to the checkpointing they duplicate)."""
+    model = CASES_BY_NAME[name].model()
+    model.config.use_cache = False
+    model.config.problem_type = "single_label_classification"
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, seed=3))
+    return wtacrs.apply(model, wtacrs.WTACRSConfig(ratio=0.3, seed=3))
+
+
+def _compiled_model_run(name: str, batches: list[dict], backend: str, fullgraph: bool,
+                        checkpointing: bool = False) -> list[dict]:
+    """`torch.compile(model)`, the usual idiom, inside `wtacrs.batch(ids, mask)`: the first two
+    steps compile, then nothing may recompile or break the graph."""
+    from torch._dynamo.utils import counters
+
+    model = _recommended(name, checkpointing)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=fullgraph, backend=backend)
+    grads = _train(model, batches[:2], planned=True, step=_step(compiled))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        grads += _train(model, batches[2:], planned=True, step=_step(compiled))
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    return grads
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_the_usual_compile_idiom_keeps_the_recommended_recipes_gradients(fullgraph):
+    """dynamo's "eager" backend (the trace, no code generation): the recomputed regions trace
+    whole, the draws are eager's, and batches with other real-token counts run the same graph."""
+    batches = _batches("bert", 3)
+    expected = _recommended("bert")
+    expected_grads = _train(expected, batches, planned=True)
+    _assert_same(expected_grads, _compiled_model_run("bert", batches, "eager", fullgraph), exact=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_compiled_recommended_recipe_has_eagers_gradients_through_aot_autograd(checkpointing):
+    """aot_eager runs AOTAutograd's forward and backward graphs (the recomputes, or Hugging Face
+    checkpointing, inside the compiled region), bitwise eager's."""
+    batches = _batches("bert", 4)
+    expected = _recommended("bert", checkpointing)
+    expected_grads = _train(expected, batches, planned=True)
+    got = _compiled_model_run("bert", batches, "aot_eager", fullgraph=True, checkpointing=checkpointing)
+    _assert_same(expected_grads, got, exact=True)

@@ -100,7 +100,7 @@ def test_recorder_ships_one_step_per_layout_and_flags_padding_gradient():
     rows = ForwardRows("main", mask, mask, torch.tensor([0]), 2)
     recorder = StepRecorder(WTACRSConfig.preset("sampler", ratio=0.3))
     assert recorder.wants(rows)
-    recorder.hook(0, rows)(torch.ones(1, 3, 4) * torch.tensor([1.0, 1.0, 0.0]).view(1, 3, 1))  # padding: 0
+    recorder.record(0, rows, torch.tensor([[2.0, 2.0, 0.0]]))  # padding: 0
     recorder.record(2, rows, torch.tensor([[1.0, 2.0, 3.0]]))  # padding got gradient
     recorder.ship()
     (step,) = recorder.take()

@@ -57,12 +57,13 @@ class RowRecipe:
         sources: each (N, in_source) S, flattened.
         fn: the same M rows of each source, (M, in_source) each → (M, in_features) those rows of
             X, without autograd.
-        version: X's version counter when attached (an in-place change of X voids the recipe).
+        version: X's version counter when attached (an in-place change of X voids the recipe);
+            None inside torch.compile, which cannot read it (no model we know changes it in place).
     """
 
     sources: tuple[Tensor, ...]
     fn: Callable[..., Tensor]
-    version: int
+    version: int | None
 
 
 _RECIPE = "_wtacrs_row_recipe"  # attribute of an activation tensor holding its RowRecipe
@@ -76,7 +77,7 @@ def attach_row_recipe(x: Tensor, sources: Tensor | tuple[Tensor, ...], fn: Calla
         if source.shape[:-1] != x.shape[:-1]:
             raise ValueError(f"source rows {tuple(source.shape[:-1])} do not match x's {tuple(x.shape[:-1])}")
     flat = tuple(source.detach().reshape(-1, source.shape[-1]) for source in sources)
-    setattr(x, _RECIPE, RowRecipe(flat, fn, x._version))
+    setattr(x, _RECIPE, RowRecipe(flat, fn, _version(x)))
 
 
 def _recomputed_rows(fn: Callable[..., Tensor], sources: tuple[Tensor, ...], indices: Tensor) -> Tensor:
@@ -204,7 +205,13 @@ def gather_rows(x: Tensor, indices: Tensor, weights: Tensor) -> Tensor | RowReci
 def row_recipe(x: Tensor) -> RowRecipe | None:
     """x's `RowRecipe`, if it has one still valid (x not changed in place since)."""
     recipe = getattr(x, _RECIPE, None)
-    return recipe if recipe is not None and recipe.version == x._version else None
+    return recipe if recipe is not None and recipe.version == _version(x) else None
+
+
+def _version(x: Tensor) -> int | None:
+    """x's version counter; None inside torch.compile, which cannot read it: there an in-place
+    change of an input between two readers goes unseen (no model we know does it)."""
+    return None if torch.compiler.is_compiling() else x._version
 
 
 def _weighted_rows(x: Tensor, flat: Tensor, indices: Tensor, weights: Tensor) -> Tensor | RowRecipe:

@@ -67,6 +67,7 @@ from wtacrs.companions.lm_loss import ChunkedLMLoss, chunked_lm_loss, has_chunka
 from wtacrs.companions.matching import ORIGINAL_CLASS
 from wtacrs.companions.recompute import (
     Recomputed,
+    compile_checkpointed_regions_whole,
     RecomputedGate,
     deterministic,
     is_gated_mlp,
@@ -209,6 +210,8 @@ def apply_companions(
         if new_cls is None:
             continue
         module.__class__ = new_cls
+        if recompute or issubclass(new_cls, RecomputedGate):
+            compile_checkpointed_regions_whole()
         _set_up(module, new_cls, activation=activation, dropout=dropout, attention=attention,
                 recompute_attention=name in recomputed_attention, keep_gate=keep_gate)
         swapped.append(name)

@@ -129,6 +129,16 @@ class Recomputed:
         return output
 
 
+def compile_checkpointed_regions_whole() -> None:
+    """Let torch.compile trace a recomputed region whole. Its sampled layers keep per-forward
+    tables (uniforms, which slots draw in backward, the inputs-kept depth) in Python state; dynamo
+    refuses such side effects inside a checkpoint unless told that skipping them in the region's
+    recompute is fine, which it is for these: the recompute finds the same values there. Without
+    it every recomputed region breaks the graph (and `fullgraph=True` fails). A process-wide
+    setting of dynamo's, so set only once a model has a recomputed region."""
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
 def _keeping_inputs(forward):
     """`forward` run inside `inputs_kept_for_backward`: under checkpoint, in the first pass and in
     the recompute alike (the recompute must save what the first pass would have)."""

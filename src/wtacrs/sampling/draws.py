@@ -22,7 +22,7 @@ from torch import Tensor
 
 from wtacrs import counter_rng
 from wtacrs.config import WTACRSConfig
-from wtacrs.functional import RowSample, gather_rows, slot_budget
+from wtacrs.functional import RowSample, _version, gather_rows, slot_budget
 from wtacrs.sampling.rows import ForwardRows
 from wtacrs.sampling.transport import to_device
 
@@ -51,12 +51,6 @@ class _Draw:
             rows = gather_rows(x, self.sample.indices, self.sample.weights)
             self.rows = weakref.ref(rows)
         return dataclasses.replace(self.sample, rows=rows)
-
-
-def _version(x: Tensor) -> int | None:
-    """x's version counter; None inside torch.compile, which cannot read it: there an in-place
-    change of an input between two sampled layers reading it goes unseen (no model we know does it)."""
-    return None if torch.compiler.is_compiling() else x._version
 
 
 class DrawRegistry:
