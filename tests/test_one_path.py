@@ -179,3 +179,19 @@ def test_summary_counts_only_layers_whose_weight_is_trained():
     trained = [n for n, m in wtacrs.modeling.sampled_modules(model) if m.weight.requires_grad]
     assert trained and all("lora_A" in n for n in trained)
     assert first.startswith(f"wtacrs: {len(trained)} sampled layers") and "frozen layers" in first
+
+
+def test_remove_between_forward_and_backward_is_a_clear_error():
+    """The recomputes run the sampled sub-blocks again in backward: removing wtacrs before it
+    would make torch's checkpoint fail deep inside backward."""
+    batch = BERT.batch()
+    model = _sampled("recompute")
+    loss = model(**batch).loss
+    with pytest.raises(RuntimeError, match="has not run its backward yet"):
+        wtacrs.remove(model)
+    loss.backward()
+    wtacrs.remove(model)
+    assert not hasattr(model, "wtacrs_state")
+    model = _sampled("recompute")
+    model(**batch)  # outputs dropped: nothing awaits backward
+    wtacrs.remove(model)

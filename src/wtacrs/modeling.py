@@ -149,7 +149,15 @@ def _begin_forward(model: nn.Module, state: SamplingState, signature: inspect.Si
 
 def _end_forward(model: nn.Module, state: SamplingState, module, args, output) -> None:
     if model.training and torch.is_grad_enabled():
-        state.end_forward()
+        state.end_forward(_tensors(output))
+
+
+def _tensors(output: Any) -> list[Tensor]:
+    """The tensors of a forward's output (a tensor, a ModelOutput, a tuple or dict of them)."""
+    if isinstance(output, Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else []
+    return [t for value in values for t in _tensors(value)]
 
 
 def _device(model: nn.Module, mask: Tensor | None) -> torch.device:
@@ -215,6 +223,9 @@ def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: plain layers with the identical Parameter objects; returns `model`."""
     state = sampling_state(model)
+    if state.awaits_backward():
+        raise RuntimeError("wtacrs.remove: a training forward of this model has not run its backward yet, and its "
+                           "recomputes in backward need the sampled model; call backward (or drop its outputs) first")
     for transform in reversed(TRANSFORMS):
         transform.remove(model, state)
     return model

@@ -78,6 +78,12 @@ class Frame:
     uniforms: StepUniforms = field(default_factory=StepUniforms)
     reader: NormReader = field(default_factory=NormReader)
     used: bool = False
+    outputs: list[weakref.ref] = field(default_factory=list)  # the forward's outputs that need grad
+    backward_started: bool = False
+
+    def awaits_backward(self) -> bool:
+        """Its forward's outputs are alive and backward has not reached them yet."""
+        return not self.backward_started and any(ref() is not None for ref in self.outputs)
 
     def drop_draws(self) -> None:
         """A compiled forward must leave no reference to its tensors in Python state; a checkpoint
@@ -216,11 +222,25 @@ class SamplingState:
         frame.drop_draws()
         self.frame = frame
 
-    def end_forward(self) -> None:
-        """The model's forward hook: a compiled forward's frame keeps no tensor of it (see
-        `Frame.drop_draws`); an eager frame keeps its draws (weak references) for its recomputes."""
-        if self.frame is not None and torch.compiler.is_compiling():
-            self.frame.drop_draws()
+    def end_forward(self, outputs: list[Tensor]) -> None:
+        """The model's forward hook, given the forward's output tensors: a compiled forward's frame
+        keeps no tensor of it (see `Frame.drop_draws`); an eager frame keeps its draws (weak
+        references) for its recomputes and notes when backward reaches its outputs."""
+        frame = self.frame
+        if frame is None:
+            return
+        if torch.compiler.is_compiling():
+            frame.drop_draws()
+            return
+        needing = [t for t in outputs if t.requires_grad]
+        if needing:
+            frame.outputs = [weakref.ref(t) for t in needing]
+            torch.autograd.graph.register_multi_grad_hook(needing, functools.partial(_started, frame), mode="any")
+
+    def awaits_backward(self) -> bool:
+        """Whether a training forward's backward has yet to run (its recomputes need the model as
+        it was)."""
+        return any(frame.used and frame.awaits_backward() for frame in [*self._frames, self.frame] if frame)
 
     @contextmanager
     def in_frame(self, frame: Frame | None) -> Iterator[None]:
@@ -413,6 +433,10 @@ class SamplingState:
         self.step = int(state["step"])
         self.draws.load_leaders(state["group_leader"])
         self.folder.load_state_dict(state)
+
+
+def _started(frame: Frame, grad: Tensor) -> None:
+    frame.backward_started = True
 
 
 def live_states() -> list[SamplingState]:
