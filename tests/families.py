@@ -20,7 +20,7 @@ import wtacrs  # noqa: E402
 from models import FAMILIES, Case  # noqa: E402
 from wtacrs.finetuning.models import model_kind  # noqa: E402
 from wtacrs.companions import COMPANION_OPTIONS  # noqa: E402
-from wtacrs.integrations.attention import AttentionNotSupportedError  # noqa: E402
+from wtacrs.sampled_attention.transformers import AttentionNotSupportedError  # noqa: E402
 from wtacrs.modeling import companion_effects, sampled_attention_modules, sampled_modules  # noqa: E402
 
 README = Path(__file__).parent.parent / "README.md"

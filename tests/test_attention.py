@@ -12,10 +12,10 @@ from torch.utils.checkpoint import checkpoint
 
 from models import CASES_BY_NAME
 from stats import max_z, unbiased_violations
-from wtacrs.attention_ops import _sample_slices, sampled_matmul
+from wtacrs.sampled_attention.ops import _sample_slices, sampled_matmul
 from wtacrs.estimators import sample_rows, winner_counts
 from wtacrs.estimators import num_winners
-from wtacrs.integrations.attention import (
+from wtacrs.sampled_attention.transformers import (
     ATTN_IMPLEMENTATION,
     AttentionSampling,
     _attended_keys,

@@ -203,13 +203,14 @@ def test_trainer_batches_carry_a_host_mask_the_step_hands_to_wtacrs_batch(monkey
 def test_a_padding_gradient_error_is_raised_before_a_checkpoint_is_written(tmp_path):
     """A step whose padding rows got gradient is found when its records are folded: the
     checkpoint save folds them first, so nothing of that checkpoint reaches the disk."""
-    from wtacrs.sampling.recorder import PaddingGradientError, ShippedStep
+    from wtacrs.sampling.recorder import PaddingGradientError
+    from wtacrs.sampling.rows import ForwardRows
 
     trainer = _trainer(tmp_path, epochs=1)
     state = wtacrs.sampling_state(trainer.model)
-    leaked = ShippedStep([0], None, torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, 1, 2, dtype=torch.uint8),
-                          torch.tensor([True]), None)
-    state.recorder._shipped.append(leaked)
+    mask = torch.tensor([[True, False]])
+    state.recorder.record(0, ForwardRows("main", mask, mask, None, 1), torch.tensor([[1.0, 0.5]]))  # padding got some
+    state.recorder.ship()
     with pytest.raises(PaddingGradientError):
         trainer._save_checkpoint(trainer.model, None)
     assert not list(tmp_path.glob("checkpoint-*"))

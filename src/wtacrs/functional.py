@@ -314,6 +314,13 @@ def inputs_kept() -> bool:
     return _INPUTS_KEPT[0] > 0
 
 
+def can_draw_in_backward(x: Tensor) -> bool:
+    """Whether a sampled layer reading x can draw its rows in backward at no memory cost: x lives
+    until backward anyway (`inputs_kept`), or its rows can be recomputed (`row_recipe`). The one
+    decision the layers (with `WTACRSConfig.backward_draws`) and the learning-rate measurement share."""
+    return inputs_kept() or row_recipe(x) is not None
+
+
 @dataclass(frozen=True)
 class BackwardDraw:
     """What a draw made in backward needs from forward (`linear_drawn_in_backward`).

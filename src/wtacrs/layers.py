@@ -15,7 +15,7 @@ import functools
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wtacrs.functional import inputs_kept, linear_drawn_in_backward, linear_with_sample, needs_sampling, row_recipe
+from wtacrs.functional import can_draw_in_backward, linear_drawn_in_backward, linear_with_sample, needs_sampling
 from wtacrs.sampling import SamplingState
 
 
@@ -37,7 +37,7 @@ class SampledLayerMixin:
         state = self.wtacrs_state
         if not (self.training and needs_sampling(weight, state.config.ratio, state.config.estimator)):
             return F.linear(x, weight, bias)
-        if state.config.backward_draws and (inputs_kept() or row_recipe(x) is not None):
+        if state.config.backward_draws and can_draw_in_backward(x):
             draw, norm_sink = state.backward_draw(self.wtacrs_slot, self.wtacrs_stream, x)
             return linear_drawn_in_backward(x, weight, bias, draw, norm_sink)
         sample, norm_sink = state.layer_call(self.wtacrs_slot, self.wtacrs_stream, x)

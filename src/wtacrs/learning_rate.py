@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from wtacrs.companions.recompute import Recomputed, RecomputedGate
 from wtacrs.estimators import column_row_variance, winner_mask
-from wtacrs.functional import inputs_kept, row_norms, row_recipe, slot_budget
+from wtacrs.functional import can_draw_in_backward, row_norms, slot_budget
 from wtacrs.modeling import sampled_modules, sampling_state
 
 MEASURED_ESTIMATORS = ("wta-crs", "crs")
@@ -250,8 +250,7 @@ def _measure(layer: _Layer, call: _Call, x: Tensor, output: Tensor, first: int, 
     flat = x.detach().reshape(-1, x.shape[-1])
     rows = slice(first, first + flat.shape[0])
 
-    # as `layers._sampled_forward` decides; a recompute companion given a key/value cache does not recompute
-    layer.draws_in_backward = layer.draws_in_backward or inputs_kept() or row_recipe(x) is not None
+    layer.draws_in_backward = layer.draws_in_backward or can_draw_in_backward(x)
 
     def on_grad(grad: Tensor) -> None:
         dy = grad.detach().reshape(-1, grad.shape[-1]).to(flat.dtype)

@@ -250,8 +250,8 @@ def _sample_linears(model: nn.Module, state: SamplingState) -> None:
     _swap(model, state, targets)
     _warn_uncovered_blocks(model, targets)
     signature = inspect.signature(model.forward)
-    state.hooks = (model.register_forward_pre_hook(partial(_begin_forward, model, state, signature), with_kwargs=True),
-                   model.register_forward_hook(partial(_end_forward, model, state)))
+    state.attach(model.register_forward_pre_hook(partial(_begin_forward, model, state, signature), with_kwargs=True),
+                 model.register_forward_hook(partial(_end_forward, model, state)))
     setattr(model, _STATE_ATTR, state)
 
 
@@ -284,15 +284,14 @@ def _unsample_linears(model: nn.Module, state: SamplingState) -> None:
         if isinstance(module, SampledLayerMixin):
             module.__class__ = module.original_class()
             del module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream
-    for hook in state.hooks:
-        hook.remove()
+    state.detach()
     delattr(model, _STATE_ATTR)
 
 
 def _sample_attention(model: nn.Module, state: SamplingState) -> None:
     config = state.config
     if config.attention:  # transformers' attention registry is the only generic way into HF attention code
-        from wtacrs.integrations.attention import enable_sampled_attention
+        from wtacrs.sampled_attention.transformers import enable_sampled_attention
 
         # Keyed by the state's seed, rank and step like the linears: a recompute redraws the same slices.
         enable_sampled_attention(model, config.ratio, config.estimator, budget=config.budget, state=state)
@@ -300,18 +299,18 @@ def _sample_attention(model: nn.Module, state: SamplingState) -> None:
 
 def _unsample_attention(model: nn.Module, state: SamplingState) -> None:
     if _runs_sampled_attention(model):
-        from wtacrs.integrations.attention import disable_sampled_attention
+        from wtacrs.sampled_attention.transformers import disable_sampled_attention
 
         disable_sampled_attention(model)
 
 
 def _add_companions(model: nn.Module, state: SamplingState) -> None:
     config = state.config
-    state.companions = apply_companions(
+    state.record_companions(apply_companions(
         model, dropout=config.lean_dropout, layernorm=config.lean_layernorm, activation=config.activation_compression,
         attention=config.lean_attention, recompute_activation=config.recompute_activation,
         keep_gate=config.keep_gate, recompute_attention=config.recompute_attention, lm_loss=config.chunked_lm_loss,
-    )
+    ))
 
 
 def _remove_companions(model: nn.Module, state: SamplingState) -> None:
@@ -331,10 +330,8 @@ def _swap(model: nn.Module, state: SamplingState, targets: list[tuple[str, nn.Mo
     for name, module in targets:
         module.__class__ = _sampled_class_for(module)
         stream = _stream(name, encoder_prefix)
-        module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream = state, state.num_layers, stream
-        state.layer_names.append(name)
-        state.layer_streams.append(stream)
-    state.num_modules = sum(1 for _ in model.modules())
+        module.wtacrs_state, module.wtacrs_slot, module.wtacrs_stream = state, state.add_layer(name, stream), stream
+    state.swapped_with(sum(1 for _ in model.modules()))
 
 
 def swap_new_targets(model: nn.Module, state: SamplingState) -> None:
@@ -390,7 +387,7 @@ def sampled_attention_modules(model: nn.Module) -> list[str]:
     (`WTACRSConfig.attention`; none unless the model runs the "wtacrs" attention)."""
     if not _runs_sampled_attention(model):
         return []
-    from wtacrs.integrations.attention import sampled_attention_names
+    from wtacrs.sampled_attention.transformers import sampled_attention_names
 
     return sampled_attention_names(model)
 
@@ -427,7 +424,7 @@ def summary(model: nn.Module) -> str:
 
 def _layer_lines(state: SamplingState, layers: list[tuple[str, nn.Module]]) -> list[str]:
     """One line per sampled layer, then the saved input bytes per token before and after."""
-    leader_of = {s: leader for leader, group in state.draws.groups.items() for s in group}
+    leader_of = state.draw_leaders()
     lines = []
     before = after = 0.0
     drawn = set()

@@ -340,7 +340,7 @@ def train_one_or_exit(spec: RunSpec) -> dict | None:
     from wtacrs import NoMatchingModulesError
     from wtacrs.finetuning.guards import ModelError, NonFiniteError, write_failure
     from wtacrs.finetuning.train import last_checkpoint, train_one
-    from wtacrs.integrations.attention import AttentionNotSupportedError
+    from wtacrs.sampled_attention.transformers import AttentionNotSupportedError
     from wtacrs.tasks import DataError, DataUnavailableError, MaxLengthError
     from wtacrs.tasks.causal_lm import NoEndOfSequenceError
     from wtacrs.tasks.squad import WindowTooShortError

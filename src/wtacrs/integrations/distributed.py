@@ -93,9 +93,8 @@ def enable_data_parallel(model: nn.Module, group: dist.ProcessGroup | None = Non
     state = sampling_state(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return None
-    state.rank = dist.get_rank(group)
-    if state.config.grad_norm == "cache" and not isinstance(state.sync, CacheSync):
-        state.sync = CacheSync(group)
+    sync = state.sync if isinstance(state.sync, CacheSync) else CacheSync(group)
+    state.join_data_parallel(dist.get_rank(group), sync if state.config.grad_norm == "cache" else None)
     return state.sync
 
 

@@ -127,6 +127,38 @@ class SamplingState:
         """Sampled layers (slots) so far."""
         return len(self.layer_names)
 
+    # -- built by `wtacrs.apply` and the integrations ------------------------------------------
+    def add_layer(self, name: str, stream: str) -> int:
+        """A sampled layer named `name` whose rows `stream` lays out; returns its slot."""
+        self.layer_names.append(name)
+        self.layer_streams.append(stream)
+        return self.num_layers - 1
+
+    def swapped_with(self, num_modules: int) -> None:
+        """The model had `num_modules` modules when its layers were last swapped."""
+        self.num_modules = num_modules
+
+    def attach(self, *hooks: torch.utils.hooks.RemovableHandle) -> None:
+        """The model's forward hooks, removed by `detach`."""
+        self.hooks = hooks
+
+    def record_companions(self, names: list[str]) -> None:
+        """The modules the companions swapped."""
+        self.companions = names
+
+    def detach(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = ()
+
+    def join_data_parallel(self, rank: int, sync: Exchange | None) -> None:
+        """Data parallel: this rank's draws are its own, and `sync` exchanges the cache records."""
+        self.rank, self.sync = rank, sync
+
+    def draw_leaders(self) -> dict[int, int]:
+        """Slot -> the slot whose draw it reused in the last forward (slots that drew alone absent)."""
+        return {slot: leader for leader, group in self.draws.groups.items() for slot in group}
+
     @property
     def cache(self) -> GradNormCache | None:
         """The gradient-norm cache, with every finished step folded in (waits for the device)."""

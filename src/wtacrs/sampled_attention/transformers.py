@@ -5,7 +5,7 @@
 `transformers.masking_utils.AttentionMaskInterface`), switches the model to it with
 `model.set_attn_implementation("wtacrs")` and stores the ratio and estimator on each attention
 module. The function is eager attention in which the score product QKᵀ and the output product PV
-are `wtacrs.attention_ops.sampled_matmul` (the paper's "score" and "attout"; Liu et al. 2023,
+are `wtacrs.sampled_attention.ops.sampled_matmul` (the paper's "score" and "attout"; Liu et al. 2023,
 arXiv:2305.15265): forward exact, gradients estimated per (batch, head).
 
 Architectures whose attention goes through the registry in transformers 5.24 (checked by
@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from wtacrs.attention_ops import sampled_matmul
+from wtacrs.sampled_attention.ops import sampled_matmul
 from wtacrs.counter_rng import stream_key
 from wtacrs.estimators import Estimator, validate_estimator, validate_ratio
 from wtacrs.functional import Budget, validate_budget
@@ -143,7 +143,7 @@ def _settings_of(module: nn.Module) -> AttentionSampling:
     if settings is None:
         raise RuntimeError(
             f"{type(module).__name__} runs attn_implementation={ATTN_IMPLEMENTATION!r} without sampling "
-            "settings; switch models to it with wtacrs.integrations.attention.enable_sampled_attention"
+            "settings; switch models to it with wtacrs.sampled_attention.transformers.enable_sampled_attention"
         )
     return settings
 
@@ -207,7 +207,7 @@ def enable_sampled_attention(
     Args:
         model: a `transformers.PreTrainedModel` whose attention uses the attention registry.
         ratio: fraction in (0, 1] of the contracted index kept per (batch, head), see
-            `wtacrs.attention_ops.sampled_matmul`.
+            `wtacrs.sampled_attention.ops.sampled_matmul`.
         estimator: one of `wtacrs.estimators.ESTIMATORS`.
         seed: seeds one generator per attention module (seed + its ordinal); None uses the
             global RNG, which `torch.utils.checkpoint` restores for recomputation.
