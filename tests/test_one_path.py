@@ -195,3 +195,11 @@ def test_remove_between_forward_and_backward_is_a_clear_error():
     model = _sampled("recompute")
     model(**batch)  # outputs dropped: nothing awaits backward
     wtacrs.remove(model)
+
+
+def test_ids_of_another_length_than_the_forwards_batch_are_an_error():
+    batch = BERT.batch()
+    model = _sampled("recompute")
+    with pytest.raises(ValueError, match="4 example ids, but the model's forward got a batch of 3"):
+        with wtacrs.batch(torch.arange(4)):
+            model(**batch)

@@ -235,6 +235,11 @@ class SamplingState:
         if context is not None and self not in context.states:
             context.states.append(self)
         self._idle = False
+        main = masks.get("main")
+        if context is not None and context.example_ids is not None and main is not None and (
+                context.example_ids.numel() != main.shape[0]):
+            raise ValueError(f"wtacrs.batch was given {context.example_ids.numel()} example ids, but the model's "
+                             f"forward got a batch of {main.shape[0]}: give one id per example of the forward")
         if frame is None and context is not None and context.attention_mask is not None:
             self._check_same(context.attention_mask, masks.get("main"))
             self.plan_for_block(context, device)
