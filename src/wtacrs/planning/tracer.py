@@ -65,9 +65,11 @@ CUDA_BLOCK_BYTES = 512
 # 4096 KiB · 2 + 16 KiB · 8 elsewhere. Autograd runs backward on its own device thread, whose
 # handle has its own workspace: two per step (an assumption, stated in docs/plan.md).
 CUBLAS_WORKSPACES = 2
-# ATen calls that launch no kernel: allocation only, or metadata.
+# ATen calls that launch no kernel: allocation only, metadata, views and profiler markers (and
+# anything outside the aten namespace, e.g. prim.device).
 _NO_KERNEL = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach",
-                        "lift_fresh", "alias", "set_", "resize_"})
+                        "lift_fresh", "alias", "set_", "resize_", "_unsafe_view", "_record_function_enter_new",
+                        "_record_function_exit"})
 
 
 def cuda_block_bytes(nbytes: int) -> int:
@@ -152,7 +154,7 @@ class StepRecorder(TorchDispatchMode):
         outputs = [o for o in tree_flatten(out)[0] if isinstance(o, Tensor)]
         for o in outputs:
             self._allocate(o.untyped_storage(), inputs)
-        if func.is_view or name in _NO_KERNEL:
+        if func.is_view or name in _NO_KERNEL or func.namespace != "aten":
             return
         moved = sum(t.numel() * t.element_size() for t in (*tensors, *outputs))
         count = self._flops.get(func.overloadpacket)

@@ -1,0 +1,124 @@
+"""`wtacrs plan`: the fake-tensor trace against the CPU allocator's measured peak, the CUDA
+models (allocator rounding, SDPA choice), the time model and the command line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wtacrs.bench.training import make_trial, measure_step_memory
+from wtacrs.cli import main
+from wtacrs.planning.gpus import DEVICE_S_PER_KERNEL, HOST_S_PER_CALL, gpu, step_seconds
+from wtacrs.planning.models import model_spec
+from wtacrs.planning.plan import fastest_fitting, plan
+from wtacrs.planning.tracer import Kernel, cuda_block_bytes, cuda_sdp_choice, trace_step
+from wtacrs.recipes import parse_recipe
+
+RECOMMENDED = "lora+wtacrs@0.3+companions+recompute+recompute-attention"
+
+
+def _measured_cpu_peak(size: str, recipe: str, batch: int, seq: int) -> int:
+    trial = make_trial(size, recipe, batch, seq)
+    trial.step()  # a steady step, as `wtacrs bench memory` measures
+    return measure_step_memory(trial)["peak_bytes"]
+
+
+@pytest.mark.parametrize("size,recipe,batch,seq", [
+    ("bert-tiny", "full", 4, 16),
+    ("bert-tiny", "lora", 4, 16),
+    ("bert-tiny", "checkpointing", 4, 16),
+    ("llama-tiny", "full", 2, 32),
+    ("llama-tiny", "lora", 2, 32),
+])
+def test_traced_peak_matches_the_cpu_allocator_within_1_percent(size, recipe, batch, seq):
+    traced = trace_step(model_spec(size), parse_recipe(recipe), batch, seq, target="cpu")
+    measured = _measured_cpu_peak(size, recipe, batch, seq)
+    assert traced.peak_bytes == pytest.approx(measured, rel=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size,recipe,batch,seq", [
+    ("bert-base", "full", 8, 128), ("bert-base", "checkpointing", 8, 128), ("bert-base", RECOMMENDED, 8, 128),
+    ("smollm2-135m", "lora", 1, 256), ("smollm2-135m", RECOMMENDED, 1, 256),
+])
+def test_traced_peak_matches_the_cpu_allocator_on_small_models(size, recipe, batch, seq):
+    traced = trace_step(model_spec(size), parse_recipe(recipe), batch, seq, target="cpu")
+    assert traced.peak_bytes == pytest.approx(_measured_cpu_peak(size, recipe, batch, seq), rel=0.01)
+
+
+@pytest.mark.slow
+def test_trace_allocates_no_weights():
+    """An 8B-parameter decoder's step is traced without its 32 GB of fp32 weights."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    traced = trace_step(model_spec("llama-3.1-8b"), parse_recipe("lora"), 1, 16, dtype=torch.bfloat16)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert traced.weights_bytes > 15e9  # 8.0B parameters in bf16
+    assert traced.peak_bytes > traced.weights_bytes
+    assert grown_kib < 2 * 2**20  # under 2 GiB of this process's memory
+
+
+def test_cuda_block_rounding():
+    assert [cuda_block_bytes(n) for n in (0, 1, 511, 512, 513, 4096)] == [0, 512, 512, 512, 1024, 4096]
+
+
+def test_cuda_sdpa_choice_keeps_no_square_matrix():
+    from torch.nn.attention import SDPBackend
+
+    q = torch.empty(2, 4, 64, 32)
+    assert cuda_sdp_choice(q, q, q) == int(SDPBackend.EFFICIENT_ATTENTION)  # fp32: no flash
+    half = q.to(torch.bfloat16)
+    assert cuda_sdp_choice(half, half, half) == int(SDPBackend.FLASH_ATTENTION)
+    mask = torch.ones(2, 1, 64, 64, dtype=torch.bool)
+    assert cuda_sdp_choice(half, half, half, mask) == int(SDPBackend.EFFICIENT_ATTENTION)
+    # BERT trains with attention dropout: the CPU runs the math kernel and keeps the L x L
+    # probabilities and mask, CUDA's fused kernel keeps neither
+    cpu = trace_step(model_spec("bert-tiny"), parse_recipe("full"), 4, 256, target="cpu")
+    cuda = trace_step(model_spec("bert-tiny"), parse_recipe("full"), 4, 256, target="cuda")
+    squares = 2 * 2 * 4 * 2 * 256 * 256 * 4  # probabilities and dropout mask, 2 layers, 2 heads, fp32
+    assert (cpu.peak_bytes - cpu.baseline_bytes) - (cuda.peak_bytes - cuda.baseline_bytes) > squares / 2
+
+
+def test_time_model_host_sync_splits_the_stream():
+    device = gpu("h100-80gb")
+    big = Kernel("mm", flops=int(67e9), bytes=0, matmul=True)  # 1 ms at fp32 peak
+    small = Kernel("add", flops=0, bytes=0, matmul=False)
+    overlapped = step_seconds([big, small, small], device, torch.float32)
+    assert overlapped == pytest.approx(HOST_S_PER_CALL + 1e-3 + 2 * DEVICE_S_PER_KERNEL)
+    synced = step_seconds([big, Kernel("item", 0, 0, False, sync=True), small], device, torch.float32)
+    # after the sync the host issues the last kernel only once the device is done
+    assert synced == pytest.approx(HOST_S_PER_CALL + 1e-3 + DEVICE_S_PER_KERNEL + HOST_S_PER_CALL
+                                   + DEVICE_S_PER_KERNEL)
+    assert synced > overlapped
+
+
+def test_plan_rows_budget_and_largest_batch():
+    rows = plan("bert-tiny", ["full", "lora"], seq=16, batch=4, gpu_name="h200", budget_bytes=0.1e9, multiple=64,
+                max_batch=256)
+    assert [r.recipe for r in rows] == ["full", "lora"]
+    assert rows[0].time_vs_full == 1.0 and rows[1].time_vs_lora == 1.0
+    assert all(r.fits == (r.predicted_peak_bytes <= 0.1e9) for r in rows)
+    assert all(r.largest_batch == 256 for r in rows)  # bert-tiny: ~70 MB at batch 256
+    assert fastest_fitting(rows) in rows
+    tight = plan("bert-tiny", ["full"], seq=16, batch=4, budget_bytes=1e6, search_batch=False)
+    assert not tight[0].fits and fastest_fitting(tight) is None
+
+
+def test_plan_command_prints_predictions(capsys, tmp_path):
+    assert main(["plan", "--model", "bert-tiny", "--seq", "16", "--batch", "4", "--methods", "full", "lora",
+                 "--no-search", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "PREDICTIONS" in out and "predicted peak (GB)" in out and "fastest recipe that fits (predicted)" in out
+    assert (tmp_path / "plan.json").is_file() and (tmp_path / "plan.png").is_file()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "no-such-model-folder"], "no-such-model-folder"),
+    (["--methods", "lora+nonsense"], "nonsense"),
+])
+def test_plan_command_bad_input_is_one_line(argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--no-search", *argv])
+    text = str(exit_info.value.code)
+    assert message in text and "\n" not in text
