@@ -122,3 +122,19 @@ def test_plan_command_bad_input_is_one_line(argv, message):
         main(["plan", "--no-search", *argv])
     text = str(exit_info.value.code)
     assert message in text and "\n" not in text
+
+
+def test_largest_batch_search_on_an_affine_peak():
+    from wtacrs.planning.plan import largest_batch
+
+    probes = []
+
+    def peak(batch: int) -> int:
+        probes.append(batch)
+        return 1000 + 37 * batch + (batch > 100) * 500  # a kink the line does not know
+
+    assert largest_batch(peak, 1000 + 37 * 64, multiple=8) == 64
+    assert len(set(probes)) <= 4  # 8, 16, the line's guess 64 and 72
+    assert largest_batch(peak, 1000 + 37 * 120 + 500, multiple=8) == 120
+    assert largest_batch(peak, 999, multiple=8) == 0
+    assert largest_batch(peak, 1e9, multiple=8, max_batch=48) == 48

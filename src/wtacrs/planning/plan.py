@@ -10,15 +10,15 @@ from pathlib import Path
 import torch
 
 from wtacrs.bench.output import GB
-from wtacrs.bench.suite import largest_fitting_batch
 from wtacrs.planning.gpus import GPU, gpu, step_seconds
 from wtacrs.planning.models import ModelSpec, model_spec
-from wtacrs.planning.tracer import trace_step
+from wtacrs.planning.tracer import CUBLAS_WORKSPACES, StepTrace, cublas_workspace_bytes, trace_step
 from wtacrs.recipes import parse_recipe
 
 # The recipe the project recommends for memory (LoRA with the sampled, recomputed blocks).
 RECOMMENDED = "lora+wtacrs@0.3+companions+recompute+recompute-attention"
 DEFAULT_METHODS = ("full", "checkpointing", "lora", "lora+checkpointing", RECOMMENDED)
+HOPPER = (9, 0)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,11 +69,15 @@ def plan(model_or_config, methods: list[str] | tuple[str, ...] = DEFAULT_METHODS
     budget = device.memory_bytes if budget_bytes is None else budget_bytes
     measured = []
     for recipe in recipes:
-        peak, seconds, notes = predict(spec, recipe.spec, batch, seq, DTYPES[dtype], device)
-        largest = None
-        if search_batch:
-            largest = largest_fitting_batch(lambda b: predict(spec, recipe.spec, b, seq, DTYPES[dtype], device)[0],
-                                            budget, start=batch, multiple=multiple, max_batch=max_batch)
+        traced: dict[int, tuple[int, float, tuple[str, ...]]] = {}
+
+        def at(b: int, recipe=recipe, traced=traced) -> tuple[int, float, tuple[str, ...]]:
+            if b not in traced:
+                traced[b] = predict(spec, recipe.spec, b, seq, DTYPES[dtype], device)
+            return traced[b]
+
+        peak, seconds, notes = at(batch)
+        largest = largest_batch(lambda b: at(b)[0], budget, multiple, max_batch) if search_batch else None
         measured.append((recipe.spec, peak, seconds, largest, notes))
     by_spec = {spec_: seconds for spec_, _, seconds, _, _ in measured}
     return [PlanRow(spec.name, recipe, device.name, batch, seq, dtype, peak, budget, peak <= budget, seconds,
@@ -82,12 +86,43 @@ def plan(model_or_config, methods: list[str] | tuple[str, ...] = DEFAULT_METHODS
             for recipe, peak, seconds, largest, notes in measured]
 
 
+_TRACES: dict[tuple, StepTrace] = {}  # recent traces (Hopper's workspace), shared by plans for other GPUs
+_KEPT_TRACES = 64
+
+
 def predict(spec: ModelSpec, recipe: str, batch: int, seq: int, dtype: torch.dtype,
             device: GPU) -> tuple[int, float, tuple[str, ...]]:
-    """(predicted peak bytes, predicted step seconds, the trace's notes) of one step on `device`."""
-    trace = trace_step(spec, parse_recipe(recipe), batch, seq, dtype=dtype, target="cuda",
-                       compute_capability=device.compute_capability)
-    return trace.peak_bytes, step_seconds(trace.kernels, device, dtype), tuple(trace.notes)
+    """(predicted peak bytes, predicted step seconds, the trace's notes) of one step on `device`.
+    A trace depends on the GPU only through cuBLAS's workspace, so one is reused across GPUs."""
+    key = (spec.name, recipe, batch, seq, dtype)
+    if key not in _TRACES:
+        if len(_TRACES) >= _KEPT_TRACES:
+            del _TRACES[next(iter(_TRACES))]
+        _TRACES[key] = trace_step(spec, parse_recipe(recipe), batch, seq, dtype=dtype, target="cuda",
+                                  compute_capability=HOPPER)
+    trace = _TRACES[key]
+    workspaces = CUBLAS_WORKSPACES * (cublas_workspace_bytes(device.compute_capability)
+                                      - cublas_workspace_bytes(HOPPER))
+    return trace.peak_bytes + workspaces, step_seconds(trace.kernels, device, dtype), tuple(trace.notes)
+
+
+def largest_batch(peak_at, budget: float, multiple: int = 8, max_batch: int = 4096) -> int:
+    """The largest multiple of `multiple` (<= max_batch) whose `peak_at(batch)` is within `budget`,
+    0 if none is. A step's peak is affine in the batch (up to the allocator's rounding), so the
+    line through the peaks at `multiple` and 2·`multiple` gives a first guess; then one multiple
+    at a time from it until the fit changes (typically four traces in all)."""
+    low = multiple
+    if peak_at(low) > budget:
+        return 0
+    slope = max(peak_at(2 * low) - peak_at(low), 1) / low
+    guess = min(max_batch, max(low, int(low + (budget - peak_at(low)) / slope) // multiple * multiple))
+    if peak_at(guess) <= budget:
+        while guess + multiple <= max_batch and peak_at(guess + multiple) <= budget:
+            guess += multiple
+        return guess
+    while peak_at(guess - multiple) > budget:
+        guess -= multiple
+    return guess - multiple
 
 
 def fastest_fitting(rows: list[PlanRow]) -> PlanRow | None:
