@@ -110,7 +110,7 @@ def test_plan_command_prints_predictions(capsys, tmp_path):
                  "--no-search", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "PREDICTIONS" in out and "predicted peak (GB)" in out and "fastest recipe that fits (predicted)" in out
-    assert (tmp_path / "plan.json").is_file() and (tmp_path / "plan.png").is_file()
+    assert (tmp_path / "plan-h100-80gb.json").is_file() and (tmp_path / "plan-h100-80gb.png").is_file()
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -138,3 +138,11 @@ def test_largest_batch_search_on_an_affine_peak():
     assert largest_batch(peak, 1000 + 37 * 120 + 500, multiple=8) == 120
     assert largest_batch(peak, 999, multiple=8) == 0
     assert largest_batch(peak, 1e9, multiple=8, max_batch=48) == 48
+
+
+def test_finetune_plan_refuses_a_run_that_will_not_fit(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code = main(["finetune", "--plan", "--plan-budget", "0.01", "--method", "lora", "--output-dir", str(out),
+                 "--no-progress"])
+    assert code == 2 and not out.exists()  # refused before any run folder or training
+    assert "PREDICTIONS for all-minilm-l6-v2" in capsys.readouterr().out

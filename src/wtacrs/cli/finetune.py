@@ -115,6 +115,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="run all runs in this process (peak memory is then shared with earlier runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--plan", action="store_true", help="first print the predicted peak and step time of each run on "
+                   "--plan-gpu (wtacrs plan), and refuse (exit 2) runs predicted not to fit --plan-budget")
+    p.add_argument("--plan-gpu", default="h100-80gb", help="the GPU of --plan (see wtacrs plan --gpu)")
+    p.add_argument("--plan-budget", type=float, metavar="GB", help="--plan's budget (default: --plan-gpu's memory)")
 
 
 def _default_help(name: str) -> str:
@@ -262,6 +266,7 @@ def _cuda_available() -> bool:
 # -- entry point -------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     from wtacrs.finetuning.train import plan_folder
+    from wtacrs.cli.plan import plan_finetune
     from wtacrs.integrations.distributed import is_rank_zero, join_launched_process_group, on_rank_zero
 
     try:
@@ -269,6 +274,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"wtacrs finetune: error: {e}", file=sys.stderr)
         return 2
+    if args.plan and (refused := plan_finetune(settings, args.plan_gpu, args.plan_budget)):
+        return refused
     # Under torchrun every rank runs this: they train each run together, in this process (a
     # child would have to rejoin the group), in rank 0's folder (the default name is its clock).
     distributed = join_launched_process_group()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from wtacrs.bench.output import GB
@@ -30,12 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="RECIPE",
                    help="recipe specs (see wtacrs.recipes)")
-    p.add_argument("--gpu", default="h100-80gb", choices=list(GPUS))
+    p.add_argument("--gpu", nargs="+", default=["h100-80gb"], choices=list(GPUS),
+                   help="one plan per GPU (their traces are shared)")
     p.add_argument("--budget", type=_positive_float, default=None, metavar="GB",
                    help="memory budget in GB (10^9 bytes; default: the GPU's memory)")
     p.add_argument("--multiple", type=_positive, default=8, help="largest batch searched in multiples of this")
     p.add_argument("--no-search", dest="search", action="store_false", help="skip the largest-batch search")
-    p.add_argument("--out", type=Path, default=None, help="folder for plan.json and plan.png (default: none)")
+    p.add_argument("--out", type=Path, default=None, help="folder for plan-GPU.json and plan-GPU.png (default: none)")
 
 
 def _positive(text: str) -> int:
@@ -61,27 +63,28 @@ def _positive_float(text: str) -> float:
 def run(args: argparse.Namespace) -> int:
     from wtacrs.planning.plan import plot_plan
 
-    rows = plan_or_exit("wtacrs plan", args.model, args.methods, seq=args.seq, batch=args.batch, dtype=args.dtype,
-                        gpu_name=args.gpu, budget_gb=args.budget, search=args.search, multiple=args.multiple)
-    print(plan_table(rows))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "plan.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
-        print(f"predicted memory/time plane: {plot_plan(rows, args.out / 'plan.png')}")
+    for gpu_name in args.gpu:
+        rows = plan_or_exit("wtacrs plan", args.model, args.methods, seq=args.seq, batch=args.batch, dtype=args.dtype,
+                            gpu_name=gpu_name, budget_gb=args.budget, search=args.search, multiple=args.multiple)
+        print(plan_table(rows) + "\n", flush=True)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"plan-{gpu_name}.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
+            print(f"predicted memory/time plane: {plot_plan(rows, args.out / f'plan-{gpu_name}.png')}\n")
     return 0
 
 
-def plan_or_exit(prog: str, model: str, methods: list[str], *, seq: int, batch: int, dtype: str, gpu_name: str,
+def plan_or_exit(prog: str, model, methods: list[str], *, seq: int, batch: int, dtype: str, gpu_name: str,
                  budget_gb: float | None, search: bool = True, multiple: int = 8) -> list:
     """`wtacrs.planning.plan.plan`'s rows, after checking the inputs: a bad model, recipe or GPU
     exits 2 with one line naming it."""
     from wtacrs.planning.gpus import gpu
-    from wtacrs.planning.models import model_spec
+    from wtacrs.planning.models import ModelSpec, model_spec
     from wtacrs.planning.plan import plan
     from wtacrs.recipes import parse_recipe
 
     try:
-        spec = model_spec(model)
+        spec = model if isinstance(model, ModelSpec) else model_spec(model)
         gpu(gpu_name)
         for method in methods:
             parse_recipe(method)
@@ -114,3 +117,37 @@ def plan_table(rows) -> str:
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def plan_finetune(settings, gpu_name: str, budget_gb: float | None) -> int:
+    """`wtacrs finetune --plan`: print the predicted plan of the runs `settings` (a
+    `wtacrs.finetuning.spec.Settings`) are about to start, its task's model built from the
+    model's config, at batch --batch-size and length --max-length (dynamic padding makes most
+    batches shorter: an upper bound). 2 if a recipe's predicted peak exceeds the budget, else 0.
+    Not modelled: --bf16/--fp16 autocast (planned as fp32) and the Trainer's optimizer choice."""
+    import transformers
+
+    from wtacrs import packaged
+    from wtacrs.planning.models import ModelSpec
+    from wtacrs.tasks import get_task
+
+    task = get_task(settings.task)
+    try:
+        config = (packaged.load_config(settings.model) if packaged.is_packaged(settings.model)
+                  else transformers.AutoConfig.from_pretrained(settings.model))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"wtacrs finetune --plan: error: cannot read --model {settings.model}'s config: "
+                         f"{str(e).splitlines()[0]}") from None
+    for key, value in task.model_kwargs().items():
+        setattr(config, key, value)
+    spec = ModelSpec(settings.model, lambda: task.auto_class().from_config(config).train())
+    rows = plan_or_exit("wtacrs finetune --plan", spec, [r.spec for r in settings.recipes], seq=settings.max_length,
+                        batch=settings.batch_size, dtype="float32", gpu_name=gpu_name, budget_gb=budget_gb,
+                        search=False)
+    print(plan_table(rows) + "\n", flush=True)
+    over = [r.recipe for r in rows if not r.fits]
+    if over:
+        print(f"wtacrs finetune: error: predicted not to fit {rows[0].budget_bytes / GB:.2f} GB on {gpu_name}: "
+              f"{', '.join(over)} (see the plan above; lower --batch-size or --max-length)", file=sys.stderr)
+        return 2
+    return 0
