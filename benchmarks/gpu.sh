@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CUDA benchmarks of wtacrs in one call, for a lent GPU: BERT-base size (random weights), seq 128,
-# fp32, AdamW. About 7 minutes on one H100/H200.
+# fp32, AdamW. About 7 minutes on one H100/H200, plus the plans (step 6: a few minutes of CPU).
 #
 #   bash benchmarks/gpu.sh [OUT]        # OUT defaults to benchmarks/results/gpu
 #
@@ -12,6 +12,9 @@
 # 5. Issue 16's decoder peers: `bench speed --interleave` on the SmolLM2-135M config (random
 #    weights), bf16, batch 2, seq 1024: LoRA, LoRA+checkpointing, VeLoRA and the LoRA+WTA-CRS
 #    recipes with keep-gate, into OUT/decoder/.
+# 6. `wtacrs plan` for steps 2, 3 and 5's workloads on this GPU's table entry (PLAN_GPU, default
+#    h100-80gb; h200 on an H200), predictions beside the measurements above: OUT/plan/ and
+#    OUT/decoder/plan/ (docs/plan.md's validation table takes a row from each lent GPU).
 # Needs no network and installs nothing. It runs the package from this checkout's src/ with the
 # first Python whose torch sees a GPU and that has transformers, peft, matplotlib and tqdm:
 # $PYTHON if set, else .venv/bin/python, else python3 (the GPU image's python3 has them all).
@@ -48,4 +51,9 @@ bench() { timeout "$1" "$PY" -m wtacrs.cli bench "${@:2}" --model bert-base --se
     timeout 150 "$PY" -m wtacrs.cli bench speed --model smollm2-135m --seq 1024 --batch 2 --dtype bfloat16 --device cuda \
         --warmup 3 --steps 10 --interleave --out "$OUT/decoder" --methods "${DECODER_METHODS[@]}" \
         || echo "gpu.sh: decoder speed failed ($?)"
+    PLAN_GPU="${PLAN_GPU:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -qi h200 && echo h200 || echo h100-80gb)}"
+    timeout 600 "$PY" -m wtacrs.cli plan --model bert-base --seq 128 --batch 64 --gpu "$PLAN_GPU" --budget 12 --multiple 16 \
+        --methods "${METHODS[@]}" --out "$OUT/plan" || echo "gpu.sh: plan failed ($?)"
+    timeout 300 "$PY" -m wtacrs.cli plan --model smollm2-135m --seq 1024 --batch 2 --dtype bfloat16 --gpu "$PLAN_GPU" \
+        --no-search --methods "${DECODER_METHODS[@]}" --out "$OUT/decoder/plan" || echo "gpu.sh: decoder plan failed ($?)"
 } 2>&1 | tee "$OUT/log.txt"
