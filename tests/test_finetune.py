@@ -55,21 +55,23 @@ def test_the_main_job_trains_on_the_tweet_tasks_defaults_and_its_help_says_them(
     import argparse
 
     from wtacrs.cli import finetune
+    from wtacrs.finetuning.spec import DEFAULTS
     from wtacrs.tasks import get_task
 
     parser = argparse.ArgumentParser()
     finetune.add_arguments(parser)
     settings = finetune.settings_from(parser.parse_args([]))
-    defaults = get_task("tweet_sentiment").defaults
-    assert settings.task == "tweet_sentiment" and settings.default_lr == defaults["lr"]
+    own = get_task("tweet_sentiment").defaults
+    defaults = {**DEFAULTS, **own}
+    assert settings.task == "tweet_sentiment" and settings.default_lr == own["lr"] != DEFAULTS["lr"]
     for name in ("epochs", "batch_size", "max_length", "max_train_samples", "max_eval_samples"):
         assert getattr(settings, name) == defaults[name], name
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert f"{defaults['lr']} for the offline default task" in help_text
-    for name in ("epochs", "batch_size", "max_train_samples"):
-        assert f"offline default task {defaults[name]}" in help_text, name
+    assert f"{own['lr']} for the offline default task" in help_text
+    for name in ("epochs", "max_length", "max_train_samples"):
+        assert f"offline default task {own[name]}" in help_text, name
 
 
 # -- argument errors ---------------------------------------------------------------------------
