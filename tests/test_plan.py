@@ -82,11 +82,11 @@ def test_cuda_sdpa_choice_keeps_no_square_matrix():
 
 def test_time_model_host_sync_splits_the_stream():
     device = gpu("h100-80gb")
-    big = Kernel("mm", flops=int(67e9), bytes=0, matmul=True)  # 1 ms at fp32 peak
-    small = Kernel("add", flops=0, bytes=0, matmul=False)
+    big = Kernel("mm", flops=int(67e9), bytes=0)  # 1 ms at fp32 peak
+    small = Kernel("add", flops=0, bytes=0)
     overlapped = step_seconds([big, small, small], device, torch.float32)
     assert overlapped == pytest.approx(HOST_S_PER_CALL + 1e-3 + 2 * DEVICE_S_PER_KERNEL)
-    synced = step_seconds([big, Kernel("item", 0, 0, False, sync=True), small], device, torch.float32)
+    synced = step_seconds([big, Kernel("item", 0, 0, sync=True), small], device, torch.float32)
     # after the sync the host issues the last kernel only once the device is done
     assert synced == pytest.approx(HOST_S_PER_CALL + 1e-3 + DEVICE_S_PER_KERNEL + HOST_S_PER_CALL
                                    + DEVICE_S_PER_KERNEL)

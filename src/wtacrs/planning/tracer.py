@@ -91,7 +91,6 @@ class Kernel:
     name: str
     flops: int
     bytes: int
-    matmul: bool
     host: bool = False
     sync: bool = False
 
@@ -140,7 +139,8 @@ class StepRecorder(TorchDispatchMode):
             return out
         if name == "_local_scalar_dense":  # a device value read on the host (the loss, at the step's end)
             self.device_reads += 1
-            out = tensors[0].dtype.is_floating_point and 0.0 or (False if tensors[0].dtype == torch.bool else 0)
+            dtype = tensors[0].dtype
+            out = 0.0 if dtype.is_floating_point else False if dtype == torch.bool else 0
         elif name == "nonzero":  # counted as a sync below (SYNC_OPS)
             self.empty_nonzero += 1
             out = tensors[0].new_empty((0, tensors[0].dim()), dtype=torch.int64)
@@ -160,7 +160,7 @@ class StepRecorder(TorchDispatchMode):
         count = self._flops.get(func.overloadpacket)
         flops = int(count(*call[0], **call[1], out_val=out)) if count is not None else 0
         sync = not host and (name in SYNC_OPS)
-        self.kernels.append(Kernel(name, flops, moved, count is not None, host, sync))
+        self.kernels.append(Kernel(name, flops, moved, host, sync))
 
     def _allocate(self, storage, inputs: set[int]) -> None:
         key = storage._cdata
