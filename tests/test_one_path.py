@@ -203,3 +203,14 @@ def test_ids_of_another_length_than_the_forwards_batch_are_an_error():
     with pytest.raises(ValueError, match="4 example ids, but the model's forward got a batch of 3"):
         with wtacrs.batch(torch.arange(4)):
             model(**batch)
+
+
+def test_the_default_recipe_recomputes_a_decoders_attention_even_with_use_cache_on():
+    """A decoder's config asks for a key/value cache by default, which would stop the attention
+    recompute (it would append to the cache twice): training forwards run without one."""
+    model = CASES_BY_NAME["llama"].model()
+    model.config.use_cache = True
+    wtacrs.apply(model)
+    model(**CASES_BY_NAME["llama"].batch()).loss.backward()
+    effects = wtacrs.modeling.companion_effects(model)
+    assert effects["recompute_attention"].status == "took effect"

@@ -130,12 +130,22 @@ def _stream(name: str, encoder_prefix: str | None) -> str:
     return "encoder" if name.startswith(encoder_prefix + ".") else "decoder"
 
 
-def _begin_forward(model: nn.Module, state: SamplingState, signature: inspect.Signature, module, args, kwargs) -> None:
+def _begin_forward(model: nn.Module, state: SamplingState, signature: inspect.Signature, module, args, kwargs
+                   ) -> tuple[tuple, dict] | None:
     if not (model.training and torch.is_grad_enabled()):
-        return  # nothing samples: an eval forward leaves the step's frames alone
+        return None  # nothing samples: an eval forward leaves the step's frames alone
     if not torch.compiler.is_compiling():
         swap_new_targets(model, state)
         bind_checkpointing(model)
+    changed = None
+    if state.config.recompute_attention and kwargs.get("use_cache", getattr(model.config, "use_cache", False)) is True:
+        # A key/value cache in a training forward would be appended to again by the recomputed
+        # attention, so the recompute is skipped where one is passed: training needs none (as
+        # Hugging Face gradient checkpointing does, the forward runs without it).
+        _say_once(model, "wtacrs: use_cache=False in training forwards (recompute_attention recomputes "
+                          "the attention, which a key/value cache would stop)")
+        kwargs = {**kwargs, "use_cache": False}
+        changed = (args, kwargs)
     try:
         bound = signature.bind_partial(*args, **kwargs).arguments
     except TypeError:
@@ -145,6 +155,14 @@ def _begin_forward(model: nn.Module, state: SamplingState, signature: inspect.Si
     decoder_mask = bound.get("decoder_attention_mask")
     decoder_mask = decoder_mask if isinstance(decoder_mask, Tensor) and decoder_mask.dim() == 2 else None
     state.begin_forward({"main": mask, "encoder": mask, "decoder": decoder_mask}, _device(model, mask))
+    return changed
+
+
+def _say_once(model: nn.Module, message: str) -> None:
+    """Log `message` at INFO once per model (encoders create no cache: nothing to warn about)."""
+    if not torch.compiler.is_compiling() and not getattr(model, "_wtacrs_said_use_cache", False):
+        logger.info(message)
+        model._wtacrs_said_use_cache = True
 
 
 def _end_forward(model: nn.Module, state: SamplingState, module, args, output) -> None:
