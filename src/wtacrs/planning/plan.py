@@ -108,21 +108,27 @@ def predict(spec: ModelSpec, recipe: str, batch: int, seq: int, dtype: torch.dty
 
 def largest_batch(peak_at, budget: float, multiple: int = 8, max_batch: int = 4096) -> int:
     """The largest multiple of `multiple` (<= max_batch) whose `peak_at(batch)` is within `budget`,
-    0 if none is. A step's peak is affine in the batch (up to the allocator's rounding), so the
-    line through the peaks at `multiple` and 2·`multiple` gives a first guess; then one multiple
-    at a time from it until the fit changes (typically four traces in all)."""
-    low = multiple
-    if peak_at(low) > budget:
-        return 0
-    slope = max(peak_at(2 * low) - peak_at(low), 1) / low
-    guess = min(max_batch, max(low, int(low + (budget - peak_at(low)) / slope) // multiple * multiple))
-    if peak_at(guess) <= budget:
-        while guess + multiple <= max_batch and peak_at(guess + multiple) <= budget:
-            guess += multiple
-        return guess
-    while peak_at(guess - multiple) > budget:
-        guess -= multiple
-    return guess - multiple
+    0 if none is. A step's peak is close to affine in the batch, so each probe is where the line
+    through the last two probes meets the budget, kept strictly inside the bracket of the largest
+    fit and the smallest misfit; after a probe that overshot, the bracket's midpoint instead (so
+    the search ends in a few probes even where the line misleads)."""
+    lo, hi = 0, max_batch + multiple  # largest batch known to fit, smallest known not to
+    probes: list[tuple[int, float]] = []
+    batch, overshot = multiple, False
+    while hi - lo > multiple:
+        peak = peak_at(batch)
+        probes.append((batch, peak))
+        fits = peak <= budget
+        lo, hi, overshot = (batch, hi, False) if fits else (lo, batch, True)
+        if len(probes) >= 2 and not overshot and probes[-1][1] > probes[-2][1]:
+            (b1, p1), (b2, p2) = probes[-2:]
+            guess = int((b2 + (budget - p2) * (b2 - b1) / (p2 - p1)) // multiple * multiple)
+        elif overshot or hi <= max_batch:
+            guess = (lo + hi) // 2 // multiple * multiple
+        else:
+            guess = 2 * batch
+        batch = min(max(guess, lo + multiple), hi - multiple)
+    return lo
 
 
 def fastest_fitting(rows: list[PlanRow]) -> PlanRow | None:
