@@ -79,14 +79,14 @@ def test_batch_rejects_ids(ids, match):
             pass
 
 
-def test_b15_ids_of_the_wrong_length_fall_back_without_touching_the_cache():
-    """Documented fallback: rows that are not (example, token) of the batch get no cached norms;
-    the step is still unbiased and nothing is written under the wrong examples' ids."""
+def test_b15_ids_of_the_wrong_length_are_named_and_touch_no_cache():
+    """Ids of another length than the forward's batch: a one-line error naming both counts, and
+    nothing is written under the wrong examples' ids."""
     model = wtacrs.apply(BERT.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
-    with wtacrs.batch(torch.arange(2)):  # the batch has 3 examples
-        model(**BERT.batch()).loss.backward()
+    with pytest.raises(ValueError, match="2 example ids, but the model's forward got a batch of 3"):
+        with wtacrs.batch(torch.arange(2)):  # the batch has 3 examples
+            model(**BERT.batch()).loss.backward()
     assert wtacrs.sampling_state(model).cache is None
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 # -- non-finite values, empty batches --------------------------------------------------------------

@@ -151,6 +151,8 @@ def _backward_chunks(model: nn.Module, inputs: dict[str, Tensor], examples: int,
         rows = slice(start, min(start + chunk_examples, examples))
         chunk = {k: v[rows] if isinstance(v, Tensor) and v.dim() and v.shape[0] == examples else v
                  for k, v in inputs.items()}
+        if getattr(getattr(model, "config", None), "use_cache", False):
+            chunk["use_cache"] = False  # as in training (`modeling._begin_forward`): a cache stops the recomputes
 
         forward = [True]  # a recomputed sub-block runs its layers again in backward: not new calls
 
