@@ -214,3 +214,19 @@ def test_the_default_recipe_recomputes_a_decoders_attention_even_with_use_cache_
     model(**CASES_BY_NAME["llama"].batch()).loss.backward()
     effects = wtacrs.modeling.companion_effects(model)
     assert effects["recompute_attention"].status == "took effect"
+
+
+def test_batch_refuses_tensors_on_a_device_rather_than_waiting_for_them():
+    """Copying a device tensor back would make the host wait at every step: the mask and the
+    ids must come from the host ("meta" stands for an accelerator here). Duplicate ids are named
+    at the block's enter."""
+    mask = torch.ones(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="attention_mask on the host"):
+        with wtacrs.batch(attention_mask=mask.to("meta")):
+            pass
+    with pytest.raises(ValueError, match="example_ids must be on the host"):
+        with wtacrs.batch(torch.arange(2, device="meta"), mask):
+            pass
+    with pytest.raises(ValueError, match="example id.s. 7 appear more than once"):
+        with wtacrs.batch(torch.tensor([7, 7]), mask):
+            pass

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from wtacrs.cache.first_visit import FirstVisitKeys, first_visit_keys
+from wtacrs.cache.norm_cache import check_example_ids
 from wtacrs.modeling import swap_new_targets
 from wtacrs.sampling.context import BatchContext, inside
 from wtacrs.sampling.state import live_states
@@ -68,16 +69,21 @@ def batch(example_ids: Tensor | list[int] | None = None, attention_mask: Tensor 
 
 
 def _host_mask(attention_mask: Tensor | None) -> Tensor | None:
+    """The (B, T) bool mask, on the host: one on an accelerator is refused rather than copied back
+    (the copy would make the host wait for the device at every step)."""
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be a (batch, seq) tensor, got "
                          f"{tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask)}")
-    return attention_mask.cpu().to(torch.bool)
+    if attention_mask.device.type != "cpu":
+        raise ValueError(f"wtacrs.batch needs the attention_mask on the host (CPU), got it on "
+                         f"{attention_mask.device}: pass it before moving the batch to the device")
+    return attention_mask.to(torch.bool)
 
 
 def _example_ids(example_ids: Tensor | list[int] | None, host_mask: Tensor | None) -> Tensor | None:
-    """(B,) int64 host ids, checked against the mask's batch size."""
+    """(B,) int64 host ids, checked as the cache checks them and against the mask's batch size."""
     if example_ids is None:
         return None
     ids = torch.as_tensor(example_ids)
@@ -86,10 +92,7 @@ def _example_ids(example_ids: Tensor | list[int] | None, host_mask: Tensor | Non
     if host_mask is not None and ids.numel() != host_mask.shape[0]:
         raise ValueError(f"{ids.numel()} example ids for an attention_mask of {host_mask.shape[0]} examples "
                          f"(shape {tuple(host_mask.shape)}): give one id per example")
-    ids = ids.cpu().to(torch.int64)
-    if ids.numel() and int(ids.min()) < 0:
-        raise ValueError("example_ids must be non-negative")
-    return ids
+    return check_example_ids(ids)
 
 
 def _first_visit(anchors: Tensor | None, token_type_ids: Tensor | None, host_mask: Tensor | None,

@@ -22,6 +22,28 @@ from wtacrs.cache.store import NormStore, decode_norms, encode_norms, real_token
 MAX_EXAMPLE_ID = 2**32 - 1
 
 
+def check_example_ids(example_ids: Tensor) -> Tensor:
+    """(B,) int64 ids that key the cache, checked on the host: non-negative, at most
+    `MAX_EXAMPLE_ID`, none twice in one batch. Ids on an accelerator are refused rather than
+    copied back: the copy would make the host wait for the device in every step."""
+    if example_ids.device.type != "cpu":
+        raise ValueError(f"example_ids must be on the host (CPU), got them on {example_ids.device}: pass the "
+                         "batch's ids before moving it to the device")
+    ids = example_ids.detach().to(torch.int64)
+    if bool((ids < 0).any()):
+        raise ValueError("example_ids must be non-negative")
+    if bool((ids > MAX_EXAMPLE_ID).any()):
+        raise ValueError(f"example_ids must be at most {MAX_EXAMPLE_ID} (the cache's index is dense over ids: "
+                         f"use dataset indices), got {int(ids.max())}")
+    unique, counts = torch.unique(ids, return_counts=True)
+    if bool((counts > 1).any()):
+        twice = unique[counts > 1].tolist()
+        shown = ", ".join(map(str, twice[:5])) + (" …" if len(twice) > 5 else "")
+        raise ValueError(f"example id(s) {shown} appear more than once in one batch: each example's cached "
+                         "norms are keyed by its id")
+    return ids
+
+
 class GradNormCache:
     """Host-memory cache of per-token output-gradient norms, keyed by (example id, token, slot).
 
@@ -172,16 +194,4 @@ class GradNormCache:
                 f"row_mask must be (batch, seq) with batch = len(example_ids) = {example_ids.shape[0]}, "
                 f"got {tuple(row_mask.shape)}"
             )
-        ids = example_ids.detach().cpu().to(torch.int64)
-        if bool((ids < 0).any()):
-            raise ValueError("example_ids must be non-negative")
-        if bool((ids > MAX_EXAMPLE_ID).any()):
-            raise ValueError(f"example_ids must be at most {MAX_EXAMPLE_ID} (the cache's index is dense over ids: "
-                             f"use dataset indices), got {ids.max().item()}")
-        unique, counts = torch.unique(ids, return_counts=True)
-        if bool((counts > 1).any()):
-            twice = unique[counts > 1].tolist()
-            shown = ", ".join(map(str, twice[:5])) + (" …" if len(twice) > 5 else "")
-            raise ValueError(f"example id(s) {shown} appear more than once in one batch: each example's cached "
-                             "norms are keyed by its id")
-        return ids
+        return check_example_ids(example_ids)
