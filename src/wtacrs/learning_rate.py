@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from wtacrs.companions.recompute import Recomputed, RecomputedGate
 from wtacrs.estimators import column_row_variance, winner_mask
 from wtacrs.functional import can_draw_in_backward, row_norms, slot_budget
-from wtacrs.modeling import sampled_modules, sampling_state
+from wtacrs.modeling import asks_for_kv_cache, sampled_modules, sampling_state
 
 MEASURED_ESTIMATORS = ("wta-crs", "crs")
 
@@ -151,8 +151,8 @@ def _backward_chunks(model: nn.Module, inputs: dict[str, Tensor], examples: int,
         rows = slice(start, min(start + chunk_examples, examples))
         chunk = {k: v[rows] if isinstance(v, Tensor) and v.dim() and v.shape[0] == examples else v
                  for k, v in inputs.items()}
-        if getattr(getattr(model, "config", None), "use_cache", False):
-            chunk["use_cache"] = False  # as in training (`modeling._begin_forward`): a cache stops the recomputes
+        if asks_for_kv_cache(model, chunk):
+            chunk["use_cache"] = False
 
         forward = [True]  # a recomputed sub-block runs its layers again in backward: not new calls
 

@@ -138,12 +138,7 @@ def _begin_forward(model: nn.Module, state: SamplingState, signature: inspect.Si
         swap_new_targets(model, state)
         bind_checkpointing(model)
     changed = None
-    if state.config.recompute_attention and kwargs.get("use_cache", getattr(model.config, "use_cache", False)) is True:
-        # A key/value cache in a training forward would be appended to again by the recomputed
-        # attention, so the recompute is skipped where one is passed: training needs none (as
-        # Hugging Face gradient checkpointing does, the forward runs without it).
-        _say_once(model, "wtacrs: use_cache=False in training forwards (recompute_attention recomputes "
-                          "the attention, which a key/value cache would stop)")
+    if state.config.recompute_attention and asks_for_kv_cache(model, kwargs):
         kwargs = {**kwargs, "use_cache": False}
         changed = (args, kwargs)
     try:
@@ -158,11 +153,13 @@ def _begin_forward(model: nn.Module, state: SamplingState, signature: inspect.Si
     return changed
 
 
-def _say_once(model: nn.Module, message: str) -> None:
-    """Log `message` at INFO once per model (encoders create no cache: nothing to warn about)."""
-    if not torch.compiler.is_compiling() and not getattr(model, "_wtacrs_said_use_cache", False):
-        logger.info(message)
-        model._wtacrs_said_use_cache = True
+def asks_for_kv_cache(model: nn.Module, kwargs: dict) -> bool:
+    """Whether a forward of `model` with `kwargs` would build a key/value cache (`use_cache`, given
+    or the config's default, as a decoder's is). The recomputed attention skips a call given a
+    cache (it would append to it twice), and training needs none: training forwards and the
+    learning-rate measurement run with use_cache=False, as Hugging Face gradient checkpointing
+    does."""
+    return kwargs.get("use_cache", getattr(getattr(model, "config", None), "use_cache", False)) is True
 
 
 def _end_forward(model: nn.Module, state: SamplingState, module, args, output) -> None:

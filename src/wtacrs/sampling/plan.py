@@ -36,14 +36,10 @@ class StepPlan:
             other numbers of real tokens run the same graph (a Python int would be a constant).
     """
 
-    slot_keys: Tensor | int
+    slot_keys: Tensor
     sinks: dict[int, tuple[ForwardRows, Tensor, bool]] = field(default_factory=dict)
     budgets: dict[str, tuple[Tensor, bool]] = field(default_factory=dict)
     cached: list[bool] = field(default_factory=list)
-
-    @classmethod
-    def empty(cls) -> "StepPlan":
-        return cls(slot_keys=0)
 
     @classmethod
     def build(cls, planned: list[ForwardRows], layer_streams: list[str], cached: list[bool],

@@ -184,14 +184,13 @@ class SamplingState:
         step = self.step + 1  # counted when a forward takes the frame (a block's model may run none)
         rows = RowLayouts()
         planned = rows.plan(context, masks)
-        frame = Frame(step, rows, StepPlan.empty(), DrawRegistry(shared=self.draws))
+        step_key = counter_rng.stream_key(self.config.seed, self.rank, step)
+        cached = [self._reads_cache(slot) for slot in range(self.num_layers)]
+        plan = StepPlan.build(planned, self.layer_streams, cached, self.recorder, self.config, step_key, device)
+        frame = Frame(step, rows, plan, DrawRegistry(shared=self.draws))
         for layout in planned:
             frame.reader.multipliers(layout, samples_inside_mask(self.config, layout), self._cache_for_reading(),
                                      self.draws.members, self.num_layers, device)
-        step_key = counter_rng.stream_key(self.config.seed, self.rank, step)
-        cached = [self._reads_cache(slot) for slot in range(self.num_layers)]
-        frame.plan = StepPlan.build(planned, self.layer_streams, cached, self.recorder, self.config, step_key,
-                                    device)
         self._frames.append(frame)
         self._warn_if_ids_needed(planned)
         return frame
@@ -218,7 +217,7 @@ class SamplingState:
         """The model's forward pre-hook, for a training forward with gradients, given its (B, T)
         masks by stream: take the block's frame (checking that its mask is this forward's), or
         plan one of its own (a second training forward, or none planned)."""
-        frame = self._frames[-1] if self._frames and not self._frames[-1].used else None
+        frame = self._pending_frame()
         if frame is not None and torch.compiler.is_compiling():  # `wtacrs.batch` did the host work
             frame.used = True
             frame.drop_draws()
@@ -230,7 +229,7 @@ class SamplingState:
     def _begin_eager_forward(self, masks: dict[str, Tensor | None], device: torch.device) -> None:
         """`begin_forward`'s host work, never traced: a compiled forward that reaches it (no frame
         planned at a block's enter, e.g. outside `wtacrs.batch`) breaks its graph here."""
-        frame = self._frames[-1] if self._frames and not self._frames[-1].used else None
+        frame = self._pending_frame()
         context = current_batch()
         if context is not None and self not in context.states:
             context.states.append(self)
@@ -241,8 +240,7 @@ class SamplingState:
             raise ValueError(f"wtacrs.batch was given {context.example_ids.numel()} example ids, but the model's "
                              f"forward got a batch of {main.shape[0]}: give one id per example of the forward")
         if frame is None and context is not None and context.attention_mask is not None:
-            self._check_same(context.attention_mask, masks.get("main"))
-            self.plan_for_block(context, device)
+            self.plan_for_block(context, device)  # checked against the forward's mask below
             frame = self._frames[-1]
         if frame is not None:
             self._check_planned_masks(frame, masks)
@@ -258,6 +256,10 @@ class SamplingState:
         frame.used = True
         frame.drop_draws()
         self.frame = frame
+
+    def _pending_frame(self) -> Frame | None:
+        """The newest planned frame if no forward has taken it yet."""
+        return self._frames[-1] if self._frames and not self._frames[-1].used else None
 
     def end_forward(self, outputs: list[Tensor]) -> None:
         """The model's forward hook, given the forward's output tensors: a compiled forward's frame
