@@ -165,6 +165,34 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return found
 
 
+def _several_method_run_training(tiny_model: str, out, stderr) -> tuple[subprocess.Popen, int]:
+    """`finetune` of two recipes (minutes of training) started, once its first run's child trains:
+    (the parent process, the child's pid)."""
+    argv = [sys.executable, "-m", "wtacrs.cli", "finetune", "--model", tiny_model, "--output-dir", str(out),
+            "--method", "full", "wtacrs", *FAST, "--max-train-samples", "64", "--epochs", "100"]
+    parent = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    child = None
+    deadline = time.monotonic() + 180
+    try:
+        while child is None or not list(out.glob("*/*/full/seed0/runs")):  # the child is training
+            assert parent.poll() is None and time.monotonic() < deadline, "the run never started training"
+            child = next((pid for pid, cmd in _children(parent.pid) if "spawn_main" in cmd), None)
+            time.sleep(0.2)
+    except BaseException:
+        for pid in (parent.pid, child):
+            if pid is not None and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        raise
+    return parent, child
+
+
+def _wait_gone(pid: int, seconds: float = 30.0) -> None:
+    """Wait up to `seconds` for `pid` to exit."""
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -193,22 +221,11 @@ def test_d6_signals_are_forwarded_to_the_child_instead_of_stopping_the_parent():
 @pytest.mark.timeout(240)
 def test_d6_sigterm_to_a_several_method_run_stops_its_child_and_says_which_run(tiny_model, tmp_path):  # noqa: F811
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "wtacrs.cli", "finetune", "--model", tiny_model, "--output-dir", str(out),
-            "--method", "full", "wtacrs", *FAST, "--max-train-samples", "64", "--epochs", "100"]  # minutes
-    parent = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    child = None
+    parent, child = _several_method_run_training(tiny_model, out, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 180
-        while child is None or not list(out.glob("*/*/full/seed0/runs")):  # the child is training
-            assert parent.poll() is None and time.monotonic() < deadline, "the run never started training"
-            child = next((pid for pid, cmd in _children(parent.pid) if "spawn_main" in cmd), None)
-            time.sleep(0.2)
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(timeout=60) == 128 + signal.SIGTERM
-        for _ in range(150):
-            if not _alive(child):
-                break
-            time.sleep(0.2)
+        _wait_gone(child)
         assert not _alive(child), "the child run kept training after its parent was stopped"
         assert "stopped by SIGTERM during run full seed 0" in parent.stderr.read()
     finally:
@@ -761,22 +778,11 @@ def test_r17_kill_9_of_a_several_method_run_takes_its_child_and_frees_the_folder
     from wtacrs.finetuning.run_folder import RunFolder
 
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "wtacrs.cli", "finetune", "--model", tiny_model, "--output-dir", str(out),
-            "--method", "full", "wtacrs", *FAST, "--max-train-samples", "64", "--epochs", "100"]  # minutes
-    parent = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    child = None
+    parent, child = _several_method_run_training(tiny_model, out, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 180
-        while child is None or not list(out.glob("*/*/full/seed0/runs")):  # the child is training
-            assert parent.poll() is None and time.monotonic() < deadline, "the run never started training"
-            child = next((pid for pid, cmd in _children(parent.pid) if "spawn_main" in cmd), None)
-            time.sleep(0.2)
         parent.kill()
         parent.wait()
-        for _ in range(150):
-            if not _alive(child):
-                break
-            time.sleep(0.2)
+        _wait_gone(child)
         assert not _alive(child), "the child run kept training after its parent was killed"
         assert RunFolder(run_folder(out)).owner() is None, "the dead child's lock is still held"
     finally:
