@@ -163,7 +163,7 @@ def test_lean_layer_norm_matches_nn_layer_norm_fp32():
     module = trained_layer_norm(48)
     x, grad_out = 3 * torch.randn(6, 10, 48) + 1, torch.randn(6, 10, 48)
     expected, expected_grads = ln_and_grads(module, x, grad_out)
-    apply_companions(module, dropout=False, layernorm=True, activation=None)
+    apply_companions(module, lean_layernorm=True)
     assert type(module) is LeanLayerNorm
     out, grads = ln_and_grads(module, x, grad_out)
     assert torch.equal(out, expected)
@@ -176,7 +176,7 @@ def test_lean_layer_norm_under_autocast():
     x, grad_out = torch.randn(8, 32, dtype=torch.bfloat16), torch.randn(8, 32, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, expected_grads = ln_and_grads(module, x, grad_out)
-        apply_companions(module, dropout=False, layernorm=True, activation=None)
+        apply_companions(module, lean_layernorm=True)
         out, grads = ln_and_grads(module, x, grad_out)
     assert out.dtype == expected.dtype and torch.equal(out, expected)
     for grad, reference in zip(grads, expected_grads):
@@ -189,7 +189,7 @@ def test_lean_layer_norm_saves_output_not_input():
     block = nn.Sequential(trained_layer_norm(width), nn.Linear(width, width))
     x = torch.randn(rows, width, requires_grad=True)
     native = saved_bytes(block, x, exclude=parameter_tensors(block)).total
-    apply_companions(block, dropout=False, layernorm=True, activation=None)
+    apply_companions(block, lean_layernorm=True)
     lean = saved_bytes(block, x, exclude=parameter_tensors(block)).total
     full = rows * width * 4
     assert native == 2 * full + 2 * rows * 4  # x, y (by the linear), mean, rstd
@@ -212,7 +212,7 @@ def test_lean_layer_norm_keeps_input_columns_where_weight_is_zero():
         module.weight[3] = 0.0
     x, grad_out = torch.randn(5, 16), torch.randn(5, 16)
     expected, expected_grads = ln_and_grads(module, x, grad_out)
-    apply_companions(module, dropout=False, layernorm=True, activation=None)
+    apply_companions(module, lean_layernorm=True)
     out, grads = ln_and_grads(module, x, grad_out)
     torch.testing.assert_close(out, expected)
     for grad, reference in zip(grads, expected_grads):
@@ -279,7 +279,7 @@ def test_activation_saved_bytes(mode, bytes_per_element):
 
 def test_invalid_activation_mode():
     with pytest.raises(ValueError, match="activation_compression 'fp4'"):
-        apply_companions(nn.GELU(), dropout=False, layernorm=False, activation="fp4")
+        apply_companions(nn.GELU(), activation_compression="fp4")
     with pytest.raises(ValueError, match="bf16, int8"):
         compressed_activation(torch.randn(3), F.gelu, "int4")
 
@@ -291,14 +291,15 @@ def test_swap_and_remove_keep_parameters_and_classes():
     model = tiny_bert()
     before = {key: value.data_ptr() for key, value in model.state_dict().items()}
     classes = {name: type(module) for name, module in model.named_modules()}
-    names = apply_companions(model, dropout=True, layernorm=True, activation="int8")
+    names = apply_companions(model, lean_dropout=True, lean_layernorm=True, activation_compression="int8")
     assert {key: value.data_ptr() for key, value in model.state_dict().items()} == before
     layer = model.encoder.layer[0]
     assert isinstance(layer.output.dropout, RegeneratedDropout) and isinstance(layer.output.dropout, nn.Dropout)
     assert isinstance(layer.output.LayerNorm, LeanLayerNorm) and isinstance(layer.output.LayerNorm, nn.LayerNorm)
     assert isinstance(layer.intermediate.intermediate_act_fn, transformers.activations.GELUActivation)
     assert "encoder.layer.0.attention.self" in names and "encoder.layer.1.intermediate.intermediate_act_fn" in names
-    assert apply_companions(model, dropout=True, layernorm=True, activation="int8") == []  # idempotent
+    again = apply_companions(model, lean_dropout=True, lean_layernorm=True, activation_compression="int8")
+    assert again == []  # idempotent
     assert remove_companions(model) == names
     assert {name: type(module) for name, module in model.named_modules()} == classes
     assert {key: value.data_ptr() for key, value in model.state_dict().items()} == before
@@ -308,7 +309,7 @@ def test_swap_and_remove_keep_parameters_and_classes():
 def test_module_filter_skips_modules():
     model = tiny_bert()
     names = apply_companions(
-        model, dropout=True, layernorm=False, activation=None, module_filter=lambda m, name: "layer.1" not in name
+        model, lean_dropout=True, module_filter=lambda m, name: "layer.1" not in name
     )
     assert names and not any("layer.1" in name for name in names)
 
@@ -326,7 +327,7 @@ def test_bert_exact_without_dropout(attn_implementation):
     """Dropout off: LayerNorm + dropout companions change nothing but rounding."""
     model, input_ids = tiny_bert(attn_implementation, dropout=0.0), torch.randint(0, 100, (2, 9))
     expected_out, expected = model(input_ids=input_ids).last_hidden_state, train_step_grads(model, input_ids)
-    apply_companions(model, dropout=True, layernorm=True, activation=None)
+    apply_companions(model, lean_dropout=True, lean_layernorm=True)
     assert torch.equal(model(input_ids=input_ids).last_hidden_state, expected_out)
     scale = max(grad.abs().max() for grad in expected)  # some grads are zero up to rounding (key bias)
     for grad, reference in zip(train_step_grads(model, input_ids), expected):
@@ -336,7 +337,7 @@ def test_bert_exact_without_dropout(attn_implementation):
 @pytest.mark.parametrize("use_reentrant, activation", [(False, "int8"), (True, "bf16")])
 def test_checkpoint_recompute_regenerates_the_same_masks(use_reentrant, activation):
     model, input_ids = tiny_bert("eager", dropout=0.3), torch.randint(0, 100, (2, 9))
-    apply_companions(model, dropout=True, layernorm=True, activation=activation)
+    apply_companions(model, lean_dropout=True, lean_layernorm=True, activation_compression=activation)
     expected = train_step_grads(model, input_ids)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     if use_reentrant:
@@ -376,13 +377,13 @@ def test_eager_attention_dropout_mask_is_not_saved():
     model, input_ids = tiny_bert("eager", dropout=0.1), torch.randint(0, 100, (2, 9))
     one = 2 * 2 * 9 * 9 * 4  # one (B, H, L, L) float32 tensor
     assert attention_probability_bytes(model, input_ids) == 2 * 3 * one
-    apply_companions(model, dropout=True, layernorm=False, activation=None)
+    apply_companions(model, lean_dropout=True)
     assert attention_probability_bytes(model, input_ids) == 2 * 2 * one
 
 
 def test_dropout_free_model_saves_no_masks():
     model, input_ids = tiny_bert("eager", dropout=0.1), torch.randint(0, 100, (2, 9))
-    apply_companions(model, dropout=True, layernorm=False, activation=None)
+    apply_companions(model, lean_dropout=True)
     with SavedTensorBytes(exclude=parameter_tensors(model)) as with_dropout:
         model(input_ids=input_ids)
     model_without = tiny_bert("eager", dropout=0.0)
@@ -423,7 +424,7 @@ def test_recomputed_attention_is_bitwise_sdpa_and_saves_no_probabilities(dropout
     torch.manual_seed(1)
     expected_out = model(input_ids=input_ids).last_hidden_state
     expected = train_step_grads(model, input_ids)
-    names = apply_companions(model, dropout=False, layernorm=False, activation=None, attention=True)
+    names = apply_companions(model, lean_attention=True)
     assert names == ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
     torch.manual_seed(1)
     assert torch.equal(model(input_ids=input_ids).last_hidden_state, expected_out)
@@ -447,7 +448,7 @@ def test_recomputed_attention_lowers_the_live_peak():
     model, input_ids = tiny_bert("sdpa", dropout=0.1), torch.randint(0, 100, (2, 64))
     one = 2 * 2 * 64 * 64 * 4  # one (B, H, L, L) float32 tensor
     plain = step_peak(model, input_ids)
-    apply_companions(model, dropout=False, layernorm=False, activation=None, attention=True)
+    apply_companions(model, lean_attention=True)
     lean = step_peak(model, input_ids)
     assert plain - lean >= (2 - 1) * 3 * one
 
@@ -455,7 +456,7 @@ def test_recomputed_attention_lowers_the_live_peak():
 def test_recomputed_attention_inside_gradient_checkpointing():
     """Nested non-reentrant checkpoints: the block recompute runs the attention recompute again."""
     model, input_ids = tiny_bert("sdpa", dropout=0.3), torch.randint(0, 100, (2, 9))
-    apply_companions(model, dropout=True, layernorm=True, activation=None, attention=True)
+    apply_companions(model, lean_dropout=True, lean_layernorm=True, lean_attention=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     grads = train_step_grads(model, input_ids)
     # lean dropout draws other masks than nn.Dropout, so compare against itself without checkpointing
@@ -466,7 +467,7 @@ def test_recomputed_attention_inside_gradient_checkpointing():
 
 def test_attention_companion_flags_and_removal():
     model = tiny_bert("sdpa")
-    apply_companions(model, dropout=True, layernorm=False, activation=None, attention=False)
+    apply_companions(model, lean_dropout=True)
     attention = model.encoder.layer[0].attention.self
     assert attention.regenerate_dropout and not attention.recompute_sdpa
     remove_companions(model)
@@ -476,7 +477,7 @@ def test_attention_companion_flags_and_removal():
 
 def test_recomputed_attention_in_eval_and_no_grad_is_plain():
     model, input_ids = tiny_bert("sdpa", dropout=0.1), torch.randint(0, 100, (2, 9))
-    apply_companions(model, dropout=False, layernorm=False, activation=None, attention=True)
+    apply_companions(model, lean_attention=True)
     with torch.no_grad():
         out = model(input_ids=input_ids).last_hidden_state
     model.eval()
@@ -590,7 +591,7 @@ def test_recomputed_layers_draw_in_backward_alone_and_at_no_memory_cost():
 
 def test_recompute_attention_takes_the_outermost_attention_modules():
     model = tiny_bert("sdpa")
-    names = apply_companions(model, dropout=False, layernorm=False, activation=None, recompute_attention=True)
+    names = apply_companions(model, recompute_attention=True)
     assert names == ["encoder.layer.0.attention", "encoder.layer.1.attention"]
     assert remove_companions(model) == names
     assert type(model.encoder.layer[0].attention) is transformers.models.bert.modeling_bert.BertAttention
@@ -605,7 +606,7 @@ def test_recompute_attention_skips_calls_with_a_key_value_cache():
     model = transformers.GPT2LMHeadModel(config).train()
     input_ids = torch.randint(0, 100, (2, 9))
     expected = train_step_grads_lm(model, input_ids, use_cache=False)
-    names = apply_companions(model, dropout=False, layernorm=False, activation=None, attention=True,
+    names = apply_companions(model, lean_attention=True,
                              recompute_attention=True)
     assert names == ["transformer.h.0.attn", "transformer.h.1.attn"]
     assert type(model.transformer.h[0].attn).__name__ == "RecomputedAttentionCompanionGPT2Attention"
@@ -626,7 +627,7 @@ def train_step_grads_lm(model: nn.Module, input_ids: torch.Tensor, use_cache: bo
 
 def test_recompute_applies_only_to_linear_then_activation_modules():
     model = tiny_bert("sdpa")
-    names = apply_companions(model, dropout=False, layernorm=False, activation=None, recompute_activation=True)
+    names = apply_companions(model, recompute_activation=True)
     assert names == ["encoder.layer.0.intermediate", "encoder.layer.1.intermediate"]
     model.eval()
     with torch.no_grad():
@@ -637,7 +638,7 @@ def test_recompute_applies_only_to_linear_then_activation_modules():
 def test_recompute_finds_lora_wrapped_intermediate_layers():
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_bert("sdpa"), peft.LoraConfig(r=2, target_modules=["dense"]))
-    names = apply_companions(model, dropout=False, layernorm=False, activation=None, recompute_activation=True)
+    names = apply_companions(model, recompute_activation=True)
     assert [n.split("model.")[-1] for n in names] == ["encoder.layer.0.intermediate", "encoder.layer.1.intermediate"]
     input_ids = torch.randint(0, 100, (2, 9))
     model(input_ids=input_ids).last_hidden_state.sum().backward()  # recompute through the adapters
@@ -649,5 +650,5 @@ def test_no_row_recipe_through_adapter_dropout():
     """Rows recomputed in backward would draw another dropout mask than forward did."""
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_bert("sdpa"), peft.LoraConfig(r=2, target_modules=["dense"], lora_dropout=0.1))
-    apply_companions(model, dropout=False, layernorm=False, activation=None, recompute_activation=True)
+    apply_companions(model, recompute_activation=True)
     assert not model.base_model.model.encoder.layer[0].intermediate.row_recipe

@@ -159,8 +159,8 @@ def test_is_gated_mlp_compares_the_computation():
 
 def test_companions_swap_the_decoder_modules_and_remove_restores_them():
     model = tiny_llama()
-    names = apply_companions(model, dropout=False, layernorm=True, activation=None, recompute_activation=True,
-                             recompute_attention=True, lm_loss=True)
+    names = apply_companions(model, lean_layernorm=True, recompute_activation=True,
+                             recompute_attention=True, chunked_lm_loss=True)
     layer = model.model.layers[0]
     assert type(layer.input_layernorm).__name__ == "LeanRMSNormLlamaRMSNorm"
     assert type(layer.mlp).__name__ == "RecomputedGateLlamaMLP"
@@ -257,7 +257,7 @@ def test_keep_gate_needs_the_recompute():
     with pytest.raises(wtacrs.WTACRSConfigError, match="recompute_activation"):
         wtacrs.WTACRSConfig.preset("sampler", keep_gate=True)
     with pytest.raises(ValueError, match="recompute_activation"):
-        apply_companions(tiny_llama(), dropout=False, layernorm=False, activation=None, keep_gate=True)
+        apply_companions(tiny_llama(), keep_gate=True)
 
 
 def test_gated_mlp_row_recipe_leaves_the_peak():
@@ -352,7 +352,7 @@ def test_chunked_lm_loss_equals_the_causal_lm_loss(dtype, head_class):
 def test_chunked_lm_loss_model_returns_no_logits_in_training_only():
     batch = lm_batch()
     model = tiny_llama()
-    apply_companions(model, dropout=False, layernorm=False, activation=None, lm_loss=True)
+    apply_companions(model, chunked_lm_loss=True)
     plain = tiny_llama()
     trained = model(**batch)
     assert trained.logits is None

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Union
@@ -26,18 +27,73 @@ TASK_HEADS: tuple[str, ...] = ("classifier", "qa_outputs", "score", "pre_classif
 # down-projection: r numbers per token, too few to be worth a draw. Matched as name components.
 DEFAULT_EXCLUDES: tuple[str, ...] = (*TASK_HEADS, "pooler", "lm_head", "lora_B")
 
-# The exact companions whose default (None) is decided per model by `wtacrs.apply`: on for
-# decoder-only language models, where they cut SmolLM2-135M's live peak to 0.22–0.32x LoRA's;
-# off for encoders, where at MiniLM's size they cost more step time than they save memory
-# (docs/recipes.md).
-AUTO_COMPANIONS: tuple[str, ...] = ("lean_dropout", "lean_layernorm", "lean_attention", "chunked_lm_loss")
-
 ModuleFilter = Callable[[Any, str], bool]
 TargetSpec = Union[list[str], tuple[str, ...], str, ModuleFilter, None]
 
 
 class WTACRSConfigError(ValueError):
     """An invalid WTACRSConfig field or file."""
+
+
+@dataclass(frozen=True)
+class CompanionOption:
+    """One memory companion's option of `WTACRSConfig`: the field's `companion` metadata, read
+    into `COMPANIONS` (the one list of them that validation, `AUTO_COMPANIONS`,
+    `wtacrs.companions.apply_companions`, the usage report and the recipes go by).
+
+    Attributes:
+        name: the WTACRSConfig field, and `apply_companions`' keyword.
+        doc: its entry in WTACRSConfig's docstring.
+        auto: its default, None, is decided per model by `wtacrs.apply` (`AUTO_COMPANIONS`).
+        modes: a storage option's values besides None (off); empty for a flag (True or False).
+        requires: another option that must be on with this one, and `reason` why.
+        reported: `wtacrs.summary` reports whether it took effect (`keep_gate` only changes what
+            `recompute_activation` keeps, and is reported as that).
+    """
+
+    name: str
+    doc: str
+    auto: bool = False
+    modes: tuple[str, ...] = ()
+    requires: str | None = None
+    reason: str = ""
+    reported: bool = True
+
+    @property
+    def off(self) -> bool | None:
+        """The value that turns the companion off."""
+        return None if self.modes else False
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value` for this option ("must be ..."), or None."""
+        if self.modes:
+            return None if value is None or value in self.modes else (
+                f"must be None or one of {', '.join(map(repr, self.modes))}, got {value!r}")
+        if isinstance(value, bool) or (self.auto and value is None):
+            return None
+        allowed = "True, False or None (auto)" if self.auto else "True or False"
+        return f"must be {allowed}, got {value!r}"
+
+    def unmet(self, values: dict[str, Any]) -> str | None:
+        """Which requirement `values` ({option: value}) break ("keep_gate keeps ...: set
+        recompute_activation"), or None."""
+        if self.requires and values.get(self.name) and not values.get(self.requires):
+            return f"{self.name} {self.reason}: set {self.requires}"
+        return None
+
+    def docstring_entry(self) -> str:
+        doc = self.doc + (" None (default): on for decoder-only language models, off otherwise (decided by "
+                          "`wtacrs.apply`; `AUTO_COMPANIONS`)." if self.auto else "")
+        return textwrap.fill(f"{self.name}: {doc}", width=100, initial_indent=" " * 8, subsequent_indent=" " * 12)
+
+
+_COMPANION = "companion"  # the metadata key of the companion options' fields
+
+
+def _companion(default: Any, help: str, doc: str, **option: Any) -> Any:
+    """A companion option's field: its default, `help` (as every field's) and its
+    `CompanionOption` (less the name, which is the field's)."""
+    return field(default=default, metadata={"help": help, _COMPANION: CompanionOption(name="", doc=doc, **option)})
 
 
 @dataclass
@@ -77,22 +133,6 @@ class WTACRSConfig:
             moving-average norm per token position (`wtacrs.cache`); False: activation norms
             only, as the paper's cache.
         seed: base seed of the per-(step, layer) sampling generators.
-        lean_dropout: dropout regenerates its mask in backward instead of storing it (exact).
-            None (default, as for the other `AUTO_COMPANIONS`): on for decoder-only language
-            models, off otherwise (decided by `wtacrs.apply`).
-        lean_layernorm: LayerNorm, and LLaMA-style RMSNorm, backward from its saved output, not
-            its input (exact up to rounding).
-        lean_attention: SDPA attention recomputes its probabilities in backward instead of
-            saving them (exact; one more attention forward per layer).
-        recompute_activation: the activation input of `act(dense(x))` modules (BERT's
-            intermediate) is recomputed in backward (exact; one more matmul per block); in
-            LLaMA-style gated MLPs the gated part act(gate(x)) ⊙ up(x) (two more).
-        keep_gate: with `recompute_activation`, gated MLPs keep gate(x) (one intermediate-size
-            tensor per block) and recompute only act(gate(x)) ⊙ up(x): one more matmul instead
-            of two, and the down projection's drawn rows need only up(x) on them.
-        recompute_attention: the attention sub-blocks (projections, attention, output
-            projection) keep only their input and run again in backward (exact; a third of a
-            BERT block's forward matmuls once more).
         backward_draws: layers inside a recomputed sub-block (`recompute_activation`,
             `recompute_attention`), and the projection reading the recomputed activation's row
             recipe, draw their rows in backward, scored with the true ‖dY_i‖ instead of the
@@ -100,11 +140,6 @@ class WTACRSConfig:
             inputs live, or their rows are recomputed, until backward anyway). False draws them
             in forward like every other layer (the paper's estimator; bitwise the gradients
             without recompute).
-        chunked_lm_loss: a causal LM's next-token loss is computed in chunks of tokens, never
-            holding the (tokens × vocabulary) logits; the training forward returns no logits
-            (exact; no extra matmul; `wtacrs.companions.lm_loss`).
-        activation_compression: None (exact) or a compact storage of the activation-function
-            input (an approximation; see `wtacrs.companions.ACTIVATION_MODES`).
     """
 
     ratio: float = field(default=0.3, metadata={"help": "fraction of token rows kept, in (0, 1]"})
@@ -120,21 +155,44 @@ class WTACRSConfig:
     grad_norm: Literal["cache", "none"] = field(default="cache", metadata={"help": "score source for ‖dY‖"})
     position_prior: bool = field(default=True, metadata={"help": "score unseen examples by per-position norms"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
-    lean_dropout: bool | None = field(default=None, metadata={"help": "dropout without stored masks (None: auto)"})
-    lean_layernorm: bool | None = field(
-        default=None, metadata={"help": "LayerNorm backward from its output (None: auto)"})
-    lean_attention: bool | None = field(default=None, metadata={"help": "SDPA without stored probabilities (None: auto)"})
-    recompute_activation: bool = field(default=True, metadata={"help": "recompute the activation input in backward"})
-    keep_gate: bool = field(
-        default=False, metadata={"help": "with recompute_activation: gated MLPs keep gate(x), recompute up(x) only"})
-    recompute_attention: bool = field(
-        default=True, metadata={"help": "recompute the attention sub-blocks in backward"})
     backward_draws: bool = field(
         default=True, metadata={"help": "layers of recomputed sub-blocks draw in backward with the true |dY|"})
-    chunked_lm_loss: bool | None = field(
-        default=None, metadata={"help": "causal-LM loss in chunks, without the full logits (None: auto)"})
-    activation_compression: str | None = field(
-        default=None, metadata={"help": "compact activation input (approximate)"})
+    # The memory companions, in the order `wtacrs.summary` reports them.
+    lean_dropout: bool | None = _companion(
+        None, "dropout without stored masks (None: auto)", auto=True,
+        doc="dropout regenerates its mask in backward instead of storing it (exact).")
+    lean_layernorm: bool | None = _companion(
+        None, "LayerNorm backward from its output (None: auto)", auto=True,
+        doc="LayerNorm, and LLaMA-style RMSNorm, backward from its saved output, not its input "
+            "(exact up to rounding).")
+    lean_attention: bool | None = _companion(
+        None, "SDPA without stored probabilities (None: auto)", auto=True,
+        doc="SDPA attention recomputes its probabilities in backward instead of saving them (exact; one "
+            "more attention forward per layer).")
+    activation_compression: str | None = _companion(
+        None, "compact activation input (approximate)", modes=ACTIVATION_MODES,
+        doc="None (exact) or a compact storage of the activation-function input (an approximation; "
+            "see `wtacrs.companions.activation`).")
+    recompute_activation: bool = _companion(
+        True, "recompute the activation input in backward",
+        doc="the activation input of `act(dense(x))` modules (BERT's intermediate) is recomputed in "
+            "backward (exact; one more matmul per block); in LLaMA-style gated MLPs the gated part "
+            "act(gate(x)) ⊙ up(x) (two more).")
+    keep_gate: bool = _companion(
+        False, "with recompute_activation: gated MLPs keep gate(x), recompute up(x) only",
+        requires="recompute_activation", reason="keeps the gate of the gated MLP's recompute", reported=False,
+        doc="with `recompute_activation`, gated MLPs keep gate(x) (one intermediate-size tensor per block) "
+            "and recompute only act(gate(x)) ⊙ up(x): one more matmul instead of two, and the down "
+            "projection's drawn rows need only up(x) on them.")
+    recompute_attention: bool = _companion(
+        True, "recompute the attention sub-blocks in backward",
+        doc="the attention sub-blocks (projections, attention, output projection) keep only their input "
+            "and run again in backward (exact; a third of a BERT block's forward matmuls once more).")
+    chunked_lm_loss: bool | None = _companion(
+        None, "causal-LM loss in chunks, without the full logits (None: auto)", auto=True,
+        doc="a causal LM's next-token loss is computed in chunks of tokens, never holding the (tokens × "
+            "vocabulary) logits; the training forward returns no logits (exact; no extra matmul; "
+            "`wtacrs.companions.lm_loss`).")
 
     def __post_init__(self) -> None:
         self._validate()
@@ -165,29 +223,29 @@ class WTACRSConfig:
         self._check_choice("estimator", ESTIMATORS)
         self._check_choice("budget", BUDGETS)
         self._check_choice("grad_norm", ("cache", "none"))
-        flags = ("attention", "recompute_activation", "keep_gate", "recompute_attention", "backward_draws",
-                 "position_prior", "skip_padding")
-        for name in flags:
+        for name in ("attention", "backward_draws", "position_prior", "skip_padding"):
             if not isinstance(getattr(self, name), bool):
                 raise WTACRSConfigError(f"WTACRSConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        for name in AUTO_COMPANIONS:
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
-                raise WTACRSConfigError(f"WTACRSConfig.{name} must be True, False or None (auto), "
-                                        f"got {getattr(self, name)!r}")
-        if self.keep_gate and not self.recompute_activation:
-            raise WTACRSConfigError("WTACRSConfig.keep_gate keeps the gate of the gated MLP's recompute: "
-                                    "set recompute_activation=True too")
+        for option in COMPANIONS:
+            problem = option.problem(getattr(self, option.name))
+            if problem:
+                raise WTACRSConfigError(f"WTACRSConfig.{option.name} {problem}")
+        values = self.companion_options()
+        for option in COMPANIONS:
+            unmet = option.unmet(values)
+            if unmet:
+                raise WTACRSConfigError(f"WTACRSConfig.{unmet}=True too")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise WTACRSConfigError(f"WTACRSConfig.seed must be an int, got {self.seed!r}")
         object.__setattr__(self, "target_modules",
                            _check_pattern("target_modules", self.target_modules, allow_callable=True))
         object.__setattr__(self, "exclude_modules",
                            _check_pattern("exclude_modules", self.exclude_modules, allow_callable=False))
-        if self.activation_compression is not None and self.activation_compression not in ACTIVATION_MODES:
-            raise WTACRSConfigError(
-                f"WTACRSConfig.activation_compression must be None or one of {', '.join(map(repr, ACTIVATION_MODES))}, "
-                f"got {self.activation_compression!r}"
-            )
+
+    def companion_options(self) -> dict[str, Any]:
+        """{companion option: its value}, every one of `COMPANIONS`: the keywords of
+        `wtacrs.companions.apply_companions`."""
+        return {option.name: getattr(self, option.name) for option in COMPANIONS}
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "WTACRSConfig":
@@ -258,6 +316,20 @@ class WTACRSConfig:
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(WTACRSConfig))
+
+# The memory companions' options, in the order of their fields (and of `wtacrs.summary`'s report).
+COMPANIONS: tuple[CompanionOption, ...] = tuple(
+    dataclasses.replace(f.metadata[_COMPANION], name=f.name)
+    for f in dataclasses.fields(WTACRSConfig) if _COMPANION in f.metadata
+)
+# The exact companions whose default (None) is decided per model by `wtacrs.apply`: on for
+# decoder-only language models, where they cut SmolLM2-135M's live peak to 0.22–0.32x LoRA's;
+# off for encoders, where at MiniLM's size they cost more step time than they save memory
+# (docs/recipes.md).
+AUTO_COMPANIONS: tuple[str, ...] = tuple(option.name for option in COMPANIONS if option.auto)
+# Their entries in WTACRSConfig's docstring come from their fields (`CompanionOption.doc`).
+WTACRSConfig.__doc__ = WTACRSConfig.__doc__.rstrip() + "\n" + "\n".join(
+    option.docstring_entry() for option in COMPANIONS) + "\n    "
 
 
 def _check_pattern(name: str, value: Any, *, allow_callable: bool) -> Any:

@@ -320,12 +320,7 @@ def _unsample_attention(model: nn.Module, state: SamplingState) -> None:
 
 
 def _add_companions(model: nn.Module, state: SamplingState) -> None:
-    config = state.config
-    state.record_companions(apply_companions(
-        model, dropout=config.lean_dropout, layernorm=config.lean_layernorm, activation=config.activation_compression,
-        attention=config.lean_attention, recompute_activation=config.recompute_activation,
-        keep_gate=config.keep_gate, recompute_attention=config.recompute_attention, lm_loss=config.chunked_lm_loss,
-    ))
+    state.record_companions(apply_companions(model, **state.config.companion_options()))
 
 
 def _remove_companions(model: nn.Module, state: SamplingState) -> None:

@@ -38,13 +38,20 @@ from typing import Any
 
 from torch import nn
 
-from wtacrs.config import ACTIVATION_MODES, TASK_HEADS, WTACRSConfig
+from wtacrs.config import ACTIVATION_MODES, AUTO_COMPANIONS, COMPANIONS, TASK_HEADS, WTACRSConfig
 
 SAMPLERS = {"wtacrs": "wta-crs", "crs": "crs", "priority": "priority", "topk": "topk", "uniform": "uniform"}
 FLAGS = {  # component -> Recipe field
     "lora": "lora", "attention": "sampled_attention", "companions": "companions", "recompute": "recompute",
     "keep-gate": "keep_gate", "recompute-attention": "recompute_attention", "no-cache": "no_cache",
     "checkpointing": "checkpointing", "fused-adamw": "fused_adamw",
+}
+# WTACRSConfig companion option -> the Recipe field that sets it: "companions" turns on every
+# auto companion (the exact ones the recommended config turns on for decoder-only LMs).
+COMPANION_FIELDS: dict[str, str] = {
+    **{option: "companions" for option in AUTO_COMPANIONS},
+    "activation_compression": "activation_compression", "recompute_activation": "recompute", "keep_gate": "keep_gate",
+    "recompute_attention": "recompute_attention",
 }
 # The exact WTA-CRS recipe that beats gradient checkpointing on both axes for the offline default
 # (all-MiniLM-L6-v2, benchmarks/RESULTS.md): in `wtacrs bench` (batch 32, seq 64, interleaved) the
@@ -107,8 +114,7 @@ class Recipe:
     @property
     def uses_wtacrs(self) -> bool:
         """Whether `wtacrs.apply` changes the model (sampling or any companion)."""
-        return self.samples or self.companions or self.recompute or self.recompute_attention or (
-            self.activation_compression is not None)
+        return self.samples or any(getattr(self, field) for field in COMPANION_FIELDS.values())
 
     @property
     def draws_in_backward(self) -> bool:
@@ -136,11 +142,8 @@ class Recipe:
             ratio=self.ratio if self.samples else 1.0, estimator=self.estimator or "exact",
             budget=sampling.budget, skip_padding=sampling.skip_padding, grad_norm="none" if self.no_cache else "cache",
             target_modules=list(sampling.target_modules) if sampling.target_modules else None,
-            attention=self.sampled_attention, seed=seed, lean_dropout=self.companions,
-            lean_layernorm=self.companions, lean_attention=self.companions, recompute_activation=self.recompute,
-            keep_gate=self.keep_gate, recompute_attention=self.recompute_attention,
-            activation_compression=self.activation_compression,
-            chunked_lm_loss=self.companions,
+            attention=self.sampled_attention, seed=seed,
+            **{option: getattr(self, field) for option, field in COMPANION_FIELDS.items()},
         )
 
     def prepare(self, model: nn.Module, *, seed: int = 0, task_type: str = "SEQ_CLS",
@@ -179,14 +182,22 @@ def parse_recipe(spec: str, default_ratio: float | None = None) -> Recipe:
         recipe = _with_component(recipe, part, spec, default_ratio)
     if recipe.velora and recipe.samples:
         raise RecipeError(f"recipe {spec!r}: VeLoRA and a sampler both replace LoRA A's backward; choose one")
-    if recipe.keep_gate and not recipe.recompute:
-        raise RecipeError(f"recipe {spec!r}: 'keep-gate' keeps the gate of the gated MLP's recompute; add 'recompute'")
+    for option in COMPANIONS:  # keep-gate needs recompute
+        if option.requires and getattr(recipe, COMPANION_FIELDS[option.name]) and (
+                not getattr(recipe, COMPANION_FIELDS[option.requires])):
+            raise RecipeError(f"recipe {spec!r}: '{_component(option.name)}' {option.reason}; "
+                              f"add '{_component(option.requires)}'")
     if recipe.no_cache and not recipe.samples:
         raise RecipeError(f"recipe {spec!r}: 'no-cache' turns off a sampler's cache; add one (e.g. wtacrs@0.3)")
     if recipe.sampled_attention and not recipe.samples:
         raise RecipeError(f"recipe {spec!r}: 'attention' samples the attention matmuls at a sampler's ratio; "
                           "add one (e.g. wtacrs@0.3)")
     return recipe
+
+
+def _component(option: str) -> str:
+    """The recipe component that turns on the companion `option` (a flag's)."""
+    return {field: component for component, field in FLAGS.items()}[COMPANION_FIELDS[option]]
 
 
 def _with_component(recipe: Recipe, part: str, spec: str, default_ratio: float | None) -> Recipe:

@@ -1,11 +1,11 @@
 """Memory-lean companions to WTA-CRS: the other tensors a training step saves for backward.
 
-- Dropout (`dropout=True`): no per-element mask is saved; backward regenerates it from a seed.
+- Dropout (`lean_dropout=True`): no per-element mask is saved; backward regenerates it from a seed.
   Exact. See `wtacrs.companions.dropout` for which dropout calls are covered.
-- LayerNorm (`layernorm=True`): backward from the saved output, not the input. Exact up to
+- LayerNorm (`lean_layernorm=True`): backward from the saved output, not the input. Exact up to
   rounding; a real saving only where the next op saves the output anyway (see
   `wtacrs.companions.layernorm`). LLaMA-style RMSNorm (`LeanRMSNorm`) likewise.
-- Attention (`attention=True`): SDPA saves no (batch, heads, L, L) probabilities or dropout
+- Attention (`lean_attention=True`): SDPA saves no (batch, heads, L, L) probabilities or dropout
   mask; backward recomputes them (exact, bitwise). See `wtacrs.companions.attention`.
 - Activation recompute (`recompute_activation=True`): the input of the activation in
   `act(dense(x))` modules is recomputed in backward. Exact; one more matmul per block. In
@@ -14,10 +14,10 @@
 - Attention recompute (`recompute_attention=True`): the attention sub-block (projections,
   attention, output projection) keeps only its input and runs again in backward. Exact; 4 of
   BERT's 12 per-token matmuls once more. See `wtacrs.companions.recompute`.
-- Chunked LM loss (`lm_loss=True`): a causal LM's next-token loss computed in chunks of
+- Chunked LM loss (`chunked_lm_loss=True`): a causal LM's next-token loss computed in chunks of
   tokens, never holding the (tokens × vocabulary) logits. Exact; no extra matmul. See
   `wtacrs.companions.lm_loss`.
-- Activation (`activation="bf16"` or `"int8"`): the input of GELU-like activations is kept
+- Activation (`activation_compression="bf16"` or `"int8"`): the input of GELU-like activations is kept
   compressed. An approximation (stated bounds in `wtacrs.companions.activation`); off by default.
 
 What each companion saves is measured in `benchmarks/`: bytes per autograd op in
@@ -36,6 +36,10 @@ parameters (state_dict keys, `data_ptr`s) and `isinstance` checks are unchanged,
 `remove_companions` swaps the original class back. Activation and attention modules get
 classes made at run time (one per original class): state_dicts and `copy.deepcopy` work, pickling
 the whole module object (`torch.save(model)`) does not; remove the companions first.
+
+The options are `WTACRSConfig`'s, by the same names (`wtacrs.config.COMPANIONS`, one field each):
+`apply_companions` takes them as keywords, and `wtacrs.apply` passes its config's
+(`WTACRSConfig.companion_options`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from functools import cache
+from types import SimpleNamespace
+from typing import Any
 
 from torch import nn
 
@@ -76,6 +82,7 @@ from wtacrs.companions.recompute import (
     outermost_attention_names,
 )
 from wtacrs.companions.usage import COMPANION_OPTIONS, USAGE_ATTR, companion_usage, expect
+from wtacrs.config import COMPANIONS
 
 __all__ = [
     "ACTIVATION_MODES",
@@ -129,99 +136,104 @@ def _is_innermost_attention(module: nn.Module) -> bool:
     )
 
 
-def _companion_class(
-    module: nn.Module, *, dropout: bool, layernorm: bool, activation: str | None, attention: bool, recompute: bool,
-    recompute_gate: bool, lm_loss: bool
-) -> type | None:
-    """The class to swap `module` to, or None to leave it alone. `recompute`: run `module` under
-    checkpoint (`Recomputed`); `recompute_gate`: its gated part (`RecomputedGate`)."""
+def _companion_class(module: nn.Module, on: SimpleNamespace, *, recompute: bool, recompute_gate: bool) -> type | None:
+    """The class to swap `module` to under the options `on`, or None to leave it alone.
+    `recompute`: run `module` under checkpoint (`Recomputed`); `recompute_gate`: its gated part
+    (`RecomputedGate`)."""
     cls = type(module)
-    if dropout and cls is nn.Dropout:
+    if on.lean_dropout and cls is nn.Dropout:
         return RegeneratedDropout
-    if layernorm and cls is nn.LayerNorm:
+    if on.lean_layernorm and cls is nn.LayerNorm:
         return LeanLayerNorm
-    if layernorm and is_llama_rms_norm(module):
+    if on.lean_layernorm and is_llama_rms_norm(module):
         return _with_mixins((LeanRMSNorm,), cls)
-    if activation and cls in elementwise_activation_types() and not getattr(module, "inplace", False):
+    if on.activation_compression and cls in elementwise_activation_types() and not getattr(module, "inplace", False):
         return _with_mixins((CompressesActivationInput,), cls)
     if recompute_gate:
         return _with_mixins((RecomputedGate,), cls)
-    if lm_loss and has_chunkable_lm_loss(module):
+    if on.chunked_lm_loss and has_chunkable_lm_loss(module):
         return _with_mixins((ChunkedLMLoss,), cls)
     mixins = (Recomputed,) if recompute else ()
-    if (dropout or attention) and _is_innermost_attention(module):
+    if (on.lean_dropout or on.lean_attention) and _is_innermost_attention(module):
         mixins += (AttentionCompanion,)
     return _with_mixins(mixins, cls) if mixins else None
 
 
-def apply_companions(
-    model: nn.Module,
-    *,
-    dropout: bool,
-    layernorm: bool,
-    activation: str | None,
-    attention: bool = False,
-    recompute_activation: bool = False,
-    keep_gate: bool = False,
-    recompute_attention: bool = False,
-    lm_loss: bool = False,
-    module_filter: ModuleFilter | None = None,
-) -> list[str]:
+def _options(given: dict[str, Any]) -> SimpleNamespace:
+    """Every companion option (`COMPANIONS`): those `given`, the others off; raises TypeError on
+    a name that is none of them, ValueError on a bad activation mode or an unmet requirement."""
+    unknown = sorted(set(given) - {option.name for option in COMPANIONS})
+    if unknown:
+        raise TypeError(f"apply_companions() got unknown companion option(s) {', '.join(unknown)}; "
+                        f"known: {', '.join(option.name for option in COMPANIONS)}")
+    values = {option.name: given.get(option.name, option.off) for option in COMPANIONS}
+    if values["activation_compression"] is not None:
+        validate_activation_mode(values["activation_compression"])
+    for option in COMPANIONS:
+        unmet = option.unmet(values)
+        if unmet:
+            raise ValueError(f"{unmet} too")
+    return SimpleNamespace(**values)
+
+
+def apply_companions(model: nn.Module, *, module_filter: ModuleFilter | None = None, **options: Any) -> list[str]:
     """Swap the classes of `model`'s dropout, LayerNorm, activation and attention modules in place.
 
     Args:
         model: any module tree (a transformers model, a block, ...).
-        dropout: exact `nn.Dropout` modules → `RegeneratedDropout`, and functional dropout inside
-            the innermost "…Attention" modules intercepted (eager attention probabilities).
-        layernorm: exact `nn.LayerNorm` modules → `LeanLayerNorm`.
-        activation: None, or one of ACTIVATION_MODES for the elementwise activation modules
-            listed by `elementwise_activation_types()` (in-place ones are skipped).
-        attention: SDPA calls inside the innermost "…Attention" modules recompute their
-            probabilities in backward instead of saving them (`RecomputedAttentionMode`).
-        recompute_activation: `act(dense(x))` modules recompute the activation's input in
-            backward (`Recomputed`); LLaMA-style gated MLPs their gated part (`RecomputedGate`).
-        keep_gate: with `recompute_activation`, gated MLPs keep gate(x) and recompute only
-            act(gate(x)) ⊙ up(x) (when gate_proj has no active dropout).
-        recompute_attention: the outermost "…Attention" modules keep only their inputs and run
-            again in backward (`Recomputed`).
-        lm_loss: causal LMs compute their next-token loss in chunks without full logits
-            (`ChunkedLMLoss`).
         module_filter: optional (module, qualified name) → bool; modules it rejects are skipped.
+        **options: `WTACRSConfig`'s companion options by name (`wtacrs.config.COMPANIONS`;
+            `WTACRSConfig.companion_options()` gives a config's), each off when not given. Each
+            swaps, where it is on:
+
+            - lean_dropout: exact `nn.Dropout` modules → `RegeneratedDropout`, and functional
+              dropout inside the innermost "…Attention" modules intercepted (eager attention
+              probabilities).
+            - lean_layernorm: exact `nn.LayerNorm` modules → `LeanLayerNorm`, LLaMA-style
+              RMSNorm → `LeanRMSNorm`.
+            - lean_attention: SDPA calls inside the innermost "…Attention" modules recompute
+              their probabilities in backward instead of saving them (`RecomputedAttentionMode`).
+            - activation_compression: None, or one of ACTIVATION_MODES for the elementwise
+              activation modules listed by `elementwise_activation_types()` (in-place ones are
+              skipped).
+            - recompute_activation: `act(dense(x))` modules recompute the activation's input in
+              backward (`Recomputed`); LLaMA-style gated MLPs their gated part (`RecomputedGate`).
+            - keep_gate: with `recompute_activation`, gated MLPs keep gate(x) and recompute only
+              act(gate(x)) ⊙ up(x) (when gate_proj has no active dropout).
+            - recompute_attention: the outermost "…Attention" modules keep only their inputs and
+              run again in backward (`Recomputed`).
+            - chunked_lm_loss: causal LMs compute their next-token loss in chunks without full
+              logits (`ChunkedLMLoss`).
     Returns:
         Qualified names of the modules swapped. Already swapped modules are skipped, so applying
         twice changes nothing (call `remove_companions` first to change settings).
     Raises:
-        ValueError: unknown `activation` mode, or keep_gate without recompute_activation.
+        TypeError: an option that is not a companion's.
+        ValueError: unknown `activation_compression` mode, or keep_gate without recompute_activation.
     """
-    if activation is not None:
-        validate_activation_mode(activation)
-    if keep_gate and not recompute_activation:
-        raise ValueError("keep_gate keeps the gate of the gated MLP's recompute: set recompute_activation too")
-    recomputed_attention = outermost_attention_names(model) if recompute_attention else set()
+    on = _options(options)
+    recomputed_attention = outermost_attention_names(model) if on.recompute_attention else set()
     swapped = []
     for name, module in model.named_modules():
         if _is_swapped(module) or (module_filter is not None and not module_filter(module, name)):
             continue
-        recompute = name in recomputed_attention or (recompute_activation and is_linear_then_activation(module))
-        new_cls = _companion_class(
-            module, dropout=dropout, layernorm=layernorm, activation=activation, attention=attention,
-            recompute=recompute, recompute_gate=recompute_activation and is_gated_mlp(module), lm_loss=lm_loss
-        )
+        recompute = name in recomputed_attention or (on.recompute_activation and is_linear_then_activation(module))
+        new_cls = _companion_class(module, on, recompute=recompute,
+                                   recompute_gate=on.recompute_activation and is_gated_mlp(module))
         if new_cls is None:
             continue
         module.__class__ = new_cls
         if recompute or issubclass(new_cls, RecomputedGate):
             compile_checkpointed_regions_whole()
-        _set_up(module, new_cls, activation=activation, dropout=dropout, attention=attention,
-                recompute_attention=name in recomputed_attention, keep_gate=keep_gate)
+        _set_up(module, new_cls, on, attention_block=name in recomputed_attention)
         swapped.append(name)
     return swapped
 
 
-def _set_up(module: nn.Module, cls: type, *, activation: str | None, dropout: bool, attention: bool,
-            recompute_attention: bool, keep_gate: bool) -> None:
+def _set_up(module: nn.Module, cls: type, on: SimpleNamespace, *, attention_block: bool) -> None:
     """The instance settings of a module just swapped to `cls`, and which companions it carries
-    (`wtacrs.companions.usage`)."""
+    (`wtacrs.companions.usage`, by option name). `attention_block`: an attention sub-block
+    recomputed (`recompute_attention`)."""
     if issubclass(cls, RegeneratedDropout):
         expect(module, "lean_dropout")
     if issubclass(cls, (LeanLayerNorm, LeanRMSNorm)):
@@ -230,19 +242,19 @@ def _set_up(module: nn.Module, cls: type, *, activation: str | None, dropout: bo
         expect(module, "chunked_lm_loss")
     if issubclass(cls, RecomputedGate):
         module.row_recipe = maps_rows_alone(module)
-        module.keep_gate = keep_gate and deterministic(module.gate_proj)
+        module.keep_gate = on.keep_gate and deterministic(module.gate_proj)
         expect(module, "recompute_activation")
     if issubclass(cls, CompressesActivationInput):
-        module.activation_compression = activation
+        module.activation_compression = on.activation_compression
         expect(module, "activation_compression")
     if issubclass(cls, AttentionCompanion):
-        module.regenerate_dropout, module.recompute_sdpa = dropout, attention
-        for option, on in (("lean_dropout", dropout), ("lean_attention", attention)):
-            if on:
+        module.regenerate_dropout, module.recompute_sdpa = on.lean_dropout, on.lean_attention
+        for option in ("lean_dropout", "lean_attention"):
+            if getattr(on, option):
                 expect(module, option)
     if issubclass(cls, Recomputed):
         module.row_recipe = maps_rows_alone(module)  # activation modules; never an attention block
-        expect(module, "recompute_attention" if recompute_attention else "recompute_activation")
+        expect(module, "recompute_attention" if attention_block else "recompute_activation")
 
 
 def remove_companions(model: nn.Module) -> list[str]:

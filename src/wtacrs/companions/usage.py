@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from torch import nn
 
-# The WTACRSConfig options of the companions, in the order reports list them.
-COMPANION_OPTIONS = ("lean_dropout", "lean_layernorm", "lean_attention", "activation_compression",
-                     "recompute_activation", "recompute_attention", "chunked_lm_loss")
+from wtacrs.config import COMPANIONS
+
+# The WTACRSConfig options whose effect is reported, in the order reports list them (`keep_gate`
+# only changes what `recompute_activation` keeps).
+COMPANION_OPTIONS: tuple[str, ...] = tuple(option.name for option in COMPANIONS if option.reported)
 USAGE_ATTR = "wtacrs_companion_use"  # instance attribute: {companion option: acted since applied}
 
 
