@@ -114,7 +114,12 @@ class Recipe:
     @property
     def uses_wtacrs(self) -> bool:
         """Whether `wtacrs.apply` changes the model (sampling or any companion)."""
-        return self.samples or any(getattr(self, field) for field in COMPANION_FIELDS.values())
+        return self.samples or any(self.companion_options.values())
+
+    @property
+    def companion_options(self) -> dict[str, Any]:
+        """The `WTACRSConfig` companion options this recipe sets: {option: value} (`COMPANION_FIELDS`)."""
+        return {option: getattr(self, field) for option, field in COMPANION_FIELDS.items()}
 
     @property
     def draws_in_backward(self) -> bool:
@@ -143,7 +148,7 @@ class Recipe:
             budget=sampling.budget, skip_padding=sampling.skip_padding, grad_norm="none" if self.no_cache else "cache",
             target_modules=list(sampling.target_modules) if sampling.target_modules else None,
             attention=self.sampled_attention, seed=seed,
-            **{option: getattr(self, field) for option, field in COMPANION_FIELDS.items()},
+            **self.companion_options,
         )
 
     def prepare(self, model: nn.Module, *, seed: int = 0, task_type: str = "SEQ_CLS",
@@ -183,8 +188,7 @@ def parse_recipe(spec: str, default_ratio: float | None = None) -> Recipe:
     if recipe.velora and recipe.samples:
         raise RecipeError(f"recipe {spec!r}: VeLoRA and a sampler both replace LoRA A's backward; choose one")
     for option in COMPANIONS:  # keep-gate needs recompute
-        if option.requires and getattr(recipe, COMPANION_FIELDS[option.name]) and (
-                not getattr(recipe, COMPANION_FIELDS[option.requires])):
+        if option.unmet(recipe.companion_options):
             raise RecipeError(f"recipe {spec!r}: '{_component(option.name)}' {option.reason}; "
                               f"add '{_component(option.requires)}'")
     if recipe.no_cache and not recipe.samples:
