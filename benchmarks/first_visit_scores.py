@@ -371,25 +371,25 @@ def library_multipliers(model, priors: list[dict], measured: dict, anchored: boo
     (skip_padding=False) or classification; one sampled forward/backward per prior batch, inside
     `wtacrs.batch` with fresh ids (and start/end anchors, token_type_ids, if `anchored`), fills its
     cache and prior; no optimizer step, so the weights, and the norms, stay the measured model's.
-    The measured batch's multipliers are those `wtacrs.batch(..., model=)` builds at enter."""
+    The measured batch's multipliers are those `wtacrs.batch` builds at enter."""
     import wtacrs
 
     qa = "start_positions" in measured
     wtacrs.apply(model, wtacrs.WTACRSConfig.preset("sampler", ratio=0.3, skip_padding=not qa))
     state = wtacrs.sampling_state(model)
 
-    def block(inputs: dict, ids: torch.Tensor, plan: bool):
+    def block(inputs: dict, ids: torch.Tensor):
         first_visit = {}
         if anchored and qa:
             first_visit = dict(anchors=torch.stack([inputs["start_positions"], inputs["end_positions"]], 1),
                                token_type_ids=inputs["token_type_ids"])
-        return wtacrs.batch(ids, inputs["attention_mask"], model=model if plan else None, **first_visit)
+        return wtacrs.batch(ids, inputs["attention_mask"], **first_visit)
 
     for n, inputs in enumerate(priors):
-        with block(inputs, torch.arange(len(inputs["input_ids"])) + 1000 * (n + 1), plan=False):
+        with block(inputs, torch.arange(len(inputs["input_ids"])) + 1000 * (n + 1)):
             model(**inputs).loss.backward()
         model.zero_grad(set_to_none=True)
-    with block(measured, torch.arange(len(measured["input_ids"])), plan=True):
+    with block(measured, torch.arange(len(measured["input_ids"]))):
         rows = state.rows.of("main")
         table = state._multipliers(rows, torch.device("cpu"))  # built at the block's enter, as a step reads it
     leaders = state.draws.leaders(state.num_layers)

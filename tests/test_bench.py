@@ -193,6 +193,26 @@ def test_bench_speed_interleaved_times_every_method_each_round(tmp_path):
     assert record["meta"]["interleave"] and "round-robin" in (tmp_path / "speed.md").read_text()
 
 
+def test_bench_speed_compiles_every_model_and_counts_the_step_s_kernels(tmp_path):
+    """--compile: each model runs under torch.compile (the dynamo eager backend here: no kernels of
+    its own, every ATen operator counted), after at least two warm-up steps (the compiles)."""
+    assert main(["bench", "speed", *TINY, "--batch", "2", "--methods", "full", "--warmup", "0",
+                 "--steps", "1", "--interleave", "--compile", "eager", "--out", str(tmp_path)]) == 0
+    record = _record(tmp_path / "speed.json")
+    assert record["meta"]["compile"] == "eager" and record["meta"]["warmup"] == 2
+    (full,) = record["rows"]
+    assert full["generated_kernels"] == 0 and full["aten_ops"] > 100 and full["peak_bytes"] > 0
+    assert "generated kernels / step" in (tmp_path / "speed.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_speed_counts_inductor_s_generated_kernels(tmp_path):
+    assert main(["bench", "speed", *TINY, "--batch", "2", "--methods", "full", "--steps", "1", "--compile",
+                 "--out", str(tmp_path)]) == 0
+    (full,) = _record(tmp_path / "speed.json")["rows"]
+    assert full["generated_kernels"] > 0
+
+
 def test_bench_speed_interleaved_goes_on_when_a_method_fails_midway(tmp_path, monkeypatch):
     """A method failing in round 2 (say, out of memory) keeps its error and first time; the
     others finish every round, and the rows on disk after each round are complete JSON."""

@@ -175,6 +175,8 @@ def test_default_run_compares_full_checkpointing_and_the_best_exact_recipe(tiny_
     median = statistics.median(measured["first_visit_variance"].values())
     assert sampled["sampled_lr_factor"] == measured["factor"] == pytest.approx((1 + median) ** 0.5)
     assert full["sampled_lr_scales"] is None and full["sampled_lr_factor"] is None
+    assert 0 < sampled["sampled_lr_seconds"] == measured["seconds"] < sampled["wall_seconds"]
+    assert full["sampled_lr_seconds"] is None
     peak_lr = {name: max(h["learning_rate"] for h in json.loads(next(tmp_path.glob(f"*/*/{name}/seed0/training.json"))
                                                                .read_text())["log_history"] if "learning_rate" in h)
                for name in ("full", BEST_EXACT)}

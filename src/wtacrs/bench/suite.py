@@ -13,7 +13,9 @@ from tqdm.auto import tqdm
 
 from wtacrs.bench.rss import peak_rss_of_step
 from wtacrs.bench.training import (
+    COMPILE_WARMUP,
     Trial,
+    count_compiled_kernels,
     count_step_calls,
     make_trial,
     measure_step_memory,
@@ -58,10 +60,11 @@ class Setup:
     dtype: torch.dtype = torch.float32
     seed: int = 0
     lora: LoraSettings = LoraSettings()  # the adapters of LoRA recipes
+    compile: str | None = None  # a torch.compile backend for every method's model
 
     def trial(self, method: str, batch: int | None = None) -> Trial:
-        return make_trial(self.size, method, batch or self.batch, self.seq,
-                          device=self.device, dtype=self.dtype, seed=self.seed, lora=self.lora)
+        return make_trial(self.size, method, batch or self.batch, self.seq, device=self.device, dtype=self.dtype,
+                          seed=self.seed, lora=self.lora, compile=self.compile)
 
 
 RowsCallback = Callable[[list[dict]], None]
@@ -131,10 +134,17 @@ def run_speed(
 
     With `interleave`, every method's model is built first and the timed steps go round-robin
     (one step of each method per round), so a machine whose speed drifts during the run slows
-    every method alike; costs every method's weights and optimizer state held at once."""
+    every method alike; costs every method's weights and optimizer state held at once.
+
+    With `setup.compile`, at least `COMPILE_WARMUP` warm-up steps run (the compiles), and each row
+    adds the kernels one compiled step runs (see `count_compiled_kernels`)."""
+    if setup.compile is not None:
+        warmup = max(warmup, COMPILE_WARMUP)
 
     def extras(trial: Trial) -> dict:
         row = {"peak_bytes": measure_step_memory(trial)["peak_bytes"]} if peak else {}
+        if trial.compiled is not None:
+            row.update(count_compiled_kernels(trial))
         return {**row, **(profile_components(trial) if profile else {})}
 
     if interleave:

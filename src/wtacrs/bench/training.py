@@ -31,6 +31,7 @@ class Trial:
     inputs: dict[str, Tensor]
     example_ids: Tensor
     host_mask: Tensor  # the batch's attention mask on the host, as a data loader hands it over
+    compiled: str | None = None  # the torch.compile backend the model's forward runs under, if any
 
     @property
     def device(self) -> torch.device:
@@ -89,10 +90,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_trial(size: str, method: str | Recipe, batch: int, seq: int, *,
-               device="cpu", dtype=torch.float32, seed=0, lora: LoraSettings = LoraSettings()) -> Trial:
+def make_trial(size: str, method: str | Recipe, batch: int, seq: int, *, device="cpu", dtype=torch.float32,
+               seed=0, lora: LoraSettings = LoraSettings(), compile: str | None = None) -> Trial:
     """Build `size` with random weights (seed), apply `method` (`lora`: the adapters of its LoRA
-    recipes), allocate AdamW state, make a (batch, seq) batch."""
+    recipes), allocate AdamW state, make a (batch, seq) batch; with `compile` (a backend name), the
+    prepared model is `torch.compile(model, backend=compile)`, the usual idiom (its first
+    `COMPILE_WARMUP` steps compile)."""
     method = parse_recipe(method) if isinstance(method, str) else method
     model = build_model(size, seed, device).to(dtype=dtype)
     task_type = "SEQ_2_SEQ_LM" if is_seq2seq(model) else "CAUSAL_LM" if is_causal_lm(model) else "SEQ_CLS"
@@ -102,7 +105,35 @@ def make_trial(size: str, method: str | Recipe, batch: int, seq: int, *,
     optimizer = optimizer_class(trainable, lr=LEARNING_RATE)
     _allocate_optimizer_state(optimizer)
     inputs = make_batch(model, batch, seq, seed, device)
-    return Trial(method, model, optimizer, inputs, torch.arange(batch), inputs["attention_mask"].cpu())
+    if compile is not None:
+        if compile == "inductor" and torch.device(device).type == "cpu":
+            # Each generated C++ kernel then records a profiler event: what `count_compiled_kernels` counts.
+            torch._inductor.config.cpp.enable_kernel_profile = True
+        model = torch.compile(model, backend=compile)
+    return Trial(method, model, optimizer, inputs, torch.arange(batch), inputs["attention_mask"].cpu(), compile)
+
+
+# A compiled trial's first step learns which layers share a draw, its second compiles the graphs
+# every later step reuses (docs/compile.md): warm-up steps before timing one.
+COMPILE_WARMUP = 2
+
+
+def count_compiled_kernels(trial: Trial) -> dict[str, int]:
+    """Kernels inductor generated that one warm step of a compiled trial runs (its profiler
+    events: C++ kernels on the CPU, `triton_` kernels on CUDA), and the ATen operators the step
+    calls outside them (matmuls and the like that inductor leaves to ATen, the optimizer, the
+    host work), as the profiler's top-level `aten::` events count them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trial.device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        trial.step()
+    events = profiler.events()
+    generated = sum(("cpp_fused" in e.name or e.name.startswith("triton_")) and e.device_type.name != "CUDA"
+                    for e in events)
+    aten = sum(e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+               for e in events)
+    return {"generated_kernels": generated, "aten_ops": aten}
 
 
 def _allocate_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

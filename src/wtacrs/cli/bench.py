@@ -23,6 +23,7 @@ import torch
 from wtacrs.bench.models import MODEL_SIZES, build_model, make_batch
 from wtacrs.bench.output import GB, markdown_report, markdown_table, run_metadata, write_json, write_text
 from wtacrs.bench.plots import plot_memory, plot_memory_time_plane, plot_throughput_vs_batch, plot_variance
+from wtacrs.bench.training import COMPILE_WARMUP
 from wtacrs.bench.suite import DEFAULT_METHODS, Setup, add_ratio_to_full, run_batch, run_calls, run_memory, run_speed
 from wtacrs.bench.variance import DEFAULT_RATIOS, UNBIASED, capture_linear_io, run_variance, summarize
 from wtacrs.recipes import LoraSettings, RecipeError, parse_recipe
@@ -101,6 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     speed.add_argument("--profile", action="store_true", help="one more step under cProfile: time per component")
     speed.add_argument("--interleave", action="store_true",
                        help="build every method's model first and time the steps round-robin (drift hits all alike)")
+    speed.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                       help="torch.compile every method's model (default backend inductor); at least "
+                            f"{COMPILE_WARMUP} warm-up steps, and the kernels a compiled step runs are counted")
     calls = sub.add_parser("calls", parents=[_common(8)],
                            help="ATen calls and device-to-host syncs of one training step")
     _with_methods(calls)
@@ -143,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _setup(args: argparse.Namespace, device: torch.device) -> Setup:
-    return Setup(args.model, args.batch, args.seq, tuple(args.methods), device, DTYPES[args.dtype], args.seed)
+    return Setup(args.model, args.batch, args.seq, tuple(args.methods), device, DTYPES[args.dtype], args.seed,
+                 compile=getattr(args, "compile", None))
 
 
 def _meta(args: argparse.Namespace, device: torch.device, **extra) -> dict:
@@ -171,6 +176,7 @@ MEMORY_COLUMNS = [("method", "method", ""), ("saved_gb", "saved for backward (GB
 SPEED_COLUMNS = [("method", "method", ""), ("step_s", "median step (s)", ".3f"), ("samples_per_s", "samples/s", ".1f"),
                  ("time_vs_full", "time ×full", ".3f"), ("peak_gb", "peak (GB)", ".3f"),
                  ("peak_reduction", "peak ×less", ".2f"), ("error", "error", "")]
+COMPILED_COLUMNS = [("generated_kernels", "generated kernels / step", ""), ("aten_ops", "ATen ops / step", "")]
 
 
 def _run_memory(args: argparse.Namespace, device: torch.device) -> int:
@@ -202,7 +208,8 @@ def _report_memory(out: Path, meta: dict, rows: list[dict]) -> None:
 
 
 def _run_speed(args: argparse.Namespace, device: torch.device) -> int:
-    meta = _meta(args, device, warmup=args.warmup, steps=args.steps, interleave=args.interleave)
+    warmup = args.warmup if args.compile is None else max(args.warmup, COMPILE_WARMUP)
+    meta = _meta(args, device, warmup=warmup, steps=args.steps, interleave=args.interleave, compile=args.compile)
     rows = run_speed(_setup(args, device), args.warmup, args.steps, args.peak, args.profile,
                      on_row=lambda rows: _report_speed(args.out, meta, _copies(rows)), interleave=args.interleave)
     if args.profile:
@@ -217,13 +224,19 @@ def _report_speed(out: Path, meta: dict, rows: list[dict]) -> None:
              else "methods run one after another")
     notes = [f"Median of {meta['steps']} timed steps after {meta['warmup']} warm-up step(s), {order}, in one process. "
              "Peak: one more step, measured as in `wtacrs bench memory`."]
+    columns = SPEED_COLUMNS
+    if meta.get("compile"):
+        notes.append(f"Every model `torch.compile(model, backend={meta['compile']!r})`, stepped inside "
+                     "`wtacrs.batch`; the optimizer step runs eagerly. Kernels: one more step under the profiler, "
+                     "the kernels the backend generated and the top-level ATen operators run outside them.")
+        columns = [*SPEED_COLUMNS[:-1], *COMPILED_COLUMNS, SPEED_COLUMNS[-1]]
     title = f"Step time per method: {meta['model']}, batch {meta['batch']}, seq {meta['seq']}"
-    _write(out, "speed", title, meta, _gb(rows, "peak_bytes"), SPEED_COLUMNS, notes)
+    _write(out, "speed", title, meta, _gb(rows, "peak_bytes"), columns, notes)
     plot_memory_time_plane(_gb(rows, "peak_bytes"), out / "memory_time_plane.png")
 
 
 REPORTS = {"memory": _report_memory, "speed": _report_speed}
-SAME_SETUP = ("model", "batch", "seq", "device", "dtype", "seed", "torch")
+SAME_SETUP = ("model", "batch", "seq", "device", "dtype", "seed", "torch", "compile")
 
 
 def _run_merge(args: argparse.Namespace, device: torch.device) -> int:

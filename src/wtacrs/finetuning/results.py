@@ -43,7 +43,7 @@ def finished_record(run: RunSpec, *, scores: dict, training: dict, measured: dic
             run's "not_measured" and "resumed_at_step").
         measured: {"saved_activation_bytes", "live_peak_bytes", "train_examples",
             "train_samples_per_second", "model_family", "model_kind", "companion_effects",
-            "sampled_lr_scales", "sampled_lr_factor"}.
+            "sampled_lr_scales", "sampled_lr_factor", "sampled_lr_seconds"}.
     """
     s = run.settings
     return {

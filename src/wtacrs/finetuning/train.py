@@ -275,7 +275,9 @@ def collect_results(run: RunSpec, trainer, training: dict, eval_examples: dict[s
                   "model_family": config.model_type, "model_kind": model_kind(config),
                   "companion_effects": {option: effect.status for option, effect in effects.items()},
                   "sampled_lr_scales": _spread(measured_lr["scales"]) if measured_lr else None,
-                  "sampled_lr_factor": measured_lr["factor"] if measured_lr else None},
+                  "sampled_lr_factor": measured_lr["factor"] if measured_lr else None,
+                  # wall seconds of the measurement before training (None where a resumed run read it back)
+                  "sampled_lr_seconds": measured_lr.get("seconds") if measured_lr else None},
     )
 
 
@@ -301,8 +303,9 @@ def best_epoch_metrics(trainer, eval_splits) -> tuple[float, dict[str, dict[str,
 
 
 def sampled_lr_scales(trainer, run: RunSpec, checkpoint: str | None) -> dict:
-    """{"first_visit_variance", "scales", "factor"} (`wtacrs.learning_rate`: per sampled layer v
-    and √(1 + v), and √(1 + median v)), measured on the probe batch before training and written
+    """{"first_visit_variance", "scales", "factor", "seconds"} (`wtacrs.learning_rate`: per sampled
+    layer v and √(1 + v), and √(1 + median v); the measurement's wall seconds), measured on the
+    probe batch before training and written
     to <run>/lr_scales.json; a run resumed from `checkpoint` reads them back, so it trains at the
     rates it started with (with --force, a missing or unreadable file is measured again)."""
     import torch
@@ -320,6 +323,7 @@ def sampled_lr_scales(trainer, run: RunSpec, checkpoint: str | None) -> dict:
                   file=sys.stderr)
     from tqdm.auto import tqdm
 
+    start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         inputs, _, _ = probe_inputs(trainer)
         with tqdm(desc="measuring the sampled layers' gradient noise", unit="pass", file=sys.stderr,
@@ -329,7 +333,8 @@ def sampled_lr_scales(trainer, run: RunSpec, checkpoint: str | None) -> dict:
                 bar.update(done - bar.n)
 
             variances = first_visit_variances(trainer.model, inputs, progress=progress)
-    measured = {"first_visit_variance": variances, "scales": lr_scales(variances), "factor": global_scale(variances)}
+    measured = {"first_visit_variance": variances, "scales": lr_scales(variances), "factor": global_scale(variances),
+                "seconds": time.perf_counter() - start}
     if trainer.is_world_process_zero():
         write_json_atomic(path, measured)
     return measured
