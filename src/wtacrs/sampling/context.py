@@ -6,15 +6,23 @@ import contextvars
 import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from wtacrs.cache.first_visit import FirstVisitKeys
-    from wtacrs.sampling.state import SamplingState
+from wtacrs.cache.first_visit import FirstVisitKeys
 
 _current: contextvars.ContextVar["BatchContext | None"] = contextvars.ContextVar("wtacrs_batch", default=None)
+
+
+class StepParticipant(Protocol):
+    """A sampled model's state as a block drives it (`wtacrs.sampling.state.SamplingState`)."""
+
+    def commit(self) -> None:
+        """Keep what the block's backward recorded (its output-gradient norms)."""
+
+    def end_step(self) -> None:
+        """Close the block's step, whether it finished or raised."""
 
 
 @dataclass
@@ -31,8 +39,8 @@ class BatchContext:
 
     example_ids: Tensor
     attention_mask: Tensor | None
-    first_visit: "FirstVisitKeys | None" = None
-    states: list["SamplingState"] = dataclasses.field(default_factory=list)
+    first_visit: FirstVisitKeys | None = None
+    states: list[StepParticipant] = dataclasses.field(default_factory=list)
 
 
 def current_batch() -> BatchContext | None:
