@@ -390,8 +390,9 @@ def library_multipliers(model, priors: list[dict], measured: dict, anchored: boo
             model(**inputs).loss.backward()
         model.zero_grad(set_to_none=True)
     with block(measured, torch.arange(len(measured["input_ids"]))):
-        rows = state.rows.of("main")
-        table = state._multipliers(rows, torch.device("cpu"))  # built at the block's enter, as a step reads it
+        frame = state._frames[-1]  # planned at the block's enter, as a step reads it
+        table = torch.stack(frame.reader.multipliers(frame.rows.of("main"), True, state.cache, state.draws.members,
+                                                     state.num_layers, torch.device("cpu")))
     leaders = state.draws.leaders(state.num_layers)
     return state.layer_names, table[leaders]
 
