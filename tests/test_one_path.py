@@ -230,3 +230,39 @@ def test_batch_refuses_tensors_on_a_device_rather_than_waiting_for_them():
     with pytest.raises(ValueError, match="example id.s. 7 appear more than once"):
         with wtacrs.batch(torch.tensor([7, 7]), mask):
             pass
+
+
+def _saved_bytes(model: torch.nn.Module, batch: dict) -> int:
+    from wtacrs.memory import SavedTensorBytes
+
+    with wtacrs.batch(torch.arange(len(batch["input_ids"])), batch["attention_mask"]):
+        model(**batch).loss.backward()  # a step first: which layers share an input, where each draws
+        with SavedTensorBytes(exclude=model.parameters()) as saved:
+            loss = model(**batch).loss
+        loss.backward()
+    return saved.total
+
+
+@pytest.mark.parametrize("recipe", ["sampler", "lora+sampler", "recommended"])
+def test_summarys_predicted_saving_is_the_measured_one(recipe):
+    """The bytes `summary` says the sampled layers' inputs save, against the bytes autograd keeps
+    for backward with the same model and companions unsampled (ratio 1), within 10%."""
+    from peft import LoraConfig, get_peft_model
+
+    batch = {**BERT.batch(), "attention_mask": torch.ones_like(BERT.batch()["attention_mask"])}
+    tokens = batch["input_ids"].numel()
+
+    def sampled(ratio: float) -> torch.nn.Module:
+        model = _no_dropout(BERT.model())
+        if recipe.startswith("lora"):
+            model = get_peft_model(model, LoraConfig(r=4, target_modules=["query", "value", "dense"]))
+        config = wtacrs.WTACRSConfig(ratio=ratio) if recipe == "recommended" else \
+            wtacrs.WTACRSConfig.preset("sampler", ratio=ratio)
+        return wtacrs.apply(model, config)
+
+    model = sampled(0.3)
+    measured = _saved_bytes(sampled(1.0), batch) - _saved_bytes(model, batch)
+    unsampled, kept = wtacrs.modeling.saved_input_bytes_per_token(model)
+    predicted = tokens * (unsampled - kept)
+    assert measured > 0 and predicted == pytest.approx(measured, rel=0.1)
+    assert f"{unsampled - kept:.0f} saved" in wtacrs.summary(model)

@@ -309,6 +309,33 @@ def inputs_kept_for_backward() -> Iterator[None]:
         _INPUTS_KEPT[0] -= 1
 
 
+# autograd nodes of ops whose output is a view of their input: x's producer may sit behind them
+_VIEW_NODES = ("View", "UnsafeView", "Transpose", "Permute", "Reshape", "AsStrided", "Expand", "Select", "Slice",
+               "Squeeze", "Unsqueeze", "Alias", "TBackward")
+
+
+def kept_by_its_producer(x: Tensor) -> bool:
+    """Whether the op that made x (through any views of its output) keeps that output for its own
+    backward, as SDPA and softmax do: an unsampled layer reading x then stores no bytes of its own
+    for it. Reads the saved tensors autograd exposes on the graph's nodes (eager only: False
+    inside torch.compile)."""
+    node = None if torch.compiler.is_compiling() else x.grad_fn
+    address = x.untyped_storage().data_ptr()
+    while node is not None:
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                try:
+                    saved = getattr(node, name)
+                except RuntimeError:  # freed by a backward that already ran through this node
+                    continue
+                if isinstance(saved, Tensor) and saved.untyped_storage().data_ptr() == address:
+                    return True
+        if not type(node).__name__.startswith(_VIEW_NODES) or not node.next_functions:
+            return False
+        node = node.next_functions[0][0]
+    return False
+
+
 def inputs_kept() -> bool:
     """Whether this forward runs inside `inputs_kept_for_backward`."""
     return _INPUTS_KEPT[0] > 0

@@ -407,14 +407,19 @@ def _runs_sampled_attention(model: nn.Module) -> bool:
 
 
 def summary(model: nn.Module) -> str:
-    """Which layers are sampled, at what ratio, expected saved activation bytes per token, whether
+    """Which layers are sampled, at what ratio, the bytes their inputs keep for backward, whether
     the attention matmuls are sampled, and which companions took effect.
 
     Only layers whose weight is trained count (a frozen base layer under LoRA stores no input
-    either way). "Before" counts each sampled layer's input once (as plain layers store it); "after" counts
-    ratio × input plus 12 bytes (int64 index + float32 weight) per kept row, with layers known
-    to share an input (from the last training step) counted once. Companions are reported as
-    `companion_effects` finds them (run a training step first to see which acted).
+    either way). The bytes are predicted per token from where each layer drew in the last training
+    step (`SamplingState.stored`): against the same model and companions unsampled, whose layers
+    keep their inputs whole (once per input tensor, and nothing for an input the op making it keeps
+    anyway, as SDPA keeps its output), a layer drawing in forward keeps ratio × (its input + 12
+    bytes of index and weight) per row, once per shared draw; one drawing in backward from
+    recomputed rows keeps 4 bytes (the row norm); one inside a checkpointed region keeps nothing
+    either way. Before any training step every layer is counted as drawing in forward.
+    Companions are reported as `companion_effects` finds them (run a training step first to see
+    which acted); their own savings are not in the count.
     """
     state = sampling_state(model)
     layers = [(name, m) for name, m in sampled_modules(model) if m.weight.requires_grad]
@@ -432,24 +437,51 @@ def summary(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
-def _layer_lines(state: SamplingState, layers: list[tuple[str, nn.Module]]) -> list[str]:
-    """One line per sampled layer, then the saved input bytes per token before and after."""
+def saved_input_bytes_per_token(model: nn.Module) -> tuple[float, float]:
+    """(unsampled, sampled): bytes per token the trained sampled layers' inputs keep for backward,
+    predicted as `summary` explains."""
+    state = sampling_state(model)
+    layers = [m for _, m in sampled_modules(model) if m.weight.requires_grad]
+    return _saved_input_bytes(state, layers)
+
+
+def _saved_input_bytes(state: SamplingState, layers: list[nn.Module]) -> tuple[float, float]:
     leader_of = state.draw_leaders()
-    lines = []
-    before = after = 0.0
-    drawn = set()
-    for name, module in layers:
+    unsampled = sampled = 0.0
+    counted = set()  # draw groups (layers known to read one input tensor) already counted
+    for module in layers:
+        slot = module.wtacrs_slot
+        stored = state.stored.get(slot, "rows")
+        group = leader_of.get(slot, slot)
+        if stored == "nothing" or group in counted:
+            continue
+        counted.add(group)
         width = module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
         nbytes = width * module.weight.element_size()
+        unsampled += 0 if state.input_kept_anyway.get(slot, False) else nbytes
+        sampled += state.config.ratio * (nbytes + 12) if stored == "rows" else 4
+    return unsampled, sampled
+
+
+def _layer_lines(state: SamplingState, layers: list[tuple[str, nn.Module]]) -> list[str]:
+    """One line per sampled layer, then the bytes per token their inputs keep, unsampled and sampled."""
+    leader_of = state.draw_leaders()
+    lines = []
+    for name, module in layers:
+        width = module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
         slot = module.wtacrs_slot
         leader = leader_of.get(slot, slot)
-        shares = leader != slot
-        before += nbytes
-        if not (shares and leader in drawn):
-            after += state.config.ratio * (nbytes + 12)
-            drawn.add(leader)
-        lines.append(f"  {name:<60} in={width:<6} {'shares input of layer ' + str(leader) if shares else ''}")
-    lines.append(f"sampled layers' saved input bytes per token: {before:.0f} before, {after:.0f} after "
-                 f"({before / max(after, 1):.1f}x less; the step's other activations are unchanged: "
-                 "`wtacrs bench memory` measures its peak)")
+        where = {"rows": "draws in forward", "norms": "draws in backward",
+                 "nothing": "draws in backward (checkpointed region)"}.get(state.stored.get(slot), "")
+        shares = f", shares input of layer {leader}" if leader != slot else ""
+        lines.append(f"  {name:<60} in={width:<6} {where}{shares}")
+    unsampled, sampled = _saved_input_bytes(state, [m for _, m in layers])
+    regions = sum(state.stored.get(m.wtacrs_slot) == "nothing" for _, m in layers)
+    lines.append(f"sampled layers' inputs kept for backward, bytes per token: {unsampled:.0f} unsampled, "
+                 f"{sampled:.0f} sampled ({unsampled - sampled:.0f} saved"
+                 + (f"; {regions} layers in checkpointed regions keep none either way" if regions else "")
+                 + "). The companions' savings are not counted: `wtacrs bench memory` measures a step's peak, "
+                 "`wtacrs plan` predicts it")
+    if not state.stored:
+        lines.append("(before any training step: every layer counted as drawing in forward)")
     return lines

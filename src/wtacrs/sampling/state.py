@@ -29,7 +29,7 @@ import logging
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ from wtacrs import counter_rng
 from wtacrs.cache import GradNormCache
 from wtacrs.config import WTACRSConfig
 from wtacrs.estimators import uniforms_needed
-from wtacrs.functional import BackwardDraw, RowSample, draw_rows
+from wtacrs.functional import BackwardDraw, RowSample, draw_rows, inputs_kept, kept_by_its_producer
 from wtacrs.sampling.context import BatchContext, current_batch
 from wtacrs.sampling.draws import DrawRegistry, StepUniforms, draw_budget, samples_inside_mask
 from wtacrs.sampling.fold import Exchange, NormFolder
@@ -51,6 +51,14 @@ from wtacrs.sampling.transport import to_device
 logger = logging.getLogger(__name__)
 
 _LIVE_STATES: "weakref.WeakSet[SamplingState]" = weakref.WeakSet()  # every applied model's state
+
+
+# What a sampled layer's call keeps for its weight gradient beyond what the same layer unsampled
+# would: "rows", its drawn rows (k · (in_features + 12 bytes of index and weight), shared by the
+# layers reading the same input); "norms", x's row norms (4 bytes a row: a backward draw whose
+# rows are recomputed); "nothing", inside a checkpointed region, which keeps its inputs, not the
+# layers' (sampled or not).
+StoredInput = Literal["rows", "norms", "nothing"]
 
 
 class MaskMismatchError(ValueError):
@@ -108,6 +116,10 @@ class SamplingState:
         # with the true ‖dY‖, so its norms are recorded for the padding check, not for the cache.
         self.drawn_in_forward: set[int] = set()
         self.drawn_in_backward: set[int] = set()
+        # What each slot's last training call kept for its weight gradient (`StoredInput`), and
+        # the slots whose input the op making it keeps anyway (`functional.kept_by_its_producer`).
+        self.stored: dict[int, StoredInput] = {}
+        self.input_kept_anyway: dict[int, bool] = {}
         # Data parallel (set by wtacrs.integrations.distributed): each rank draws its own rows,
         # and `sync` exchanges the step's cache records so every rank's cache holds all of them.
         self.rank = 0
@@ -355,6 +367,7 @@ class SamplingState:
         frame = self._frame()
         rows = frame.rows.rows_for(stream, x)
         self.drawn_in_forward.add(slot)
+        self._record_storage(slot, x, "nothing" if inputs_kept() else "rows")
         sample = frame.draws.reuse(slot, x)
         if sample is None:
             sample = self._draw(frame, slot, x, rows)
@@ -369,9 +382,18 @@ class SamplingState:
         frame = self._frame()
         rows = frame.rows.rows_for(stream, x)
         self.drawn_in_backward.add(slot)
+        self._record_storage(slot, x, "nothing" if inputs_kept() else "norms")
         k, covers_live, u = self._budget_and_uniforms(frame, slot, x, rows)
         mask = rows.mask.reshape(-1) if samples_inside_mask(self.config, rows) else None  # a view: no copy per layer
         return BackwardDraw(k, self.config.estimator, mask, u, covers_live), self._norm_sink(frame, slot, rows, x.device)
+
+    def _record_storage(self, slot: int, x: Tensor, stored: StoredInput) -> None:
+        """For `wtacrs.summary`: what the call keeps; whether x's producer keeps x (read once: the
+        graph's shape does not change between steps)."""
+        self.stored[slot] = stored
+        # (inside a checkpointed region the graph's saved tensors are the checkpoint's: not read)
+        if stored != "nothing" and slot not in self.input_kept_anyway and not torch.compiler.is_compiling():
+            self.input_kept_anyway[slot] = kept_by_its_producer(x)
 
     def _frame(self) -> Frame:
         if self.frame is None:
