@@ -146,3 +146,42 @@ def test_finetune_plan_refuses_a_run_that_will_not_fit(tmp_path, capsys):
                  "--no-progress"])
     assert code == 2 and not out.exists()  # refused before any run folder or training
     assert "PREDICTIONS for all-minilm-l6-v2" in capsys.readouterr().out
+
+
+def test_finetune_plan_refuses_autocast_runs(tmp_path, capsys):
+    """--bf16's autocast is not traced: refused with a message, not planned as fp32."""
+    out = tmp_path / "runs"
+    code = main(["finetune", "--plan", "--bf16", "--method", "lora", "--output-dir", str(out), "--no-progress"])
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "cannot plan a --bf16 run" in err and "autocast" in err
+
+
+@pytest.mark.parametrize("recipe", ["full", "lora+checkpointing"])
+def test_allocation_streams_of_two_batches_give_a_third_batchs_peak(recipe):
+    """Traces at batches 2 and 3 make the same storages in the same order: replayed at batch 9 with
+    each storage's bytes on its line, the stream's peak is the traced peak at 9, to the byte."""
+    from wtacrs.planning.tracer import peak_at_batch
+
+    two, three, nine = (trace_step(model_spec("llama-tiny"), parse_recipe(recipe), b, 32, kernels=False)
+                        for b in (2, 3, 9))
+    assert two.stream.aligned(three.stream) and two.stream.aligned(nine.stream)
+    assert peak_at_batch(two.stream, three.stream, 2) == two.peak_bytes
+    assert peak_at_batch(two.stream, three.stream, 9) == nine.peak_bytes
+
+
+def test_batch_search_traces_few_batches_and_brackets_the_answer():
+    from wtacrs.planning.plan import BatchSearch
+
+    spec, recipe = model_spec("llama-tiny"), parse_recipe("lora")
+    traced = []
+
+    def trace_at(batch):
+        traced.append(batch)
+        return trace_step(spec, recipe, batch, 32, kernels=False)
+
+    budget = trace_step(spec, recipe, 37, 32, kernels=False).peak_bytes  # batch 37 just fits
+    search = BatchSearch(trace_at, 0, budget, multiple=1, max_batch=4096)
+    assert search.run(1) == 37
+    assert len(traced) <= 4
+    assert 37 in traced and (38 in traced or any("38 not traced" in n for n in search.notes))

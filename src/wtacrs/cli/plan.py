@@ -124,13 +124,22 @@ def plan_finetune(settings, gpu_name: str, budget_gb: float | None) -> int:
     `wtacrs.finetuning.spec.Settings`) are about to start, its task's model built from the
     model's config, at batch --batch-size and length --max-length (dynamic padding makes most
     batches shorter: an upper bound). 2 if a recipe's predicted peak exceeds the budget, else 0.
-    Not modelled: --bf16/--fp16 autocast (planned as fp32) and the Trainer's optimizer choice."""
+    Runs with --bf16 or --fp16 are refused (2): their autocast (fp32 weights, matmuls in half
+    precision, CUDA's own cast lists) is not traced, and planning them as fp32 would print a
+    wrong plan. Not modelled: the Trainer's optimizer choice."""
     import transformers
 
     from wtacrs import packaged
     from wtacrs.planning.models import ModelSpec
     from wtacrs.tasks import get_task
 
+    if settings.bf16 or settings.fp16:
+        flag = "--bf16" if settings.bf16 else "--fp16"
+        print(f"wtacrs finetune --plan: error: cannot plan a {flag} run: its autocast (fp32 weights, matmuls in "
+              f"{flag[2:]} under torch.autocast) is not traced, and an fp32 plan would be wrong; plan it without "
+              f"{flag}, or with `wtacrs plan --dtype {'bfloat16' if settings.bf16 else 'float16'}` "
+              f"(uniform half-precision weights and states)", file=sys.stderr)
+        return 2
     task = get_task(settings.task)
     try:
         config = (packaged.load_config(settings.model) if packaged.is_packaged(settings.model)

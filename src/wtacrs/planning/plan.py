@@ -12,13 +12,14 @@ import torch
 from wtacrs.bench.output import GB
 from wtacrs.planning.gpus import GPU, gpu, step_seconds
 from wtacrs.planning.models import ModelSpec, model_spec
-from wtacrs.planning.tracer import CUBLAS_WORKSPACES, StepTrace, cublas_workspace_bytes, trace_step
+from wtacrs.planning.tracer import CUBLAS_WORKSPACES, StepTrace, cublas_workspace_bytes, peak_at_batch, trace_step
 from wtacrs.recipes import parse_recipe
 
 # The recipe the project recommends for memory (LoRA with the sampled, recomputed blocks).
 RECOMMENDED = "lora+wtacrs@0.3+companions+recompute+recompute-attention"
 DEFAULT_METHODS = ("full", "checkpointing", "lora", "lora+checkpointing", RECOMMENDED)
 HOPPER = (9, 0)
+MiB = 2**20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,15 +70,13 @@ def plan(model_or_config, methods: list[str] | tuple[str, ...] = DEFAULT_METHODS
     budget = device.memory_bytes if budget_bytes is None else budget_bytes
     measured = []
     for recipe in recipes:
-        traced: dict[int, tuple[int, float, tuple[str, ...]]] = {}
-
-        def at(b: int, recipe=recipe, traced=traced) -> tuple[int, float, tuple[str, ...]]:
-            if b not in traced:
-                traced[b] = predict(spec, recipe.spec, b, seq, DTYPES[dtype], device)
-            return traced[b]
-
-        peak, seconds, notes = at(batch)
-        largest = largest_batch(lambda b: at(b)[0], budget, multiple, max_batch) if search_batch else None
+        peak, seconds, notes = predict(spec, recipe.spec, batch, seq, DTYPES[dtype], device)
+        largest = None
+        if search_batch:
+            search = BatchSearch(lambda b, recipe=recipe: _trace(spec, recipe.spec, b, seq, DTYPES[dtype], False),
+                                 _workspace_difference(device), budget, multiple, max_batch)
+            largest = search.run(batch)
+            notes = (*notes, *search.notes)
         measured.append((recipe.spec, peak, seconds, largest, notes))
     by_spec = {spec_: seconds for spec_, _, seconds, _, _ in measured}
     return [PlanRow(spec.name, recipe, device.name, batch, seq, dtype, peak, budget, peak <= budget, seconds,
@@ -90,45 +89,153 @@ _TRACES: dict[tuple, StepTrace] = {}  # recent traces (Hopper's workspace), shar
 _KEPT_TRACES = 64
 
 
+def _trace(spec: ModelSpec, recipe: str, batch: int, seq: int, dtype: torch.dtype, kernels: bool) -> StepTrace:
+    """A step's trace on CUDA with Hopper's cuBLAS workspace, from the recent ones if there (one
+    traced with its kernels serves a request without)."""
+    key = (spec.name, recipe, batch, seq, dtype)
+    trace = _TRACES.get(key)
+    if trace is None or (kernels and not trace.kernels):
+        if len(_TRACES) >= _KEPT_TRACES:
+            del _TRACES[next(iter(_TRACES))]
+        _TRACES[key] = trace = trace_step(spec, parse_recipe(recipe), batch, seq, dtype=dtype, target="cuda",
+                                          compute_capability=HOPPER, kernels=kernels)
+    return trace
+
+
+def _workspace_difference(device: GPU) -> int:
+    """A trace depends on the GPU only through cuBLAS's workspace: its bytes on `device` less Hopper's."""
+    return CUBLAS_WORKSPACES * (cublas_workspace_bytes(device.compute_capability) - cublas_workspace_bytes(HOPPER))
+
+
 def predict(spec: ModelSpec, recipe: str, batch: int, seq: int, dtype: torch.dtype,
             device: GPU) -> tuple[int, float, tuple[str, ...]]:
     """(predicted peak bytes, predicted step seconds, the trace's notes) of one step on `device`.
     A trace depends on the GPU only through cuBLAS's workspace, so one is reused across GPUs."""
-    key = (spec.name, recipe, batch, seq, dtype)
-    if key not in _TRACES:
-        if len(_TRACES) >= _KEPT_TRACES:
-            del _TRACES[next(iter(_TRACES))]
-        _TRACES[key] = trace_step(spec, parse_recipe(recipe), batch, seq, dtype=dtype, target="cuda",
-                                  compute_capability=HOPPER)
-    trace = _TRACES[key]
-    workspaces = CUBLAS_WORKSPACES * (cublas_workspace_bytes(device.compute_capability)
-                                      - cublas_workspace_bytes(HOPPER))
-    return trace.peak_bytes + workspaces, step_seconds(trace.kernels, device, dtype), tuple(trace.notes)
+    trace = _trace(spec, recipe, batch, seq, dtype, True)
+    return trace.peak_bytes + _workspace_difference(device), step_seconds(trace.kernels, device, dtype), tuple(trace.notes)
+
+
+class BatchSearch:
+    """The largest multiple of `multiple` (<= max_batch) whose traced step fits `budget`, in few
+    traces. The peak is taken to grow with the batch (a fit below a fit, a misfit above a
+    misfit). Each round traces one batch strictly inside the bracket of the largest traced fit
+    and the smallest traced misfit, chosen by the best prediction at hand:
+
+    - two traces at batches of 2 or more whose allocation streams align (`Stream.aligned`: the
+      same calls' storages, allocated and freed in the same order) give the peak at any batch
+      (`peak_at_batch`, each storage's bytes on its line): the largest batch it predicts to fit
+      is traced next. Once the largest traced fit is the one they predict, and they predict the
+      peaks of the other traced batches within 1 MiB (exact but for WTA-CRS's rounded row counts
+      and batch 1's views) and put the next multiple over the budget by more than 1 MiB and 100
+      times that miss, the next multiple is taken not to fit, untraced, and the row's notes say so;
+    - else the line through the two latest traced peaks, or after one trace the line through
+      it and what lived before the step (weights, AdamW state), or the bracket's midpoint after
+      an overshoot.
+
+    Batch 1 is no point for a stream: a size-1 dimension makes some copies views. A search
+    costs two to four traces on the 8B configs (docs/plan.md)."""
+
+    def __init__(self, trace_at, extra_bytes: int, budget: float, multiple: int = 8, max_batch: int = 4096):
+        self.trace_at, self.extra, self.budget, self.multiple, self.max_batch = (
+            trace_at, extra_bytes, budget, multiple, max_batch)
+        self.traced: dict[int, StepTrace] = {}
+        self.notes: list[str] = []
+
+    def peak(self, batch: int) -> int:
+        if batch not in self.traced:
+            self.traced[batch] = self.trace_at(batch)
+        return self.traced[batch].peak_bytes + self.extra
+
+    def run(self, start: int) -> int:
+        m = self.multiple
+        lo, hi = 0, self.max_batch // m * m + m  # largest multiple known to fit, smallest known not to
+        batch, overshot, untraced_misfit = start, False, None
+        while True:
+            fits = self.peak(batch) <= self.budget
+            if fits:
+                lo = max(lo, batch // m * m)
+            else:
+                hi = min(hi, -(-batch // m) * m)
+                overshot = batch != start
+            if hi - lo <= m:
+                break
+            predicted = self._stream_guess(lo, hi)
+            if predicted is not None:
+                guess, pair = predicted
+                if guess == lo and lo in self.traced and (check := self._checked(pair, lo + m)) is not None:
+                    untraced_misfit, margin = lo + m, check  # lo traced to fit, lo + m predicted not to
+                    break
+                guess = guess if guess > lo else lo + m
+            else:
+                guess = self._line_guess(lo, hi, overshot)
+            batch = min(max(guess, lo + m), hi - m)
+        if untraced_misfit is not None and untraced_misfit <= self.max_batch:
+            self.notes.append(f"largest batch {lo}: traced to fit; {untraced_misfit} not traced, put "
+                              f"{margin[1] / MiB:,.0f} MiB over the budget by two traced batches' allocation streams, "
+                              f"which miss the other traced batches' peaks by {margin[0]:,} B at most")
+        return lo
+
+    def _checked(self, pair, misfit: int):
+        """(the streams' largest miss at the other traced batches, bytes by which they put `misfit`
+        over the budget) if the miss is within 1 MiB and the excess above 1 MiB and 100 times it."""
+        others = [b for b in self.traced if b not in (pair[0].batch, pair[1].batch)]
+        if not others:
+            return None
+        miss = max(abs(self._stream_peak(pair, b) + self.extra - self.peak(b)) for b in others)
+        over = self._stream_peak(pair, misfit) + self.extra - self.budget
+        return (miss, over) if miss <= MiB and over > max(100 * miss, MiB) else None
+
+    def _aligned_pair(self):
+        streams = sorted((b, t.stream) for b, t in self.traced.items() if b >= 2 and t.stream is not None)
+        for i in range(len(streams) - 1, 0, -1):
+            for j in range(i - 1, -1, -1):
+                if streams[i][1].aligned(streams[j][1]):
+                    return streams[j][1], streams[i][1]
+        return None
+
+    def _stream_peak(self, pair, batch: int) -> int:
+        return peak_at_batch(pair[0], pair[1], batch)
+
+    def _stream_guess(self, lo: int, hi: int):
+        """(the largest multiple in [lo, hi) predicted to fit, the pair of batches predicting it)."""
+        pair = self._aligned_pair()
+        if pair is None:
+            return None
+        good, bad = lo // self.multiple, hi // self.multiple  # in multiples; good fits, bad does not
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            if self._stream_peak(pair, mid * self.multiple) + self.extra <= self.budget:
+                good = mid
+            else:
+                bad = mid
+        return good * self.multiple, pair
+
+    def _line_guess(self, lo: int, hi: int, overshot: bool) -> int:
+        m = self.multiple
+        if overshot and hi <= self.max_batch:
+            return (lo + hi) // 2 // m * m
+        probes = sorted(self.traced.items())[-2:] if len(self.traced) >= 2 else None
+        if probes is None:
+            (b2, trace), = self.traced.items()
+            b1, p1 = 0, trace.baseline_bytes + self.extra  # what lived before the step
+            p2 = trace.peak_bytes + self.extra
+        else:
+            (b1, t1), (b2, t2) = probes
+            p1, p2 = t1.peak_bytes + self.extra, t2.peak_bytes + self.extra
+        if p2 <= p1:
+            return 2 * max(b2, m) if hi > self.max_batch else (lo + hi) // 2 // m * m
+        return int((b2 + (self.budget - p2) * (b2 - b1) / (p2 - p1)) // m * m)
 
 
 def largest_batch(peak_at, budget: float, multiple: int = 8, max_batch: int = 4096) -> int:
     """The largest multiple of `multiple` (<= max_batch) whose `peak_at(batch)` is within `budget`,
-    0 if none is. A step's peak is close to affine in the batch, so each probe is where the line
-    through the last two probes meets the budget, kept strictly inside the bracket of the largest
-    fit and the smallest misfit; after a probe that overshot, the bracket's midpoint instead (so
-    the search ends in a few probes even where the line misleads)."""
-    lo, hi = 0, max_batch + multiple  # largest batch known to fit, smallest known not to
-    probes: list[tuple[int, float]] = []
-    batch, overshot = multiple, False
-    while hi - lo > multiple:
-        peak = peak_at(batch)
-        probes.append((batch, peak))
-        fits = peak <= budget
-        lo, hi, overshot = (batch, hi, False) if fits else (lo, batch, True)
-        if len(probes) >= 2 and not overshot and probes[-1][1] > probes[-2][1]:
-            (b1, p1), (b2, p2) = probes[-2:]
-            guess = int((b2 + (budget - p2) * (b2 - b1) / (p2 - p1)) // multiple * multiple)
-        elif overshot or hi <= max_batch:
-            guess = (lo + hi) // 2 // multiple * multiple
-        else:
-            guess = 2 * batch
-        batch = min(max(guess, lo + multiple), hi - multiple)
-    return lo
+    0 if none is: `BatchSearch` on peaks alone (no streams), starting at `multiple`."""
+
+    class _Peak:
+        def __init__(self, peak: float):
+            self.peak_bytes, self.baseline_bytes, self.stream = peak, peak, None
+
+    return BatchSearch(lambda b: _Peak(peak_at(b)), 0, budget, multiple, max_batch).run(multiple)
 
 
 def fastest_fitting(rows: list[PlanRow]) -> PlanRow | None:

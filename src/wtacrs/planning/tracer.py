@@ -39,6 +39,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -106,6 +107,52 @@ class StepTrace:
     weights_bytes: int
     trainable_bytes: int
     notes: list[str] = field(default_factory=list)
+    stream: Stream | None = None
+
+
+@dataclass(eq=False)
+class Stream:
+    """A traced step's allocation stream, unrounded: the bytes of each storage alive before the
+    step (`state`: weights, AdamW state, the batch), and of each storage the step allocates, in
+    order (`sizes`, with the ATen call that made it, `names`), and the order of allocations and
+    frees (`events`: i allocates storage i, -1 - i frees it). `peak_at_batch` replays it."""
+
+    batch: int
+    state: np.ndarray
+    workspaces: int
+    cuda: bool
+    sizes: np.ndarray
+    events: np.ndarray
+    names: tuple[str, ...]
+
+    def aligned(self, other: Stream) -> bool:
+        """Whether `other` (a trace of the same model, recipe and seq at another batch) made the same
+        calls' storages in the same order and freed them in the same order: only their sizes differ."""
+        return (self.batch != other.batch and self.cuda == other.cuda and self.workspaces == other.workspaces
+                and len(self.state) == len(other.state) and self.names == other.names
+                and np.array_equal(self.events, other.events))
+
+
+def peak_at_batch(a: Stream, b: Stream, batch: int) -> int:
+    """The peak of the allocation stream that two aligned traces (`Stream.aligned`) at other
+    batches share, replayed at `batch` with each storage's bytes on the line through its bytes in
+    the two traces (rounded up to whole bytes, then as the allocator rounds them): exactly the
+    traced peaks at a's and b's batch. Every storage of a step is a tensor with at most one batch
+    dimension, so its bytes are affine in the batch, up to rounding where a size is a fraction of
+    the batch's tokens (WTA-CRS's sampled rows); a trace at the batch checks it."""
+
+    a, b = (a, b) if a.batch < b.batch else (b, a)
+
+    def at(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        run = b.batch - a.batch
+        n = np.maximum(-(-(x * run + (y - x) * (batch - a.batch)) // run), 0)
+        return -(-n // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES if a.cuda else n
+
+    sizes = at(a.sizes, b.sizes)
+    index = np.where(a.events >= 0, a.events, -1 - a.events)
+    deltas = np.where(a.events >= 0, sizes[index], -sizes[index])
+    above = int(np.cumsum(deltas).max(initial=0))
+    return int(at(a.state, b.state).sum()) + a.workspaces + max(above, 0)
 
 
 class StepRecorder(TorchDispatchMode):
@@ -113,12 +160,16 @@ class StepRecorder(TorchDispatchMode):
 
     `round_bytes` maps a storage's bytes to what the allocator hands out for it."""
 
-    def __init__(self, round_bytes=lambda n: n):
+    def __init__(self, round_bytes=lambda n: n, kernels: bool = True):
         super().__init__()
-        self.round_bytes = round_bytes
+        self.round_bytes, self.record_kernels = round_bytes, kernels
         self.live: dict[int, int] = {}  # storage (its C++ address) -> bytes counted
         self.current = self.peak = 0
         self.kernels: list[Kernel] = []
+        self.sizes: list[int] = []  # the allocation stream, unrounded (see Stream)
+        self.names: list[str] = []
+        self.events: list[int] = []
+        self._index: dict[int, int] = {}  # live storage -> its index in sizes
         self.empty_nonzero = self.device_reads = 0
         self._flops = FlopCounterMode(display=False).flop_registry
 
@@ -153,8 +204,8 @@ class StepRecorder(TorchDispatchMode):
                 host: bool) -> None:
         outputs = [o for o in tree_flatten(out)[0] if isinstance(o, Tensor)]
         for o in outputs:
-            self._allocate(o.untyped_storage(), inputs)
-        if func.is_view or name in _NO_KERNEL or func.namespace != "aten":
+            self._allocate(o.untyped_storage(), inputs, name)
+        if not self.record_kernels or func.is_view or name in _NO_KERNEL or func.namespace != "aten":
             return
         moved = sum(t.numel() * t.element_size() for t in (*tensors, *outputs))
         count = self._flops.get(func.overloadpacket)
@@ -162,11 +213,16 @@ class StepRecorder(TorchDispatchMode):
         sync = not host and (name in SYNC_OPS)
         self.kernels.append(Kernel(name, flops, moved, host, sync))
 
-    def _allocate(self, storage, inputs: set[int]) -> None:
+    def _allocate(self, storage, inputs: set[int], name: str) -> None:
         key = storage._cdata
         if key in inputs or key in self.live:
             return
-        nbytes = self.round_bytes(storage.nbytes())
+        raw = storage.nbytes()
+        self._index[key] = len(self.sizes)
+        self.events.append(len(self.sizes))
+        self.sizes.append(raw)
+        self.names.append(name)
+        nbytes = self.round_bytes(raw)
         self.live[key] = nbytes
         self.current += nbytes
         self.peak = max(self.peak, self.current)
@@ -174,6 +230,8 @@ class StepRecorder(TorchDispatchMode):
 
     def _free(self, key: int) -> None:
         self.current -= self.live.pop(key, 0)
+        if key in self._index:
+            self.events.append(-1 - self._index.pop(key))
 
 
 def cuda_sdp_choice(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
@@ -268,7 +326,7 @@ def _fake_modules(dtype: torch.dtype) -> Iterator[None]:
 
 
 def trace_step(spec: ModelSpec, recipe: Recipe, batch: int, seq: int, *, dtype: torch.dtype = torch.float32,
-               target: str = "cuda", compute_capability: tuple[int, int] = (9, 0)) -> StepTrace:
+               target: str = "cuda", compute_capability: tuple[int, int] = (9, 0), kernels: bool = True) -> StepTrace:
     """Trace one training step of `spec` under `recipe` on a (batch, seq) batch of random ids
     without padding (`wtacrs.bench.models.make_batch`), as `wtacrs bench` measures it.
 
@@ -278,6 +336,8 @@ def trace_step(spec: ModelSpec, recipe: Recipe, batch: int, seq: int, *, dtype: 
         target: "cuda" (the CUDA caching allocator, CUDA's SDPA and dropout kernels, foreach
             AdamW) or "cpu" (exact bytes, the CPU's kernels: what `AllocatorPeak` measures here).
         compute_capability: the GPU's, for cuBLAS's workspace (`target="cuda"` only).
+        kernels: also list the step's kernels and their FLOPs (only the time model reads them;
+            a largest-batch search's traces skip them).
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
@@ -290,20 +350,27 @@ def trace_step(spec: ModelSpec, recipe: Recipe, batch: int, seq: int, *, dtype: 
         task_type = "SEQ_2_SEQ_LM" if is_seq2seq(model) else "CAUSAL_LM" if is_causal_lm(model) else "SEQ_CLS"
         model = recipe.prepare(model, seed=0, task_type=task_type)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = (BackwardFusedAdamW(trainable, lr=LEARNING_RATE) if recipe.fused_adamw
-                     else torch.optim.AdamW(trainable, lr=LEARNING_RATE, foreach=cuda))
-        _allocate_optimizer_state(optimizer)
+        if recipe.fused_adamw:
+            optimizer = BackwardFusedAdamW(trainable, lr=LEARNING_RATE)
+            _allocate_optimizer_state(optimizer)
+        else:
+            optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, foreach=cuda)
+            _adamw_state_after_one_step(optimizer)
     for moments in optimizer.state.values():  # AdamW's step counters live on the host (not capturable)
         moments["step"] = torch.tensor(float(moments["step"]))
     host = make_batch(model, batch, seq)  # real: the host mask stays real, as a loader hands it over
     inputs = {k: v if k == "attention_mask" else fake.from_tensor(v) for k, v in host.items()}
     trial = Trial(recipe, model, optimizer, inputs, torch.arange(batch), host["attention_mask"])
     round_bytes = cuda_block_bytes if cuda else (lambda n: n)
-    state = [*parameter_tensors(model), *optimizer_state_tensors(optimizer), *inputs.values()]
-    storages = {t.untyped_storage()._cdata: round_bytes(t.untyped_storage().nbytes()) for t in state}
-    baseline = sum(storages.values()) + (CUBLAS_WORKSPACES * cublas_workspace_bytes(compute_capability) if cuda else 0)
-    recorder = StepRecorder(round_bytes)
-    recorder.known(state)
+    counters = [moments["step"] for moments in optimizer.state.values()]
+    # On a GPU the step counters are host tensors: not in max_memory_allocated (the CPU counts them).
+    on_device = [*parameter_tensors(model), *(t for t in optimizer_state_tensors(optimizer)
+                                             if not (cuda and any(t is c for c in counters))), *inputs.values()]
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in on_device}
+    workspaces = CUBLAS_WORKSPACES * cublas_workspace_bytes(compute_capability) if cuda else 0
+    baseline = sum(round_bytes(n) for n in storages.values()) + workspaces
+    recorder = StepRecorder(round_bytes, kernels=kernels)
+    recorder.known([*on_device, *counters])
     gc.collect()  # `wtacrs.batch` plans every live sampled model in training mode: only this one
     with fake, recorder, _as_cuda() if cuda else contextlib.nullcontext():
         trial.step()
@@ -314,5 +381,22 @@ def trace_step(spec: ModelSpec, recipe: Recipe, batch: int, seq: int, *, dtype: 
     if recorder.empty_nonzero:
         notes.append(f"{recorder.empty_nonzero} data-sized result(s) (nonzero) traced as empty")
     weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in parameter_tensors(model)}.values())
+    stream = Stream(batch, np.array(list(storages.values()), dtype=np.int64), workspaces, cuda,
+                    np.array(recorder.sizes, dtype=np.int64), np.array(recorder.events, dtype=np.int64),
+                    tuple(recorder.names))
     return StepTrace(baseline, baseline + recorder.peak, recorder.kernels, weights,
-                     sum(p.numel() * p.element_size() for p in trainable), notes)
+                     sum(p.numel() * p.element_size() for p in trainable), notes, stream)
+
+
+def _adamw_state_after_one_step(optimizer: torch.optim.AdamW) -> None:
+    """The state `wtacrs.bench.training._allocate_optimizer_state` leaves (one AdamW step on zero
+    gradients), made directly as `torch.optim.AdamW._init_group` makes it: a step counter at 1 and
+    both moments `zeros_like` each parameter (no amsgrad). The same tensors at a fraction of a
+    traced foreach step's cost (about 1 s of CPU on an 8B LoRA model)."""
+    for group in optimizer.param_groups:
+        if group["amsgrad"] or group["capturable"] or group["fused"]:
+            raise ValueError("the traced AdamW state is for amsgrad=False, capturable=False, fused=False")
+        for p in group["params"]:
+            optimizer.state[p] = {"step": torch.tensor(1.0),
+                                  "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                  "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
