@@ -9,12 +9,14 @@ Model", NeurIPS 2023, arXiv:2305.15265.
         model(**inputs).loss.backward()
 """
 
+from importlib.metadata import version as _version
+
 from wtacrs.batching import batch
 from wtacrs.config import WTACRSConfig, WTACRSConfigError
 from wtacrs.modeling import NoMatchingModulesError, apply, remove, sampling_state, summary
 from wtacrs.sampling import PaddingGradientError
 
-__version__ = "0.1.0"
+__version__ = _version("wtacrs")  # pyproject.toml's, the one place it is written
 __all__ = [
     "WTACRSConfig",
     "WTACRSConfigError",
