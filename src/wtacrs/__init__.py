@@ -9,14 +9,17 @@ Model", NeurIPS 2023, arXiv:2305.15265.
         model(**inputs).loss.backward()
 """
 
-from importlib.metadata import version as _version
+import importlib.metadata as _metadata
 
 from wtacrs.batching import batch
 from wtacrs.config import WTACRSConfig, WTACRSConfigError
 from wtacrs.modeling import NoMatchingModulesError, apply, remove, sampling_state, summary
 from wtacrs.sampling import PaddingGradientError
 
-__version__ = _version("wtacrs")  # pyproject.toml's, the one place it is written
+try:
+    __version__ = _metadata.version("wtacrs")  # pyproject.toml's, the one place it is written
+except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "unknown"
 __all__ = [
     "WTACRSConfig",
     "WTACRSConfigError",
