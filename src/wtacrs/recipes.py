@@ -238,8 +238,13 @@ def _ratio(value: str, spec: str) -> float:
 
 
 def enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant checkpointing of every block (transformers 5 renamed the method; same behaviour)."""
+    """Non-reentrant checkpointing of every block (transformers 5 renamed the method; same
+    behaviour), without the key/value cache a training forward never uses (transformers would
+    turn it off at each forward, with a warning)."""
     kwargs: dict[str, Any] = {"use_reentrant": False}
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False):
+        config.use_cache = False
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
