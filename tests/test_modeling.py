@@ -158,6 +158,25 @@ def test_target_modules_forms_and_errors():
         wtacrs.remove(model)
 
 
+def test_uncovered_weights_warning_names_only_modules_wtacrs_cannot_sample(caplog):
+    """LoRA's rank-r lora_B is excluded on purpose, and a layer outside target_modules is a
+    choice: neither warns. A block weight outside any nn.Linear (an MoE's expert tensor) does."""
+    peft = pytest.importorskip("peft")
+    case = CASES_BY_NAME["bert"]
+    lora = peft.get_peft_model(case.model(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules="all-linear"))
+    with caplog.at_level("WARNING", logger="wtacrs.modeling"):
+        wtacrs.apply(lora)
+        wtacrs.apply(case.model(), wtacrs.WTACRSConfig.preset("sampler", target_modules=["query"]))
+    assert "cover" not in caplog.text
+    model = case.model()
+    for layer in model.bert.encoder.layer:
+        layer.experts = torch.nn.Module()
+        layer.experts.weight = torch.nn.Parameter(torch.zeros(8, 32, 64))
+    with caplog.at_level("WARNING", logger="wtacrs.modeling"):
+        wtacrs.apply(model)
+    assert "cannot sample (e.g. bert.encoder.layer.0.experts)" in caplog.text
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

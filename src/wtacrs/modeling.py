@@ -271,21 +271,24 @@ def _sample_linears(model: nn.Module, state: SamplingState) -> None:
 
 
 def _warn_uncovered_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
-    """Warn when the repeated blocks hold many trained weight-matrix parameters outside any
-    sampled layer (mixture-of-experts models keep their experts as 3-D parameters, not
-    nn.Linear): their activations are stored in full, so the saving is smaller than it looks."""
+    """Warn when the repeated blocks hold many trained weight-matrix parameters in modules no
+    sampled class exists for (mixture-of-experts models keep their experts as 3-D parameters, not
+    nn.Linear): their activations are stored in full, so the saving is smaller than it looks.
+    Linear layers left out on purpose (`exclude_modules`, such as LoRA's rank-r `lora_B`, or
+    outside `target_modules`) are not counted as such."""
     blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     covered = {id(p) for _, layer in targets for p in layer.parameters(recurse=False)}
     outside: dict[str, int] = {}
     total = 0
     for prefix, block in blocks:
-        for name, p in block.named_parameters(prefix=prefix):
-            if p.dim() < 2 or not p.requires_grad:
-                continue
-            total += p.numel()
-            if id(p) not in covered:
-                owner = name.rsplit(".", 1)[0]
-                outside[owner] = outside.get(owner, 0) + p.numel()
+        for owner, module in block.named_modules(prefix=prefix):
+            samplable = isinstance(module, SampledLayerMixin) or _sampled_class_for(module) is not None
+            for p in module.parameters(recurse=False):
+                if p.dim() < 2 or not p.requires_grad:
+                    continue
+                total += p.numel()
+                if id(p) not in covered and not samplable:
+                    outside[owner] = outside.get(owner, 0) + p.numel()
     uncovered = sum(outside.values())
     if total and uncovered / total > UNCOVERED_WARNING_SHARE:
         example = max(outside, key=outside.get)

@@ -103,7 +103,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     precision.add_argument("--fp16", action="store_true", help="float16 autocast (CUDA)")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="train under torch.compile (default backend inductor; e.g. aot_eager). The sampled "
-                        "layers run each step without host code (wtacrs.batch(..., model=)); with dynamic "
+                        "layers run each step without host code (the host work is wtacrs.batch's, outside the "
+                        "compiled region: docs/compile.md); with dynamic "
                         "padding each new length compiles anew: add --pad-to-max-length")
     p.add_argument("--output-dir", help="root of the run folders (default: wtacrs-output/run-<time>)")
     p.add_argument("--resume", action="store_true", help="continue each run from its last checkpoint")
