@@ -126,6 +126,11 @@ def test_summary_says_which_companions_took_effect_and_which_found_nothing():
     assert "lean_dropout           nothing to change (0 of 2 modules acted)" in after  # attention dropout p = 0
     assert "sampled attention: off" in after
 
+    assert "eval mode" not in after
+    model.eval()  # as from_pretrained returns a model: nothing is sampled until model.train()
+    assert "call model.train() before training" in wtacrs.summary(model)
+    model.train()
+
     t5 = CASES_BY_NAME["t5"]  # T5LayerNorm is neither an nn.LayerNorm nor LLaMA's RMSNorm
     assert "lean_layernorm         nothing to change (no such module)" in wtacrs.summary(wtacrs.apply(t5.model(), lean))
 

@@ -422,13 +422,16 @@ def summary(model: nn.Module) -> str:
     recomputed rows keeps 4 bytes (the row norm); one inside a checkpointed region keeps nothing
     either way. Before any training step every layer is counted as drawing in forward.
     Companions are reported as `companion_effects` finds them (run a training step first to see
-    which acted); their own savings are not in the count.
+    which acted); their own savings are not in the count. A model in eval mode is said to be.
     """
     state = sampling_state(model)
     layers = [(name, m) for name, m in sampled_modules(model) if m.weight.requires_grad]
     frozen = len(sampled_modules(model)) - len(layers)
     lines = [f"wtacrs: {len(layers)} sampled layers, estimator={state.config.estimator}, ratio={state.config.ratio}"
              + (f" ({frozen} frozen layers store no input and are not counted)" if frozen else "")]
+    if not model.training:
+        lines.append("(the model is in eval mode, as from_pretrained returns it: layers are sampled and companions "
+                     "act in training mode only; call model.train() before training)")
     lines += _layer_lines(state, layers)
     attention = sampled_attention_modules(model)
     lines.append(f"sampled attention: {f'{len(attention)} modules' if attention else 'off'}")
