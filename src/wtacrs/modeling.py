@@ -415,7 +415,7 @@ def summary(model: nn.Module) -> str:
 
     Only layers whose weight is trained count (a frozen base layer under LoRA stores no input
     either way). The bytes are predicted per token from where each layer drew in the last training
-    step (`SamplingState.stored`): against the same model and companions unsampled, whose layers
+    step (`SamplingState.stored_input`): against the same model and companions unsampled, whose layers
     keep their inputs whole (once per input tensor, and nothing for an input the op making it keeps
     anyway, as SDPA keeps its output), a layer drawing in forward keeps ratio × (its input + 12
     bytes of index and weight) per row, once per shared draw; one drawing in backward from
@@ -457,14 +457,15 @@ def _saved_input_bytes(state: SamplingState, layers: list[nn.Module]) -> tuple[f
     counted = set()  # draw groups (layers known to read one input tensor) already counted
     for module in layers:
         slot = module.wtacrs_slot
-        stored = state.stored.get(slot, "rows")
+        stored, kept_anyway = state.stored_input(slot)
+        stored = stored or "rows"
         group = leader_of.get(slot, slot)
         if stored == "nothing" or group in counted:
             continue
         counted.add(group)
         width = module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
         nbytes = width * module.weight.element_size()
-        unsampled += 0 if state.input_kept_anyway.get(slot, False) else nbytes
+        unsampled += 0 if kept_anyway else nbytes
         sampled += state.config.ratio * (nbytes + 12) if stored == "rows" else 4
     return unsampled, sampled
 
@@ -478,16 +479,16 @@ def _layer_lines(state: SamplingState, layers: list[tuple[str, nn.Module]]) -> l
         slot = module.wtacrs_slot
         leader = leader_of.get(slot, slot)
         where = {"rows": "draws in forward", "norms": "draws in backward",
-                 "nothing": "draws in backward (checkpointed region)"}.get(state.stored.get(slot), "")
+                 "nothing": "draws in backward (checkpointed region)"}.get(state.stored_input(slot)[0], "")
         shares = f", shares input of layer {leader}" if leader != slot else ""
         lines.append(f"  {name:<60} in={width:<6} {where}{shares}")
     unsampled, sampled = _saved_input_bytes(state, [m for _, m in layers])
-    regions = sum(state.stored.get(m.wtacrs_slot) == "nothing" for _, m in layers)
+    regions = sum(state.stored_input(m.wtacrs_slot)[0] == "nothing" for _, m in layers)
     lines.append(f"sampled layers' inputs kept for backward, bytes per token: {unsampled:.0f} unsampled, "
                  f"{sampled:.0f} sampled ({unsampled - sampled:.0f} saved"
                  + (f"; {regions} layers in checkpointed regions keep none either way" if regions else "")
                  + "). The companions' savings are not counted: `wtacrs bench memory` measures a step's peak, "
                  "`wtacrs plan` predicts it")
-    if not state.stored:
+    if all(state.stored_input(m.wtacrs_slot)[0] is None for _, m in layers):
         lines.append("(before any training step: every layer counted as drawing in forward)")
     return lines

@@ -117,9 +117,10 @@ class SamplingState:
         self.drawn_in_forward: set[int] = set()
         self.drawn_in_backward: set[int] = set()
         # What each slot's last training call kept for its weight gradient (`StoredInput`), and
-        # the slots whose input the op making it keeps anyway (`functional.kept_by_its_producer`).
-        self.stored: dict[int, StoredInput] = {}
-        self.input_kept_anyway: dict[int, bool] = {}
+        # the slots whose input the op making it keeps anyway (`functional.kept_by_its_producer`):
+        # `stored_input`.
+        self._stored: dict[int, StoredInput] = {}
+        self._input_kept_anyway: dict[int, bool] = {}
         # Data parallel (set by wtacrs.integrations.distributed): each rank draws its own rows,
         # and `sync` exchanges the step's cache records so every rank's cache holds all of them.
         self.rank = 0
@@ -387,13 +388,18 @@ class SamplingState:
         mask = rows.mask.reshape(-1) if samples_inside_mask(self.config, rows) else None  # a view: no copy per layer
         return BackwardDraw(k, self.config.estimator, mask, u, covers_live), self._norm_sink(frame, slot, rows, x.device)
 
+    def stored_input(self, slot: int) -> tuple[StoredInput | None, bool]:
+        """What `slot`'s last training call kept for its weight gradient (None: no call yet), and
+        whether its input's producer keeps that input anyway (read-only, for `wtacrs.summary`)."""
+        return self._stored.get(slot), self._input_kept_anyway.get(slot, False)
+
     def _record_storage(self, slot: int, x: Tensor, stored: StoredInput) -> None:
         """For `wtacrs.summary`: what the call keeps; whether x's producer keeps x (read once: the
         graph's shape does not change between steps)."""
-        self.stored[slot] = stored
+        self._stored[slot] = stored
         # (inside a checkpointed region the graph's saved tensors are the checkpoint's: not read)
-        if stored != "nothing" and slot not in self.input_kept_anyway and not torch.compiler.is_compiling():
-            self.input_kept_anyway[slot] = kept_by_its_producer(x)
+        if stored != "nothing" and slot not in self._input_kept_anyway and not torch.compiler.is_compiling():
+            self._input_kept_anyway[slot] = kept_by_its_producer(x)
 
     def _frame(self) -> Frame:
         if self.frame is None:
