@@ -111,8 +111,8 @@ def test_query_key_value_share_one_sample():
     case = CASES_BY_NAME["bert"]
     model = wtacrs.apply(case.model(), wtacrs.WTACRSConfig.preset("sampler", ratio=0.3))
     step(model, case.batch(), ids=torch.arange(3))
-    groups = sorted(sorted(g) for g in wtacrs.sampling_state(model).draws.groups.values())
-    assert groups == [[0, 1, 2], [6, 7, 8]]  # q, k, v of each of the two layers
+    leaders = wtacrs.sampling_state(model).draw_leaders()  # slot -> the slot whose draw it shares
+    assert leaders == {0: 0, 1: 0, 2: 0, 6: 6, 7: 6, 8: 6}  # q, k, v of each of the two layers
     assert "shares input" in wtacrs.summary(model)
 
 
