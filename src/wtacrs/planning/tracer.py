@@ -73,6 +73,9 @@ _NO_KERNEL = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "ne
                         "_record_function_exit"})
 
 
+_PRIM_DEVICE = torch.ops.prim.device.default
+
+
 def cuda_block_bytes(nbytes: int) -> int:
     """Bytes the CUDA caching allocator counts for a request of `nbytes` (0 for none)."""
     return 0 if nbytes == 0 else -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
@@ -170,6 +173,7 @@ class StepRecorder(TorchDispatchMode):
         self.names: list[str] = []
         self.events: list[int] = []
         self._index: dict[int, int] = {}  # live storage -> its index in sizes
+        self._refs: dict[int, weakref.ref] = {}  # live storage -> the weak reference that frees it
         self.empty_nonzero = self.device_reads = 0
         self._flops = FlopCounterMode(display=False).flop_registry
 
@@ -179,6 +183,11 @@ class StepRecorder(TorchDispatchMode):
             self.live.setdefault(t.untyped_storage()._cdata, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _PRIM_DEVICE:  # `tensor.device` under a mode (half an 8B step's calls): no storage, no kernel
+            if isinstance(args[0], FakeTensor):
+                return args[0].fake_device  # what FakeTensorMode answers outside its kernels
+            with _disable_current_modes():
+                return args[0].device
         kwargs = kwargs or {}
         tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)]
         inputs = {t.untyped_storage()._cdata for t in tensors}
@@ -226,9 +235,10 @@ class StepRecorder(TorchDispatchMode):
         self.live[key] = nbytes
         self.current += nbytes
         self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._free, key)
+        self._refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
 
     def _free(self, key: int) -> None:
+        self._refs.pop(key, None)
         self.current -= self.live.pop(key, 0)
         if key in self._index:
             self.events.append(-1 - self._index.pop(key))
@@ -294,6 +304,28 @@ def _as_cuda() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _own_library_caches() -> Iterator[None]:
+    """The library's module-level tensor caches, empty over a trace and restored after it:
+    `wtacrs.counter_rng`'s counter hashes (by device) and `wtacrs.estimators`' cached aranges.
+    A trace fills them with fake tensors, and a real step of the same process that found them
+    there ran those parts on fake tensors, its allocations unseen (the 7–21% "over-predictions"
+    of full-weight WTA-CRS recipes in plan_cpu_check, which measured after tracing); and real
+    tensors cached by an earlier real step made a trace's peak depend on what ran before it.
+    Each trace therefore makes them as a process's first step does."""
+    from wtacrs import counter_rng, estimators
+
+    hashes = dict(counter_rng._COUNTER_HASHES)
+    counter_rng._COUNTER_HASHES.clear()
+    estimators._cached_arange.cache_clear()
+    try:
+        yield
+    finally:
+        counter_rng._COUNTER_HASHES.clear()
+        counter_rng._COUNTER_HASHES.update(hashes)
+        estimators._cached_arange.cache_clear()
+
+
+@contextlib.contextmanager
 def _fake_modules(dtype: torch.dtype) -> Iterator[None]:
     """Build modules of fake parameters in `dtype` (the default dtype meanwhile, so that nothing
     needs converting). `Module.to` that changes nothing returns the module untouched: torch swaps
@@ -343,6 +375,12 @@ def trace_step(spec: ModelSpec, recipe: Recipe, batch: int, seq: int, *, dtype: 
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     if batch < 1 or seq < 1:
         raise ValueError(f"batch and seq must be positive, got batch {batch}, seq {seq}")
+    with _own_library_caches():
+        return _trace_step(spec, recipe, batch, seq, dtype, target, compute_capability, kernels)
+
+
+def _trace_step(spec: ModelSpec, recipe: Recipe, batch: int, seq: int, dtype: torch.dtype, target: str,
+                compute_capability: tuple[int, int], kernels: bool) -> StepTrace:
     cuda = target == "cuda"
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake, _fake_modules(dtype):
@@ -371,7 +409,8 @@ def trace_step(spec: ModelSpec, recipe: Recipe, batch: int, seq: int, *, dtype: 
     baseline = sum(round_bytes(n) for n in storages.values()) + workspaces
     recorder = StepRecorder(round_bytes, kernels=kernels)
     recorder.known([*on_device, *counters])
-    gc.collect()  # `wtacrs.batch` plans every live sampled model in training mode: only this one
+    if recipe.uses_wtacrs:
+        gc.collect()  # `wtacrs.batch` plans every live sampled model in training mode: only this one
     with fake, recorder, _as_cuda() if cuda else contextlib.nullcontext():
         trial.step()
     model.eval()  # and later blocks must not plan this fake one
