@@ -9,7 +9,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -108,7 +108,7 @@ class AllocatorPeak:
         self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
 
     def __enter__(self) -> "AllocatorPeak":
-        self._quiet = _stderr_without(_PROFILER_NOISE)
+        self._quiet = profiler_noise_off()
         self._quiet.__enter__()
         try:
             self._profile.__enter__()
@@ -134,6 +134,12 @@ _PROFILER_NOISE = re.compile(
     rb"USDT:[^\n]*\] profiler_(?:start|stop)\n"
     rb"|\[W[^\n]*\] Memory block of unknown size was allocated before the profiling started[^\n]*\n"
 )
+
+
+def profiler_noise_off() -> AbstractContextManager[None]:
+    """Around a `torch.profiler` profile: its C++ lines on stderr (`_PROFILER_NOISE`) are dropped,
+    anything else written there is kept."""
+    return _stderr_without(_PROFILER_NOISE)
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 import wtacrs
 from wtacrs.bench.models import build_model, is_causal_lm, is_seq2seq, make_batch
-from wtacrs.memory import SavedTensorBytes, optimizer_state_tensors, parameter_tensors, step_peak
+from wtacrs.memory import SavedTensorBytes, optimizer_state_tensors, parameter_tensors, profiler_noise_off, step_peak
 from wtacrs.recipes import LoraSettings, Recipe, parse_recipe
 
 LEARNING_RATE = 1e-5
@@ -126,7 +126,7 @@ def count_compiled_kernels(trial: Trial) -> dict[str, int]:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trial.device.type == "cuda" else [])
-    with profile(activities=activities) as profiler:
+    with profiler_noise_off(), profile(activities=activities) as profiler:
         trial.step()
     events = profiler.events()
     generated = sum(("cpp_fused" in e.name or e.name.startswith("triton_")) and e.device_type.name != "CUDA"
