@@ -76,6 +76,24 @@ _NO_KERNEL = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "ne
 _PRIM_DEVICE = torch.ops.prim.device.default
 
 
+def _tensors(values) -> list[Tensor]:
+    """The tensors among an ATen call's arguments or results: ATen's schemas nest them at most
+    in a list (Tensor[], Tensor?[]) or a tuple of results; deeper, `tree_flatten` (slower)."""
+    found = []
+    for v in values:
+        if isinstance(v, Tensor):
+            found.append(v)
+        elif isinstance(v, (list, tuple)):
+            for w in v:
+                if isinstance(w, Tensor):
+                    found.append(w)
+                elif isinstance(w, (list, tuple, dict)):
+                    found.extend(t for t in tree_flatten(w)[0] if isinstance(t, Tensor))
+        elif isinstance(v, dict):
+            found.extend(t for t in tree_flatten(v)[0] if isinstance(t, Tensor))
+    return found
+
+
 def cuda_block_bytes(nbytes: int) -> int:
     """Bytes the CUDA caching allocator counts for a request of `nbytes` (0 for none)."""
     return 0 if nbytes == 0 else -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
@@ -189,7 +207,7 @@ class StepRecorder(TorchDispatchMode):
             with _disable_current_modes():
                 return args[0].device
         kwargs = kwargs or {}
-        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)]
+        tensors = _tensors((*args, *kwargs.values()))
         inputs = {t.untyped_storage()._cdata for t in tensors}
         name = func.overloadpacket.__name__
         if tensors and not any(isinstance(t, FakeTensor) for t in tensors):
@@ -211,7 +229,7 @@ class StepRecorder(TorchDispatchMode):
 
     def _record(self, func, name: str, call: tuple, tensors: list[Tensor], out, inputs: set[int],
                 host: bool) -> None:
-        outputs = [o for o in tree_flatten(out)[0] if isinstance(o, Tensor)]
+        outputs = _tensors((out,))
         for o in outputs:
             self._allocate(o.untyped_storage(), inputs, name)
         if not self.record_kernels or func.is_view or name in _NO_KERNEL or func.namespace != "aten":
