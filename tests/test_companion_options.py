@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import inspect
 from pathlib import Path
 
@@ -90,6 +91,16 @@ def _usage_names() -> set[str]:
 
 def test_every_reported_option_is_marked_by_its_companion_and_no_other_name():
     assert _usage_names() == set(COMPANION_OPTIONS)
+
+
+def test_every_companion_module_entry_is_applied_and_turned_on_by_options():
+    """Each companion module exports its `ENTRIES`; `apply_companions` asks every one, and each is
+    turned on by reported options only (keep_gate is read by the gated MLP's set-up)."""
+    exported = [entry for path in COMPANION_SOURCES
+                for entry in getattr(importlib.import_module(f"wtacrs.companions.{path.stem}"), "ENTRIES", ())
+                if path.stem != "__init__"]
+    assert sorted(map(id, exported)) == sorted(map(id, wtacrs.companions.ENTRIES))
+    assert {option for entry in exported for option in entry.options} == set(COMPANION_OPTIONS)
 
 
 def test_recipes_set_every_option():

@@ -39,7 +39,10 @@ the whole module object (`torch.save(model)`) does not; remove the companions fi
 
 The options are `WTACRSConfig`'s, by the same names (`wtacrs.config.COMPANIONS`, one field each):
 `apply_companions` takes them as keywords, and `wtacrs.apply` passes its config's
-(`WTACRSConfig.companion_options`).
+(`WTACRSConfig.companion_options`). Each companion module exports its `ENTRIES`
+(`wtacrs.companions.entry.Companion`: which options turn it on, which modules it takes, the class
+it adds and how a swapped module is set up); `apply_companions` asks the entries of `ENTRIES`,
+and a new companion is a new module named there.
 """
 
 from __future__ import annotations
@@ -52,41 +55,31 @@ from typing import Any
 
 from torch import nn
 
+from wtacrs.companions import activation, attention, dropout, layernorm, lm_loss, recompute
 from wtacrs.companions.activation import (
     ACTIVATION_MODES,
-    CompressesActivationInput,
     compressed_activation,
-    elementwise_activation_types,
     validate_activation_mode,
 )
-from wtacrs.companions.attention import AttentionCompanion, RecomputedAttentionMode
+from wtacrs.companions.attention import RecomputedAttentionMode
 from wtacrs.companions.dropout import RegeneratedDropout, regenerated_dropout
+from wtacrs.companions.entry import Companion
 from wtacrs.companions.layernorm import (
     LeanLayerNorm,
-    LeanRMSNorm,
     ill_conditioned_columns,
-    is_llama_rms_norm,
     layer_norm_from_output,
     rms_norm_from_output,
 )
-from wtacrs.companions.lm_loss import ChunkedLMLoss, chunked_lm_loss, has_chunkable_lm_loss
+from wtacrs.companions.lm_loss import chunked_lm_loss
 from wtacrs.companions.matching import ORIGINAL_CLASS
-from wtacrs.companions.recompute import (
-    Recomputed,
-    compile_checkpointed_regions_whole,
-    RecomputedGate,
-    deterministic,
-    is_gated_mlp,
-    is_linear_then_activation,
-    maps_rows_alone,
-    outermost_attention_names,
-)
+from wtacrs.companions.recompute import compile_checkpointed_regions_whole
 from wtacrs.companions.usage import COMPANION_OPTIONS, USAGE_ATTR, companion_usage, expect
 from wtacrs.config import COMPANIONS
 
 __all__ = [
     "ACTIVATION_MODES",
     "COMPANION_OPTIONS",
+    "ENTRIES",
     "LeanLayerNorm",
     "RecomputedAttentionMode",
     "RegeneratedDropout",
@@ -101,17 +94,29 @@ __all__ = [
     "rms_norm_from_output",
 ]
 
+# Every companion, as its module exports it (`wtacrs.companions.entry`). Alone entries are asked
+# first, in this order; the others combine on a module in this order, outermost first
+# (`Recomputed` around `AttentionCompanion`).
+ENTRIES: tuple[Companion, ...] = (
+    *dropout.ENTRIES, *layernorm.ENTRIES, *activation.ENTRIES, *recompute.ENTRIES, *lm_loss.ENTRIES,
+    *attention.ENTRIES,
+)
+
 ModuleFilter = Callable[[nn.Module, str], bool]
 _ORIGINAL = ORIGINAL_CLASS  # class attribute of every swapped-in class: the class it replaced
 # instance attributes the companions add
-_MODULE_STATE = ("activation_compression", "_kept_columns_cache", "regenerate_dropout", "recompute_sdpa", "row_recipe",
-                 "keep_gate", USAGE_ATTR)
+_MODULE_STATE = tuple(dict.fromkeys(attribute for entry in ENTRIES for attribute in entry.state)) + (USAGE_ATTR,)
+for _entry in ENTRIES:
+    if issubclass(_entry.mixin, nn.Module):  # swapped in as is, for the one class it subclasses
+        setattr(_entry.mixin, _ORIGINAL, _entry.mixin.__base__)
 
 
 @cache
 def _with_mixins(mixins: tuple[type, ...], cls: type[nn.Module]) -> type[nn.Module]:
     """A subclass of `cls` whose forward is the mixins' (outermost first), named after all of
-    them; one per (mixins, cls)."""
+    them; one per (mixins, cls). A single mixin that subclasses `cls` is itself."""
+    if len(mixins) == 1 and issubclass(mixins[0], cls):
+        return mixins[0]
     name = "".join(m.__name__ for m in mixins) + cls.__name__
     namespace = {_ORIGINAL: cls, "__module__": cls.__module__}
     forward = next((m.__dict__["forward"] for m in mixins if "forward" in m.__dict__), None)
@@ -121,42 +126,19 @@ def _with_mixins(mixins: tuple[type, ...], cls: type[nn.Module]) -> type[nn.Modu
     return type(name, (*mixins, cls), namespace)
 
 
-setattr(RegeneratedDropout, _ORIGINAL, nn.Dropout)
-setattr(LeanLayerNorm, _ORIGINAL, nn.LayerNorm)
-
-
 def _is_swapped(module: nn.Module) -> bool:
     return _ORIGINAL in type(module).__dict__
 
 
-def _is_innermost_attention(module: nn.Module) -> bool:
-    """Class name contains "Attention" and no submodule's does (BertSelfAttention, T5Attention)."""
-    return "Attention" in type(module).__name__ and not any(
-        "Attention" in type(child).__name__ for child in module.modules() if child is not module
-    )
-
-
-def _companion_class(module: nn.Module, on: SimpleNamespace, *, recompute: bool, recompute_gate: bool) -> type | None:
-    """The class to swap `module` to under the options `on`, or None to leave it alone.
-    `recompute`: run `module` under checkpoint (`Recomputed`); `recompute_gate`: its gated part
-    (`RecomputedGate`)."""
-    cls = type(module)
-    if on.lean_dropout and cls is nn.Dropout:
-        return RegeneratedDropout
-    if on.lean_layernorm and cls is nn.LayerNorm:
-        return LeanLayerNorm
-    if on.lean_layernorm and is_llama_rms_norm(module):
-        return _with_mixins((LeanRMSNorm,), cls)
-    if on.activation_compression and cls in elementwise_activation_types() and not getattr(module, "inplace", False):
-        return _with_mixins((CompressesActivationInput,), cls)
-    if recompute_gate:
-        return _with_mixins((RecomputedGate,), cls)
-    if on.chunked_lm_loss and has_chunkable_lm_loss(module):
-        return _with_mixins((ChunkedLMLoss,), cls)
-    mixins = (Recomputed,) if recompute else ()
-    if (on.lean_dropout or on.lean_attention) and _is_innermost_attention(module):
-        mixins += (AttentionCompanion,)
-    return _with_mixins(mixins, cls) if mixins else None
+def _companions_of(module: nn.Module, name: str, model: nn.Module,
+                   on: SimpleNamespace) -> list[tuple[Companion, tuple[str, ...]]]:
+    """The entries that take `module` under the options `on`, outermost first, each with the
+    options it records there: the first alone entry that takes it, else every other that does."""
+    for entry in ENTRIES:
+        if entry.alone and (records := entry.records(module, name, model, on)):
+            return [(entry, records)]
+    return [(entry, records) for entry in ENTRIES
+            if not entry.alone and (records := entry.records(module, name, model, on))]
 
 
 def _options(given: dict[str, Any]) -> SimpleNamespace:
@@ -212,49 +194,22 @@ def apply_companions(model: nn.Module, *, module_filter: ModuleFilter | None = N
         ValueError: unknown `activation_compression` mode, or keep_gate without recompute_activation.
     """
     on = _options(options)
-    recomputed_attention = outermost_attention_names(model) if on.recompute_attention else set()
     swapped = []
     for name, module in model.named_modules():
         if _is_swapped(module) or (module_filter is not None and not module_filter(module, name)):
             continue
-        recompute = name in recomputed_attention or (on.recompute_activation and is_linear_then_activation(module))
-        new_cls = _companion_class(module, on, recompute=recompute,
-                                   recompute_gate=on.recompute_activation and is_gated_mlp(module))
-        if new_cls is None:
+        companions = _companions_of(module, name, model, on)
+        if not companions:
             continue
-        module.__class__ = new_cls
-        if recompute or issubclass(new_cls, RecomputedGate):
+        module.__class__ = _with_mixins(tuple(entry.mixin for entry, _ in companions), type(module))
+        if any(entry.checkpoints for entry, _ in companions):
             compile_checkpointed_regions_whole()
-        _set_up(module, new_cls, on, attention_block=name in recomputed_attention)
+        for entry, records in reversed(companions):  # innermost first, as usage has listed them
+            entry.set_up(module, on)
+            for option in records:
+                expect(module, option)
         swapped.append(name)
     return swapped
-
-
-def _set_up(module: nn.Module, cls: type, on: SimpleNamespace, *, attention_block: bool) -> None:
-    """The instance settings of a module just swapped to `cls`, and which companions it carries
-    (`wtacrs.companions.usage`, by option name). `attention_block`: an attention sub-block
-    recomputed (`recompute_attention`)."""
-    if issubclass(cls, RegeneratedDropout):
-        expect(module, "lean_dropout")
-    if issubclass(cls, (LeanLayerNorm, LeanRMSNorm)):
-        expect(module, "lean_layernorm")
-    if issubclass(cls, ChunkedLMLoss):
-        expect(module, "chunked_lm_loss")
-    if issubclass(cls, RecomputedGate):
-        module.row_recipe = maps_rows_alone(module)
-        module.keep_gate = on.keep_gate and deterministic(module.gate_proj)
-        expect(module, "recompute_activation")
-    if issubclass(cls, CompressesActivationInput):
-        module.activation_compression = on.activation_compression
-        expect(module, "activation_compression")
-    if issubclass(cls, AttentionCompanion):
-        module.regenerate_dropout, module.recompute_sdpa = on.lean_dropout, on.lean_attention
-        for option in ("lean_dropout", "lean_attention"):
-            if getattr(on, option):
-                expect(module, option)
-    if issubclass(cls, Recomputed):
-        module.row_recipe = maps_rows_alone(module)  # activation modules; never an attention block
-        expect(module, "recompute_attention" if attention_block else "recompute_activation")
 
 
 def remove_companions(model: nn.Module) -> list[str]:

@@ -38,6 +38,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from wtacrs.companions.entry import Companion
 from wtacrs.companions.usage import acted
 from wtacrs.config import ACTIVATION_MODES
 
@@ -153,3 +154,16 @@ def elementwise_activation_types() -> tuple[type[nn.Module], ...]:
         "LaplaceActivation", "ReLUSquaredActivation",
     )  # fmt: skip
     return torch_types + tuple(getattr(hf, name) for name in hf_names if hasattr(hf, name))
+
+
+def _compresses(module: nn.Module, *_) -> bool:
+    """An activation module of `elementwise_activation_types()` (that class exactly), not in place."""
+    return type(module) in elementwise_activation_types() and not getattr(module, "inplace", False)
+
+
+def _set_mode(module: nn.Module, on) -> None:
+    module.activation_compression = on.activation_compression
+
+
+ENTRIES = (Companion(("activation_compression",), CompressesActivationInput, match=_compresses, set_up=_set_mode,
+                     state=("activation_compression",)),)

@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from wtacrs.companions.dropout import RegeneratedDropoutMode
+from wtacrs.companions.entry import Companion
 from wtacrs.companions.usage import acted
 
 
@@ -81,3 +82,20 @@ class AttentionCompanion:
             if self.__dict__.get("recompute_sdpa", False):
                 modes.enter_context(RecomputedAttentionMode(owner=self))
             return super().forward(*args, **kwargs)
+
+
+def _is_innermost_attention(module: torch.nn.Module, *_) -> bool:
+    """Class name contains "Attention" and no submodule's does (BertSelfAttention, T5Attention)."""
+    return "Attention" in type(module).__name__ and not any(
+        "Attention" in type(child).__name__ for child in module.modules() if child is not module
+    )
+
+
+def _set_modes(module: torch.nn.Module, on) -> None:
+    module.regenerate_dropout, module.recompute_sdpa = on.lean_dropout, on.lean_attention
+
+
+# lean_dropout's functional dropout and lean_attention's SDPA calls, in the innermost attention
+# modules; inside a recomputed attention block (`recompute.ENTRIES`) where both apply
+ENTRIES = (Companion(("lean_dropout", "lean_attention"), AttentionCompanion, match=_is_innermost_attention,
+                     set_up=_set_modes, state=("regenerate_dropout", "recompute_sdpa"), alone=False),)

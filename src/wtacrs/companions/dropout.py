@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from wtacrs.companions.entry import Companion
 from wtacrs.companions.usage import acted
 
 _SEED_BOUND = 2**63 - 1
@@ -130,3 +131,7 @@ class RegeneratedDropoutMode(TorchFunctionMode):
         if self.owner is not None and _draws_a_mask(x, p, training):
             acted(self.owner, "lean_dropout")
         return regenerated_dropout(x, p, training, inplace)
+
+
+# exact nn.Dropout modules (functional dropout in attention: `attention.ENTRIES`)
+ENTRIES = (Companion(("lean_dropout",), RegeneratedDropout, match=lambda module, *_: type(module) is nn.Dropout),)

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wtacrs.companions.entry import Companion
 from wtacrs.companions.matching import computes_like, llama_class
 from wtacrs.companions.usage import acted
 
@@ -275,3 +276,11 @@ class LeanRMSNorm:
         acted(self, "lean_layernorm")
         kept_columns = _cached_kept_columns(self, self.weight, None)
         return rms_norm_from_output(hidden_states, self.weight, self.variance_epsilon, kept_columns)
+
+
+ENTRIES = (
+    Companion(("lean_layernorm",), LeanLayerNorm, match=lambda module, *_: type(module) is nn.LayerNorm,
+              state=("_kept_columns_cache",)),
+    Companion(("lean_layernorm",), LeanRMSNorm, match=lambda module, *_: is_llama_rms_norm(module),
+              state=("_kept_columns_cache",)),
+)

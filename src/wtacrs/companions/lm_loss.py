@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wtacrs.companions.entry import Companion
 from wtacrs.companions.usage import acted
 
 IGNORE_INDEX = -100
@@ -210,3 +211,6 @@ class ChunkedLMLoss:
         output["loss"] = chunked_lm_loss(output.logits, labels, head, num_items_in_batch=num_items_in_batch)
         output["logits"] = None
         return output
+
+
+ENTRIES = (Companion(("chunked_lm_loss",), ChunkedLMLoss, match=lambda module, *_: has_chunkable_lm_loss(module)),)

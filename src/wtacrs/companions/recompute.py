@@ -55,6 +55,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from wtacrs.companions.activation import elementwise_activation_types
+from wtacrs.companions.entry import Companion
 from wtacrs.companions.matching import computes_like, llama_class
 from wtacrs.companions.usage import acted
 from wtacrs.functional import attach_row_recipe, inputs_kept_for_backward
@@ -77,15 +78,13 @@ def is_linear_then_activation(module: nn.Module) -> bool:
     )
 
 
-def outermost_attention_names(model: nn.Module) -> set[str]:
-    """Qualified names of the modules whose class name contains "Attention" while no enclosing
-    module's does (`BertAttention`, not the `BertSelfAttention` inside it)."""
-    names = [name for name, module in model.named_modules() if "Attention" in type(module).__name__]
-    return {name for name in names if not any(_encloses(other, name) for other in names if other != name)}
-
-
-def _encloses(outer: str, inner: str) -> bool:
-    return outer == "" or inner.startswith(outer + ".")
+def is_outermost_attention(module: nn.Module, name: str, model: nn.Module) -> bool:
+    """Whether `module` (qualified name `name` in `model`) has a class name containing "Attention"
+    while no enclosing module's does (`BertAttention`, not the `BertSelfAttention` inside it)."""
+    path = name.split(".") if name else []
+    return "Attention" in type(module).__name__ and not any(
+        "Attention" in type(model.get_submodule(".".join(path[:depth]))).__name__ for depth in range(len(path))
+    )
 
 
 def is_gated_mlp(module: nn.Module) -> bool:
@@ -195,3 +194,28 @@ class RecomputedGate:
     def _gated_from(self, gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """gate (..., intermediate) = gate_proj(x), x (..., hidden) → act(gate) * up_proj(x)."""
         return self.act_fn(gate) * self.up_proj(x)
+
+
+def _recomputed(module: nn.Module, name: str, model: nn.Module, on) -> tuple[str, ...]:
+    """The option a `Recomputed` module records: an attention block's, else an `act(dense(x))`'s."""
+    if on.recompute_attention and is_outermost_attention(module, name, model):
+        return ("recompute_attention",)
+    return ("recompute_activation",) if on.recompute_activation and is_linear_then_activation(module) else ()
+
+
+def _set_up_recomputed(module: nn.Module, on) -> None:
+    module.row_recipe = maps_rows_alone(module)  # activation modules; never an attention block
+
+
+def _set_up_gate(module: nn.Module, on) -> None:
+    module.row_recipe = maps_rows_alone(module)
+    module.keep_gate = on.keep_gate and deterministic(module.gate_proj)
+
+
+ENTRIES = (
+    Companion(("recompute_activation",), RecomputedGate, match=lambda module, *_: is_gated_mlp(module),
+              set_up=_set_up_gate, state=("row_recipe", "keep_gate"), checkpoints=True),
+    # outermost, around an attention block's `AttentionCompanion` (`attention.ENTRIES`)
+    Companion(("recompute_activation", "recompute_attention"), Recomputed, match=_recomputed,
+              set_up=_set_up_recomputed, state=("row_recipe",), alone=False, checkpoints=True),
+)
