@@ -128,6 +128,9 @@ class BatchSearch:
       peaks of the other traced batches within 1 MiB (exact but for WTA-CRS's rounded row counts
       and batch 1's views) and put the next multiple over the budget by more than 1 MiB and 100
       times that miss, the next multiple is taken not to fit, untraced, and the row's notes say so;
+    - with one traced batch of 2 or more, the next multiple above the largest traced fit (a
+      second stream: a line through two peaks misleads where the peak moves from the optimizer
+      step, which the batch does not change, to backward, which it does);
     - else the line through the two latest traced peaks, or after one trace the line through
       it and what lived before the step (weights, AdamW state), or the bracket's midpoint after
       an overshoot.
@@ -166,6 +169,9 @@ class BatchSearch:
                     untraced_misfit, margin = lo + m, check  # lo traced to fit, lo + m predicted not to
                     break
                 guess = guess if guess > lo else lo + m
+            elif len([b for b in self.traced if b >= 2]) == 1 and max(lo + m, 2) < hi and (
+                    max(lo + m, 2) not in self.traced):
+                guess = max(lo + m, 2)  # a second batch of 2 or more, so that two streams can align
             else:
                 guess = self._line_guess(lo, hi, overshot)
             batch = min(max(guess, lo + m), hi - m)
