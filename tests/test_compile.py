@@ -245,3 +245,15 @@ def test_the_inductor_compiled_recommended_recipe_has_eagers_gradients_to_roundi
     expected = _recommended("bert")
     expected_grads = _train(expected, batches, planned=True)
     _assert_same(expected_grads, _compiled_model_run("bert", batches, "inductor", fullgraph=False), exact=False)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_hugging_face_checkpointing_around_the_recomputes_is_refused_under_compile_by_name(fullgraph):
+    """Dynamo cannot trace a checkpoint nested in another: the error says which two and what to use."""
+    batches = _batches("bert", 1)
+    model = _recommended("bert")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=fullgraph, backend="eager")
+    with pytest.raises(Exception, match="cannot trace Hugging Face gradient checkpointing around the recompute"):
+        _train(model, batches, planned=True, step=_step(compiled))

@@ -185,19 +185,39 @@ def _device(model: nn.Module, mask: Tensor | None) -> torch.device:
 def bind_checkpointing(model: nn.Module) -> None:
     """Hugging Face gradient checkpointing's function, on every module that has one, runs its
     region in the frames current at its first run (`sampling.state.bind_frames`): the region's
-    recompute in backward then draws from its own forward's frame, whatever forwards ran since."""
+    recompute in backward then draws from its own forward's frame, whatever forwards ran since.
+    Under torch.compile, a region holding the recompute companions' own checkpoints is refused
+    with a clear error (dynamo cannot trace a checkpoint nested in another)."""
+    config = sampling_state(model).config
+    recomputes = config.recompute_activation or config.recompute_attention
     for module in model.modules():
         function = module.__dict__.get("_gradient_checkpointing_func")
         if function is not None and not getattr(function, "_wtacrs_binds_frames", False):
-            module._gradient_checkpointing_func = _binding_frames(function)
+            module._gradient_checkpointing_func = _binding_frames(function, recomputes)
 
 
-def _binding_frames(checkpoint_function: Callable) -> Callable:
+def _binding_frames(checkpoint_function: Callable, recomputes: bool) -> Callable:
     def checkpoint_in_frames(region, *args, **kwargs):
+        if recomputes and torch.compiler.is_compiling():
+            _refuse_nested_checkpoints_under_compile()
         return checkpoint_function(bind_frames(region), *args, **kwargs)
 
     checkpoint_in_frames._wtacrs_binds_frames = True
     return checkpoint_in_frames
+
+
+NESTED_CHECKPOINTS_UNDER_COMPILE = (
+    "wtacrs: torch.compile cannot trace Hugging Face gradient checkpointing around the recompute companions "
+    "(recompute_activation, recompute_attention), which checkpoint their own sub-blocks: dynamo does not trace a "
+    "checkpoint nested in another. Use one of them: the recommended recipe without gradient_checkpointing_enable(), "
+    "or gradient checkpointing with WTACRSConfig(recompute_activation=False, recompute_attention=False) (e.g. "
+    "WTACRSConfig.preset(\"sampler\")). Eager steps compose both.")
+
+
+@torch.compiler.disable(reason=NESTED_CHECKPOINTS_UNDER_COMPILE)  # fullgraph=True reports the reason
+def _refuse_nested_checkpoints_under_compile() -> None:
+    """Run outside the trace (a graph break), so that the error reaches the caller as written."""
+    raise RuntimeError(NESTED_CHECKPOINTS_UNDER_COMPILE)
 
 
 def apply(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
