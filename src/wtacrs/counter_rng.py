@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from wtacrs import device_cache
+
 _MASK32 = 0xFFFF_FFFF
 _MASK16 = 0xFFFF
 
@@ -62,16 +64,13 @@ def uniforms(keys: Tensor, count: int) -> Tensor:
     return ((bits >> 8) + 1).to(torch.float32) * 2.0**-24
 
 
-_COUNTER_HASHES: dict[torch.device, Tensor] = {}  # by device: hash32(0 … n − 1) for the largest count so far
-
-
 def _counter_hashes(count: int, device: torch.device) -> Tensor:
     """(count,) hash32(0 … count − 1), the same for every key: made once per device in eager code
-    and sliced (the longest so far is kept); compiled code makes it in the graph."""
+    (`wtacrs.device_cache`) and sliced; compiled code makes it in the graph."""
     if torch.compiler.is_compiling():
         return hash32(torch.arange(count, dtype=torch.int64, device=device))
-    made = _COUNTER_HASHES.get(device)
+    key = ("counter hashes", device)  # the longest so far, sliced
+    made = device_cache.get(key)
     if made is None or made.shape[0] < count:
-        made = hash32(torch.arange(count, dtype=torch.int64, device=device))
-        _COUNTER_HASHES[device] = made
+        made = device_cache.put(key, hash32(torch.arange(count, dtype=torch.int64, device=device)))
     return made[:count]

@@ -52,12 +52,13 @@ good as any unbiased scheme with k).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from wtacrs import device_cache
 
 Estimator = Literal["wta-crs", "crs", "priority", "topk", "uniform", "exact"]
 ESTIMATORS: tuple[str, ...] = ("wta-crs", "crs", "priority", "topk", "uniform", "exact")
@@ -193,17 +194,12 @@ def _slots(k: int, device: torch.device) -> Tensor:
 
 
 def _arange(start: int, end: int, step: int, device: torch.device) -> Tensor:
-    """torch.arange, kept for the most recent arguments and devices in eager code (one ATen call
-    per draw fewer; bounded, as dynamic padding makes a new k for most batch lengths); compiled
-    code makes it in the graph (dynamo would trace through the cache anyway)."""
+    """torch.arange, made once per arguments and device in eager code (`wtacrs.device_cache`)."""
     if torch.compiler.is_compiling():
         return torch.arange(start, end, step, device=device)
-    return _cached_arange(start, end, step, device)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_arange(start: int, end: int, step: int, device: torch.device) -> Tensor:
-    return torch.arange(start, end, step, device=device)
+    key = ("arange", start, end, step, device)
+    made = device_cache.get(key)
+    return made if made is not None else device_cache.put(key, torch.arange(start, end, step, device=device))
 
 
 def _column_row(scores: Tensor, k: int, u: Tensor, winners: bool) -> tuple[Tensor, Tensor]:

@@ -50,6 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from wtacrs import device_cache
 from wtacrs.bench.dispatch import SYNC_OPS
 from wtacrs.bench.models import is_causal_lm, is_seq2seq, make_batch
 from wtacrs.bench.training import LEARNING_RATE, BackwardFusedAdamW, Trial, _allocate_optimizer_state
@@ -322,28 +323,6 @@ def _as_cuda() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _own_library_caches() -> Iterator[None]:
-    """The library's module-level tensor caches, empty over a trace and restored after it:
-    `wtacrs.counter_rng`'s counter hashes (by device) and `wtacrs.estimators`' cached aranges.
-    A trace fills them with fake tensors, and a real step of the same process that found them
-    there ran those parts on fake tensors, its allocations unseen (the 7–21% "over-predictions"
-    of full-weight WTA-CRS recipes in plan_cpu_check, which measured after tracing); and real
-    tensors cached by an earlier real step made a trace's peak depend on what ran before it.
-    Each trace therefore makes them as a process's first step does."""
-    from wtacrs import counter_rng, estimators
-
-    hashes = dict(counter_rng._COUNTER_HASHES)
-    counter_rng._COUNTER_HASHES.clear()
-    estimators._cached_arange.cache_clear()
-    try:
-        yield
-    finally:
-        counter_rng._COUNTER_HASHES.clear()
-        counter_rng._COUNTER_HASHES.update(hashes)
-        estimators._cached_arange.cache_clear()
-
-
-@contextlib.contextmanager
 def _fake_modules(dtype: torch.dtype) -> Iterator[None]:
     """Build modules of fake parameters in `dtype` (the default dtype meanwhile, so that nothing
     needs converting). `Module.to` that changes nothing returns the module untouched: torch swaps
@@ -393,7 +372,10 @@ def trace_step(spec: ModelSpec, recipe: Recipe, batch: int, seq: int, *, dtype: 
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     if batch < 1 or seq < 1:
         raise ValueError(f"batch and seq must be positive, got batch {batch}, seq {seq}")
-    with _own_library_caches():
+    # A trace fills the library's device cache with fake tensors: a real step of the same process
+    # that found them there ran partly on fakes, unseen by AllocatorPeak (plan_cpu_check's old
+    # 7-21% "over-predictions"); and an earlier real step's tensors made a trace depend on it.
+    with device_cache.isolated():
         return _trace_step(spec, recipe, batch, seq, dtype, target, compute_capability, kernels)
 
 
