@@ -10,7 +10,7 @@ from torch import Tensor
 
 from wtacrs.cache.first_visit import FirstVisitKeys, first_visit_keys
 from wtacrs.cache.norm_cache import check_example_ids
-from wtacrs.modeling import bind_checkpointing, swap_new_targets
+from wtacrs.modeling import follow_model_changes
 from wtacrs.sampling.context import BatchContext, inside
 from wtacrs.sampling.state import live_states
 
@@ -57,8 +57,7 @@ def batch(example_ids: Tensor | list[int] | None = None, attention_mask: Tensor 
                 for state in live_states():
                     model = state.model
                     if model is not None and model.training:  # eval-mode models do not sample
-                        swap_new_targets(model, state)
-                        bind_checkpointing(model)
+                        follow_model_changes(model, state)
                         if state.plan_for_block(context, next(model.parameters()).device):
                             context.states.append(state)
             yield

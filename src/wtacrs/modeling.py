@@ -135,8 +135,7 @@ def _begin_forward(model: nn.Module, state: SamplingState, signature: inspect.Si
     if not (model.training and torch.is_grad_enabled()):
         return None  # nothing samples: an eval forward leaves the step's frames alone
     if not torch.compiler.is_compiling():
-        swap_new_targets(model, state)
-        bind_checkpointing(model)
+        follow_model_changes(model, state)
     changed = None
     if state.config.recompute_attention and asks_for_kv_cache(model, kwargs):
         kwargs = {**kwargs, "use_cache": False}
@@ -182,14 +181,21 @@ def _device(model: nn.Module, mask: Tensor | None) -> torch.device:
     return next(model.parameters()).device
 
 
-def bind_checkpointing(model: nn.Module) -> None:
+def follow_model_changes(model: nn.Module, state: SamplingState) -> None:
+    """What changed on `model` since `apply`, taken in before its training forward: layers added
+    (PEFT injecting LoRA matrices) are sampled too, and gradient checkpointing enabled since is
+    bound to the frames."""
+    _swap_new_targets(model, state)
+    _bind_checkpointing(model, state)
+
+
+def _bind_checkpointing(model: nn.Module, state: SamplingState) -> None:
     """Hugging Face gradient checkpointing's function, on every module that has one, runs its
     region in the frames current at its first run (`sampling.state.bind_frames`): the region's
     recompute in backward then draws from its own forward's frame, whatever forwards ran since.
     Under torch.compile, a region holding the recompute companions' own checkpoints is refused
     with a clear error (dynamo cannot trace a checkpoint nested in another)."""
-    config = sampling_state(model).config
-    recomputes = config.recompute_activation or config.recompute_attention
+    recomputes = state.config.recompute_activation or state.config.recompute_attention
     for module in model.modules():
         function = module.__dict__.get("_gradient_checkpointing_func")
         if function is not None and not getattr(function, "_wtacrs_binds_frames", False):
@@ -367,7 +373,7 @@ def _swap(model: nn.Module, state: SamplingState, targets: list[tuple[str, nn.Mo
     state.swapped_with(sum(1 for _ in model.modules()))
 
 
-def swap_new_targets(model: nn.Module, state: SamplingState) -> None:
+def _swap_new_targets(model: nn.Module, state: SamplingState) -> None:
     """Layers added after `apply` (PEFT injecting LoRA matrices) are sampled too."""
     if sum(1 for _ in model.modules()) != state.num_modules:
         _swap(model, state, find_target_modules(model, state.config))
@@ -445,7 +451,7 @@ def summary(model: nn.Module) -> str:
     which acted); their own savings are not in the count. A model in eval mode is said to be.
     """
     state = sampling_state(model)
-    layers = [(name, m) for name, m in sampled_modules(model) if m.weight.requires_grad]
+    layers = _trained_sampled_modules(model)
     frozen = len(sampled_modules(model)) - len(layers)
     lines = [f"wtacrs: {len(layers)} sampled layers, estimator={state.config.estimator}, ratio={state.config.ratio}"
              + (f" ({frozen} frozen layers store no input and are not counted)" if frozen else "")]
@@ -466,9 +472,17 @@ def summary(model: nn.Module) -> str:
 def saved_input_bytes_per_token(model: nn.Module) -> tuple[float, float]:
     """(unsampled, sampled): bytes per token the trained sampled layers' inputs keep for backward,
     predicted as `summary` explains."""
-    state = sampling_state(model)
-    layers = [m for _, m in sampled_modules(model) if m.weight.requires_grad]
-    return _saved_input_bytes(state, layers)
+    return _saved_input_bytes(sampling_state(model), [m for _, m in _trained_sampled_modules(model)])
+
+
+def _trained_sampled_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The sampled layers whose weight is trained (LoRA's frozen base layers store no input)."""
+    return [(name, m) for name, m in sampled_modules(model) if m.weight.requires_grad]
+
+
+def _input_width(module: nn.Module) -> int:
+    """in_features of a sampled layer (GPT-2's Conv1D keeps its weight as (in, out))."""
+    return module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
 
 
 def _saved_input_bytes(state: SamplingState, layers: list[nn.Module]) -> tuple[float, float]:
@@ -483,8 +497,7 @@ def _saved_input_bytes(state: SamplingState, layers: list[nn.Module]) -> tuple[f
         if stored == "nothing" or group in counted:
             continue
         counted.add(group)
-        width = module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
-        nbytes = width * module.weight.element_size()
+        nbytes = _input_width(module) * module.weight.element_size()
         unsampled += 0 if kept_anyway else nbytes
         sampled += state.config.ratio * (nbytes + 12) if stored == "rows" else 4
     return unsampled, sampled
@@ -494,21 +507,21 @@ def _layer_lines(state: SamplingState, layers: list[tuple[str, nn.Module]]) -> l
     """One line per sampled layer, then the bytes per token their inputs keep, unsampled and sampled."""
     leader_of = state.draw_leaders()
     lines = []
-    for name, module in layers:
-        width = module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
+    stored = [state.stored_input(module.wtacrs_slot)[0] for _, module in layers]
+    for (name, module), kept in zip(layers, stored):
         slot = module.wtacrs_slot
         leader = leader_of.get(slot, slot)
         where = {"rows": "draws in forward", "norms": "draws in backward",
-                 "nothing": "draws in backward (checkpointed region)"}.get(state.stored_input(slot)[0], "")
+                 "nothing": "draws in backward (checkpointed region)"}.get(kept, "")
         shares = f", shares input of layer {leader}" if leader != slot else ""
-        lines.append(f"  {name:<60} in={width:<6} {where}{shares}")
+        lines.append(f"  {name:<60} in={_input_width(module):<6} {where}{shares}")
     unsampled, sampled = _saved_input_bytes(state, [m for _, m in layers])
-    regions = sum(state.stored_input(m.wtacrs_slot)[0] == "nothing" for _, m in layers)
+    regions = stored.count("nothing")
     lines.append(f"sampled layers' inputs kept for backward, bytes per token: {unsampled:.0f} unsampled, "
                  f"{sampled:.0f} sampled ({unsampled - sampled:.0f} saved"
                  + (f"; {regions} layers in checkpointed regions keep none either way" if regions else "")
                  + "). The companions' savings are not counted: `wtacrs bench memory` measures a step's peak, "
                  "`wtacrs plan` predicts it")
-    if all(state.stored_input(m.wtacrs_slot)[0] is None for _, m in layers):
+    if all(kept is None for kept in stored):
         lines.append("(before any training step: every layer counted as drawing in forward)")
     return lines
