@@ -138,8 +138,7 @@ def run_speed(
 
     With `setup.compile`, at least `COMPILE_WARMUP` warm-up steps run (the compiles), and each row
     adds the kernels one compiled step runs (see `count_compiled_kernels`)."""
-    if setup.compile is not None:
-        warmup = max(warmup, COMPILE_WARMUP)
+    warmup = speed_warmup(setup, warmup)
 
     def extras(trial: Trial) -> dict:
         row = {"peak_bytes": measure_step_memory(trial)["peak_bytes"]} if peak else {}
@@ -151,6 +150,11 @@ def run_speed(
         return _interleaved_speed(setup, warmup, steps, extras, on_row)
     return _per_method(setup, "speed",
                        lambda trial: {**measure_step_time(trial, warmup, steps), **extras(trial)}, on_row)
+
+
+def speed_warmup(setup: Setup, warmup: int) -> int:
+    """The warm-up steps `run_speed` takes: at least `COMPILE_WARMUP` for compiled models."""
+    return warmup if setup.compile is None else max(warmup, COMPILE_WARMUP)
 
 
 def _interleaved_speed(setup: Setup, warmup: int, steps: int, extras: Callable[[Trial], dict],

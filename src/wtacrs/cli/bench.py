@@ -24,7 +24,16 @@ from wtacrs.bench.models import MODEL_SIZES, build_model, make_batch
 from wtacrs.bench.output import GB, markdown_report, markdown_table, run_metadata, write_json, write_text
 from wtacrs.bench.plots import plot_memory, plot_memory_time_plane, plot_throughput_vs_batch, plot_variance
 from wtacrs.bench.training import COMPILE_WARMUP
-from wtacrs.bench.suite import DEFAULT_METHODS, Setup, add_ratio_to_full, run_batch, run_calls, run_memory, run_speed
+from wtacrs.bench.suite import (
+    DEFAULT_METHODS,
+    Setup,
+    add_ratio_to_full,
+    run_batch,
+    run_calls,
+    run_memory,
+    run_speed,
+    speed_warmup,
+)
 from wtacrs.bench.variance import DEFAULT_RATIOS, UNBIASED, capture_linear_io, run_variance, summarize
 from wtacrs.recipes import LoraSettings, RecipeError, parse_recipe
 
@@ -208,9 +217,10 @@ def _report_memory(out: Path, meta: dict, rows: list[dict]) -> None:
 
 
 def _run_speed(args: argparse.Namespace, device: torch.device) -> int:
-    warmup = args.warmup if args.compile is None else max(args.warmup, COMPILE_WARMUP)
-    meta = _meta(args, device, warmup=warmup, steps=args.steps, interleave=args.interleave, compile=args.compile)
-    rows = run_speed(_setup(args, device), args.warmup, args.steps, args.peak, args.profile,
+    setup = _setup(args, device)
+    meta = _meta(args, device, warmup=speed_warmup(setup, args.warmup), steps=args.steps, interleave=args.interleave,
+                 compile=args.compile)
+    rows = run_speed(setup, args.warmup, args.steps, args.peak, args.profile,
                      on_row=lambda rows: _report_speed(args.out, meta, _copies(rows)), interleave=args.interleave)
     if args.profile:
         write_text(args.out / "speed_profile.md", _profile_report(rows))
